@@ -1,0 +1,60 @@
+"""Loads the compiled cakekv ops library, registers fake kernels, and gives typed wrappers.
+
+The ops are the implementation: there is no Python fallback. Shape contracts are in csrc/ops.h.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+import torch
+
+
+def _load_library() -> None:
+    # A regular install puts the library next to this file; an editable install (scikit-build-core's
+    # redirect mode) puts it in site-packages/cakekv while the sources stay here.
+    dirs = [os.path.dirname(__file__)] + [os.path.join(p, "cakekv") for p in sys.path if p]
+    found = [f for d in dirs for f in sorted(glob.glob(os.path.join(d, "libcakekv_ops*.so")))]
+    if not found:
+        raise ImportError(
+            "cakekv: the compiled ops library (libcakekv_ops.so) is missing next to cakekv/_ops.py; "
+            "build the package with `pip install --no-build-isolation .` (or `-e .`)")
+    torch.ops.load_library(found[0])
+
+
+_load_library()
+_ops = torch.ops.cakekv
+
+
+@torch.library.register_fake("cakekv::window_stats")
+def _window_stats_fake(q, k, q_pos, k_pos, scale):
+    shape = (q.shape[0], q.shape[1], k.shape[2])
+    return tuple(q.new_empty(shape, dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.register_fake("cakekv::allocate_budgets")
+def _allocate_budgets_fake(scores, caps, total):
+    return caps.new_empty(caps.shape)
+
+
+@torch.library.register_fake("cakekv::gather_kept")
+def _gather_kept_fake(k, v, idx):
+    shape = (k.shape[0], k.shape[1], idx.shape[2], k.shape[3])
+    return k.new_empty(shape), v.new_empty(shape)
+
+
+def window_stats(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-key (mean, unbiased variance, entropy) of the window queries' attention, each [B, H, N] fp32."""
+    return _ops.window_stats(q, k, q_pos, k_pos, float(scale))
+
+
+def allocate_budgets(scores: torch.Tensor, caps: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Integer budgets [R, L] proportional to ``scores``, each <= its cap, summing to min(total, sum(caps))."""
+    return _ops.allocate_budgets(scores, caps, total)
+
+
+def gather_kept(k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V compacted to the slots ``idx`` [B, Hkv, M], in one pass."""
+    return _ops.gather_kept(k, v, idx)

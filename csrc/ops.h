@@ -1,0 +1,74 @@
+// cakekv operator declarations: each op is declared once here, with its shape contract.
+// CPU kernels live in cpu/*.cpp, CUDA kernels in cuda/*.cu, registration in register.cpp.
+#pragma once
+#include <ATen/ATen.h>
+#include <tuple>
+
+namespace cakekv {
+
+// ---------------------------------------------------------------------------------------------
+// window_stats — per-key statistics of the attention of a few queries (the observation window)
+//
+//   q     [B, H, Q, D]    queries after RoPE (fp32 / fp16 / bf16)
+//   k     [B, Hkv, N, D]  keys after RoPE, same dtype; H % Hkv == 0 (query head h reads kv head h / (H/Hkv))
+//   q_pos [B, Q]          int64 logical position of each query
+//   k_pos [B, Hkv, N]     int64 logical position of each key slot; -1 marks an empty slot
+//   scale                 softmax scale (1/sqrt(D) for most models)
+//
+// Key slot j is visible to query i iff 0 <= k_pos[b,g,j] <= q_pos[b,i] (causal, padding and free slots
+// all follow from positions). A[b,h,i,:] = softmax over visible keys of scale * q·k, in fp32; invisible
+// keys get A = 0. Returns three fp32 tensors of shape [B, H, N]:
+//   mean    = mean_i A[b,h,i,j]
+//   var     = unbiased variance over i of A[b,h,i,j]   (0 when Q == 1)
+//   entropy = sum_i -A[b,h,i,j] * ln(A[b,h,i,j] + 1e-10)
+// Kernels stream over keys: only per-query softmax statistics (running max, sum) are kept, never the
+// whole [Q, N] block of all heads.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> window_stats(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_pos, const at::Tensor& k_pos,
+    double scale);
+
+// ---------------------------------------------------------------------------------------------
+// allocate_budgets — integer budgets proportional to scores, exact total, capped per entry
+//
+//   scores [R, L]  float >= 0 (R independent rows, e.g. batch rows; L layers or heads)
+//   caps   [R, L]  int64 >= 0, the most each entry can take (e.g. its evictable length)
+//   total  [R]     int64 >= 0, what to hand out per row
+// Returns int64 [R, L] with 0 <= out <= caps and sum(out[r]) == min(total[r], sum(caps[r])):
+//   1. out = floor(total * score / sum(score))        (uniform scores when sum(score) == 0)
+//   2. out = min(out, caps)
+//   3. while sum(out) < target: the deficit d is split over the e entries still below their cap,
+//      d / e each and one more to the first d % e of them in index order, each clipped to its room.
+at::Tensor allocate_budgets(const at::Tensor& scores, const at::Tensor& caps, const at::Tensor& total);
+
+// ---------------------------------------------------------------------------------------------
+// gather_kept — compact K and V to kept slots in one pass (the evicted rest is freed by the caller
+// dropping its reference to the old tensors)
+//
+//   k, v [B, Hkv, N, D]  same shape and dtype
+//   idx  [B, Hkv, M]     int64 slot indices in [0, N)
+// Returns (k_out, v_out), each [B, Hkv, M, D]: out[b,g,m,:] = in[b,g,idx[b,g,m],:].
+std::tuple<at::Tensor, at::Tensor> gather_kept(const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx);
+
+// Shape/dtype checks shared by every backend (defined in register.cpp).
+void check_window_stats_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_pos,
+                             const at::Tensor& k_pos);
+void check_allocate_budgets_args(const at::Tensor& scores, const at::Tensor& caps, const at::Tensor& total);
+void check_gather_kept_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx);
+
+namespace cpu {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> window_stats(const at::Tensor&, const at::Tensor&,
+                                                            const at::Tensor&, const at::Tensor&, double);
+at::Tensor allocate_budgets(const at::Tensor&, const at::Tensor&, const at::Tensor&);
+std::tuple<at::Tensor, at::Tensor> gather_kept(const at::Tensor&, const at::Tensor&, const at::Tensor&);
+}  // namespace cpu
+
+#ifdef CAKEKV_WITH_CUDA
+namespace cuda {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> window_stats(const at::Tensor&, const at::Tensor&,
+                                                            const at::Tensor&, const at::Tensor&, double);
+at::Tensor allocate_budgets(const at::Tensor&, const at::Tensor&, const at::Tensor&);
+std::tuple<at::Tensor, at::Tensor> gather_kept(const at::Tensor&, const at::Tensor&, const at::Tensor&);
+}  // namespace cuda
+#endif
+
+}  // namespace cakekv
