@@ -1,0 +1,72 @@
+"""`cakekv.compress`: the public entry point (contract in the design brief)."""
+from __future__ import annotations
+
+from typing import Any
+
+from .cache import CompressedCache
+from .methods import get_method
+from .patch import Patch, check_supported
+
+
+class CompressionHandle:
+    """Returned by `compress`: a context manager and handle (`remove()`, `stats`)."""
+
+    def __init__(self, model, method, budget: int, window: int, options: dict[str, Any]):
+        self.model = model
+        self.budget = budget
+        self.window = window
+        self.method = method
+        self.active_cache: CompressedCache | None = None
+        self.last_cache: CompressedCache | None = None
+        self._patch: Patch | None = Patch(model, self)
+
+    def new_cache(self) -> CompressedCache:
+        method = self.method
+        self.last_cache = CompressedCache(method, self.model.config.num_hidden_layers, self.window)
+        return self.last_cache
+
+    @property
+    def stats(self) -> list[dict]:
+        """Per layer: `budget` (entries given per row; None where the row was not compressed), `kept`
+        (entries held per row), `bytes_before` (what a full cache of the tokens seen would take) and
+        `bytes_after` (what the layer's tensors take)."""
+        return self.last_cache.layer_stats() if self.last_cache is not None else []
+
+    @property
+    def is_active(self) -> bool:
+        return self._patch is not None
+
+    def remove(self) -> None:
+        """Restore the model exactly; safe to call twice."""
+        if self._patch is not None:
+            self._patch.undo()
+            self._patch = None
+
+    def __enter__(self) -> "CompressionHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.is_active else "removed"
+        return f"CompressionHandle(method={self.method.name!r}, budget={self.budget}, window={self.window}, {state})"
+
+
+def compress(model, method: str = "cake", budget: int = 1024, window: int = 32, **options: Any) -> CompressionHandle:
+    """Compress `model`'s KV cache with `method` while the returned handle is active.
+
+    budget: entries kept per layer per KV head on average, window included. window: the last `window`
+    prompt tokens, always kept and used as the observation window. options: the method's keyword
+    options (see `cakekv.method_options(name)`)."""
+    method_cls = get_method(method)
+    for name, value in (("budget", budget), ("window", window)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name}: must be an int, got {type(value).__name__}")
+    if window < 1:
+        raise ValueError(f"window: must be >= 1, got {window}")
+    if budget < window + 1:
+        raise ValueError(f"budget: must be >= window + 1 = {window + 1}, got {budget}")
+    check_supported(model)
+    instance = method_cls(model.config, budget, window, **options)
+    return CompressionHandle(model, instance, budget, window, options)

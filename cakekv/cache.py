@@ -1,0 +1,254 @@
+"""The compressed KV cache: a transformers Cache whose layers hold different numbers of entries.
+
+Every stored entry carries its logical position (`pos`, -1 = empty slot). Visibility is one rule,
+`0 <= key position <= query position`, so padding, causality after compression and free slots need
+no other bookkeeping. Layouts:
+  * after prefill compression, each layer is [left padding | kept prefix in position order | window];
+  * during decoding new entries are written into free slots (no concatenation per step); decode-time
+    eviction frees a slot by setting its position to -1, so a layer stays at a fixed capacity.
+Host-side counters (`counts`, `caps`) are plain ints, so the decode step never syncs with the device.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from . import _ops
+from .methods.base import LayerView, Method, pool_candidates
+
+_GROW_SLOTS = 256  # extra slots allocated at once when a layer without a cap runs out of room
+
+
+class CompressedLayer(CacheLayerMixin):
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, cache: "CompressedCache", layer_idx: int):
+        super().__init__()
+        self.cache = cache
+        self.layer_idx = layer_idx
+        self.pos: torch.Tensor | None = None          # [B, Hkv, M] int64, -1 = empty slot
+        self.next_pos: torch.Tensor | None = None     # [B] position of the next token of each row
+        self.query_pos: torch.Tensor | None = None    # [B, q] positions of the current forward's queries
+        self.indicator: torch.Tensor | None = None    # [B, Hkv, M] prefill scores aligned with slots
+        self.counts: list[int] = []                   # stored entries per row (equal across heads)
+        self.prefix_counts: list[int] = []            # of which before the window (prefill only)
+        self.caps: list[int] | None = None            # decode-time cap per row (None: no eviction)
+        self.budgets: list[int | None] = []           # entries given per row (None: not compressed)
+        self.seen = 0                                 # logical length (padded prompt + appended)
+        self.prefilling = False
+
+    # ---- CacheLayerMixin -----------------------------------------------------------------------
+    def lazy_initialization(self, key_states, value_states):
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            return self._store_prompt(key_states, value_states)
+        return self._append(key_states, value_states)
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reorder_cache(self, beam_idx):
+        raise NotImplementedError("cakekv: beam search is not supported (use greedy or sampling)")
+
+    # ---- storage -------------------------------------------------------------------------------
+    def _store_prompt(self, keys, values):
+        self.lazy_initialization(keys, values)
+        prompt = self.cache.prompt
+        b, h, n, _ = keys.shape
+        self.keys, self.values = keys.contiguous(), values.contiguous()
+        self.pos = prompt.positions.to(keys.device)[:, None, :].expand(b, h, n).contiguous()
+        self.query_pos = self.pos[:, 0, :]
+        self.next_pos = prompt.lengths.to(keys.device).clone()
+        self.counts = list(prompt.host_lengths)
+        self.prefix_counts = [max(c - self.cache.window, 0) for c in self.counts]
+        self.budgets = [None] * b
+        self.seen = n
+        self.prefilling = True
+        return self.keys, self.values
+
+    def _append(self, keys, values):
+        b, h, q, d = keys.shape
+        self._ensure_room(max(self.counts) + q)
+        free = (self.pos < 0).to(torch.int32)
+        if q == 1:
+            slots = free.argmax(-1, keepdim=True)  # first free slot
+        else:
+            slots = torch.sort(free, dim=-1, descending=True, stable=True).indices[..., :q]
+        self.query_pos = self.next_pos[:, None] + torch.arange(q, device=self.pos.device)
+        self.keys.scatter_(2, slots[..., None].expand(b, h, q, d), keys)
+        self.values.scatter_(2, slots[..., None].expand(b, h, q, d), values)
+        self.pos.scatter_(2, slots, self.query_pos[:, None, :].expand(b, h, q))
+        self.next_pos += q
+        self.counts = [c + q for c in self.counts]
+        self.seen += q
+        return self.keys, self.values
+
+    def _ensure_room(self, needed: int):
+        size = self.pos.shape[-1]
+        if needed <= size:
+            return
+        grow = needed - size if self.caps is not None else max(needed - size, _GROW_SLOTS)
+        b, h, _, d = self.keys.shape
+        self.keys = torch.cat([self.keys, self.keys.new_zeros(b, h, grow, d)], 2)
+        self.values = torch.cat([self.values, self.values.new_zeros(b, h, grow, d)], 2)
+        self.pos = torch.cat([self.pos, self.pos.new_full((b, h, grow), -1)], 2)
+
+    def visibility(self) -> torch.Tensor:
+        """[B, Hkv, q, M] bool: which stored entries each current query may attend to."""
+        pos = self.pos[:, :, None, :]
+        return (pos >= 0) & (pos <= self.query_pos[:, None, :, None])
+
+    # ---- eviction ------------------------------------------------------------------------------
+    def keep_top(self, prefix_budgets: list[int]):
+        """Keep, per row, the `prefix_budgets[b]` candidates with the highest indicator plus the window
+        (the last `window` slots). Nested: a budget above what the layer holds keeps what it holds."""
+        new = [min(want, have) for want, have in zip(prefix_budgets, self.prefix_counts)]
+        self.budgets = [n + (c - p) for n, c, p in zip(new, self.counts, self.prefix_counts)]
+        if new == self.prefix_counts:
+            return
+        b, h, size = self.pos.shape
+        window = min(self.cache.window, size)
+        kmax = max(new)
+        device = self.pos.device
+        top = self.indicator[..., : size - window].topk(kmax, dim=-1).indices
+        keep = torch.arange(kmax, device=device) < torch.tensor(new, device=device)[:, None, None]
+        chosen = torch.where(keep, top, -1).sort(-1).values  # empty (-1) first, then position order
+        win = torch.arange(size - window, size, device=device).expand(b, h, window)
+        idx = torch.cat([chosen, win], -1)
+        safe = idx.clamp(min=0)
+        self.keys, self.values = _ops.gather_kept(self.keys, self.values, safe)
+        self.pos = torch.where(idx >= 0, self.pos.gather(-1, safe), -1)
+        self.indicator = torch.where(idx >= 0, self.indicator.gather(-1, safe), float("-inf"))
+        self.counts = [c - p + n for c, p, n in zip(self.counts, self.prefix_counts, new)]
+        self.prefix_counts = new
+
+    def evict_to_caps(self, query: torch.Tensor, scale: float, method: Method):
+        """Decode-time eviction: rows above their cap drop their lowest-indicator entries (the last
+        `window` positions are protected); the freed slots take the next tokens."""
+        over = [c - cap for c, cap in zip(self.counts, self.caps)]
+        n_evict = max(over)
+        if n_evict <= 0:
+            return
+        mean, var, _ = _ops.window_stats(query, self.keys, self.query_pos, self.pos, scale)
+        score = method.decode_indicator(mean, var, self.pos.shape[1])
+        newest = self.next_pos - 1
+        candidates = (self.pos >= 0) & (self.pos <= (newest - self.cache.window)[:, None, None])
+        # Pool along positions (slots are unordered once decoding has reused them).
+        order = torch.where(self.pos >= 0, self.pos, torch.iinfo(torch.long).max).argsort(-1)
+        pooled = pool_candidates(score.gather(-1, order), candidates.gather(-1, order), *method.pooling)
+        pooled = torch.empty_like(pooled).scatter_(-1, order, pooled)
+        pooled = torch.where(candidates, pooled, float("inf"))
+        lowest = pooled.topk(n_evict, dim=-1, largest=False).indices
+        drop = torch.arange(n_evict, device=query.device) < torch.tensor(over, device=query.device)[:, None, None]
+        self.pos.scatter_(-1, lowest, torch.where(drop, -1, self.pos.gather(-1, lowest)))
+        self.counts = [min(c, cap) for c, cap in zip(self.counts, self.caps)]
+
+
+class PromptInfo:
+    """Padding of the prompt of a prefill: real-token positions (-1 on padding) and lengths."""
+
+    def __init__(self, attention_mask: torch.Tensor | None, batch: int, length: int, device):
+        if attention_mask is None:
+            mask = torch.ones(batch, length, dtype=torch.bool, device=device)
+        else:
+            if attention_mask.dim() != 2:
+                raise ValueError("attention_mask: cakekv needs the 2-D padding mask [batch, length], "
+                                 f"got shape {tuple(attention_mask.shape)}")
+            mask = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
+            if length > 0 and not bool(mask[:, -1].all()):
+                raise ValueError("attention_mask: rows end with padding; cakekv needs left padding "
+                                 "(tokenizer.padding_side = 'left')")
+        self.positions = torch.where(mask, mask.long().cumsum(-1) - 1, -1)
+        self.lengths = mask.sum(-1)
+        self.host_lengths = self.lengths.tolist()
+
+
+class CompressedCache(Cache):
+    """One CompressedLayer per decoder layer; compression is driven by the attention hook (patch.py)."""
+
+    def __init__(self, method: Method, num_layers: int, window: int):
+        super().__init__(layers=[CompressedLayer(self, i) for i in range(num_layers)])
+        self.method = method
+        self.window = window
+        self.prompt: PromptInfo | None = None
+        self.preferences: list[torch.Tensor] = []
+
+    @property
+    def is_fresh(self) -> bool:
+        return not self.layers[0].is_initialized
+
+    def begin_prefill(self, attention_mask, batch: int, length: int, device):
+        self.prompt = PromptInfo(attention_mask, batch, length, device)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    # ---- called by the attention hook ----------------------------------------------------------
+    def after_prefill(self, layer_idx: int, query: torch.Tensor, scale: float, module) -> None:
+        """Score layer `layer_idx` from its window queries and re-cut the layers seen so far."""
+        layer = self.layers[layer_idx]
+        layer.prefilling = False
+        method, window, prompt = self.method, self.window, self.prompt
+        is_last = layer_idx == len(self.layers) - 1
+        compress_rows = [n > method.budget for n in prompt.host_lengths]
+        if method.compresses and any(compress_rows):
+            lengths = layer.next_pos
+            window_start = (lengths - window).clamp(min=0)
+            view = LayerView(query[:, :, -window:], layer.keys, layer.values, layer.pos,
+                             layer.pos[:, 0, -window:], window_start, scale, layer_idx, module)
+            layer.indicator, preference = method.score_layer(view)
+            if preference is None:
+                preference = torch.zeros(query.shape[0], dtype=torch.float64, device=query.device)
+            self.preferences.append(preference.to(torch.float64))
+            prefs = torch.stack(self.preferences, 1)
+            caps = window_start[:, None].expand_as(prefs).contiguous()
+            budgets = method.layer_budgets(prefs, caps, is_last)
+            if budgets is not None:
+                rows = torch.tensor(compress_rows, device=caps.device)[:, None]
+                per_layer = torch.where(rows, budgets, caps).t().tolist()
+                for i, prefix_budgets in enumerate(per_layer):
+                    self.layers[i].keep_top(prefix_budgets)
+        if is_last:
+            self._finish_prefill(compress_rows)
+
+    def _finish_prefill(self, compress_rows: list[bool]):
+        method = self.method
+        for layer in self.layers:
+            layer.indicator = None
+            layer.budgets = [b if c and method.compresses else None for b, c in zip(layer.budgets, compress_rows)]
+            if method.decode_evict and method.compresses:
+                layer.caps = [b if b is not None else method.budget for b in layer.budgets]
+        self.preferences = []
+
+    def after_decode(self, layer_idx: int, query: torch.Tensor, scale: float) -> None:
+        layer = self.layers[layer_idx]
+        if layer.caps is not None:
+            layer.evict_to_caps(query, scale, self.method)
+
+    # ---- reporting -----------------------------------------------------------------------------
+    def layer_stats(self) -> list[dict]:
+        out = []
+        for layer in self.layers:
+            if not layer.is_initialized:
+                continue
+            b, h, _, d = layer.keys.shape
+            entry_bytes = 2 * d * layer.keys.element_size()
+            out.append({
+                "layer": layer.layer_idx,
+                "budget": list(layer.budgets),
+                "kept": list(layer.counts),
+                "bytes_before": b * h * layer.seen * entry_bytes,
+                "bytes_after": layer.keys.nbytes + layer.values.nbytes + layer.pos.nbytes,
+            })
+        return out

@@ -1,0 +1,18 @@
+"""`full`: no eviction, through the same cache and attention path as every other method."""
+from __future__ import annotations
+
+from .base import Method
+from .registry import register
+
+
+@register
+class Full(Method):
+    name = "full"
+    defaults = {}
+
+    def layer_budgets(self, preferences, caps, is_last):
+        return caps
+
+    @property
+    def compresses(self) -> bool:
+        return False

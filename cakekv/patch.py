@@ -1,0 +1,159 @@
+"""The only module that knows HF attention internals.
+
+transformers 5 looks attention up by name (`AttentionInterface`) from `config._attn_implementation`.
+We register one wrapper per supported backend ("cakekv_sdpa", ...) whose mask function is the
+backend's own, point the model's config at it while compressed, and wrap the decoder's forward so
+that it runs on a CompressedCache. Both are undone exactly by `unpatch`.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+import weakref
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .cache import CompressedCache
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ATTENTION = ("sdpa", "eager", "flash_attention_2")
+_PREFIX = "cakekv_"
+
+# attention module -> the handle compressing its model (weak: a dropped model unregisters itself)
+_HANDLE_OF_MODULE: "weakref.WeakKeyDictionary[torch.nn.Module, object]" = weakref.WeakKeyDictionary()
+_MISSING = object()
+
+
+def _backend_function(backend: str, module: torch.nn.Module):
+    if backend == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[backend]
+
+
+def _compressed_attention(query, keys, values, visible, scale):
+    """Attention of the current queries over a compressed layer with a per-KV-head visibility mask."""
+    groups = query.shape[1] // keys.shape[1]
+    mask = visible.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(1, 2).contiguous()
+
+
+def _make_attention(backend: str):
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        handle = _HANDLE_OF_MODULE.get(module)
+        cache = getattr(handle, "active_cache", None)
+        original = _backend_function(backend, module)
+        if cache is None:
+            return original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        scale = scaling if scaling is not None else module.scaling
+        layer = cache.layers[module.layer_idx]
+        if layer.prefilling:
+            # The prompt attends over its full K/V with the model's own kernel and mask; only the
+            # stored cache is compressed afterwards.
+            out = original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            cache.after_prefill(module.layer_idx, query, scale, module)
+            return out
+        out = _compressed_attention(query, layer.keys, layer.values, layer.visibility(), scale)
+        cache.after_decode(module.layer_idx, query, scale)
+        return out, None
+
+    attention.__name__ = f"{_PREFIX}{backend}_attention"
+    return attention
+
+
+for _backend in SUPPORTED_ATTENTION:
+    ALL_ATTENTION_FUNCTIONS.register(_PREFIX + _backend, _make_attention(_backend))
+    ALL_MASK_ATTENTION_FUNCTIONS.register(_PREFIX + _backend, ALL_MASK_ATTENTION_FUNCTIONS[_backend])
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
+
+
+def check_supported(model) -> None:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if not isinstance(model, torch.nn.Module) or model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model: unsupported architecture {model_type or type(model).__name__!r}; "
+                         f"cakekv supports {list(SUPPORTED_MODEL_TYPES)}")
+    impl = config._attn_implementation
+    if impl is not None and impl.startswith(_PREFIX):
+        raise ValueError("model: already compressed by cakekv (nesting compress() on one model is not allowed)")
+    if impl not in SUPPORTED_ATTENTION:
+        raise ValueError(f"model: attention implementation {impl!r} is not supported; load the model with "
+                         f"attn_implementation in {list(SUPPORTED_ATTENTION)}")
+    if not attention_modules(model):
+        raise ValueError(f"model: no attention layers found in {type(model).__name__}")
+
+
+class Patch:
+    """Swaps the model's attention to cakekv's wrapper and its decoder forward to one that installs
+    a CompressedCache; `undo` restores both exactly."""
+
+    def __init__(self, model, handle):
+        self.model = model
+        self.decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+        self.config = model.config
+        self.original_impl = self.config._attn_implementation
+        self.original_forward = self.decoder.__dict__.get("forward", _MISSING)
+        self.modules = attention_modules(model)
+        try:
+            for module in self.modules:
+                _HANDLE_OF_MODULE[module] = handle
+            self.config._attn_implementation = _PREFIX + self.original_impl
+            self.decoder.forward = self._wrap_forward(self.decoder.forward, handle)
+        except BaseException:
+            self.undo()
+            raise
+
+    def undo(self) -> None:
+        for module in self.modules:
+            _HANDLE_OF_MODULE.pop(module, None)
+        self.config._attn_implementation = self.original_impl
+        if self.original_forward is _MISSING:
+            self.decoder.__dict__.pop("forward", None)
+        else:
+            self.decoder.forward = self.original_forward
+
+    def _wrap_forward(self, forward, handle):
+        signature = inspect.signature(forward)
+        past_index = list(signature.parameters).index("past_key_values")
+        config = self.config
+
+        @functools.wraps(forward)
+        def cakekv_forward(*args, **kwargs):
+            bound = signature.bind_partial(*args, **kwargs)
+            arguments = bound.arguments
+            past = arguments.get("past_key_values")
+            use_cache = arguments.get("use_cache")
+            use_cache = config.use_cache if use_cache is None else use_cache
+            if isinstance(past, CompressedCache):
+                cache = past
+            elif (past is None and use_cache) or (isinstance(past, Cache) and past.get_seq_length() == 0):
+                cache = handle.new_cache()
+            elif past is None:
+                return forward(*args, **kwargs)  # no cache kept: nothing to compress
+            else:
+                raise TypeError(f"past_key_values: cakekv cannot continue from a filled {type(past).__name__}; "
+                                "start from an empty cache or from the cache cakekv returned")
+            if cache.is_fresh:
+                inputs = arguments.get("input_ids")
+                if inputs is None:
+                    inputs = arguments["inputs_embeds"]
+                cache.begin_prefill(arguments.get("attention_mask"), inputs.shape[0], inputs.shape[1], inputs.device)
+            if "past_key_values" in kwargs or past_index >= len(args):
+                kwargs["past_key_values"] = cache
+            else:
+                args = (*args[:past_index], cache, *args[past_index + 1:])
+            previous, handle.active_cache = handle.active_cache, cache
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                handle.active_cache = previous
+
+        return cakekv_forward
