@@ -5,7 +5,7 @@ from typing import Any
 
 from .cache import CompressedCache
 from .methods import get_method
-from .patch import Patch, check_supported
+from .patch import Patch, check_supported, sliding_windows
 
 
 class CompressionHandle:
@@ -21,8 +21,7 @@ class CompressionHandle:
         self._patch: Patch | None = Patch(model, self)
 
     def new_cache(self) -> CompressedCache:
-        method = self.method
-        self.last_cache = CompressedCache(method, self.model.config.num_hidden_layers, self.window)
+        self.last_cache = CompressedCache(self.method, self.window, sliding_windows(self.model.config))
         return self.last_cache
 
     @property

@@ -24,10 +24,11 @@ class CompressedLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, cache: "CompressedCache", layer_idx: int):
+    def __init__(self, cache: "CompressedCache", layer_idx: int, sliding_window: int | None = None):
         super().__init__()
         self.cache = cache
         self.layer_idx = layer_idx
+        self.sliding_window = sliding_window                # attention span of a sliding-window layer
         self.pos: torch.Tensor | None = None          # [B, Hkv, M] int64, -1 = empty slot
         self.next_pos: torch.Tensor | None = None     # [B] position of the next token of each row
         self.query_pos: torch.Tensor | None = None    # [B, q] positions of the current forward's queries
@@ -106,8 +107,11 @@ class CompressedLayer(CacheLayerMixin):
 
     def visibility(self) -> torch.Tensor:
         """[B, Hkv, q, M] bool: which stored entries each current query may attend to."""
-        pos = self.pos[:, :, None, :]
-        return (pos >= 0) & (pos <= self.query_pos[:, None, :, None])
+        pos, query_pos = self.pos[:, :, None, :], self.query_pos[:, None, :, None]
+        visible = (pos >= 0) & (pos <= query_pos)
+        if self.sliding_window is not None:
+            visible &= pos > query_pos - self.sliding_window
+        return visible
 
     # ---- eviction ------------------------------------------------------------------------------
     def keep_top(self, prefix_budgets: list[int]):
@@ -121,7 +125,9 @@ class CompressedLayer(CacheLayerMixin):
         window = min(self.cache.window, size)
         kmax = max(new)
         device = self.pos.device
-        top = self.indicator[..., : size - window].topk(kmax, dim=-1).indices
+        # Stable sort: ties (common after max pooling) go to the earlier position, so a row's choice
+        # does not depend on its padding within a batch.
+        top = torch.sort(self.indicator[..., : size - window], dim=-1, descending=True, stable=True).indices[..., :kmax]
         keep = torch.arange(kmax, device=device) < torch.tensor(new, device=device)[:, None, None]
         chosen = torch.where(keep, top, -1).sort(-1).values  # empty (-1) first, then position order
         win = torch.arange(size - window, size, device=device).expand(b, h, window)
@@ -144,12 +150,14 @@ class CompressedLayer(CacheLayerMixin):
         score = method.decode_indicator(mean, var, self.pos.shape[1])
         newest = self.next_pos - 1
         candidates = (self.pos >= 0) & (self.pos <= (newest - self.cache.window)[:, None, None])
-        # Pool along positions (slots are unordered once decoding has reused them).
+        # Pool and rank along positions (slots are unordered once decoding has reused them); ties go
+        # to the earlier position, as at prefill.
         order = torch.where(self.pos >= 0, self.pos, torch.iinfo(torch.long).max).argsort(-1)
-        pooled = pool_candidates(score.gather(-1, order), candidates.gather(-1, order), *method.pooling)
-        pooled = torch.empty_like(pooled).scatter_(-1, order, pooled)
-        pooled = torch.where(candidates, pooled, float("inf"))
-        lowest = pooled.topk(n_evict, dim=-1, largest=False).indices
+        in_order = candidates.gather(-1, order)
+        pooled = pool_candidates(score.gather(-1, order), in_order, *method.pooling)
+        pooled = torch.where(in_order, pooled, float("inf"))
+        ranked = torch.sort(pooled, dim=-1, stable=True).indices[..., :n_evict]
+        lowest = order.gather(-1, ranked)
         drop = torch.arange(n_evict, device=query.device) < torch.tensor(over, device=query.device)[:, None, None]
         self.pos.scatter_(-1, lowest, torch.where(drop, -1, self.pos.gather(-1, lowest)))
         self.counts = [min(c, cap) for c, cap in zip(self.counts, self.caps)]
@@ -177,8 +185,8 @@ class PromptInfo:
 class CompressedCache(Cache):
     """One CompressedLayer per decoder layer; compression is driven by the attention hook (patch.py)."""
 
-    def __init__(self, method: Method, num_layers: int, window: int):
-        super().__init__(layers=[CompressedLayer(self, i) for i in range(num_layers)])
+    def __init__(self, method: Method, window: int, sliding_windows: list[int | None]):
+        super().__init__(layers=[CompressedLayer(self, i, sw) for i, sw in enumerate(sliding_windows)])
         self.method = method
         self.window = window
         self.prompt: PromptInfo | None = None

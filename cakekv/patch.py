@@ -75,6 +75,15 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
 
 
+def sliding_windows(config) -> list[int | None]:
+    """Per layer: the sliding-window size of its attention, or None for full attention."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return [window if t == "sliding_attention" else None for t in types]
+    return [window] * config.num_hidden_layers
+
+
 def check_supported(model) -> None:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)

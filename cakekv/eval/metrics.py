@@ -1,0 +1,379 @@
+"""LongBench metrics, written from the description of the official THUDM LongBench scorer.
+
+Every function takes ``(prediction, ground_truth, **kwargs)`` and returns a float in [0, 1], like the
+official ``metrics.py``; :func:`score_example` applies the per-dataset rules (first-line rule, max over
+the gold answers) and :func:`dataset_score` the ``round(100 * mean, 2)`` aggregation.
+
+No third-party package is needed:
+
+* **ROUGE-L** (:func:`rouge_l`) reimplements what the ``rouge`` package (pltrdy, the one LongBench
+  uses) computes for ``Rouge().get_scores([pred], [ref], avg=True)["rouge-l"]["f"]``: the text is
+  split into sentences on ``"."``, each sentence's whitespace is collapsed and it is split into
+  words on ``" "``; for every (reference sentence, prediction sentence) pair a longest common
+  subsequence is recovered by the package's backtrack (diagonal on a match, else up when the
+  cell above is strictly larger, else left) and the *set* of its words is kept; ``llcs`` is the
+  size of the union of those sets, ``m`` / ``n`` the numbers of *distinct* words of reference /
+  prediction; ``F = 2PR / (P + R + 1e-8)`` with ``R = llcs/m``, ``P = llcs/n``. An empty
+  prediction or reference (no sentence) scores 0, as the package raises and LongBench returns 0.
+  The one behaviour not reproduced by default: the package backtracks recursively, so a sentence
+  pair whose backtrack path is longer than Python's recursion limit (about 1,000 steps; this
+  happens on long Chinese summaries, which contain no ``"."``) raises ``RecursionError`` and
+  LongBench scores that example 0. ``rouge_l(..., recursion_limit=N)`` reproduces that with an
+  explicit bound (``N`` = 1000 minus the caller's stack depth in the original; the exact value is
+  environment dependent).
+* **fuzz ratio** (:func:`fuzz_ratio`) reimplements ``fuzzywuzzy.fuzz.ratio``: 0 when an argument is
+  ``None``, 100 when both strings are equal, 0 when one is empty, else
+  ``int(round(100 * r))`` where ``r`` is ``difflib.SequenceMatcher(None, a, b).ratio()`` (what
+  fuzzywuzzy uses without python-Levenshtein; backend ``"difflib"``, the default) or the
+  Levenshtein (InDel) ratio ``2 * LCS(a, b) / (len(a) + len(b))`` (what it uses with
+  python-Levenshtein installed; backend ``"indel"``). Both agree on most code lines; difflib's
+  matcher is a heuristic (and applies its "popular character" junk rule to strings of 200+
+  characters), so they can differ.
+* **Chinese word segmentation** (``qa_f1_zh``, ``rouge_zh``) uses ``jieba`` like the official
+  scorer; it is imported lazily and a clear ``ImportError`` says how to install it. Passing
+  ``zh_tokenizer="char"`` segments CJK text into single characters instead (scores are then not
+  comparable with published numbers).
+"""
+from __future__ import annotations
+
+import difflib
+import re
+import string
+from collections import Counter
+from typing import Callable, Iterable, Sequence
+
+__all__ = [
+    "normalize_answer", "normalize_zh_answer", "token_f1", "qa_f1_score", "qa_f1_zh_score",
+    "rouge_l", "rouge_score", "rouge_zh_score", "classification_score", "retrieval_score",
+    "retrieval_zh_score", "count_score", "fuzz_ratio", "code_sim_score", "first_code_line",
+    "zh_segment", "METRICS", "DATASET2METRIC", "FIRST_LINE_DATASETS", "score_example",
+    "dataset_score", "average_score",
+]
+
+_EN_PUNCT = frozenset(string.punctuation)
+# The Chinese (full-width) punctuation removed by the official Chinese normalisation, on top of
+# string.punctuation.
+_ZH_PUNCT = _EN_PUNCT | frozenset(
+    "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏.")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+# --------------------------------------------------------------------------- normalisation
+def normalize_answer(s: str) -> str:
+    """Lowercase, drop ASCII punctuation, replace the articles a/an/the by a space, collapse whitespace."""
+    s = "".join(ch for ch in s.lower() if ch not in _EN_PUNCT)
+    s = _ARTICLES.sub(" ", s)
+    return " ".join(s.split())
+
+
+def normalize_zh_answer(s: str) -> str:
+    """Lowercase, drop ASCII and Chinese punctuation, remove all whitespace."""
+    s = "".join(ch for ch in s.lower() if ch not in _ZH_PUNCT)
+    return "".join(s.split())
+
+
+# --------------------------------------------------------------------------- Chinese segmentation
+_CJK_CHAR = r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3000-\u303f\uff00-\uffef]"
+_CHAR_SEGMENT = re.compile(_CJK_CHAR + r"|[A-Za-z0-9_]+|\s+|\S")
+
+
+def zh_segment(text: str, zh_tokenizer: str = "jieba") -> list[str]:
+    """Segment Chinese text into words: ``jieba.cut(text, cut_all=False)`` (official) or by character."""
+    if zh_tokenizer == "char":
+        return _CHAR_SEGMENT.findall(text)
+    if zh_tokenizer != "jieba":
+        raise ValueError(f"zh_tokenizer must be 'jieba' or 'char', got {zh_tokenizer!r}")
+    try:
+        import jieba  # noqa: PLC0415  (optional dependency)
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "the Chinese LongBench metrics (qa_f1_zh for multifieldqa_zh, rouge_zh for dureader/vcsum) "
+            "segment words with jieba, like the official scorer: `pip install jieba` (or "
+            "`pip install 'cakekv[eval]'`); or pass zh_tokenizer='char' (--zh-tokenizer char) to "
+            "segment by character, which is not comparable with published numbers") from e
+    import logging
+    jieba.setLogLevel(logging.WARNING)
+    return list(jieba.cut(text, cut_all=False))
+
+
+# --------------------------------------------------------------------------- QA F1
+def token_f1(prediction_tokens: Sequence[str], ground_truth_tokens: Sequence[str]) -> float:
+    """Token-level F1 on multisets (0 when nothing is shared)."""
+    common = Counter(prediction_tokens) & Counter(ground_truth_tokens)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision = same / len(prediction_tokens)
+    recall = same / len(ground_truth_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def qa_f1_score(prediction: str, ground_truth: str, **kwargs) -> float:
+    return token_f1(normalize_answer(prediction).split(), normalize_answer(ground_truth).split())
+
+
+def qa_f1_zh_score(prediction: str, ground_truth: str, zh_tokenizer: str = "jieba", **kwargs) -> float:
+    def tokens(text):
+        normed = (normalize_zh_answer(t) for t in zh_segment(text, zh_tokenizer))
+        return [t for t in normed if t]
+    return token_f1(tokens(prediction), tokens(ground_truth))
+
+
+# --------------------------------------------------------------------------- ROUGE-L
+class _TooDeep(Exception):
+    pass
+
+
+def _rouge_sentences(text: str) -> list[str]:
+    return [" ".join(part.split()) for part in text.split(".") if len(part) > 0]
+
+
+def _lcs_word_set(x: list[str], y: list[str], recursion_limit: int | None) -> set[str]:
+    """Words of the LCS of x (reference) and y (prediction), recovered like the rouge package does."""
+    nx, ny = len(x), len(y)
+    table = [[0] * (ny + 1) for _ in range(nx + 1)]
+    for i in range(1, nx + 1):
+        xi, row, prev = x[i - 1], table[i], table[i - 1]
+        for j in range(1, ny + 1):
+            if xi == y[j - 1]:
+                row[j] = prev[j - 1] + 1
+            else:
+                a, b = prev[j], row[j - 1]
+                row[j] = a if a > b else b
+    words: set[str] = set()
+    i, j, depth = nx, ny, 1
+    while i > 0 and j > 0:
+        if x[i - 1] == y[j - 1]:
+            words.add(x[i - 1])
+            i -= 1
+            j -= 1
+        elif table[i - 1][j] > table[i][j - 1]:
+            i -= 1
+        else:
+            j -= 1
+        depth += 1
+    if recursion_limit is not None and depth > recursion_limit:
+        raise _TooDeep
+    return words
+
+
+def rouge_l(prediction: str, reference: str, recursion_limit: int | None = None) -> float:
+    """Summary-level ROUGE-L F of the ``rouge`` package (see the module docstring)."""
+    hyp = _rouge_sentences(prediction)
+    ref = _rouge_sentences(reference)
+    if not hyp or not ref:
+        return 0.0
+    hyp_words = [s.split(" ") for s in hyp]
+    ref_words = [s.split(" ") for s in ref]
+    m = len({w for s in ref_words for w in s})
+    n = len({w for s in hyp_words for w in s})
+    union: set[str] = set()
+    try:
+        for r in ref_words:
+            for h in hyp_words:
+                union |= _lcs_word_set(r, h, recursion_limit)
+    except _TooDeep:
+        return 0.0
+    llcs = len(union)
+    recall, precision = llcs / m, llcs / n
+    return 2.0 * (precision * recall) / (precision + recall + 1e-8)
+
+
+def rouge_score(prediction: str, ground_truth: str, rouge_recursion_limit: int | None = None,
+                **kwargs) -> float:
+    return rouge_l(prediction, ground_truth, rouge_recursion_limit)
+
+
+def rouge_zh_score(prediction: str, ground_truth: str, zh_tokenizer: str = "jieba",
+                   rouge_recursion_limit: int | None = None, **kwargs) -> float:
+    prediction = " ".join(zh_segment(prediction, zh_tokenizer))
+    ground_truth = " ".join(zh_segment(ground_truth, zh_tokenizer))
+    return rouge_l(prediction, ground_truth, rouge_recursion_limit)
+
+
+# --------------------------------------------------------------------------- classification
+def classification_score(prediction: str, ground_truth: str, all_classes: Iterable[str] | None = None,
+                         classification_quirk: bool = True, **kwargs) -> float:
+    """1/#matches if the gold class is among the class names found in the prediction, else 0.
+
+    Class names that occur in the prediction are collected; those that are a substring of the gold
+    label (but not the label itself) are dropped. The official scorer drops them with
+    ``list.remove`` while iterating over the same list, which skips the element right after each
+    removed one; ``classification_quirk=True`` (default) reproduces that, ``False`` drops all.
+    """
+    if all_classes is None:
+        raise ValueError("classification_score needs all_classes (the dataset's list of class names)")
+    matches = [c for c in all_classes if c in prediction]
+    if classification_quirk:
+        idx = 0
+        while idx < len(matches):
+            term = matches[idx]
+            if term in ground_truth and term != ground_truth:
+                matches.remove(term)
+            idx += 1
+    else:
+        matches = [t for t in matches if not (t in ground_truth and t != ground_truth)]
+    if ground_truth in matches:
+        return 1.0 / len(matches)
+    return 0.0
+
+
+# --------------------------------------------------------------------------- retrieval / count
+_NUMBER = re.compile(r"\d+")
+
+
+def _fraction_equal(prediction: str, target: str) -> float:
+    numbers = _NUMBER.findall(prediction)
+    if not numbers:
+        return 0.0
+    return sum(1 for x in numbers if x == str(target)) / len(numbers)
+
+
+def _paragraph_id(ground_truth: str, pattern: str) -> str:
+    found = re.findall(pattern, ground_truth)
+    if not found:
+        raise ValueError(f"gold answer {ground_truth!r} does not match {pattern!r}")
+    return found[0]
+
+
+def retrieval_score(prediction: str, ground_truth: str, **kwargs) -> float:
+    """Fraction of the numbers in the prediction equal to N in the gold "Paragraph N"."""
+    return _fraction_equal(prediction, _paragraph_id(ground_truth, r"Paragraph (\d+)"))
+
+
+def retrieval_zh_score(prediction: str, ground_truth: str, **kwargs) -> float:
+    """Fraction of the numbers in the prediction equal to N in the gold "段落N"."""
+    return _fraction_equal(prediction, _paragraph_id(ground_truth, r"段落(\d+)"))
+
+
+def count_score(prediction: str, ground_truth, **kwargs) -> float:
+    """Fraction of the numbers in the prediction equal to the gold count."""
+    return _fraction_equal(prediction, str(ground_truth))
+
+
+# --------------------------------------------------------------------------- code similarity
+def _indel_ratio(a: str, b: str) -> float:
+    if len(a) < len(b):
+        a, b = b, a
+    prev = [0] * (len(b) + 1)
+    for ca in a:
+        cur = [0]
+        for j, cb in enumerate(b, 1):
+            cur.append(prev[j - 1] + 1 if ca == cb else max(prev[j], cur[j - 1]))
+        prev = cur
+    return 2.0 * prev[-1] / (len(a) + len(b))
+
+
+def fuzz_ratio(s1: str | None, s2: str | None, backend: str = "difflib") -> int:
+    """``fuzzywuzzy.fuzz.ratio``: an integer similarity in [0, 100] (see the module docstring)."""
+    if s1 is None or s2 is None:
+        return 0
+    if s1 == s2:
+        return 100
+    if len(s1) == 0 or len(s2) == 0:
+        return 0
+    if backend == "difflib":
+        r = difflib.SequenceMatcher(None, s1, s2).ratio()
+    elif backend == "indel":
+        r = _indel_ratio(s1, s2)
+    else:
+        raise ValueError(f"backend must be 'difflib' or 'indel', got {backend!r}")
+    return int(round(100 * r))
+
+
+def first_code_line(prediction: str) -> str:
+    """First line (leading newlines stripped) containing none of ```` ` ````, ``#``, ``//``; '' if none."""
+    for line in prediction.lstrip("\n").split("\n"):
+        if "`" not in line and "#" not in line and "//" not in line:
+            return line
+    return ""
+
+
+def code_sim_score(prediction: str, ground_truth: str, fuzz_backend: str = "difflib", **kwargs) -> float:
+    return fuzz_ratio(first_code_line(prediction), ground_truth, fuzz_backend) / 100
+
+
+# --------------------------------------------------------------------------- per dataset
+METRICS: dict[str, Callable[..., float]] = {
+    "qa_f1": qa_f1_score,
+    "qa_f1_zh": qa_f1_zh_score,
+    "rouge": rouge_score,
+    "rouge_zh": rouge_zh_score,
+    "classification": classification_score,
+    "retrieval": retrieval_score,
+    "retrieval_zh": retrieval_zh_score,
+    "count": count_score,
+    "code_sim": code_sim_score,
+}
+
+DATASET2METRIC: dict[str, str] = {
+    "narrativeqa": "qa_f1",
+    "qasper": "qa_f1",
+    "multifieldqa_en": "qa_f1",
+    "multifieldqa_zh": "qa_f1_zh",
+    "hotpotqa": "qa_f1",
+    "2wikimqa": "qa_f1",
+    "musique": "qa_f1",
+    "dureader": "rouge_zh",
+    "gov_report": "rouge",
+    "qmsum": "rouge",
+    "multi_news": "rouge",
+    "vcsum": "rouge_zh",
+    "trec": "classification",
+    "triviaqa": "qa_f1",
+    "samsum": "rouge",
+    "lsht": "classification",
+    "passage_retrieval_en": "retrieval",
+    "passage_count": "count",
+    "passage_retrieval_zh": "retrieval_zh",
+    "lcc": "code_sim",
+    "repobench-p": "code_sim",
+}
+
+# Few-shot datasets whose prediction is cut to its first line (after stripping leading newlines).
+FIRST_LINE_DATASETS = frozenset({"trec", "triviaqa", "samsum", "lsht"})
+
+
+def score_example(dataset: str, prediction: str, answers: Sequence[str],
+                  all_classes: Sequence[str] | None = None, **options) -> float:
+    """Score of one prediction: the dataset's metric, max over the gold answers.
+
+    ``options`` go to the metric: ``zh_tokenizer``, ``fuzz_backend``, ``classification_quirk``,
+    ``rouge_recursion_limit``.
+    """
+    if dataset not in DATASET2METRIC:
+        raise ValueError(f"unknown LongBench dataset {dataset!r}; known: {sorted(DATASET2METRIC)}")
+    metric = METRICS[DATASET2METRIC[dataset]]
+    if dataset in FIRST_LINE_DATASETS:
+        prediction = prediction.lstrip("\n").split("\n")[0]
+    if isinstance(answers, str):
+        answers = [answers]
+    best = 0.0
+    for answer in answers:
+        best = max(best, metric(prediction, answer, all_classes=all_classes, **options))
+    return float(best)
+
+
+def dataset_score(dataset: str, predictions: Sequence[str], answers: Sequence[Sequence[str]],
+                  all_classes: Sequence[Sequence[str] | None] | Sequence[str] | None = None,
+                  **options) -> float:
+    """``round(100 * mean score, 2)`` over the examples of one dataset (0.0 for no example)."""
+    if len(predictions) != len(answers):
+        raise ValueError("predictions and answers differ in length")
+    if not predictions:
+        return 0.0
+    per_example = (all_classes is not None and len(all_classes) == len(predictions)
+                   and all(c is None or not isinstance(c, str) for c in all_classes))
+    if not per_example:  # one class list (or None) for the whole dataset
+        all_classes = [all_classes] * len(predictions)
+    total = sum(score_example(dataset, p, a, c, **options)
+                for p, a, c in zip(predictions, answers, all_classes))
+    return round(100 * total / len(predictions), 2)
+
+
+def average_score(scores: Iterable[float]) -> float:
+    """``round(mean, 2)`` of (already rounded) dataset scores, as the official ``--eval_avg``."""
+    scores = list(scores)
+    if not scores:
+        return 0.0
+    return round(sum(scores) / len(scores), 2)

@@ -1,0 +1,137 @@
+"""Plain-PyTorch references of the math in methods.md, written independently of cakekv's code path:
+one prompt at a time, full window-attention matrices, Python loops for the allocation."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def window_attention(q_win: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """A[h, i, j] of one unpadded prompt: q_win [H, W, D], keys [Hkv, n, D] -> [H, W, n] fp32."""
+    heads, window = q_win.shape[0], q_win.shape[1]
+    n = keys.shape[1]
+    k = keys.float().repeat_interleave(heads // keys.shape[0], 0)
+    logits = q_win.float() @ k.transpose(1, 2) * scale
+    query_pos = torch.arange(n - window, n)
+    logits = logits.masked_fill(torch.arange(n)[None, :] > query_pos[:, None], float("-inf"))
+    return logits.softmax(-1)
+
+
+def masked_window_stats(q, k, q_pos, k_pos, scale):
+    """Reference of the window_stats op: materialises the whole attention block."""
+    heads = q.shape[1]
+    kk = k.float().repeat_interleave(heads // k.shape[1], 1)
+    kp = k_pos.repeat_interleave(heads // k.shape[1], 1)[:, :, None, :]
+    visible = (kp >= 0) & (kp <= q_pos[:, None, :, None])
+    logits = (q.float() @ kk.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
+    a = torch.nan_to_num(logits.softmax(-1), nan=0.0)
+    var = a.var(2) if q.shape[2] > 1 else torch.zeros_like(a[:, :, 0])
+    return a.mean(2), var, -(a * torch.log(a + 1e-10)).sum(2)
+
+
+def allocate(scores: list[float], caps: list[int], total: int) -> list[int]:
+    """Budgets proportional to scores, capped, summing to min(total, sum(caps)) (ops.h contract)."""
+    s = [max(x, 0.0) for x in scores]
+    ssum = sum(s)
+    out = []
+    for x, c in zip(s, caps):
+        share = x / ssum if ssum > 0 else 1.0 / len(s)
+        out.append(min(max(int(share * total), 0), c))
+    target = min(total, sum(caps))
+    while sum(out) < target:
+        eligible = [i for i in range(len(out)) if out[i] < caps[i]]
+        deficit = target - sum(out)
+        each, extra = divmod(deficit, len(eligible))
+        for rank, i in enumerate(eligible):
+            out[i] += min(each + (1 if rank < extra else 0), caps[i] - out[i])
+    return out
+
+
+def pool(x: torch.Tensor, kernel: int, kind: str) -> torch.Tensor:
+    if kind == "avg":
+        return F.avg_pool1d(x[:, None], kernel, 1, kernel // 2, count_include_pad=True)[:, 0]
+    return F.max_pool1d(x[:, None], kernel, 1, kernel // 2)[:, 0]
+
+
+def cake_layer(a: torch.Tensor, num_kv_heads: int, window: int, gamma: float, kernel: int):
+    """-> (S [Hkv, P] per-KV-head indicator, dispersion, shift) of one layer (methods.md §1.1-1.2)."""
+    heads, _, n = a.shape
+    prefix = n - window
+    mean, var = a.mean(1), a.var(1)
+    ind = pool((mean + gamma * var)[:, :prefix], kernel, "avg")
+    score = ind.view(num_kv_heads, heads // num_kv_heads, prefix).mean(1)
+    ap = a[:, :, :prefix].double()
+    dispersion = -(ap * torch.log(ap + 1e-10)).sum().item()
+    shift = a[:, :, :prefix].var(1).double().sum().item()
+    return score, dispersion, shift
+
+
+def snapkv_layer(a: torch.Tensor, num_kv_heads: int, window: int, kernel: int, kind: str):
+    heads, _, n = a.shape
+    prefix = n - window
+    mean = a.mean(1)[:, :prefix].view(num_kv_heads, heads // num_kv_heads, prefix).mean(1)
+    return pool(mean, kernel, kind)
+
+
+def top_set(score: torch.Tensor, among: list[int], b: int) -> list[int]:
+    """The b entries of `among` with the highest score, sorted by position."""
+    if b >= len(among):
+        return sorted(among)
+    idx = torch.tensor(among)
+    best = score[idx].topk(b).indices
+    return sorted(idx[best].tolist())
+
+
+def cake_reference(layers_qk, scale, budget, window, tau1, tau2, gamma=200.0, kernel=5, cascading=True):
+    """CAKE's kept prefix entries and prefix budgets of one prompt.
+
+    layers_qk: per layer (q [H, n, D], k [Hkv, n, D]). Returns (kept[layer][kv_head] -> positions,
+    budgets[layer], scores[layer]) or None when the prompt is not compressed."""
+    n = layers_qk[0][1].shape[1]
+    if n <= budget:
+        return None
+    num_layers, prefix = len(layers_qk), n - window
+    total = (budget - window) * num_layers
+    prefs, scores, kept, budgets = [], [], [], []
+    for layer, (q, k) in enumerate(layers_qk):
+        a = window_attention(q[:, -window:], k, scale)
+        score, dispersion, shift = cake_layer(a, k.shape[0], window, gamma, kernel)
+        prefs.append(dispersion ** (1.0 / tau1) * shift ** (1.0 / tau2))
+        scores.append(score)
+        kept.append([list(range(prefix)) for _ in range(k.shape[0])])
+        budgets.append(prefix)
+        if cascading or layer == num_layers - 1:
+            alloc = allocate(prefs, [prefix] * len(prefs), total)
+            for i in range(len(prefs)):
+                b = min(alloc[i], len(kept[i][0]))
+                kept[i] = [top_set(scores[i][h], kept[i][h], b) for h in range(len(kept[i]))]
+                budgets[i] = b
+    return kept, budgets, scores
+
+
+def snapkv_reference(layers_qk, scale, budget, window, kernel=7, kind="max"):
+    n = layers_qk[0][1].shape[1]
+    if n <= budget:
+        return None
+    prefix = n - window
+    kept, scores = [], []
+    for q, k in layers_qk:
+        score = snapkv_layer(window_attention(q[:, -window:], k, scale), k.shape[0], window, kernel, kind)
+        scores.append(score)
+        kept.append([top_set(score[h], list(range(prefix)), budget - window) for h in range(k.shape[0])])
+    return kept, [budget - window] * len(layers_qk), scores
+
+
+def assert_same_selection(got: list[int], want: list[int], score: torch.Tensor, rel_tol: float = 1e-4):
+    """Selections must match; an entry may differ only where its reference score ties the cut-off
+    within floating-point tolerance (the two sides sum in different orders)."""
+    got_set, want_set = set(got), set(want)
+    assert len(got_set) == len(want_set), f"kept {len(got_set)} entries, reference keeps {len(want_set)}"
+    if got_set == want_set:
+        return
+    cutoff = min(score[j].item() for j in want_set)
+    for j in got_set ^ want_set:
+        assert math.isclose(score[j].item(), cutoff, rel_tol=rel_tol, abs_tol=1e-7), (
+            f"entry {j} (score {score[j].item():.6g}) differs from the reference selection (cut-off {cutoff:.6g})")
