@@ -1,0 +1,445 @@
+"""LongBench (v1) predictions and scores, following the official THUDM LongBench protocol.
+
+Per example (``pred.py`` of LongBench, and the CAKE / SnapKV / AdaKV / LAVa scripts that reuse it):
+
+1. fill the dataset's prompt template (:data:`DATASET2PROMPT`) with the example's ``context`` and
+   ``input``;
+2. tokenize it; when longer than ``max_length`` tokens keep the first and the last
+   ``int(max_length / 2)`` tokens, each half decoded with ``skip_special_tokens=True`` and the two
+   strings joined (middle truncation);
+3. wrap it with the tokenizer's chat template (when it has one; ``--chat``), except for the few-shot
+   and code datasets in :data:`NO_CHAT_DATASETS`;
+4. decode greedily ``DATASET2MAXLEN[name]`` new tokens (samsum: at least one new token, and ``"\\n"``
+   is an extra EOS), decode the new tokens with ``skip_special_tokens=True``.
+
+Scores (:mod:`cakekv.eval.metrics`): the dataset's metric, max over the gold answers, the first line
+only for trec/triviaqa/samsum/lsht; dataset score ``round(100 * mean, 2)``; ``avg`` = mean of the
+rounded dataset scores, rounded.
+
+Data: ``{data_dir}/{name}.jsonl`` in LongBench's format (one JSON object per line with ``input``,
+``context``, ``answers``, ``length``, ``dataset``, ``language``, ``all_classes``, ``_id``), e.g. the
+files of LongBench's ``data.zip`` unpacked into one folder. Nothing is downloaded.
+
+Differences from the official scripts, on purpose (methods.md: intended behaviour by default, the
+quirk as an option): with a chat template that writes the BOS token as text, BOS is not added a
+second time (``--double-bos`` restores the doubling of the official Llama-3 / Mistral scripts).
+The chat wrapping of the official scripts is model specific (``[INST]...[/INST]`` for Llama-2, a
+hand-written header for Llama-3, ...); here it is the tokenizer's own chat template.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Sequence
+
+from . import common, metrics
+
+DATASETS_EN = ("narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "musique",
+               "gov_report", "qmsum", "multi_news", "trec", "triviaqa", "samsum", "passage_count",
+               "passage_retrieval_en", "lcc", "repobench-p")
+DATASETS_ZH = ("multifieldqa_zh", "dureader", "vcsum", "lsht", "passage_retrieval_zh")
+DATASETS = DATASETS_EN + DATASETS_ZH
+
+# Few-shot and code-completion datasets: never chat-wrapped.
+NO_CHAT_DATASETS = frozenset({"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"})
+
+_QA_MULTI = ("Answer the question based on the given passages. Only give me the answer and do not output "
+             "any other words.\n\nThe following are given passages.\n{context}\n\nAnswer the question based "
+             "on the given passages. Only give me the answer and do not output any other words.\n\n"
+             "Question: {input}\nAnswer:")
+_QASPER_RULE = ("as concisely as you can, using a single phrase or sentence if possible. If the question "
+                "cannot be answered based on the information in the article, write \"unanswerable\". If the "
+                "question is a yes/no question, answer \"yes\", \"no\", or \"unanswerable\". Do not provide "
+                "any explanation.")
+# "asconcisely" (sic) is in the templates every KV-cache paper used; it is kept to match their prompts.
+_NARRATIVE_RULE = ("asconcisely as you can, using a single phrase if possible. Do not provide any "
+                   "explanation.")
+
+# The official prompt templates (LongBench config/dataset2prompt.json), retyped.
+DATASET2PROMPT: dict[str, str] = {
+    "narrativeqa": ("You are given a story, which can be either a novel or a movie script, and a question. "
+                    "Answer the question " + _NARRATIVE_RULE + "\n\nStory: {context}\n\nNow, answer the "
+                    "question based on the story " + _NARRATIVE_RULE + "\n\nQuestion: {input}\n\nAnswer:"),
+    "qasper": ("You are given a scientific article and a question. Answer the question " + _QASPER_RULE
+               + "\n\nArticle: {context}\n\n Answer the question based on the above article " + _QASPER_RULE
+               + "\n\nQuestion: {input}\n\nAnswer:"),
+    "multifieldqa_en": ("Read the following text and answer briefly.\n\n{context}\n\nNow, answer the following "
+                        "question based on the above text, only give me the answer and do not output any "
+                        "other words.\n\nQuestion: {input}\nAnswer:"),
+    "multifieldqa_zh": ("阅读以下文字并用中文简短回答：\n\n{context}\n\n现在请基于上面的文章回答下面的问题，"
+                        "只告诉我答案，不要输出任何其他字词。\n\n问题：{input}\n回答："),
+    "hotpotqa": _QA_MULTI,
+    "2wikimqa": _QA_MULTI,
+    "musique": _QA_MULTI,
+    "dureader": "请基于给定的文章回答下述问题。\n\n文章：{context}\n\n请基于上述文章回答下面的问题。\n\n问题：{input}\n回答：",
+    "gov_report": ("You are given a report by a government agency. Write a one-page summary of the report."
+                   "\n\nReport:\n{context}\n\nNow, write a one-page summary of the report.\n\nSummary:"),
+    "qmsum": ("You are given a meeting transcript and a query containing a question or instruction. Answer "
+              "the query in one or more sentences.\n\nTranscript:\n{context}\n\nNow, answer the query based "
+              "on the above meeting transcript in one or more sentences.\n\nQuery: {input}\nAnswer:"),
+    "multi_news": ("You are given several news passages. Write a one-page summary of all news. \n\nNews:\n"
+                   "{context}\n\nNow, write a one-page summary of all the news.\n\nSummary:"),
+    "vcsum": "下面有一段会议记录，请你阅读后，写一段总结，总结会议的内容。\n会议记录：\n{context}\n\n会议总结：",
+    "trec": ("Please determine the type of the question below. Here are some examples of questions.\n\n"
+             "{context}\n{input}"),
+    "triviaqa": ("Answer the question based on the given passage. Only give me the answer and do not output "
+                 "any other words. The following are some examples.\n\n{context}\n\n{input}"),
+    "samsum": "Summarize the dialogue into a few short sentences. The following are some examples.\n\n{context}\n\n{input}",
+    "lsht": "请判断给定新闻的类别，下面是一些例子。\n\n{context}\n{input}",
+    "passage_count": ("There are some paragraphs below sourced from Wikipedia. Some of them may be duplicates. "
+                      "Please carefully read these paragraphs and determine how many unique paragraphs there "
+                      "are after removing duplicates. In other words, how many non-repeating paragraphs are "
+                      "there in total?\n\n{context}\n\nPlease enter the final count of unique paragraphs after "
+                      "removing duplicates. The output format should only contain the number, such as 1, 2, 3, "
+                      "and so on.\n\nThe final answer is: "),
+    "passage_retrieval_en": ("Here are 30 paragraphs from Wikipedia, along with an abstract. Please determine "
+                             "which paragraph the abstract is from.\n\n{context}\n\nThe following is an "
+                             "abstract.\n\n{input}\n\nPlease enter the number of the paragraph that the "
+                             "abstract is from. The answer format must be like \"Paragraph 1\", \"Paragraph 2\", "
+                             "etc.\n\nThe answer is: "),
+    "passage_retrieval_zh": ("以下是若干段落文字，以及其中一个段落的摘要。请确定给定的摘要出自哪一段。\n\n{context}\n\n"
+                             "下面是一个摘要\n\n{input}\n\n请输入摘要所属段落的编号。答案格式必须是\"段落1\"，\"段落2\"等格式"
+                             "\n\n答案是："),
+    "lcc": "Please complete the code given below. \n{context}Next line of code:\n",
+    "repobench-p": "Please complete the code given below. \n{context}{input}Next line of code:\n",
+}
+
+# max_new_tokens per dataset (LongBench config/dataset2maxlen.json).
+DATASET2MAXLEN: dict[str, int] = {
+    "narrativeqa": 128, "qasper": 128, "multifieldqa_en": 64, "multifieldqa_zh": 64, "hotpotqa": 32,
+    "2wikimqa": 32, "musique": 32, "dureader": 128, "gov_report": 512, "qmsum": 512, "multi_news": 512,
+    "vcsum": 512, "trec": 64, "triviaqa": 32, "samsum": 128, "lsht": 64, "passage_count": 32,
+    "passage_retrieval_en": 32, "passage_retrieval_zh": 32, "lcc": 64, "repobench-p": 64,
+}
+
+# Prompt budget (tokens) of the official configs (model2maxlen.json of the CAKE scripts).
+MODEL2MAXLEN = {"llama2-7b": 3500, "llama2-13b": 3500, "llama3.1-8b": 127500, "mistral-0.3": 31500,
+                "qwen2.5": 31500}
+
+DATASET_GROUPS = {"en": DATASETS_EN, "zh": DATASETS_ZH, "all": DATASETS}
+
+PRED_DIR = "pred"
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------
+def data_path(data_dir: str, name: str) -> str:
+    return os.path.join(data_dir, f"{name}.jsonl")
+
+
+def load_data(data_dir: str, name: str, limit: int | None = None) -> list[dict]:
+    """The examples of ``{data_dir}/{name}.jsonl`` (first ``limit`` ones)."""
+    if name not in DATASET2PROMPT:
+        raise ValueError(f"datasets: unknown LongBench dataset {name!r}; known: {', '.join(DATASETS)}")
+    path = data_path(data_dir, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"LongBench data for {name!r} not found: {path} does not exist. cakekv never downloads data: "
+            "put LongBench's {name}.jsonl files (from the LongBench release's data.zip) in one folder and pass "
+            "it as --data-dir")
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ex = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            missing = [k for k in ("context", "input", "answers") if k not in ex]
+            if missing:
+                raise ValueError(f"{path}:{lineno}: missing field(s) {missing}")
+            examples.append(ex)
+            if limit is not None and len(examples) >= limit:
+                break
+    return examples
+
+
+def resolve_datasets(names: Sequence[str]) -> list[str]:
+    """Dataset names; 'en', 'zh' and 'all' expand to the groups."""
+    out: list[str] = []
+    for n in names:
+        if n in DATASET_GROUPS:
+            out.extend(DATASET_GROUPS[n])
+        elif n in DATASET2PROMPT:
+            out.append(n)
+        else:
+            raise ValueError(f"datasets: unknown LongBench dataset {n!r}; known: {', '.join(DATASETS)} "
+                             "(or en, zh, all)")
+    return list(dict.fromkeys(out))
+
+
+# ----------------------------------------------------------------------------------------------
+# prompts
+# ----------------------------------------------------------------------------------------------
+def truncate_middle(tokenizer, text: str, max_length: int | None) -> tuple[str, bool]:
+    """LongBench's middle truncation of a prompt to ``max_length`` tokens; (text, truncated?)."""
+    if not max_length:
+        return text, False
+    ids = tokenizer(text, truncation=False)["input_ids"]
+    if len(ids) <= max_length:
+        return text, False
+    half = int(max_length / 2)
+    head = tokenizer.decode(ids[:half], skip_special_tokens=True)
+    tail = tokenizer.decode(ids[-half:], skip_special_tokens=True)
+    return head + tail, True
+
+
+def _split_after_context(prompt: str, question_tail: str) -> int:
+    """Where the question part starts in a (possibly truncated) prompt ending with ``question_tail``."""
+    if question_tail == "":
+        return len(prompt)
+    if prompt.endswith(question_tail):
+        return len(prompt) - len(question_tail)
+    stripped = question_tail.strip()
+    if stripped:
+        at = prompt.rfind(stripped)
+        if at >= 0:
+            # keep the whitespace that precedes the tail with the question
+            while at > 0 and prompt[at - 1].isspace() and question_tail[:1].isspace():
+                at -= 1
+            return at
+    return -1
+
+
+def build_prompt(tokenizer, example: dict, dataset: str, *, max_length: int | None, chat: bool,
+                 double_bos: bool = False) -> tuple[common.Prompt, bool]:
+    """The LongBench prompt of one example, split where its context ends; (prompt, truncated?)."""
+    template = DATASET2PROMPT[dataset]
+    text = template.format(**example)
+    text, truncated = truncate_middle(tokenizer, text, max_length)
+    # The question part: what the template puts after {context}, filled in.
+    tail = template.split("{context}", 1)[1].format(**example)
+    at = _split_after_context(text, tail)
+    if at < 0:
+        # The question itself was cut by the truncation (a prompt tail longer than max_length / 2):
+        # everything goes in as context.
+        at = len(text)
+    wrap = chat and dataset not in NO_CHAT_DATASETS
+    return common.make_prompt(tokenizer, "", text[:at], text[at:], chat=wrap, double_bos=double_bos), truncated
+
+
+# ----------------------------------------------------------------------------------------------
+# predictions
+# ----------------------------------------------------------------------------------------------
+def pred_path(out: str, run: common.Run, dataset: str) -> str:
+    return os.path.join(out, PRED_DIR, run.label, f"{dataset}.jsonl")
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def predict(setup: common.Setup, data_dir: str, datasets: Sequence[str], *, max_length: int | None,
+            limit: int | None = None, max_new_tokens: int | None = None, double_bos: bool = False,
+            resume: bool = False) -> dict[tuple[str, str], str]:
+    """Write ``{out}/pred/{run}/{dataset}.jsonl`` for every run and dataset; returns their paths."""
+    data = {name: load_data(data_dir, name, limit) for name in datasets}  # fail early on missing files
+    tok = setup.tokenizer
+    newline = common.newline_token_id(tok)
+    paths: dict[tuple[str, str], str] = {}
+    total = sum(len(v) for v in data.values()) * len(setup.runs)
+    bar = common.progress_bar(total=total, desc="longbench", disable=not setup.progress)
+    try:
+        for run in setup.runs:
+            for name in datasets:
+                path = pred_path(setup.out, run, name)
+                paths[(run.label, name)] = path
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                done = len(read_jsonl(path)) if resume and os.path.exists(path) else 0
+                bar.update(min(done, len(data[name])))
+                mode = "a" if done else "w"
+                with open(path, mode, encoding="utf-8") as f:
+                    for i, ex in enumerate(data[name]):
+                        if i < done:
+                            continue
+                        bar.set_postfix_str(f"{run.label} {name}", refresh=False)
+                        prompt, truncated = build_prompt(tok, ex, name, max_length=max_length,
+                                                         chat=setup.chat, double_bos=double_bos)
+                        encoded = common.encode_prompt(tok, prompt, setup.protocol)
+                        samsum = name == "samsum"
+                        gen = common.generate(
+                            setup.model, tok, encoded, method=run.method, budget=run.budget,
+                            window=setup.window, protocol=setup.protocol, options=setup.options,
+                            max_new_tokens=max_new_tokens or DATASET2MAXLEN[name],
+                            extra_eos=[newline] if samsum and newline is not None else (),
+                            min_new_tokens=1 if samsum else 0)
+                        record = {"pred": gen.text, "answers": ex["answers"],
+                                  "all_classes": ex.get("all_classes"), "length": ex.get("length"),
+                                  "_id": ex.get("_id"), "prompt_tokens": gen.prompt_tokens,
+                                  "truncated": truncated, "new_tokens": len(gen.tokens),
+                                  "time_s": round(gen.seconds, 4), "kv_bytes_before": gen.bytes_before,
+                                  "kv_bytes_after": gen.bytes_after}
+                        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                        f.flush()
+                        bar.update(1)
+    finally:
+        bar.close()
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# scores
+# ----------------------------------------------------------------------------------------------
+def score_file(path: str, dataset: str, **options) -> dict[str, Any]:
+    """Score one predictions file: {'score', 'n', 'time_s', 'kv_fraction'}."""
+    records = read_jsonl(path)
+    score = metrics.dataset_score(dataset, [r["pred"] for r in records], [r["answers"] for r in records],
+                                  [r.get("all_classes") for r in records], **options)
+    before = sum(r.get("kv_bytes_before") or 0 for r in records)
+    after = sum(r.get("kv_bytes_after") or 0 for r in records)
+    times = [r["time_s"] for r in records if r.get("time_s") is not None]
+    return {"score": score, "n": len(records),
+            "time_s": round(sum(times) / len(times), 4) if times else None,
+            "kv_fraction": round(after / before, 4) if before else None}
+
+
+def score_predictions(out: str, **options) -> dict[str, Any]:
+    """Scores of every ``{out}/pred/{run}/{dataset}.jsonl`` found: {run: {dataset: {...}, 'avg': x}}."""
+    root = os.path.join(out, PRED_DIR)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"no predictions under {root}")
+    table: dict[str, Any] = {}
+    for run in sorted(os.listdir(root)):
+        folder = os.path.join(root, run)
+        if not os.path.isdir(folder):
+            continue
+        per = {}
+        for name in DATASETS:
+            path = os.path.join(folder, f"{name}.jsonl")
+            if os.path.isfile(path):
+                per[name] = score_file(path, name, **options)
+        if per:
+            table[run] = {"datasets": per, "avg": metrics.average_score(v["score"] for v in per.values())}
+    return table
+
+
+def _run_key(label: str) -> tuple[str, int | None]:
+    method, _, budget = label.rpartition("-")
+    if method and budget.isdigit():
+        return method, int(budget)
+    return label, None
+
+
+def write_report(out: str, table: dict[str, Any], info: dict[str, Any]) -> dict[str, str]:
+    """results.json, results.md and results.png (average score against budget) under ``out``."""
+    datasets = [d for d in DATASETS if any(d in v["datasets"] for v in table.values())]
+    runs = sorted(table, key=lambda r: (_run_key(r)[1] is not None, _run_key(r)[0], _run_key(r)[1] or 0))
+    rows = []
+    for r in runs:
+        method, budget = _run_key(r)
+        per = table[r]["datasets"]
+        rows.append([method, budget if budget is not None else "full"]
+                    + [per[d]["score"] if d in per else None for d in datasets] + [table[r]["avg"]])
+    paths = {"json": os.path.join(out, "results.json"), "markdown": os.path.join(out, "results.md"),
+             "png": os.path.join(out, "results.png")}
+    common.write_json(paths["json"], {"task": "longbench", "info": info, "datasets": datasets,
+                                      "results": table})
+    md = [f"# LongBench ({info.get('protocol', '?')} protocol)", "",
+          f"model: `{info.get('model', '?')}`, window {info.get('window', '?')}, "
+          f"max_length {info.get('max_length', '?')}; avg = mean of the {len(datasets)} dataset scores shown", "",
+          common.markdown_table(["method", "budget", *datasets, "avg"], rows), ""]
+    eff = [[*_run_key(r), table[r]["datasets"][d]["n"], table[r]["datasets"][d]["time_s"],
+            table[r]["datasets"][d]["kv_fraction"]] for r in runs for d in datasets if d in table[r]["datasets"]]
+    md += ["## Cost per dataset", "", common.markdown_table(
+        ["method", "budget", "examples", "mean time (s)", "KV bytes kept"],
+        [[m, b if b is not None else "full", n, t, f"{100 * k:.1f}%" if k is not None else None]
+         for (m, b, n, t, k) in eff]), ""]
+    common.write_text(paths["markdown"], "\n".join(md))
+    series: dict[str, dict[int, float]] = {}
+    full = None
+    for r in runs:
+        method, budget = _run_key(r)
+        if budget is None:
+            full = table[r]["avg"]
+        else:
+            series.setdefault(method, {})[budget] = table[r]["avg"]
+    common.plot_scores_vs_budget(series, full, paths["png"], title=f"LongBench average ({len(datasets)} datasets)",
+                                 ylabel="average score")
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default=None,
+                        help="folder with LongBench's {dataset}.jsonl files (required unless --score-only)")
+    parser.add_argument("--datasets", nargs="+", default=["en"],
+                        help="dataset names, or en (the 16 English), zh (the 5 Chinese), all (default: en)")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="prompt budget in tokens, middle truncation beyond it (official: 3500 for "
+                             "Llama-2, 127500 for Llama-3.1-8B, 31500 for Mistral-0.3 / Qwen2.5); default: "
+                             "the model's max_position_embeddings minus the longest answer")
+    parser.add_argument("--limit", type=int, default=None, help="first N examples of each dataset")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="override the official per-dataset max_new_tokens (smoke tests only)")
+    parser.add_argument("--double-bos", action="store_true",
+                        help="add BOS even when the chat template wrote it (the official scripts' quirk)")
+    parser.add_argument("--resume", action="store_true", help="keep existing predictions and continue")
+    parser.add_argument("--score-only", action="store_true", help="only score the predictions under --out")
+    parser.add_argument("--zh-tokenizer", choices=("jieba", "char"), default="jieba",
+                        help="Chinese word segmentation for qa_f1_zh / rouge_zh (official: jieba)")
+    parser.add_argument("--fuzz-backend", choices=("difflib", "indel"), default="difflib",
+                        help="code_sim ratio: difflib (fuzzywuzzy without python-Levenshtein) or indel "
+                             "(fuzzywuzzy with python-Levenshtein)")
+    common.add_common_arguments(parser, default_out="results/longbench")
+
+
+def metric_options(args) -> dict[str, Any]:
+    return {"zh_tokenizer": args.zh_tokenizer, "fuzz_backend": args.fuzz_backend}
+
+
+def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, str]:
+    """Predict (unless --score-only), score, write the report; returns the report's paths."""
+    if args.score_only:
+        table = score_predictions(args.out, **metric_options(args))
+        info_path = os.path.join(args.out, "results.json")
+        info = {}
+        if os.path.isfile(info_path):
+            with open(info_path, encoding="utf-8") as f:
+                info = json.load(f).get("info", {})
+        return write_report(args.out, table, info)
+    if not args.data_dir:
+        raise ValueError("--data-dir is required (a folder with LongBench's {dataset}.jsonl files)")
+    datasets = resolve_datasets(common.split_list(args.datasets))
+    for name in datasets:  # check the data before loading the model
+        if not os.path.isfile(data_path(args.data_dir, name)):
+            load_data(args.data_dir, name)
+    setup = common.setup_from_args(args, model, tokenizer)
+    max_length = args.max_length
+    if max_length is None:
+        limit = getattr(setup.model.config, "max_position_embeddings", None)
+        max_length = limit - max(DATASET2MAXLEN[d] for d in datasets) if limit else None
+    predict(setup, args.data_dir, datasets, max_length=max_length, limit=args.limit,
+            max_new_tokens=args.max_new_tokens, double_bos=args.double_bos, resume=args.resume)
+    table = score_predictions(args.out, **metric_options(args))
+    # only the runs and datasets of this invocation
+    labels = {r.label for r in setup.runs}
+    table = {r: {"datasets": {d: v for d, v in t["datasets"].items() if d in datasets}} for r, t in table.items()
+             if r in labels}
+    for t in table.values():
+        t["avg"] = metrics.average_score(v["score"] for v in t["datasets"].values())
+    info = common.environment_info(setup)
+    info.update(max_length=max_length, limit=args.limit, datasets=datasets, metric_options=metric_options(args),
+                max_new_tokens=args.max_new_tokens or "official", double_bos=args.double_bos)
+    paths = write_report(args.out, table, info)
+    print(open(paths["markdown"], encoding="utf-8").read())
+    return paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cakekv eval longbench", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser)
+    return parser
+
+
+@common.print_and_exit_on_error
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    run(args)
+    return 0
