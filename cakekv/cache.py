@@ -33,12 +33,37 @@ class CompressedLayer(CacheLayerMixin):
         self.next_pos: torch.Tensor | None = None     # [B] position of the next token of each row
         self.query_pos: torch.Tensor | None = None    # [B, q] positions of the current forward's queries
         self.indicator: torch.Tensor | None = None    # [B, Hkv, M] prefill scores aligned with slots
-        self.counts: list[int] = []                   # stored entries per row (equal across heads)
-        self.prefix_counts: list[int] = []            # of which before the window (prefill only)
-        self.caps: list[int] | None = None            # decode-time cap per row (None: no eviction)
-        self.budgets: list[int | None] = []           # entries given per row (None: not compressed)
+        # Per (row, KV head): heads of a layer may hold different numbers of entries (per-head budgets);
+        # the storage is then padded to the longest head with empty slots (pos = -1).
+        self.head_counts: list[list[int]] = []        # stored entries
+        self.head_prefix: list[list[int]] = []        # of which before the window (prefill only)
+        self.head_caps: list[list[int]] | None = None  # decode-time cap (None: no eviction)
+        self.head_budgets: list[list[int] | None] = []  # entries given (None: row not compressed)
         self.seen = 0                                 # logical length (padded prompt + appended)
         self.prefilling = False
+
+    # Per-row views (a plain int where every head of the row agrees, else the mean over heads).
+    @staticmethod
+    def _per_row(values):
+        if values is None:
+            return None
+        return [None if v is None else (v[0] if len(set(v)) == 1 else sum(v) / len(v)) for v in values]
+
+    @property
+    def counts(self):
+        return self._per_row(self.head_counts)
+
+    @property
+    def prefix_counts(self):
+        return self._per_row(self.head_prefix)
+
+    @property
+    def caps(self):
+        return self._per_row(self.head_caps)
+
+    @property
+    def budgets(self):
+        return self._per_row(self.head_budgets)
 
     # ---- CacheLayerMixin -----------------------------------------------------------------------
     def lazy_initialization(self, key_states, value_states):
@@ -71,16 +96,16 @@ class CompressedLayer(CacheLayerMixin):
         self.pos = prompt.positions.to(keys.device)[:, None, :].expand(b, h, n).contiguous()
         self.query_pos = self.pos[:, 0, :]
         self.next_pos = prompt.lengths.to(keys.device).clone()
-        self.counts = list(prompt.host_lengths)
-        self.prefix_counts = [max(c - self.cache.window, 0) for c in self.counts]
-        self.budgets = [None] * b
+        self.head_counts = [[c] * h for c in prompt.host_lengths]
+        self.head_prefix = [[max(c - self.cache.window, 0)] * h for c in prompt.host_lengths]
+        self.head_budgets = [None] * b
         self.seen = n
         self.prefilling = True
         return self.keys, self.values
 
     def _append(self, keys, values):
         b, h, q, d = keys.shape
-        self._ensure_room(max(self.counts) + q)
+        self._ensure_room(max(max(c) for c in self.head_counts) + q)
         free = (self.pos < 0).to(torch.int32)
         if q == 1:
             slots = free.argmax(-1, keepdim=True)  # first free slot
@@ -91,7 +116,7 @@ class CompressedLayer(CacheLayerMixin):
         self.values.scatter_(2, slots[..., None].expand(b, h, q, d), values)
         self.pos.scatter_(2, slots, self.query_pos[:, None, :].expand(b, h, q))
         self.next_pos += q
-        self.counts = [c + q for c in self.counts]
+        self.head_counts = [[c + q for c in row] for row in self.head_counts]
         self.seen += q
         return self.keys, self.values
 
@@ -114,21 +139,25 @@ class CompressedLayer(CacheLayerMixin):
         return visible
 
     # ---- eviction ------------------------------------------------------------------------------
-    def keep_top(self, prefix_budgets: list[int]):
+    def keep_top(self, prefix_budgets):
         """Keep, per row, the `prefix_budgets[b]` candidates with the highest indicator plus the window
-        (the last `window` slots). Nested: a budget above what the layer holds keeps what it holds."""
-        new = [min(want, have) for want, have in zip(prefix_budgets, self.prefix_counts)]
-        self.budgets = [n + (c - p) for n, c, p in zip(new, self.counts, self.prefix_counts)]
-        if new == self.prefix_counts:
+        (the last `window` slots). A row's budget is an int (every head) or a list of per-head ints.
+        Nested: a budget above what a head holds keeps what it holds."""
+        heads = self.pos.shape[1]
+        wanted = [[w] * heads if isinstance(w, int) else list(w) for w in prefix_budgets]
+        new = [[min(w, h) for w, h in zip(ws, hs)] for ws, hs in zip(wanted, self.head_prefix)]
+        self.head_budgets = [[n + (c - p) for n, c, p in zip(ns, cs, ps)]
+                             for ns, cs, ps in zip(new, self.head_counts, self.head_prefix)]
+        if new == self.head_prefix:
             return
         b, h, size = self.pos.shape
         window = min(self.cache.window, size)
-        kmax = max(new)
+        kmax = max(max(row) for row in new)
         device = self.pos.device
         # Stable sort: ties (common after max pooling) go to the earlier position, so a row's choice
         # does not depend on its padding within a batch.
         top = torch.sort(self.indicator[..., : size - window], dim=-1, descending=True, stable=True).indices[..., :kmax]
-        keep = torch.arange(kmax, device=device) < torch.tensor(new, device=device)[:, None, None]
+        keep = torch.arange(kmax, device=device) < torch.tensor(new, device=device)[:, :, None]
         chosen = torch.where(keep, top, -1).sort(-1).values  # empty (-1) first, then position order
         win = torch.arange(size - window, size, device=device).expand(b, h, window)
         idx = torch.cat([chosen, win], -1)
@@ -136,14 +165,15 @@ class CompressedLayer(CacheLayerMixin):
         self.keys, self.values = _ops.gather_kept(self.keys, self.values, safe)
         self.pos = torch.where(idx >= 0, self.pos.gather(-1, safe), -1)
         self.indicator = torch.where(idx >= 0, self.indicator.gather(-1, safe), float("-inf"))
-        self.counts = [c - p + n for c, p, n in zip(self.counts, self.prefix_counts, new)]
-        self.prefix_counts = new
+        self.head_counts = [[c - p + n for c, p, n in zip(cs, ps, ns)]
+                            for cs, ps, ns in zip(self.head_counts, self.head_prefix, new)]
+        self.head_prefix = new
 
     def evict_to_caps(self, query: torch.Tensor, scale: float, method: Method):
         """Decode-time eviction: rows above their cap drop their lowest-indicator entries (the last
         `window` positions are protected); the freed slots take the next tokens."""
-        over = [c - cap for c, cap in zip(self.counts, self.caps)]
-        n_evict = max(over)
+        over = [[c - cap for c, cap in zip(cs, caps)] for cs, caps in zip(self.head_counts, self.head_caps)]
+        n_evict = max(max(row) for row in over)
         if n_evict <= 0:
             return
         mean, var, _ = _ops.window_stats(query, self.keys, self.query_pos, self.pos, scale)
@@ -158,9 +188,10 @@ class CompressedLayer(CacheLayerMixin):
         pooled = torch.where(in_order, pooled, float("inf"))
         ranked = torch.sort(pooled, dim=-1, stable=True).indices[..., :n_evict]
         lowest = order.gather(-1, ranked)
-        drop = torch.arange(n_evict, device=query.device) < torch.tensor(over, device=query.device)[:, None, None]
+        drop = torch.arange(n_evict, device=query.device) < torch.tensor(over, device=query.device)[:, :, None]
         self.pos.scatter_(-1, lowest, torch.where(drop, -1, self.pos.gather(-1, lowest)))
-        self.counts = [min(c, cap) for c, cap in zip(self.counts, self.caps)]
+        self.head_counts = [[min(c, cap) for c, cap in zip(cs, caps)]
+                            for cs, caps in zip(self.head_counts, self.head_caps)]
 
 
 class PromptInfo:
@@ -214,19 +245,29 @@ class CompressedCache(Cache):
             lengths = layer.next_pos
             window_start = (lengths - window).clamp(min=0)
             view = LayerView(query[:, :, -window:], layer.keys, layer.values, layer.pos,
-                             layer.pos[:, 0, -window:], window_start, scale, layer_idx, module)
+                             layer.pos[:, 0, -window:], window_start, scale, layer_idx, module,
+                             queries=query, query_positions=layer.pos[:, 0, :])
             layer.indicator, preference = method.score_layer(view)
             if preference is None:
                 preference = torch.zeros(query.shape[0], dtype=torch.float64, device=query.device)
             self.preferences.append(preference.to(torch.float64))
             prefs = torch.stack(self.preferences, 1)
             caps = window_start[:, None].expand_as(prefs).contiguous()
-            budgets = method.layer_budgets(prefs, caps, is_last)
+            indicators = [self.layers[i].indicator for i in range(prefs.shape[1])]
+            budgets = method.layer_budgets(prefs, caps, is_last, indicators=indicators)
             if budgets is not None:
                 rows = torch.tensor(compress_rows, device=caps.device)[:, None]
-                per_layer = torch.where(rows, budgets, caps).t().tolist()
-                for i, prefix_budgets in enumerate(per_layer):
-                    self.layers[i].keep_top(prefix_budgets)
+                if budgets.dim() == 3:  # per (row, layer, head)
+                    budgets = torch.where(rows[..., None], budgets, caps[..., None])
+                else:
+                    budgets = torch.where(rows, budgets, caps)
+                for i in range(prefs.shape[1]):
+                    per_head = budgets[:, i] if budgets.dim() == 3 else method.head_budgets(indicators[i], budgets[:, i])
+                    if per_head is None:
+                        self.layers[i].keep_top(budgets[:, i].tolist())
+                    else:
+                        per_head = torch.where(rows, per_head.to(caps.device), caps[:, i, None])
+                        self.layers[i].keep_top(per_head.tolist())
         if is_last:
             self._finish_prefill(compress_rows)
 
@@ -234,14 +275,16 @@ class CompressedCache(Cache):
         method = self.method
         for layer in self.layers:
             layer.indicator = None
-            layer.budgets = [b if c and method.compresses else None for b, c in zip(layer.budgets, compress_rows)]
+            heads = layer.pos.shape[1]
+            layer.head_budgets = [b if c and method.compresses else None
+                                  for b, c in zip(layer.head_budgets, compress_rows)]
             if method.decode_evict and method.compresses:
-                layer.caps = [b if b is not None else method.budget for b in layer.budgets]
+                layer.head_caps = [b if b is not None else [method.budget] * heads for b in layer.head_budgets]
         self.preferences = []
 
     def after_decode(self, layer_idx: int, query: torch.Tensor, scale: float) -> None:
         layer = self.layers[layer_idx]
-        if layer.caps is not None:
+        if layer.head_caps is not None:
             layer.evict_to_caps(query, scale, self.method)
 
     # ---- reporting -----------------------------------------------------------------------------
@@ -256,6 +299,8 @@ class CompressedCache(Cache):
                 "layer": layer.layer_idx,
                 "budget": list(layer.budgets),
                 "kept": list(layer.counts),
+                "budget_per_head": [None if b is None else list(b) for b in layer.head_budgets],
+                "kept_per_head": [list(c) for c in layer.head_counts],
                 "bytes_before": b * h * layer.seen * entry_bytes,
                 "bytes_after": layer.keys.nbytes + layer.values.nbytes + layer.pos.nbytes,
             })

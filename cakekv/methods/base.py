@@ -28,6 +28,8 @@ class LayerView:
     scale: float
     layer_idx: int
     module: torch.nn.Module
+    queries: torch.Tensor | None = None          # [B, H, n, D] all prompt queries (H2O)
+    query_positions: torch.Tensor | None = None  # [B, n] their positions (-1 on padding)
 
     @property
     def candidates(self) -> torch.Tensor:
@@ -104,14 +106,48 @@ class Method:
         """(kernel size, "avg" | "max") of the 1-D pooling along positions, reused at decode time."""
         return int(self.opts.get("kernel_size", 1)), self.opts.get("pooling", "avg")
 
-    def layer_budgets(self, preferences: torch.Tensor, caps: torch.Tensor, is_last: bool) -> torch.Tensor | None:
-        """Prefix budgets [B, l] of the l layers seen so far, or None to wait (no eviction yet).
+    def layer_budgets(self, preferences: torch.Tensor, caps: torch.Tensor, is_last: bool,
+                      indicators: list[torch.Tensor] | None = None) -> torch.Tensor | None:
+        """Prefix budgets [B, l] (per head on average) of the l layers seen so far, or [B, l, Hkv] per
+        head, or None to wait (no eviction yet).
 
         preferences: [B, l] (float64; zeros for methods without preferences); caps: [B, l] int64, the
-        evictable length of each layer (budgets above it keep everything)."""
+        evictable length of each layer (budgets above it keep everything); indicators: the l layers'
+        current indicators [B, Hkv, M_i] (-inf on non-candidates), for methods that compare entries
+        across layers."""
         prefix = self.budget - self.window
         return caps.clamp(max=prefix)
+
+    def head_budgets(self, indicator: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor | None:
+        """Per-head prefix budgets [B, Hkv] of one layer given its per-head average `budgets` [B], or
+        None for the same budget in every head."""
+        return None
 
     @property
     def compresses(self) -> bool:
         return True
+
+
+def flat_head_budgets(indicator: torch.Tensor, budgets: torch.Tensor, alpha: float = 0.0) -> torch.Tensor:
+    """AdaKV-style head budgets [B, Hkv] from one top-k over the flattened candidate scores of a layer.
+
+    Every head first gets the floor F = floor(alpha * budget) (capped by what it holds); the remaining
+    Hkv * budget - sum(F) entries go to the best-scoring entries not already in a head's floor.
+    Deliberate difference from AdaKV/LAVa (`round(c_h (1 - alpha) + F)` with c_h from a top-(Hkv*B)):
+    this form sums exactly to Hkv * budget, as our budget contract requires, with the same intent
+    (a guaranteed floor per head, the rest by score across heads)."""
+    b, hkv, n = indicator.shape
+    cand = torch.isfinite(indicator)
+    have = cand.sum(-1)
+    budgets = budgets.to(have.device).long()
+    floor = torch.minimum((budgets.double() * alpha).floor().long()[:, None], have)
+    vals = torch.sort(indicator, dim=-1, descending=True, stable=True).values
+    rank = torch.arange(n, device=indicator.device)
+    eligible = (rank >= floor[..., None]) & torch.isfinite(vals)
+    flat = torch.where(eligible, vals, float("-inf")).flatten(1)
+    rest = (budgets * hkv - floor.sum(-1)).clamp(min=0)
+    order = torch.sort(flat, dim=-1, descending=True, stable=True)
+    win = (torch.arange(hkv * n, device=indicator.device) < rest[:, None]) & torch.isfinite(order.values)
+    head = torch.div(order.indices, n, rounding_mode="floor")
+    extra = torch.zeros(b, hkv, dtype=torch.long, device=indicator.device).scatter_add_(1, head, win.long())
+    return floor + extra

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ops
-from .base import LayerView, Method, pool_candidates, reduce_group
+from .base import LayerView, Method, flat_head_budgets, pool_candidates, reduce_group
 from .registry import register
 
 # Official per-model (tau1, tau2) at cache sizes 128 and 1024 (experiments/LongBench/config/model2tau.json).
@@ -36,7 +36,10 @@ def default_taus(name_or_path: str, budget: int) -> tuple[float, float]:
 @register
 class Cake(Method):
     name = "cake"
-    defaults = {"tau1": 1.0, "tau2": 1.0, "gamma": 200.0, "kernel_size": 5, "cascading": True}
+    # head_budgets (not in the CAKE paper): split each layer's budget over its KV heads by one top-k
+    # over the flattened head scores with AdaKV's floor head_floor = 0.2 (our decision).
+    defaults = {"tau1": 1.0, "tau2": 1.0, "gamma": 200.0, "kernel_size": 5, "cascading": True,
+                "head_budgets": False, "head_floor": 0.2}
     decode_evict_default = True
 
     def resolved_defaults(self, config, budget):
@@ -49,6 +52,13 @@ class Cake(Method):
                 raise ValueError(f"{key}: must be > 0, got {self.opts[key]!r}")
         if int(self.opts["kernel_size"]) < 1 or int(self.opts["kernel_size"]) % 2 == 0:
             raise ValueError(f"kernel_size: must be a positive odd integer, got {self.opts['kernel_size']!r}")
+        if not 0.0 <= float(self.opts["head_floor"]) <= 1.0:
+            raise ValueError(f"head_floor: must be in [0, 1], got {self.opts['head_floor']!r}")
+
+    def head_budgets(self, indicator, budgets):
+        if not self.opts["head_budgets"]:
+            return None
+        return flat_head_budgets(indicator, budgets, float(self.opts["head_floor"]))
 
     def indicator(self, mean: torch.Tensor, var: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
         # Average pooling is linear, so the group mean may come before it (same result, fewer rows).
@@ -68,7 +78,7 @@ class Cake(Method):
     def decode_indicator(self, mean, var, num_kv_heads):
         return self.indicator(mean, var, num_kv_heads)
 
-    def layer_budgets(self, preferences, caps, is_last):
+    def layer_budgets(self, preferences, caps, is_last, indicators=None):
         if not self.opts["cascading"] and not is_last:
             return None
         total = torch.full((caps.shape[0],), (self.budget - self.window) * self.num_layers,

@@ -10,7 +10,7 @@ class Full(Method):
     name = "full"
     defaults = {}
 
-    def layer_budgets(self, preferences, caps, is_last):
+    def layer_budgets(self, preferences, caps, is_last, indicators=None):
         return caps
 
     @property

@@ -1,0 +1,102 @@
+"""DefensiveKV (Feng et al., ICLR 2026; FFY0/DefensiveKV EfficientDefensiveKVPress), methods.md §2.
+
+Score per KV head and prefix entry: mass-preserving average pooling of every window-attention row,
+max over the GQA group and the window queries, floored at the head's mean of those maxima (defensive
+aggregation), times the value-norm factor through o_proj (CriticalKV), with CriticalKV's protected set
+lifted to the layer's top score. Budgets: head-adaptive (one top-k over the flattened heads of a layer,
+no floor), or uniform per head with head_adaptive=False.
+
+Options: kernel_size = 5, threshold = 0.9 (protected-set mass), head_adaptive = True.
+Decisions where the code/paper are silent or quirky:
+  * the compression ratio r of the protected-set cap int((n-W)(1-r) - W) is read as 1 - r = budget / n;
+  * window_bias is the intended mean attention mass on the window keys (per KV head, averaged over the
+    group and window queries), not the official slice that measures the last W prefix tokens;
+  * the value-norm factor keeps the official per-token normalisation across KV heads (it makes the
+    factor scale-free, which the cross-layer comparison of Layer-DefensiveKV relies on);
+  * probabilities in fp32 throughout (the official casts attention to the model dtype).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import LayerView, Method, flat_head_budgets
+from .registry import register
+
+_VNORM_CHUNK = 1024  # tokens per block of the value-through-o_proj norms
+
+
+def defensive_scores(view: LayerView, budget: int, kernel: int, threshold: float) -> torch.Tensor:
+    """[B, Hkv, N] fp32 DefensiveKV score, -inf on non-candidates.
+
+    Plain torch over one KV head's [B, G, W, N] window-attention block at a time (O(H*W*N) work; the
+    pooled per-row max needs whole rows, so the fused window_stats op does not cover it). Candidate for a
+    fused op: a second streaming pass that pools each normalised row on the fly and keeps the running
+    max over (group, window) per key."""
+    q, k, v = view.q_win.float(), view.keys, view.values
+    b, h, w, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    g = h // hkv
+    cand = view.candidates
+    window_key = (view.k_pos >= view.window_start[:, None, None])
+    visible = (view.k_pos[:, :, None, :] >= 0) & (view.k_pos[:, :, None, :] <= view.q_pos[:, None, :, None])
+    maxed = torch.zeros(b, hkv, n, device=k.device)
+    mean_attn = torch.zeros(b, hkv, n, device=k.device)
+    bias = torch.zeros(b, hkv, device=k.device)
+    vnorm = torch.zeros(b, hkv, n, device=k.device)
+    wo = view.module.o_proj.weight.float()  # [hidden, H * D]
+    for kv in range(hkv):
+        logits = q[:, kv * g:(kv + 1) * g] @ k[:, kv].float()[:, None].transpose(-1, -2) * view.scale
+        a = torch.nan_to_num(logits.masked_fill(~visible[:, kv, None], float("-inf")).softmax(-1), nan=0.0)
+        c = cand[:, kv, None, None, :]
+        ap = torch.where(c, a, 0.0)                                     # [B, G, W, N], prefix only
+        mass = ap.sum(-1, keepdim=True)
+        pooled = F.avg_pool1d(ap.reshape(-1, 1, n), kernel, 1, kernel // 2, count_include_pad=True)
+        pooled = torch.where(c, pooled.reshape(ap.shape), 0.0)
+        pooled = pooled / pooled.sum(-1, keepdim=True).clamp_min(1e-30) * mass
+        maxed[:, kv] = pooled.amax((1, 2))
+        mean_attn[:, kv] = ap.mean((1, 2))
+        bias[:, kv] = torch.where(window_key[:, kv, None, None, :], a, 0.0).sum(-1).mean((1, 2))
+        wo_g = wo[:, kv * g * d:(kv + 1) * g * d].view(-1, g, d)
+        for s in range(0, n, _VNORM_CHUNK):
+            proj = torch.einsum("bnd,ogd->bgno", v[:, kv, s:s + _VNORM_CHUNK].float(), wo_g)
+            vnorm[:, kv, s:s + _VNORM_CHUNK] = proj.abs().sum(-1).mean(1)
+    count = cand.sum(-1).clamp(min=1)
+    head_mean = torch.where(cand, maxed, 0.0).sum(-1) / count
+    score = torch.maximum(maxed, head_mean[..., None])
+    score = score * (vnorm / vnorm.sum(1, keepdim=True).clamp_min(1e-30))
+    score = torch.where(cand, score, float("-inf"))
+    # CriticalKV protected set: the smallest top set of each head holding `threshold - window_bias` of
+    # its (group- and window-averaged) attention mass, capped at int((n - W) * budget / n - W).
+    p = torch.where(cand, mean_attn, 0.0)
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
+    sorted_p, order = torch.sort(p, dim=-1, descending=True, stable=True)
+    target = (threshold - bias)[..., None]
+    need = (sorted_p.cumsum(-1) < target).sum(-1) + (target[..., 0] > 0).long()
+    lengths = view.window_start.float() + w
+    cap = ((view.window_start.float() * budget / lengths).floor() - w).clamp(min=0).long()
+    need = torch.minimum(torch.minimum(need, cap[:, None]), cand.sum(-1))
+    protected = torch.zeros_like(cand).scatter_(-1, order, torch.arange(n, device=k.device)[None, None] < need[..., None])
+    top = score.flatten(1).amax(-1)[:, None, None].expand_as(score)
+    return torch.where(protected & cand, top, score)
+
+
+@register
+class DefensiveKV(Method):
+    name = "defensivekv"
+    defaults = {"kernel_size": 5, "threshold": 0.9, "head_adaptive": True}
+
+    def validate(self):
+        if int(self.opts["kernel_size"]) < 1 or int(self.opts["kernel_size"]) % 2 == 0:
+            raise ValueError(f"kernel_size: must be a positive odd integer, got {self.opts['kernel_size']!r}")
+        if not 0.0 <= float(self.opts["threshold"]) <= 1.0:
+            raise ValueError(f"threshold: must be in [0, 1], got {self.opts['threshold']!r}")
+        if not isinstance(self.opts["head_adaptive"], bool):
+            raise ValueError(f"head_adaptive: must be a bool, got {self.opts['head_adaptive']!r}")
+
+    def score_layer(self, view: LayerView):
+        score = defensive_scores(view, self.budget, int(self.opts["kernel_size"]), float(self.opts["threshold"]))
+        return score, None
+
+    def head_budgets(self, indicator, budgets):
+        return flat_head_budgets(indicator, budgets, 0.0) if self.opts["head_adaptive"] else None

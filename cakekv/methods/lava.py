@@ -1,0 +1,54 @@
+"""LAVa (MGDDestiny/Lava LavaKVCluster), methods.md §3: window-mean attention, max-pooled, times the
+head's largest value L1 norm, max over the GQA group; head budgets by one flattened top-k with a
+floor; layer budgets by the normalised entropy of the layer's scores, cascading like CAKE.
+
+Options: kernel_size = 7, pooling = "max", floor_alpha = 0.2, cascading = True.
+Fixed quirks / decisions: the floor is alpha times the layer's own (dynamic) budget, not of the global
+capacity, and head budgets sum exactly to the layer's total (base.flat_head_budgets); layer budgets are
+rounded with allocate_budgets so the total is exactly (budget - window) * layers per head; a layer whose
+budget exceeds its length keeps everything (the official early return breaks on short prompts)."""
+from __future__ import annotations
+
+
+import torch
+
+from .. import _ops
+from .adakv import AdaKV
+from .base import LayerView, pool_candidates
+from .registry import register
+
+
+@register
+class LAVa(AdaKV):
+    name = "lava"
+    defaults = {"kernel_size": 7, "pooling": "max", "floor_alpha": 0.2, "cascading": True}
+
+    def validate(self):
+        self.opts.setdefault("gqa", "max")
+        super().validate()
+        self.opts.pop("gqa")
+        if not isinstance(self.opts["cascading"], bool):
+            raise ValueError(f"cascading: must be a bool, got {self.opts['cascading']!r}")
+
+    def score_layer(self, view: LayerView):
+        mean, _, _ = view.window_stats()
+        hkv = view.keys.shape[1]
+        g = mean.shape[1] // hkv
+        cand = view.candidates
+        pooled = pool_candidates(mean, cand.repeat_interleave(g, 1), *self.pooling)
+        norms = view.values.float().abs().sum(-1)                                   # [B, Hkv, N]
+        nu = torch.where(cand, norms, 0.0).amax(-1)                                 # [B, Hkv]
+        score = (pooled.view(mean.shape[0], hkv, g, -1) * nu[:, :, None, None]).amax(2)
+        score = torch.where(cand, score, float("-inf"))
+        s = torch.where(cand, score, 0.0).flatten(1).double()
+        p = s / s.sum(-1, keepdim=True).clamp_min(1e-300)
+        count = cand.flatten(1).sum(-1).double()
+        rho = -(p * torch.log(p + 1e-16)).sum(-1) / torch.log(count.clamp(min=2))
+        return score, rho
+
+    def layer_budgets(self, preferences, caps, is_last, indicators=None):
+        if not self.opts["cascading"] and not is_last:
+            return None
+        total = torch.full((caps.shape[0],), (self.budget - self.window) * self.num_layers,
+                           dtype=torch.long, device=caps.device)
+        return _ops.allocate_budgets(preferences, caps, total)

@@ -1,0 +1,47 @@
+"""PyramidKV (Cai et al., 2024; KVCache-Factory PyramidKVCluster): SnapKV scores with per-layer budgets
+that shrink linearly with depth.
+
+Options: kernel_size = 7, pooling = "max" (KVCache-Factory's run_longbench), beta = 20.
+Budgets (methods.md §4.2, C = budget, P = C - window): uniform P when n < 2P; otherwise the linear
+profile from max = 2P - floor(P / beta) down to min = floor(P / beta) (max clamped to n - window with
+min = 2P - max). Fixed quirk: the official integer step floor((max - min) / (NL - 1)) makes the layers
+sum to more than NL * P; we take the exact linear profile and round it with allocate_budgets so the
+prefix budgets sum to exactly NL * P (our contract), extra units going to the lowest layers."""
+from __future__ import annotations
+
+import torch
+
+from .. import _ops
+from .registry import register
+from .snapkv import SnapKV
+
+
+@register
+class PyramidKV(SnapKV):
+    name = "pyramidkv"
+    defaults = {"kernel_size": 7, "pooling": "max", "beta": 20}
+
+    def validate(self):
+        super().validate()
+        if not float(self.opts["beta"]) >= 1:
+            raise ValueError(f"beta: must be >= 1, got {self.opts['beta']!r}")
+
+    def profile(self, evictable: int) -> list[float]:
+        """Unrounded prefix budget of every layer for a row with `evictable` = n - window."""
+        p, layers, n = self.budget - self.window, self.num_layers, evictable + self.window
+        if n < 2 * p or layers == 1:
+            return [float(p)] * layers
+        low = p // int(self.opts["beta"])
+        high = 2 * p - low
+        if high >= n - self.window:
+            high = n - self.window
+            low = 2 * p - high
+        return [high - i * (high - low) / (layers - 1) for i in range(layers)]
+
+    def layer_budgets(self, preferences, caps, is_last, indicators=None):
+        rows, seen = caps.shape
+        evictable = caps[:, 0].tolist()
+        scores = torch.tensor([self.profile(e) for e in evictable], dtype=torch.float64)
+        full_caps = torch.tensor(evictable, dtype=torch.long)[:, None].expand(rows, self.num_layers).contiguous()
+        total = torch.full((rows,), (self.budget - self.window) * self.num_layers, dtype=torch.long)
+        return _ops.allocate_budgets(scores, full_caps, total)[:, :seen].to(caps.device)
