@@ -1,0 +1,127 @@
+"""Prefill time, decode speed and peak memory of `generate`: full cache vs cakekv methods and budgets.
+
+Random weights of a real model shape (default: Llama-3.1-8B, bf16) built directly on the GPU, so no
+download is needed; speed and memory do not depend on the weights. Prints a markdown table and writes
+JSON (and a PNG when matplotlib is available) to --out.
+
+  python benchmarks/bench_generate.py --contexts 32768 --budgets 512 1024 2048 --out results/bench_generate
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import cakekv
+
+SHAPES = {
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+}
+
+
+def build_model(shape: str, max_len: int, device: str, dtype):
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max_len + 1024, attn_implementation="sdpa")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    return model.eval()
+
+
+def run_one(model, ids, method, budget, window, new_tokens):
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    ctx = cakekv.compress(model, method=method, budget=budget, window=window) if method != "none" else None
+    try:
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            torch.cuda.synchronize()
+            prefill_s = time.perf_counter() - t0
+            cache = out.past_key_values
+            token = out.logits[:, -1:].argmax(-1)
+            t0 = time.perf_counter()
+            for _ in range(new_tokens):
+                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            decode_s = time.perf_counter() - t0
+        kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    finally:
+        if ctx is not None:
+            ctx.remove()
+    peak = torch.cuda.max_memory_allocated() - base
+    del cache, out
+    return dict(method=method, budget=budget, prefill_s=prefill_s, decode_ms_per_token=1000 * decode_s / new_tokens,
+                tokens_per_s=new_tokens / decode_s, peak_gib=peak / 2**30, kv_gib=kv_bytes / 2**30)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    ap.add_argument("--contexts", type=int, nargs="+", default=[32768])
+    ap.add_argument("--methods", nargs="+", default=["full", "cake", "snapkv"])
+    ap.add_argument("--budgets", type=int, nargs="+", default=[512, 1024, 2048])
+    ap.add_argument("--window", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--out", default="results/bench_generate")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    model = build_model(args.shape, max(args.contexts), "cuda", torch.bfloat16)
+    rows = []
+    for n in args.contexts:
+        ids = torch.randint(0, model.config.vocab_size, (1, n), device="cuda")
+        run_one(model, ids[:, :2048], "none", 0, args.window, 4)  # warm-up
+        configs = [("none", None)] + [(m, None) for m in args.methods if m == "full"]
+        configs += [(m, b) for m in args.methods if m != "full" for b in args.budgets]
+        for method, budget in configs:
+            row = run_one(model, ids, method, budget or args.window + 1, args.window, args.new_tokens)
+            row.update(context=n, method=method if method != "none" else "hf (no cakekv)", budget=budget)
+            rows.append(row)
+            print(f"| {n} | {row['method']} | {row['budget']} | {row['prefill_s']:.2f} | "
+                  f"{row['decode_ms_per_token']:.1f} | {row['tokens_per_s']:.1f} | {row['peak_gib']:.2f} | "
+                  f"{row['kv_gib']:.3f} |", flush=True)
+    header = ("| context | method | budget | prefill s | decode ms/token | tokens/s | peak GiB (over weights) "
+              "| KV GiB |\n|---|---|---|---|---|---|---|---|")
+    table = header + "\n" + "\n".join(
+        f"| {r['context']} | {r['method']} | {r['budget']} | {r['prefill_s']:.2f} | {r['decode_ms_per_token']:.1f} | "
+        f"{r['tokens_per_s']:.1f} | {r['peak_gib']:.2f} | {r['kv_gib']:.3f} |" for r in rows)
+    print(table)
+    meta = dict(shape=args.shape, device=torch.cuda.get_device_name(), torch=torch.__version__,
+                window=args.window, new_tokens=args.new_tokens)
+    with open(os.path.join(args.out, "bench_generate.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    with open(os.path.join(args.out, "bench_generate.md"), "w") as f:
+        f.write(table + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        labels = [f"{r['method']}\n{r['budget'] or ''}\n{r['context'] // 1024}K" for r in rows]
+        axes[0].bar(labels, [r["decode_ms_per_token"] for r in rows])
+        axes[0].set_ylabel("decode ms / token")
+        axes[1].bar(labels, [r["peak_gib"] for r in rows])
+        axes[1].set_ylabel("peak GiB over weights")
+        for ax in axes:
+            ax.tick_params(axis="x", labelsize=7)
+        fig.suptitle(f"{args.shape}, bf16, {meta['device']}")
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out, "bench_generate.png"), dpi=120)
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    main()
