@@ -44,6 +44,17 @@ def _gather_kept_fake(k, v, idx):
     return k.new_empty(shape), v.new_empty(shape)
 
 
+@torch.library.register_fake("cakekv::gather_ragged")
+def _gather_ragged_fake(k, v, idx, offsets):
+    shape = (idx.shape[0], k.shape[3])
+    return k.new_empty(shape), v.new_empty(shape)
+
+
+@torch.library.register_fake("cakekv::ragged_attention")
+def _ragged_attention_fake(q, k, v, pos, offsets, q_pos, scale):
+    return q.new_empty(q.shape)
+
+
 def window_stats(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-key (mean, unbiased variance, entropy) of the window queries' attention, each [B, H, N] fp32."""
@@ -58,3 +69,17 @@ def allocate_budgets(scores: torch.Tensor, caps: torch.Tensor, total: torch.Tens
 def gather_kept(k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V compacted to the slots ``idx`` [B, Hkv, M], in one pass."""
     return _ops.gather_kept(k, v, idx)
+
+
+def gather_ragged(k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
+                  offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V [B, Hkv, N, D] compacted to the ragged layout: (k_flat, v_flat) [T, D], where entry t of
+    segment s = b * Hkv + g (offsets[s] <= t < offsets[s + 1]) is slot ``idx[t]`` of (b, g)."""
+    return _ops.gather_ragged(k, v, idx, offsets)
+
+
+def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, offsets: torch.Tensor,
+                     q_pos: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention [B, H, Q, D] of ``q`` over a ragged layer: head h of row b reads segment b * Hkv + h // (H // Hkv);
+    entry t is visible to query i iff 0 <= pos[t] <= q_pos[b, i]."""
+    return _ops.ragged_attention(q, k, v, pos, offsets, q_pos, float(scale))

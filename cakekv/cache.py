@@ -7,6 +7,17 @@ no other bookkeeping. Layouts:
   * during decoding new entries are written into free slots (no concatenation per step); decode-time
     eviction frees a slot by setting its position to -1, so a layer stays at a fixed capacity.
 Host-side counters (`counts`, `caps`) are plain ints, so the decode step never syncs with the device.
+
+Ragged layers: after prefill, a layer whose KV heads hold different numbers of entries (per-head budgets)
+switches from the padded [B, Hkv, M, D] storage to a ragged one, so that it stores only what it keeps:
+  * `keys`, `values` [C, D] and `pos_flat` [C] hold the segments of every (row, KV head) pair back to back,
+    segment s = b * Hkv + g in slots `offsets[s] .. offsets[s+1] - 1` (`seg_caps[s]` slots; slots past
+    the kept entries are free, pos = -1). Right after prefill every segment is exactly its kept entries.
+  * a decode step writes the new token of every segment into the segment's first free slot (found on the
+    device from `pos_flat`, then one index_copy_: no host sync, no concatenation); when a segment has no
+    free slot left (known on the host from the counters) the layer is re-packed once with room to grow.
+  * decode-time eviction marks entries free (pos = -1) in place; the next append of that segment reuses
+    the slot. Attention runs over the segments with the ragged_attention op.
 """
 from __future__ import annotations
 
@@ -39,8 +50,16 @@ class CompressedLayer(CacheLayerMixin):
         self.head_prefix: list[list[int]] = []        # of which before the window (prefill only)
         self.head_caps: list[list[int]] | None = None  # decode-time cap (None: no eviction)
         self.head_budgets: list[list[int] | None] = []  # entries given (None: row not compressed)
+        self.over_t: torch.Tensor | None = None       # device mirror of head_counts - head_caps (decode)
         self.seen = 0                                 # logical length (padded prompt + appended)
         self.prefilling = False
+        # Ragged storage (see the module docstring); `keys`/`values` are then [C, D].
+        self.ragged = False
+        self.pos_flat: torch.Tensor | None = None     # [C] int64, -1 = free slot
+        self.offsets: torch.Tensor | None = None      # [B * Hkv + 1] int64 segment starts (device)
+        self.seg_caps: list[int] = []                 # slots of each segment (host)
+        self.seg_caps_t: torch.Tensor | None = None   # the same on the device
+        self.batch_heads: tuple[int, int] | None = None  # (B, Hkv) of the ragged storage
 
     # Per-row views (a plain int where every head of the row agrees, else the mean over heads).
     @staticmethod
@@ -104,6 +123,8 @@ class CompressedLayer(CacheLayerMixin):
         return self.keys, self.values
 
     def _append(self, keys, values):
+        if self.ragged:
+            return self._append_ragged(keys, values)
         b, h, q, d = keys.shape
         self._ensure_room(max(max(c) for c in self.head_counts) + q)
         free = (self.pos < 0).to(torch.int32)
@@ -117,6 +138,8 @@ class CompressedLayer(CacheLayerMixin):
         self.pos.scatter_(2, slots, self.query_pos[:, None, :].expand(b, h, q))
         self.next_pos += q
         self.head_counts = [[c + q for c in row] for row in self.head_counts]
+        if self.over_t is not None:
+            self.over_t += q
         self.seen += q
         return self.keys, self.values
 
@@ -129,6 +152,95 @@ class CompressedLayer(CacheLayerMixin):
         self.keys = torch.cat([self.keys, self.keys.new_zeros(b, h, grow, d)], 2)
         self.values = torch.cat([self.values, self.values.new_zeros(b, h, grow, d)], 2)
         self.pos = torch.cat([self.pos, self.pos.new_full((b, h, grow), -1)], 2)
+
+    # ---- ragged storage ------------------------------------------------------------------------
+    def _segment_ids(self, caps_t: torch.Tensor, total: int) -> torch.Tensor:
+        """[total] segment of each slot of a layout with capacities `caps_t` (no host sync)."""
+        return torch.repeat_interleave(torch.arange(caps_t.shape[0], device=caps_t.device), caps_t,
+                                       output_size=total)
+
+    def _set_layout(self, seg_caps: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        self.seg_caps = list(seg_caps)
+        caps_t = torch.tensor(seg_caps, dtype=torch.long, device=self.device)
+        self.seg_caps_t = caps_t
+        self.offsets = torch.nn.functional.pad(caps_t.cumsum(0), (1, 0))
+        return caps_t, self._segment_ids(caps_t, sum(seg_caps))
+
+    def to_ragged(self):
+        """Switch from the padded storage to the ragged one, each segment holding exactly its entries."""
+        b, h, m, _ = self.keys.shape
+        counts = [c for row in self.head_counts for c in row]
+        caps_t, seg = self._set_layout(counts)
+        # Stored entries of each (row, head) first, in slot order (empty slots are pos = -1).
+        order = torch.sort((self.pos < 0).to(torch.int8).view(b * h, m), dim=-1, stable=True).indices
+        within = torch.arange(seg.shape[0], device=self.device) - self.offsets[seg]
+        idx = order[seg, within]
+        self.keys, self.values = _ops.gather_ragged(self.keys, self.values, idx, self.offsets)
+        self.pos_flat = self.pos.view(b * h, m)[seg, idx]
+        self.batch_heads = (b, h)
+        self.pos = None
+        self.ragged = True
+
+    def _repack(self, seg_caps: list[int]):
+        """New capacities per segment (each >= the old one); one copy of the stored slots."""
+        old_offsets, old_caps = self.offsets, self.seg_caps_t
+        _, seg = self._set_layout(seg_caps)
+        within = torch.arange(seg.shape[0], device=self.device) - self.offsets[seg]
+        valid = within < old_caps[seg]
+        src = torch.where(valid, old_offsets[seg] + within, 0)
+        self.keys = self.keys.index_select(0, src)
+        self.values = self.values.index_select(0, src)
+        self.pos_flat = torch.where(valid, self.pos_flat.index_select(0, src), -1)
+
+    def _append_ragged(self, keys, values):
+        b, h, q, d = keys.shape
+        segs = b * h
+        counts = [c for row in self.head_counts for c in row]
+        if any(cap - c < q for cap, c in zip(self.seg_caps, counts)):
+            slack = q if self.head_caps is not None else max(q, _GROW_SLOTS)
+            self._repack([max(cap, c + slack) for cap, c in zip(self.seg_caps, counts)])
+        device = self.pos_flat.device
+        caps_t = self.offsets[1:] - self.offsets[:-1]
+        seg = self._segment_ids(caps_t, self.pos_flat.shape[0])
+        # Rank of each free slot within its segment; the first q free slots of segment s take its tokens.
+        free = self.pos_flat < 0
+        ranks = torch.nn.functional.pad(free.long().cumsum(0), (1, 0))
+        rank = ranks[1:] - 1 - ranks[self.offsets[:-1]][seg]
+        dest = torch.where(free & (rank < q), seg * q + rank, segs * q)
+        slots = (self.offsets[1:] - 1).clamp(min=0).repeat_interleave(q)
+        slots = torch.cat([slots, slots.new_zeros(1)]).scatter_(
+            0, dest, torch.arange(dest.shape[0], device=device))[: segs * q]
+        self.query_pos = self.next_pos[:, None] + torch.arange(q, device=device)
+        self.keys.index_copy_(0, slots, keys.reshape(segs * q, d))
+        self.values.index_copy_(0, slots, values.reshape(segs * q, d))
+        self.pos_flat.index_copy_(0, slots, self.query_pos[:, None, :].expand(b, h, q).reshape(-1))
+        self.next_pos += q
+        self.head_counts = [[c + q for c in row] for row in self.head_counts]
+        if self.over_t is not None:
+            self.over_t += q
+        self.seen += q
+        return self.keys, self.values
+
+    def _padded_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, Hkv, Cmax] flat slot of each padded slot (0 where past the segment), [B, Hkv, Cmax] valid)."""
+        b, h = self.batch_heads
+        cmax = max(self.seg_caps)
+        ar = torch.arange(cmax, device=self.device)
+        valid = ar < self.seg_caps_t[:, None]
+        idx = torch.where(valid, self.offsets[:-1, None] + ar, 0)
+        return idx.view(b, h, cmax), valid.view(b, h, cmax)
+
+    def padded_pos(self) -> torch.Tensor:
+        """[B, Hkv, M] positions of the stored slots (-1 = empty), whatever the storage."""
+        if not self.ragged:
+            return self.pos
+        idx, valid = self._padded_index()
+        return torch.where(valid, self.pos_flat[idx], -1)
+
+    def stored_bytes(self) -> int:
+        if self.ragged:
+            return self.keys.nbytes + self.values.nbytes + self.pos_flat.nbytes + self.offsets.nbytes
+        return self.keys.nbytes + self.values.nbytes + self.pos.nbytes
 
     def visibility(self) -> torch.Tensor:
         """[B, Hkv, q, M] bool: which stored entries each current query may attend to."""
@@ -171,27 +283,43 @@ class CompressedLayer(CacheLayerMixin):
 
     def evict_to_caps(self, query: torch.Tensor, scale: float, method: Method):
         """Decode-time eviction: rows above their cap drop their lowest-indicator entries (the last
-        `window` positions are protected); the freed slots take the next tokens."""
+        `window` positions are protected); the freed slots take the next tokens. A ragged layer is
+        scored on a temporary padded view of its keys and frees the chosen slots in place."""
         over = [[c - cap for c, cap in zip(cs, caps)] for cs, caps in zip(self.head_counts, self.head_caps)]
         n_evict = max(max(row) for row in over)
         if n_evict <= 0:
             return
-        mean, var, _ = _ops.window_stats(query, self.keys, self.query_pos, self.pos, scale)
-        score = method.decode_indicator(mean, var, self.pos.shape[1])
+        if self.ragged:
+            idx, valid = self._padded_index()
+            keys = self.keys[idx]
+            pos = torch.where(valid, self.pos_flat[idx], -1)
+        else:
+            keys, pos = self.keys, self.pos
+        mean, var, _ = _ops.window_stats(query, keys, self.query_pos, pos, scale)
+        score = method.decode_indicator(mean, var, pos.shape[1])
         newest = self.next_pos - 1
-        candidates = (self.pos >= 0) & (self.pos <= (newest - self.cache.window)[:, None, None])
+        candidates = (pos >= 0) & (pos <= (newest - self.cache.window)[:, None, None])
         # Pool and rank along positions (slots are unordered once decoding has reused them); ties go
         # to the earlier position, as at prefill.
-        order = torch.where(self.pos >= 0, self.pos, torch.iinfo(torch.long).max).argsort(-1)
+        order = torch.where(pos >= 0, pos, torch.iinfo(torch.long).max).argsort(-1)
         in_order = candidates.gather(-1, order)
         pooled = pool_candidates(score.gather(-1, order), in_order, *method.pooling)
         pooled = torch.where(in_order, pooled, float("inf"))
         ranked = torch.sort(pooled, dim=-1, stable=True).indices[..., :n_evict]
         lowest = order.gather(-1, ranked)
-        drop = torch.arange(n_evict, device=query.device) < torch.tensor(over, device=query.device)[:, :, None]
-        self.pos.scatter_(-1, lowest, torch.where(drop, -1, self.pos.gather(-1, lowest)))
+        if self.over_t is None:  # device mirror of `over`, created once and kept in step with the host ints
+            self.over_t = torch.tensor(over, device=query.device)
+        drop = torch.arange(n_evict, device=query.device) < self.over_t[:, :, None]
+        dropped = torch.zeros_like(pos, dtype=torch.bool).scatter_(-1, lowest, drop)
+        if self.ragged:
+            hits = torch.zeros_like(self.pos_flat).index_put_((idx.reshape(-1),), (dropped & valid).reshape(-1).long(),
+                                                              accumulate=True)
+            self.pos_flat.masked_fill_(hits > 0, -1)
+        else:
+            self.pos.masked_fill_(dropped, -1)
         self.head_counts = [[min(c, cap) for c, cap in zip(cs, caps)]
                             for cs, caps in zip(self.head_counts, self.head_caps)]
+        self.over_t.clamp_(max=0)
 
 
 class PromptInfo:
@@ -215,6 +343,8 @@ class PromptInfo:
 
 class CompressedCache(Cache):
     """One CompressedLayer per decoder layer; compression is driven by the attention hook (patch.py)."""
+
+    ragged_layers = True  # switch layers with per-head counts to the ragged storage after prefill
 
     def __init__(self, method: Method, window: int, sliding_windows: list[int | None]):
         super().__init__(layers=[CompressedLayer(self, i, sw) for i, sw in enumerate(sliding_windows)])
@@ -280,6 +410,9 @@ class CompressedCache(Cache):
                                   for b, c in zip(layer.head_budgets, compress_rows)]
             if method.decode_evict and method.compresses:
                 layer.head_caps = [b if b is not None else [method.budget] * heads for b in layer.head_budgets]
+            if (self.ragged_layers and layer.sliding_window is None
+                    and any(len(set(row)) > 1 for row in layer.head_counts)):
+                layer.to_ragged()
         self.preferences = []
 
     def after_decode(self, layer_idx: int, query: torch.Tensor, scale: float) -> None:
@@ -293,7 +426,8 @@ class CompressedCache(Cache):
         for layer in self.layers:
             if not layer.is_initialized:
                 continue
-            b, h, _, d = layer.keys.shape
+            b, h = layer.batch_heads if layer.ragged else layer.keys.shape[:2]
+            d = layer.keys.shape[-1]
             entry_bytes = 2 * d * layer.keys.element_size()
             out.append({
                 "layer": layer.layer_idx,
@@ -302,6 +436,7 @@ class CompressedCache(Cache):
                 "budget_per_head": [None if b is None else list(b) for b in layer.head_budgets],
                 "kept_per_head": [list(c) for c in layer.head_counts],
                 "bytes_before": b * h * layer.seen * entry_bytes,
-                "bytes_after": layer.keys.nbytes + layer.values.nbytes + layer.pos.nbytes,
+                "bytes_after": layer.stored_bytes(),
+                "ragged": layer.ragged,
             })
         return out

@@ -18,6 +18,7 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from . import _ops
 from .cache import CompressedCache
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -58,7 +59,11 @@ def _make_attention(backend: str):
             out = original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
             cache.after_prefill(module.layer_idx, query, scale, module)
             return out
-        out = _compressed_attention(query, layer.keys, layer.values, layer.visibility(), scale)
+        if layer.ragged:
+            out = _ops.ragged_attention(query, layer.keys, layer.values, layer.pos_flat, layer.offsets,
+                                        layer.query_pos, scale).transpose(1, 2).contiguous()
+        else:
+            out = _compressed_attention(query, layer.keys, layer.values, layer.visibility(), scale)
         cache.after_decode(module.layer_idx, query, scale)
         return out, None
 

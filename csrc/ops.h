@@ -49,17 +49,56 @@ at::Tensor allocate_budgets(const at::Tensor& scores, const at::Tensor& caps, co
 // Returns (k_out, v_out), each [B, Hkv, M, D]: out[b,g,m,:] = in[b,g,idx[b,g,m],:].
 std::tuple<at::Tensor, at::Tensor> gather_kept(const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx);
 
+// ---------------------------------------------------------------------------------------------
+// Ragged layout of one layer (per-head budgets): the entries of every (row, kv head) pair are stored
+// flat, segment s = b * Hkv + g holding entries offsets[s] .. offsets[s+1] - 1 of [T, D] tensors, so a
+// layer takes (sum of kept entries) rows instead of B * Hkv * (longest head). offsets is int64
+// [B * Hkv + 1], non-decreasing, offsets[0] = 0, offsets[S] = T. A segment may hold free slots
+// (position -1) as room for appends.
+//
+// gather_ragged — compact K and V of a padded layer into the ragged layout in one pass
+//   k, v    [B, Hkv, N, D]  same shape and dtype
+//   idx     [T]             int64 slot in [0, N) of each kept entry (entry t of segment s reads slot idx[t]
+//                           of (b, g) = (s / Hkv, s % Hkv))
+//   offsets [B*Hkv + 1]     int64 segment starts as above
+// Returns (k_flat, v_flat), each [T, D]: out[t,:] = in[b, g, idx[t], :] for t in segment s.
+std::tuple<at::Tensor, at::Tensor> gather_ragged(const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx,
+                                                 const at::Tensor& offsets);
+
+// ragged_attention — attention of the current queries over a ragged layer (GQA at kv-head granularity)
+//   q       [B, H, Q, D]    fp32 / fp16 / bf16; H % Hkv == 0 with Hkv = (offsets.size(0) - 1) / B
+//   k, v    [T, D]          same dtype as q
+//   pos     [T]             int64 logical position of each entry, -1 = free slot
+//   offsets [B*Hkv + 1]     int64 segment starts (see above)
+//   q_pos   [B, Q]          int64 logical position of each query
+//   scale                   softmax scale
+// Query head h of row b reads segment b * Hkv + h / (H / Hkv); entry t is visible to query i iff
+// 0 <= pos[t] <= q_pos[b, i]. out[b,h,i,:] = softmax over visible entries of scale * q·k, times v, with
+// fp32 accumulation, in q's dtype; a query that sees no entry gets zeros.
+at::Tensor ragged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
+                            const at::Tensor& offsets, const at::Tensor& q_pos, double scale);
+
 // Shape/dtype checks shared by every backend (defined in register.cpp).
+// CPU kernels check index ranges before their parallel loops (an exception must not leave one).
+void check_indices_in_range(const char* op, const at::Tensor& idx, int64_t n);
 void check_window_stats_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_pos,
                              const at::Tensor& k_pos);
 void check_allocate_budgets_args(const at::Tensor& scores, const at::Tensor& caps, const at::Tensor& total);
 void check_gather_kept_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx);
+void check_gather_ragged_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx,
+                              const at::Tensor& offsets);
+void check_ragged_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& pos, const at::Tensor& offsets, const at::Tensor& q_pos);
 
 namespace cpu {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> window_stats(const at::Tensor&, const at::Tensor&,
                                                             const at::Tensor&, const at::Tensor&, double);
 at::Tensor allocate_budgets(const at::Tensor&, const at::Tensor&, const at::Tensor&);
 std::tuple<at::Tensor, at::Tensor> gather_kept(const at::Tensor&, const at::Tensor&, const at::Tensor&);
+std::tuple<at::Tensor, at::Tensor> gather_ragged(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                 const at::Tensor&);
+at::Tensor ragged_attention(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, const at::Tensor&, double);
 }  // namespace cpu
 
 #ifdef CAKEKV_WITH_CUDA
@@ -68,6 +107,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_stats(const at::Tensor&, c
                                                             const at::Tensor&, const at::Tensor&, double);
 at::Tensor allocate_budgets(const at::Tensor&, const at::Tensor&, const at::Tensor&);
 std::tuple<at::Tensor, at::Tensor> gather_kept(const at::Tensor&, const at::Tensor&, const at::Tensor&);
+std::tuple<at::Tensor, at::Tensor> gather_ragged(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                 const at::Tensor&);
+at::Tensor ragged_attention(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, const at::Tensor&, double);
 }  // namespace cuda
 #endif
 

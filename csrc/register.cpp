@@ -38,6 +38,12 @@ void check_allocate_budgets_args(const at::Tensor& scores, const at::Tensor& cap
               "allocate_budgets: all inputs must be on one device");
 }
 
+void check_indices_in_range(const char* op, const at::Tensor& idx, int64_t n) {
+  if (idx.numel() == 0) return;
+  const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+  TORCH_CHECK(lo >= 0 && hi < n, op, ": index ", lo < 0 ? lo : hi, " out of range [0, ", n, ")");
+}
+
 void check_gather_kept_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx) {
   TORCH_CHECK(k.dim() == 4, "gather_kept: k must be [B, Hkv, N, D]");
   TORCH_CHECK(v.sizes() == k.sizes() && v.scalar_type() == k.scalar_type(),
@@ -49,18 +55,59 @@ void check_gather_kept_args(const at::Tensor& k, const at::Tensor& v, const at::
               "gather_kept: all inputs must be on one device");
 }
 
+void check_gather_ragged_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx,
+                              const at::Tensor& offsets) {
+  TORCH_CHECK(k.dim() == 4, "gather_ragged: k must be [B, Hkv, N, D]");
+  TORCH_CHECK(v.sizes() == k.sizes() && v.scalar_type() == k.scalar_type(),
+              "gather_ragged: k and v must have the same shape and dtype");
+  TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong, "gather_ragged: idx must be int64 [T]");
+  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong &&
+                  offsets.size(0) == k.size(0) * k.size(1) + 1,
+              "gather_ragged: offsets must be int64 [B * Hkv + 1]");
+  TORCH_CHECK(k.device() == v.device() && k.device() == idx.device() && k.device() == offsets.device(),
+              "gather_ragged: all inputs must be on one device");
+}
+
+void check_ragged_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& pos, const at::Tensor& offsets, const at::Tensor& q_pos) {
+  TORCH_CHECK(q.dim() == 4, "ragged_attention: q must be [B, H, Q, D], got ", q.sizes());
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()), "ragged_attention: q must be floating point");
+  TORCH_CHECK(k.dim() == 2 && k.size(1) == q.size(3), "ragged_attention: k must be [T, D], got ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes() && k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "ragged_attention: k and v must be [T, D] with q's dtype");
+  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == k.size(0) && pos.scalar_type() == at::kLong,
+              "ragged_attention: pos must be int64 [T]");
+  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong && offsets.size(0) >= 1,
+              "ragged_attention: offsets must be int64 [B * Hkv + 1]");
+  const int64_t B = q.size(0), segs = offsets.size(0) - 1;
+  TORCH_CHECK(B > 0 && segs % B == 0 && segs / B > 0, "ragged_attention: offsets has ", segs,
+              " segments, not a positive multiple of B=", B);
+  TORCH_CHECK(q.size(1) % (segs / B) == 0, "ragged_attention: H=", q.size(1), " is not a multiple of Hkv=",
+              segs / B);
+  TORCH_CHECK(q_pos.dim() == 2 && q_pos.size(0) == B && q_pos.size(1) == q.size(2) &&
+                  q_pos.scalar_type() == at::kLong,
+              "ragged_attention: q_pos must be int64 [B, Q]");
+  TORCH_CHECK(q.device() == k.device() && q.device() == v.device() && q.device() == pos.device() &&
+                  q.device() == offsets.device() && q.device() == q_pos.device(),
+              "ragged_attention: all inputs must be on one device");
+}
+
 }  // namespace cakekv
 
 TORCH_LIBRARY(cakekv, m) {
   m.def("window_stats(Tensor q, Tensor k, Tensor q_pos, Tensor k_pos, float scale) -> (Tensor, Tensor, Tensor)");
   m.def("allocate_budgets(Tensor scores, Tensor caps, Tensor total) -> Tensor");
   m.def("gather_kept(Tensor k, Tensor v, Tensor idx) -> (Tensor, Tensor)");
+  m.def("gather_ragged(Tensor k, Tensor v, Tensor idx, Tensor offsets) -> (Tensor, Tensor)");
+  m.def("ragged_attention(Tensor q, Tensor k, Tensor v, Tensor pos, Tensor offsets, Tensor q_pos, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cakekv, CPU, m) {
   m.impl("window_stats", &cakekv::cpu::window_stats);
   m.impl("allocate_budgets", &cakekv::cpu::allocate_budgets);
   m.impl("gather_kept", &cakekv::cpu::gather_kept);
+  m.impl("gather_ragged", &cakekv::cpu::gather_ragged);
+  m.impl("ragged_attention", &cakekv::cpu::ragged_attention);
 }
 
 #ifdef CAKEKV_WITH_CUDA
@@ -68,5 +115,7 @@ TORCH_LIBRARY_IMPL(cakekv, CUDA, m) {
   m.impl("window_stats", &cakekv::cuda::window_stats);
   m.impl("allocate_budgets", &cakekv::cuda::allocate_budgets);
   m.impl("gather_kept", &cakekv::cuda::gather_kept);
+  m.impl("gather_ragged", &cakekv::cuda::gather_ragged);
+  m.impl("ragged_attention", &cakekv::cuda::ragged_attention);
 }
 #endif

@@ -28,8 +28,9 @@ def prefill(model, ids, method, **kw):
 def kept_prefix(layer, row=0):
     """Per KV head: sorted positions of the kept entries before the window."""
     window_start = layer.next_pos[row].item() - WINDOW
-    return [sorted(p for p in layer.pos[row, h].tolist() if 0 <= p < window_start)
-            for h in range(layer.pos.shape[1])]
+    pos = layer.padded_pos()
+    return [sorted(p for p in pos[row, h].tolist() if 0 <= p < window_start)
+            for h in range(pos.shape[1])]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

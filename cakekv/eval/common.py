@@ -26,7 +26,7 @@ import sys
 import time
 import warnings
 import zlib
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -299,9 +299,9 @@ def generate(model, tokenizer, encoded: Encoded, *, method: str, budget: int | N
 
 def _greedy_continue(model, context_ids, question_ids, max_new_tokens, eos, min_new_tokens):
     """Prefill the context (compressed by the active handle), append the question, decode greedily."""
-    out = model(input_ids=context_ids, use_cache=True)
-    cache = out.past_key_values
-    out = model(input_ids=question_ids, past_key_values=cache, use_cache=True)
+    # logits of the last position only: a long context's full logits would not fit in memory
+    out = model(input_ids=context_ids, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=question_ids, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
     tokens: list[int] = []
     eos_set = set(eos)
     for step in range(max_new_tokens):
@@ -328,6 +328,16 @@ class Run:
     @property
     def label(self) -> str:
         return self.method if self.budget is None else f"{self.method}-{self.budget}"
+
+    @classmethod
+    def from_label(cls, label: str) -> "Run":
+        method, _, budget = label.rpartition("-")
+        return cls(method, int(budget)) if method and budget.isdigit() else cls(label, None)
+
+    @property
+    def order(self) -> tuple:
+        """Sort key: the full cache first, then by method and budget."""
+        return (self.budget is not None, self.method, self.budget or 0)
 
 
 def expand_runs(methods: Sequence[str], budgets: Sequence[int], window: int) -> list[Run]:
@@ -408,9 +418,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_out: str,
     g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (auto: bf16/fp16 as the "
                                                    "model's config says on GPU, float32 on CPU)")
     g.add_argument("--attn-implementation", default=None, help="sdpa (default), eager or flash_attention_2")
-    g.add_argument("--methods", nargs="+", default=[",".join(DEFAULT_METHODS)],
+    g.add_argument("--methods", nargs="+", default=",".join(DEFAULT_METHODS),
                    help="methods to compare, comma or space separated (default: %(default)s)")
-    g.add_argument("--budgets", nargs="+", default=[default_budgets],
+    g.add_argument("--budgets", nargs="+", default=default_budgets,
                    help="KV budgets (entries per layer per KV head, window included) (default: %(default)s)")
     g.add_argument("--window", type=int, default=32, help="observation window (default: %(default)s)")
     g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -459,6 +469,26 @@ def progress_bar(iterable=None, **kwargs):
     from tqdm.auto import tqdm
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kwargs)
+
+
+def evaluate_items(setup: Setup, items: Sequence[tuple[Encoded, int, Any]], *, desc: str,
+                   record: Callable[[Run, Any, Generation], dict]) -> list[dict]:
+    """Every run x item, items being (encoded prompt, max_new_tokens, payload); one
+    ``record(run, payload, generation)`` per generation, with a progress bar."""
+    records = []
+    bar = progress_bar(total=len(items) * len(setup.runs), desc=desc, disable=not setup.progress)
+    try:
+        for run in setup.runs:
+            bar.set_postfix_str(run.label)
+            for encoded, max_new_tokens, payload in items:
+                gen = generate(setup.model, setup.tokenizer, encoded, method=run.method, budget=run.budget,
+                               window=setup.window, protocol=setup.protocol, options=setup.options,
+                               max_new_tokens=max_new_tokens)
+                records.append(record(run, payload, gen))
+                bar.update(1)
+    finally:
+        bar.close()
+    return records
 
 
 # ----------------------------------------------------------------------------------------------
@@ -523,9 +553,15 @@ def _warn_no_matplotlib(path: str) -> None:
                   stacklevel=3)
 
 
-def plot_scores_vs_budget(series: dict[str, dict[int, float]], full: float | None, path: str, *,
-                          title: str, ylabel: str = "score") -> str:
+def plot_scores_vs_budget(scores: dict[Run, float], path: str, *, title: str, ylabel: str = "score") -> str:
     """One line per method (score against budget), the full cache as a dashed line."""
+    series: dict[str, dict[int, float]] = {}
+    full = None
+    for run in sorted(scores, key=lambda r: r.order):
+        if run.budget is None:
+            full = scores[run]
+        else:
+            series.setdefault(run.method, {})[run.budget] = scores[run]
     plt = _matplotlib()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if plt is None:
@@ -579,10 +615,12 @@ def plot_heatmaps(grids: dict[str, list[list[float]]], xs: Sequence[Any], ys: Se
     n = len(grids)
     cols = min(n, 3)
     nrows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(1.2 + 0.55 * len(xs) * cols + 1.0 * cols,
-                                                   0.6 + (0.35 * len(ys) + 1.0) * nrows), squeeze=False)
+    panel_w = max(3.2, 0.55 * len(xs) + 1.6)
+    panel_h = max(2.4, 0.4 * len(ys) + 1.6)
+    fig, axes = plt.subplots(nrows, cols, figsize=(panel_w * cols + 0.8, panel_h * nrows + 0.6), squeeze=False,
+                             layout="constrained")
     image = None
-    for ax, (name, grid) in zip(axes.flat, grids.items()):
+    for k, (ax, (name, grid)) in enumerate(zip(axes.flat, grids.items())):
         image = ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, aspect="auto", interpolation="nearest")
         ax.set_xticks(range(len(xs)))
         ax.set_xticklabels([str(x) for x in xs], rotation=45, ha="right", fontsize=7)
@@ -595,11 +633,12 @@ def plot_heatmaps(grids: dict[str, list[list[float]]], xs: Sequence[Any], ys: Se
         mean = _nanmean([v for row in grid for v in row])
         ax.set_title(f"{name}  (acc {100 * mean:.1f}%)", fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
-        ax.set_ylabel(ylabel, fontsize=8)
+        if k % cols == 0:
+            ax.set_ylabel(ylabel, fontsize=8)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     if image is not None:
-        fig.colorbar(image, ax=axes.ravel().tolist(), fraction=0.03, pad=0.02)
+        fig.colorbar(image, ax=axes.ravel().tolist(), fraction=0.03, pad=0.02, label="fraction found")
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

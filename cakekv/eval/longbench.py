@@ -29,6 +29,7 @@ hand-written header for Llama-3, ...); here it is the tokenizer's own chat templ
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from typing import Any, Sequence
@@ -188,20 +189,14 @@ def truncate_middle(tokenizer, text: str, max_length: int | None) -> tuple[str, 
 
 
 def _split_after_context(prompt: str, question_tail: str) -> int:
-    """Where the question part starts in a (possibly truncated) prompt ending with ``question_tail``."""
-    if question_tail == "":
-        return len(prompt)
-    if prompt.endswith(question_tail):
-        return len(prompt) - len(question_tail)
-    stripped = question_tail.strip()
-    if stripped:
-        at = prompt.rfind(stripped)
-        if at >= 0:
-            # keep the whitespace that precedes the tail with the question
-            while at > 0 and prompt[at - 1].isspace() and question_tail[:1].isspace():
-                at -= 1
-            return at
-    return -1
+    """Where the question part starts in a (possibly truncated) prompt: the start of the longest
+    common suffix of the prompt and ``question_tail`` (all of the tail unless the truncation cut
+    into it)."""
+    n = 0
+    limit = min(len(prompt), len(question_tail))
+    while n < limit and prompt[-1 - n] == question_tail[-1 - n]:
+        n += 1
+    return len(prompt) - n
 
 
 def build_prompt(tokenizer, example: dict, dataset: str, *, max_length: int | None, chat: bool,
@@ -213,10 +208,6 @@ def build_prompt(tokenizer, example: dict, dataset: str, *, max_length: int | No
     # The question part: what the template puts after {context}, filled in.
     tail = template.split("{context}", 1)[1].format(**example)
     at = _split_after_context(text, tail)
-    if at < 0:
-        # The question itself was cut by the truncation (a prompt tail longer than max_length / 2):
-        # everything goes in as context.
-        at = len(text)
     wrap = chat and dataset not in NO_CHAT_DATASETS
     return common.make_prompt(tokenizer, "", text[:at], text[at:], chat=wrap, double_bos=double_bos), truncated
 
@@ -297,18 +288,18 @@ def score_file(path: str, dataset: str, **options) -> dict[str, Any]:
             "kv_fraction": round(after / before, 4) if before else None}
 
 
-def score_predictions(out: str, **options) -> dict[str, Any]:
-    """Scores of every ``{out}/pred/{run}/{dataset}.jsonl`` found: {run: {dataset: {...}, 'avg': x}}."""
+def score_predictions(out: str, runs: Sequence[str] | None = None, datasets: Sequence[str] | None = None,
+                      **options) -> dict[str, Any]:
+    """Scores of the ``{out}/pred/{run}/{dataset}.jsonl`` files (all found, or those of ``runs`` x
+    ``datasets``): {run: {'datasets': {dataset: {...}}, 'avg': x}}."""
     root = os.path.join(out, PRED_DIR)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"no predictions under {root}")
     table: dict[str, Any] = {}
-    for run in sorted(os.listdir(root)):
+    for run in runs if runs is not None else sorted(os.listdir(root)):
         folder = os.path.join(root, run)
-        if not os.path.isdir(folder):
-            continue
         per = {}
-        for name in DATASETS:
+        for name in datasets if datasets is not None else DATASETS:
             path = os.path.join(folder, f"{name}.jsonl")
             if os.path.isfile(path):
                 per[name] = score_file(path, name, **options)
@@ -317,22 +308,15 @@ def score_predictions(out: str, **options) -> dict[str, Any]:
     return table
 
 
-def _run_key(label: str) -> tuple[str, int | None]:
-    method, _, budget = label.rpartition("-")
-    if method and budget.isdigit():
-        return method, int(budget)
-    return label, None
-
-
 def write_report(out: str, table: dict[str, Any], info: dict[str, Any]) -> dict[str, str]:
     """results.json, results.md and results.png (average score against budget) under ``out``."""
     datasets = [d for d in DATASETS if any(d in v["datasets"] for v in table.values())]
-    runs = sorted(table, key=lambda r: (_run_key(r)[1] is not None, _run_key(r)[0], _run_key(r)[1] or 0))
+    runs = sorted(table, key=lambda r: common.Run.from_label(r).order)
     rows = []
     for r in runs:
-        method, budget = _run_key(r)
+        run = common.Run.from_label(r)
         per = table[r]["datasets"]
-        rows.append([method, budget if budget is not None else "full"]
+        rows.append([run.method, run.budget]
                     + [per[d]["score"] if d in per else None for d in datasets] + [table[r]["avg"]])
     paths = {"json": os.path.join(out, "results.json"), "markdown": os.path.join(out, "results.md"),
              "png": os.path.join(out, "results.png")}
@@ -342,22 +326,20 @@ def write_report(out: str, table: dict[str, Any], info: dict[str, Any]) -> dict[
           f"model: `{info.get('model', '?')}`, window {info.get('window', '?')}, "
           f"max_length {info.get('max_length', '?')}; avg = mean of the {len(datasets)} dataset scores shown", "",
           common.markdown_table(["method", "budget", *datasets, "avg"], rows), ""]
-    eff = [[*_run_key(r), table[r]["datasets"][d]["n"], table[r]["datasets"][d]["time_s"],
-            table[r]["datasets"][d]["kv_fraction"]] for r in runs for d in datasets if d in table[r]["datasets"]]
-    md += ["## Cost per dataset", "", common.markdown_table(
-        ["method", "budget", "examples", "mean time (s)", "KV bytes kept"],
-        [[m, b if b is not None else "full", n, t, f"{100 * k:.1f}%" if k is not None else None]
-         for (m, b, n, t, k) in eff]), ""]
-    common.write_text(paths["markdown"], "\n".join(md))
-    series: dict[str, dict[int, float]] = {}
-    full = None
+    cost = []
     for r in runs:
-        method, budget = _run_key(r)
-        if budget is None:
-            full = table[r]["avg"]
-        else:
-            series.setdefault(method, {})[budget] = table[r]["avg"]
-    common.plot_scores_vs_budget(series, full, paths["png"], title=f"LongBench average ({len(datasets)} datasets)",
+        for d in datasets:
+            entry = table[r]["datasets"].get(d)
+            if entry:
+                kept = entry["kv_fraction"]
+                cost.append([*dataclasses.astuple(common.Run.from_label(r)), d, entry["n"], entry["time_s"],
+                             f"{100 * kept:.1f}%" if kept is not None else None])
+    md += ["## Cost per dataset", "", "KV bytes kept: cache bytes after the run / bytes of a full cache of the "
+           "same tokens (handle.stats)", "",
+           common.markdown_table(["method", "budget", "dataset", "examples", "mean time (s)", "KV bytes kept"], cost),
+           ""]
+    common.write_text(paths["markdown"], "\n".join(md))
+    common.plot_scores_vs_budget({common.Run.from_label(r): table[r]["avg"] for r in runs}, paths["png"], title=f"LongBench average ({len(datasets)} datasets)",
                                  ylabel="average score")
     return paths
 
@@ -368,7 +350,7 @@ def write_report(out: str, table: dict[str, Any], info: dict[str, Any]) -> dict[
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None,
                         help="folder with LongBench's {dataset}.jsonl files (required unless --score-only)")
-    parser.add_argument("--datasets", nargs="+", default=["en"],
+    parser.add_argument("--datasets", nargs="+", default="en",
                         help="dataset names, or en (the 16 English), zh (the 5 Chinese), all (default: en)")
     parser.add_argument("--max-length", type=int, default=None,
                         help="prompt budget in tokens, middle truncation beyond it (official: 3500 for "
@@ -386,11 +368,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fuzz-backend", choices=("difflib", "indel"), default="difflib",
                         help="code_sim ratio: difflib (fuzzywuzzy without python-Levenshtein) or indel "
                              "(fuzzywuzzy with python-Levenshtein)")
+    parser.add_argument("--rouge-recursion-limit", type=int, default=None, metavar="N",
+                        help="score 0 when a ROUGE-L backtrack is longer than N steps, as the rouge package "
+                             "does when Python's recursion limit is hit (about 1000; official vcsum numbers "
+                             "include such zeros); default: no limit")
     common.add_common_arguments(parser, default_out="results/longbench")
 
 
 def metric_options(args) -> dict[str, Any]:
-    return {"zh_tokenizer": args.zh_tokenizer, "fuzz_backend": args.fuzz_backend}
+    return {"zh_tokenizer": args.zh_tokenizer, "fuzz_backend": args.fuzz_backend,
+            "rouge_recursion_limit": args.rouge_recursion_limit}
 
 
 def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, str]:
@@ -402,13 +389,17 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, str]:
         if os.path.isfile(info_path):
             with open(info_path, encoding="utf-8") as f:
                 info = json.load(f).get("info", {})
-        return write_report(args.out, table, info)
+        paths = write_report(args.out, table, info)
+        print(open(paths["markdown"], encoding="utf-8").read())
+        return paths
     if not args.data_dir:
         raise ValueError("--data-dir is required (a folder with LongBench's {dataset}.jsonl files)")
     datasets = resolve_datasets(common.split_list(args.datasets))
-    for name in datasets:  # check the data before loading the model
+    for name in datasets:  # check the data and the scorer before loading the model
         if not os.path.isfile(data_path(args.data_dir, name)):
             load_data(args.data_dir, name)
+        if metrics.DATASET2METRIC[name] in ("qa_f1_zh", "rouge_zh"):
+            metrics.zh_segment("测试", args.zh_tokenizer)
     setup = common.setup_from_args(args, model, tokenizer)
     max_length = args.max_length
     if max_length is None:
@@ -416,13 +407,7 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, str]:
         max_length = limit - max(DATASET2MAXLEN[d] for d in datasets) if limit else None
     predict(setup, args.data_dir, datasets, max_length=max_length, limit=args.limit,
             max_new_tokens=args.max_new_tokens, double_bos=args.double_bos, resume=args.resume)
-    table = score_predictions(args.out, **metric_options(args))
-    # only the runs and datasets of this invocation
-    labels = {r.label for r in setup.runs}
-    table = {r: {"datasets": {d: v for d, v in t["datasets"].items() if d in datasets}} for r, t in table.items()
-             if r in labels}
-    for t in table.values():
-        t["avg"] = metrics.average_score(v["score"] for v in t["datasets"].values())
+    table = score_predictions(args.out, [r.label for r in setup.runs], datasets, **metric_options(args))
     info = common.environment_info(setup)
     info.update(max_length=max_length, limit=args.limit, datasets=datasets, metric_options=metric_options(args),
                 max_new_tokens=args.max_new_tokens or "official", double_bos=args.double_bos)
@@ -432,8 +417,7 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cakekv eval longbench", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="cakekv eval longbench", description=__doc__.split("\n")[0])
     add_arguments(parser)
     return parser
 

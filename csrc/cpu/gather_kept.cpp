@@ -18,10 +18,10 @@ std::tuple<at::Tensor, at::Tensor> gather_kept(const at::Tensor& k, const at::Te
   auto* kd = static_cast<char*>(k_out.data_ptr());
   auto* vd = static_cast<char*>(v_out.data_ptr());
   const int64_t* ip = ic.data_ptr<int64_t>();
+  check_indices_in_range("gather_kept", ic, N);
   at::parallel_for(0, B * Hkv * M, 256, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t bg = r / M, j = ip[r];
-      TORCH_CHECK(j >= 0 && j < N, "gather_kept: index ", j, " out of range [0, ", N, ")");
       std::memcpy(kd + r * row_bytes, ks + (bg * N + j) * row_bytes, row_bytes);
       std::memcpy(vd + r * row_bytes, vs + (bg * N + j) * row_bytes, row_bytes);
     }

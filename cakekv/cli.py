@@ -1,0 +1,233 @@
+"""The ``cakekv`` command line.
+
+    cakekv methods                               list the compression methods and their options
+    cakekv demo [--device cpu]                   facts hidden in a long document, answered by the shipped
+                                                 tiny model with the full cache and compressed caches
+    cakekv generate --model PATH --method cake --budget 1024 --prompt-file F
+                                                 one compressed generation with any local causal LM
+    cakekv eval needle|synthetic|longbench ...   the evaluations (see `cakekv eval NAME --help`)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+import sys
+
+from .eval import common
+
+
+# ----------------------------------------------------------------------------------------------
+# methods
+# ----------------------------------------------------------------------------------------------
+def cmd_methods(args) -> int:
+    import cakekv
+    for name in cakekv.available_methods():
+        try:
+            options = cakekv.method_options(name)
+        except Exception:  # noqa: BLE001  (a method without introspectable options still gets listed)
+            options = {}
+        shown = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        print(f"{name:<20} {shown}" if shown else name)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# demo
+# ----------------------------------------------------------------------------------------------
+DEMO_METHODS = ("full", "cake", "snapkv", "streamingllm")
+
+
+def _demo_table(rows) -> str:
+    header = ("method", "budget", "answer", "correct", "KV kept", "KV memory", "time")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join("{:<%d}" % w for w in widths)
+    out = [line.format(*header), line.format(*("-" * w for w in widths))]
+    out += [line.format(*map(str, r)) for r in rows]
+    return "\n".join(out)
+
+
+def cmd_demo(args) -> int:
+    import cakekv
+    import torch
+
+    known = cakekv.available_methods()
+    methods = common.split_list(args.methods) if args.methods else [m for m in DEMO_METHODS if m in known]
+    budgets = common.parse_int_list(args.budgets, "budgets")
+    runs = common.expand_runs(methods, budgets, args.window)
+    if args.length < 64:
+        raise ValueError("length: the document needs at least 64 tokens")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with _quiet_transformers():  # a clean table: no loading bars or length notices
+        return _demo(args, runs)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _demo(args, runs) -> int:
+    from .eval import synthetic
+    model, tok = common.load_model(None, args.device, args.dtype)
+    counter = synthetic.TokenCounter(tok)
+    rng = random.Random(f"demo:{args.seed}")
+    sample = synthetic.fact_sample(counter, synthetic.haystack_sentences("essay", args.seed), args.length, rng,
+                                   depth=args.depth, n_facts=args.facts)
+    encoded = common.encode_prompt(tok, sample.prompt(tok, chat=False), args.protocol)
+    name, answer = sample.meta["name"], sample.expected[0]
+    print(f"document: {encoded.full.numel()} tokens, {len(sample.meta['facts'])} facts hidden in it, e.g. "
+          f"\"The secret code of {name} is {answer}.\" at {100 * args.depth:.0f}% depth")
+    print(f"question: \"What is the secret code of {name}?\"   expected: {answer}   "
+          f"(protocol {args.protocol}, window {args.window})\n")
+    rows = []
+    for run in runs:
+        gen = common.generate(model, tok, encoded, method=run.method, budget=run.budget, window=args.window,
+                              protocol=args.protocol, max_new_tokens=args.max_new_tokens)
+        text = gen.text.strip().split("\n")[0]
+        correct = synthetic.score_items(gen.text, [answer]) == 1.0
+        kept = (f"{sum(gen.kept_per_layer) / len(gen.kept_per_layer):.0f} / {gen.prompt_tokens}"
+                if gen.kept_per_layer else "-")
+        memory = (f"{common.fmt_bytes(gen.bytes_after)} ({100 * gen.kv_fraction:.0f}%)"
+                  if gen.kv_fraction is not None else "-")
+        rows.append((run.method, run.budget if run.budget is not None else "-", text[:32],
+                     "yes" if correct else "no", kept, memory, f"{gen.seconds:.2f}s"))
+    print(_demo_table(rows))
+    print("\nKV kept: entries per layer per KV head after the run (mean over layers) / prompt tokens; "
+          "KV memory: bytes of the cache tensors after the run vs a full cache of the same tokens.")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# generate
+# ----------------------------------------------------------------------------------------------
+def cmd_generate(args) -> int:
+    import cakekv
+    if args.method not in cakekv.available_methods():
+        raise ValueError(f"method: unknown method {args.method!r}; available: {cakekv.available_methods()}")
+    if args.budget < args.window + 1:
+        raise ValueError(f"budget: must be >= window + 1 = {args.window + 1}, got {args.budget}")
+    if args.prompt_file == "-":
+        prompt_text = sys.stdin.read()
+    else:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompt_text = f.read()
+        except OSError as e:
+            raise FileNotFoundError(f"prompt-file: cannot read {args.prompt_file!r}: {e.strerror or e}") from None
+    options = common.parse_options(args.option)
+    model, tok = common.load_model(args.model, args.device, args.dtype, args.attn_implementation)
+    chat = common.use_chat(tok, args.chat)
+    prompt = common.make_prompt(tok, "", prompt_text, "", chat=chat)
+    encoded = common.encode_prompt(tok, prompt, "question-aware")
+    gen = common.generate(model, tok, encoded, method=args.method,
+                          budget=None if args.method == common.FULL else args.budget, window=args.window,
+                          protocol="question-aware", max_new_tokens=args.max_new_tokens, options=options)
+    print(gen.text)
+    kept = f"{sum(gen.kept_per_layer) / len(gen.kept_per_layer):.0f}" if gen.kept_per_layer else "-"
+    mem = (f"{common.fmt_bytes(gen.bytes_after)} of {common.fmt_bytes(gen.bytes_before)} "
+           f"({100 * gen.kv_fraction:.1f}%)" if gen.kv_fraction is not None else "-")
+    print(f"[cakekv] method {args.method}, budget {args.budget}, window {args.window}, chat {chat}: "
+          f"{gen.prompt_tokens} prompt tokens, {len(gen.tokens)} new tokens, {kept} KV entries kept per layer "
+          f"and KV head, KV memory {mem}, {gen.seconds:.2f} s", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# eval
+# ----------------------------------------------------------------------------------------------
+def cmd_eval(args) -> int:
+    from .eval import longbench, needle, synthetic
+    module = {"needle": needle, "synthetic": synthetic, "longbench": longbench}[args.task]
+    module.run(args)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# parser
+# ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from .eval import longbench, needle, synthetic
+
+    parser = argparse.ArgumentParser(prog="cakekv", description="KV-cache eviction (CAKE and siblings) for "
+                                     "long-context inference with transformers.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("methods", help="list the compression methods and their options")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("demo", help="answer a question about a long document with the shipped tiny model, "
+                                    "with the full cache and compressed caches")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help=f"methods (default: those of {', '.join(DEMO_METHODS)} that are available)")
+    p.add_argument("--budgets", nargs="+", default="128", help="KV budgets, e.g. 64,256 (default: %(default)s)")
+    p.add_argument("--window", type=int, default=16, help="observation window (default: %(default)s)")
+    p.add_argument("--length", type=int, default=2048, help="document length in tokens (default: %(default)s)")
+    p.add_argument("--facts", type=int, default=4, help="facts hidden in the document (default: %(default)s)")
+    p.add_argument("--depth", type=float, default=0.3,
+                   help="where the asked fact sits, 0 = start, 1 = end (default: %(default)s)")
+    p.add_argument("--protocol", choices=common.PROTOCOLS, default="question-aware")
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("generate", help="generate with a compressed KV cache from any local causal LM")
+    p.add_argument("--model", required=True, help="local model folder or cached Hugging Face id (loaded offline)")
+    p.add_argument("--method", default="cake", help="compression method (default: %(default)s)")
+    p.add_argument("--budget", type=int, default=1024,
+                   help="KV entries kept per layer per KV head, window included (default: %(default)s)")
+    p.add_argument("--window", type=int, default=32, help="observation window (default: %(default)s)")
+    p.add_argument("--prompt-file", required=True, help="file with the prompt ('-' for stdin)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--attn-implementation", default=None)
+    p.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
+                   help="wrap the prompt with the tokenizer's chat template (auto: when it has one)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="run an evaluation: needle, synthetic or longbench")
+    tasks = p.add_subparsers(dest="task", metavar="TASK")
+    tasks.required = True
+    for name, module, text in (("needle", needle, "needle in a haystack heatmap"),
+                               ("synthetic", synthetic, "synthetic RULER-style tasks"),
+                               ("longbench", longbench, "LongBench predictions and official metrics")):
+        q = tasks.add_parser(name, help=text, description=module.__doc__.split("\n")[0])
+        module.add_arguments(q)
+        q.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("window", "max_new_tokens", "samples", "limit", "max_length", "facts", "threads"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if getattr(args, "depth", None) is not None and not 0.0 <= args.depth <= 1.0:
+        parser.error("--depth must be between 0 and 1")
+    try:
+        return args.func(args)
+    except (common.ModelLoadError, FileNotFoundError, ValueError, ImportError) as e:
+        print(f"cakekv: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,11 @@
+#!/usr/bin/env python
+"""Thin wrapper: `python experiments/run_synthetic.py ...` == `cakekv eval synthetic ...` (works from a checkout)."""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from cakekv.eval.synthetic import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

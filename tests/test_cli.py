@@ -1,0 +1,108 @@
+"""The `cakekv` command line: methods, argument errors, generate / demo / eval on a tiny local model."""
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+
+import pytest
+
+import cakekv
+from cakekv import cli
+from cakekv.eval import common
+from test_eval_longbench import byte_tokenizer, tiny_lm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-model")
+    tiny_lm().save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def test_methods(capsys):
+    assert cli.main(["methods"]) == 0
+    out = capsys.readouterr().out
+    listed = [line.split()[0] for line in out.strip().splitlines()]
+    assert listed == cakekv.available_methods()
+    assert "gamma=200" in out  # cake's options are shown
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "required"),
+    (["bogus"], "invalid choice"),
+    (["eval"], "required"),
+    (["eval", "needle", "--protocol", "both"], "invalid choice"),
+    (["eval", "needle", "--window", "0"], "--window must be >= 1"),
+    (["eval", "synthetic", "--samples", "0"], "--samples must be >= 1"),
+    (["generate", "--prompt-file", "x"], "--model"),
+    (["generate", "--model", "m"], "--prompt-file"),
+    (["generate", "--model", "m", "--prompt-file", "x", "--budget", "many"], "invalid int"),
+    (["demo", "--depth", "2"], "--depth must be between 0 and 1"),
+])
+def test_argument_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_runtime_errors_are_one_clear_line(capsys, tmp_path, model_dir):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("hello")
+    cases = [
+        (["generate", "--model", str(tmp_path / "no-such-model"), "--prompt-file", str(prompt)], "cannot load"),
+        (["generate", "--model", model_dir, "--prompt-file", str(tmp_path / "missing.txt")], "prompt-file"),
+        (["generate", "--model", model_dir, "--prompt-file", str(prompt), "--budget", "16"], "window + 1"),
+        (["generate", "--model", model_dir, "--prompt-file", str(prompt), "--method", "nope"], "unknown method"),
+        (["eval", "longbench", "--data-dir", str(tmp_path), "--datasets", "hotpotqa"], "never downloads"),
+        (["eval", "longbench", "--datasets", "hotpotqa"], "--data-dir is required"),
+        (["eval", "needle", "--model", model_dir, "--methods", "nope"], "unknown method"),
+        (["eval", "needle", "--model", model_dir, "--haystack", str(tmp_path / "none.txt")], "haystack"),
+    ]
+    for argv, message in cases:
+        assert cli.main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith("cakekv: error: ") and message in err, (argv, err)
+
+
+def test_generate(capsys, tmp_path, model_dir):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The secret code of Ada Berg is 12345. " * 20)
+    argv = ["generate", "--model", model_dir, "--method", "cake", "--budget", "64", "--window", "8",
+            "--prompt-file", str(prompt), "--max-new-tokens", "5", "--device", "cpu", "--dtype", "float32"]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "[cakekv] method cake, budget 64" in captured.err and "5 new tokens" in captured.err
+    assert "KV memory" in captured.err
+
+
+def test_demo(capsys, monkeypatch, model_dir, tmp_path):
+    monkeypatch.setattr(common, "tiny_model_path", lambda: str(tmp_path / "absent"))
+    assert cli.main(["demo"]) == 1
+    assert "shipped tiny model is missing" in capsys.readouterr().err
+    monkeypatch.setattr(common, "tiny_model_path", lambda: model_dir)
+    argv = ["demo", "--length", "300", "--budgets", "40", "--window", "8", "--facts", "2", "--max-new-tokens", "3",
+            "--methods", "full,cake"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "question: \"What is the secret code of" in out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("method"))
+    assert lines[header].split() == ["method", "budget", "answer", "correct", "KV", "kept", "KV", "memory", "time"]
+    rows = [line.split()[0] for line in lines[header + 2:header + 4]]
+    assert rows == ["full", "cake"]
+
+
+def test_experiment_scripts(monkeypatch, capsys):
+    """experiments/run_*.py are thin wrappers over cakekv.eval (they put the checkout on sys.path)."""
+    for name in ("longbench", "needle", "synthetic"):
+        monkeypatch.setattr(sys, "argv", [f"run_{name}.py", "--help"])
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(os.path.join(ROOT, "experiments", f"run_{name}.py"), run_name="__main__")
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert f"cakekv eval {name}" in out and "--methods" in out
