@@ -1,6 +1,5 @@
-// CPU kernel of window_stats (contract in ops.h): per (batch, query head), two streaming passes over
+// CPU kernel of window_stats (contract in ops.h): per (batch, kv head), two streaming passes over
 // key chunks — softmax statistics first, then the per-key column statistics.
-#include <ATen/Parallel.h>
 #include <limits>
 
 #include "../ops.h"
@@ -31,20 +30,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_stats(const at::Tensor& q,
   const auto qf = q.to(at::kFloat);
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H, g = h / G;
-      const auto qh = qf[b][h];
-      const auto qp = q_pos[b];
+  // One (batch row, kv head) at a time with all its G*Q queries in each matrix product: the ATen ops
+  // parallelise inside (a parallel loop around them would nest thread pools and oversubscribe).
+  for (int64_t b = 0; b < B; ++b) {
+    const auto qp = q_pos[b].repeat({G});  // [G*Q], query-major within each head
+    for (int64_t g = 0; g < Hkv; ++g) {
+      const auto qg = qf[b].narrow(0, g * G, G).reshape({G * Q, q.size(3)});
       const auto kh = k[b][g];
       const auto kp = k_pos[b][g];
       // Pass 1: running max and sum of exponentials per query.
-      auto row_max = at::full({Q}, neg_inf, opts);
-      auto row_sum = at::zeros({Q}, opts);
+      auto row_max = at::full({G * Q}, neg_inf, opts);
+      auto row_sum = at::zeros({G * Q}, opts);
       at::Tensor visible;
       for (int64_t s = 0; s < N; s += kKeyChunk) {
         const int64_t len = std::min(kKeyChunk, N - s);
-        auto logits = chunk_logits(qh, kh.narrow(0, s, len).to(at::kFloat), qp, kp.narrow(0, s, len), scale, visible);
+        auto logits = chunk_logits(qg, kh.narrow(0, s, len).to(at::kFloat), qp, kp.narrow(0, s, len), scale, visible);
         auto new_max = at::maximum(row_max, std::get<0>(logits.max(1)));
         auto safe_max = at::where(new_max.isinf(), at::zeros_like(new_max), new_max);
         row_sum = row_sum * at::exp(row_max - safe_max) + at::exp(logits - safe_max.unsqueeze(1)).sum(1);
@@ -52,18 +52,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_stats(const at::Tensor& q,
       }
       const auto safe_max = at::where(row_max.isinf(), at::zeros_like(row_max), row_max);
       const auto inv_sum = at::where(row_sum.gt(0), row_sum.reciprocal(), at::zeros_like(row_sum));
-      // Pass 2: normalised probabilities of each chunk, reduced over queries per key.
+      // Pass 2: normalised probabilities of each chunk, reduced over the Q queries of each head.
       for (int64_t s = 0; s < N; s += kKeyChunk) {
         const int64_t len = std::min(kKeyChunk, N - s);
-        auto logits = chunk_logits(qh, kh.narrow(0, s, len).to(at::kFloat), qp, kp.narrow(0, s, len), scale, visible);
+        auto logits = chunk_logits(qg, kh.narrow(0, s, len).to(at::kFloat), qp, kp.narrow(0, s, len), scale, visible);
         auto p = at::exp(logits - safe_max.unsqueeze(1)).mul_(inv_sum.unsqueeze(1));
         p.masked_fill_(visible.logical_not(), 0.f);
-        mean[b][h].narrow(0, s, len).copy_(p.mean(0));
-        if (Q > 1) var[b][h].narrow(0, s, len).copy_(p.var(0, /*unbiased=*/true));
-        ent[b][h].narrow(0, s, len).copy_(p.mul(at::log(p + 1e-10)).sum(0).neg_());
+        p = p.view({G, Q, len});
+        mean[b].narrow(0, g * G, G).narrow(1, s, len).copy_(p.mean(1));
+        if (Q > 1) var[b].narrow(0, g * G, G).narrow(1, s, len).copy_(p.var(1, /*unbiased=*/true));
+        ent[b].narrow(0, g * G, G).narrow(1, s, len).copy_(p.mul(at::log(p + 1e-10)).sum(1).neg_());
       }
     }
-  });
+  }
   return {mean, var, ent};
 }
 
