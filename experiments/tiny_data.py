@@ -12,7 +12,8 @@ Needs numpy, tokenizers and (for the evaluation helpers) torch + transformers; n
    ("The secret code of Mara Quint is 48213.") hidden at random depths, and questions
    ("What is the secret code of Mara Quint? The secret code of Mara Quint is") answered with the code.
    Single-key, multi-key (several facts with hard negatives, some asked) and mid-document questions,
-   plus a few plain-text sequences. The answer tokens are marked so that the loss can weight them.
+   sequences with verbatim repeated spans (an induction signal), and a few plain-text sequences. The
+   answer tokens (and the repeated tokens) are marked so that the loss can weight them.
 
 3. The needle-in-a-haystack evaluation (`make_needle_example`, `evaluate_needle`, `default_filler_text`):
    one fact at a given depth in held-out real text, the question at the end, greedy generation, exact
@@ -21,16 +22,16 @@ Needs numpy, tokenizers and (for the evaluation helpers) torch + transformers; n
 
 Prompt format (token level, identical in training and evaluation)::
 
-    <s> filler ... \\n The secret code of NAME is CODE.\\n filler ... \\nWhat is the secret code of NAME? The secret code of NAME is
+    <s> filler...\\nThe secret code of NAME is CODE.\\nfiller...\\nWhat is the secret code of NAME? The secret code of NAME is
     -> expected continuation " CODE" (the model then writes ".")
 
-The fact is inserted at a line start of the filler (the nearest one to the requested depth).
+The fact is inserted at a line start of the filler (the nearest one to the requested depth; a line
+start may keep the indentation that the byte-level BPE merged into the newline token).
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
-import math
 import os
 import random
 import re
@@ -101,25 +102,86 @@ def _is_text_candidate(name: str) -> bool:
     return ext in TEXT_EXTS or base in DOC_NAMES or low in DOC_NAMES or low.startswith("changelog")
 
 
-def list_text_files(roots: Sequence[str]) -> list[tuple[str, int]]:
-    """(path, size) of candidate text files under roots (no symlinks followed, deduplicated by realpath)."""
+_SKIP_DIRS = {"__pycache__", ".git", "node_modules"}
+
+
+def _scan(unit: str, skip: set[str], out: dict[str, int]) -> int:
+    """Add candidate text files under unit (a file or a folder; no symlinks followed, folders in skip
+    pruned) to out {path: size}; returns the bytes added."""
+    added = 0
+    stack = [unit]
+    while stack:
+        d = stack.pop()
+        try:
+            it = list(os.scandir(d))
+        except (NotADirectoryError, FileNotFoundError, PermissionError, OSError):
+            continue
+        for e in it:
+            try:
+                if e.is_symlink():
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    if e.name not in _SKIP_DIRS and e.path not in skip:
+                        stack.append(e.path)
+                elif _is_text_candidate(e.name):
+                    sz = e.stat(follow_symlinks=False).st_size
+                    if MIN_FILE_BYTES // 4 <= sz <= MAX_FILE_BYTES and e.path not in out:
+                        out[e.path] = sz
+                        added += sz
+            except OSError:
+                continue
+    return added
+
+
+def list_text_files(roots: Sequence[str], max_total_bytes: int | None = None, seed: int = 0
+                    ) -> list[tuple[str, int]]:
+    """(path, size) of candidate text files under roots, sorted by path.
+
+    The top-level entries of all roots (packages, doc folders, ...) are visited in a seeded random
+    order until max_total_bytes of candidates are found (None: everything), so that a machine with a
+    huge site-packages is not walked completely. Roots nested in other roots are walked once."""
+    roots = [os.path.realpath(r) for r in roots if r and os.path.isdir(r)]
+    roots = list(dict.fromkeys(roots))
+    skip = set(roots)
+    units: list[str] = []
+    loose: list[str] = []
+    for r in roots:
+        try:
+            for e in os.scandir(r):
+                if e.is_symlink():
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    if e.name not in _SKIP_DIRS and e.path not in skip:
+                        units.append(e.path)
+                else:
+                    loose.append(e.path)
+        except OSError:
+            continue
+    units.sort()
+    random.Random(seed).shuffle(units)
     found: dict[str, int] = {}
-    for root in roots:
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-            dirnames[:] = [d for d in dirnames if d not in ("__pycache__", ".git", "node_modules")]
-            for fn in filenames:
-                if not _is_text_candidate(fn):
-                    continue
-                p = os.path.join(dirpath, fn)
-                try:
-                    if os.path.islink(p):
-                        continue
-                    sz = os.path.getsize(p)
-                except OSError:
-                    continue
-                if MIN_FILE_BYTES // 4 <= sz <= MAX_FILE_BYTES:
-                    found.setdefault(os.path.realpath(p), sz)
+    total = 0
+    for p in loose:
+        total += _scan_file(p, found)
+    for u in units:
+        if max_total_bytes is not None and total >= max_total_bytes:
+            break
+        total += _scan(u, skip, found)
     return sorted(found.items())
+
+
+def _scan_file(path: str, out: dict[str, int]) -> int:
+    name = os.path.basename(path)
+    if not _is_text_candidate(name):
+        return 0
+    try:
+        sz = os.stat(path, follow_symlinks=False).st_size
+    except OSError:
+        return 0
+    if MIN_FILE_BYTES // 4 <= sz <= MAX_FILE_BYTES and path not in out:
+        out[path] = sz
+        return sz
+    return 0
 
 
 _CTRL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -161,7 +223,8 @@ def collect_corpus(max_bytes: int, seed: int = 0, roots: Sequence[str] | None = 
     """
     t0 = time.time()
     roots = list(roots) if roots is not None else text_roots()
-    files = [(p, s) for p, s in list_text_files(roots) if is_heldout(p) == heldout]
+    files = [(p, s) for p, s in list_text_files(roots, max_total_bytes=4 * max_bytes, seed=seed)
+             if is_heldout(p) == heldout]
     random.Random(seed).shuffle(files)
     texts: list[str] = []
     seen: set[bytes] = set()
@@ -260,19 +323,35 @@ def _backend(tokenizer):
 
 
 def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of texts, without special tokens (the same for HF wrapper and raw tokenizer)."""
+    """Token ids of texts, without special tokens (the same for HF wrapper and raw tokenizer).
+
+    Uses the Rust tokenizer directly; padding / truncation left enabled on it by an earlier HF call
+    (e.g. tokenizer(..., padding=True)) is switched off for the call and restored afterwards."""
     be = _backend(tokenizer)
-    fn = getattr(be, "encode_batch_fast", None) or be.encode_batch
-    return [e.ids for e in fn(texts, add_special_tokens=False)]
+    padding, truncation = be.padding, be.truncation
+    if padding is not None:
+        be.no_padding()
+    if truncation is not None:
+        be.no_truncation()
+    try:
+        fn = getattr(be, "encode_batch_fast", None) or be.encode_batch
+        return [e.ids for e in fn(texts, add_special_tokens=False)]
+    finally:
+        if padding is not None:
+            be.enable_padding(**padding)
+        if truncation is not None:
+            be.enable_truncation(**truncation)
 
 
 def newline_token_mask(tokenizer) -> np.ndarray:
-    """Boolean [vocab] array: tokens whose text ends with a newline."""
+    """Boolean [vocab] array: tokens that end a line, i.e. a newline possibly followed by indentation
+    (byte-level BPE merges "\n" with the next line's leading spaces)."""
     be = _backend(tokenizer)
     vocab = be.get_vocab(with_added_tokens=True)
     mask = np.zeros(max(vocab.values()) + 1, dtype=bool)
     for piece, i in vocab.items():
-        if piece.endswith("\u010a"):  # byte-level 'Ċ' == '\n'
+        k = piece.rfind("\u010a")  # byte-level 'Ċ' == '\n'
+        if k >= 0 and set(piece[k + 1:]) <= {"\u0120"}:  # 'Ġ' == ' '
             mask[i] = True
     return mask
 
@@ -309,6 +388,20 @@ Valdez Vance Varga Voss Wainwright Waverly Weber Whitlock Winslow Yamada Yates Z
 SYLLABLES = """ka lo mi ra ven tor quil bar zen dri mo sa lu fen rik tal gor nia pel dor vik sel ha ni ro
 be ta xo mer lin cas pri ul tem bra fi zo kel mar dun""".split()
 
+ADJECTIVES = """amber brave brisk calm candid chilly clever coral crisp curly damp dusty eager fancy fierce
+fluffy frosty gentle gloomy golden grumpy hollow humble icy jolly keen lively lucky mellow misty noble plain
+proud quiet rapid rosy rusty shiny silent sleepy smooth snowy sour spicy steady stormy sturdy sunny swift
+tame tidy tiny vivid wavy wise witty young zesty""".split()
+NOUNS = """acorn anchor apple arrow badge bagel bamboo banjo basket beacon bell berry blanket boat bonnet
+bridge brook bucket button cabin cactus camel candle canoe canyon carpet castle cedar chalk cherry clock
+comet cookie crayon daisy dragon drum falcon feather fern fiddle flute forest fossil garden glacier goblet
+harbor helmet island jacket kettle ladder lantern lemon magnet maple meadow mirror mitten needle nutmeg
+orchid otter paddle parrot pebble pepper piano pillow pocket quilt rabbit ribbon river rocket saddle
+sandal shovel signal spoon squirrel tablet teapot thimble tiger tulip turnip velvet violin wagon walnut
+whistle willow window zebra""".split()
+MAGIC_INTRO = ("Some special magic numbers are hidden within the following text. Make sure to memorize them. "
+               "I will quiz you about the numbers afterwards.\n")
+
 ATTRIBUTES = ["secret code", "pass key", "magic number", "access code", "vault number", "ticket number",
               "room number", "lucky number", "serial number", "account number", "locker number", "PIN"]
 EVAL_ATTRIBUTE = "secret code"
@@ -328,15 +421,30 @@ def random_name(rng: random.Random) -> str:
     return f"{_pseudo_word(rng)} {_pseudo_word(rng)}"
 
 
+def random_key(rng: random.Random) -> str:
+    """An adjective-noun key ("calm-anchor") for the magic-number template."""
+    return f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
+
+
 def random_code(rng: random.Random, n_digits: int) -> str:
     return str(rng.randint(10 ** (n_digits - 1), 10 ** n_digits - 1))
 
 
-def fact_text(attr: str, name: str, code: str) -> str:
-    return f"The {attr} of {name} is {code}.\n"
+# Two template families: "fact" (the evaluation format: "The ATTRIBUTE of NAME is CODE.") and "magic"
+# (RULER's needle: "One of the special magic numbers for KEY is: CODE."). A fact is written either on
+# a line of its own ("...\n" inserted at a line start) or inside a line (" ..." after a sentence end).
+def fact_text(attr: str, name: str, code: str, template: str = "fact", midline: bool = False) -> str:
+    if template == "magic":
+        s = f"One of the special magic numbers for {name} is: {code}."
+    else:
+        s = f"The {attr} of {name} is {code}."
+    return " " + s if midline else s + "\n"
 
 
-def question_text(attr: str, name: str) -> str:
+def question_text(attr: str, name: str, template: str = "fact") -> str:
+    if template == "magic":
+        return (f"\nWhat is the special magic number for {name} mentioned in the provided text?"
+                f" The special magic number for {name} mentioned in the provided text is")
     return f"\nWhat is the {attr} of {name}? The {attr} of {name} is"
 
 
@@ -345,6 +453,7 @@ def answer_text(code: str) -> str:
 
 
 ANSWER_TAIL = ".\n"
+ANSWER, COPY = 1, 2  # values of NeedleDocSampler's token mask
 
 
 def _snap_to_line_start(pos: int, line_starts: np.ndarray, lo: int = 0) -> int:
@@ -358,11 +467,23 @@ def _snap_to_line_start(pos: int, line_starts: np.ndarray, lo: int = 0) -> int:
 
 
 def _line_starts(filler: np.ndarray, nl_mask: np.ndarray) -> np.ndarray:
-    """Insertion points (0..len) that are at a line start: 0 and every index after a newline token."""
+    """Insertion points (0..len) at a line start: 0 and every index after a line-ending token
+    (with a sentence-end mask instead: every index after a sentence-ending token)."""
     if filler.size == 0:
         return np.zeros(1, dtype=np.int64)
     after_nl = np.nonzero(nl_mask[filler])[0] + 1
     return np.concatenate([[0], after_nl]).astype(np.int64)
+
+
+def sentence_end_token_mask(tokenizer) -> np.ndarray:
+    """Boolean [vocab] array: tokens that end with '.', '!' or '?' (a sentence end)."""
+    be = _backend(tokenizer)
+    vocab = be.get_vocab(with_added_tokens=True)
+    mask = np.zeros(max(vocab.values()) + 1, dtype=bool)
+    for piece, i in vocab.items():
+        if piece.endswith((".", "!", "?")):
+            mask[i] = True
+    return mask
 
 
 # --------------------------------------------------------------------------------------------------
@@ -372,20 +493,27 @@ def _line_starts(filler: np.ndarray, nl_mask: np.ndarray) -> np.ndarray:
 class NeedleDocSampler:
     """Makes training sequences: real corpus text with hidden facts and questions about them.
 
-    `batch(batch_size, seq_len)` returns (ids int32 [B, T], answer_mask uint8 [B, T]); every sequence
-    starts with <s>; answer_mask is 1 on the answer tokens (" " + digits) of every question.
+    `batch(batch_size, seq_len)` returns (ids int32 [B, T], mask uint8 [B, T]); every sequence starts
+    with <s>; mask is 1 (ANSWER) on the answer tokens (" " + digits) of every question and 2 (COPY) on
+    the predictable tokens of repeated spans.
     Kinds of sequences (probabilities in `mix`):
       plain   -- corpus text only;
+      repeat  -- corpus text in which 1-3 earlier spans (16-256 tokens) are repeated verbatim at a later
+                 line start (a dense induction / copying signal at all distances);
       single  -- one fact at a uniform depth, its question at the end (the evaluation format);
       multi   -- 2..K facts (hard negatives: same name other attribute, same attribute similar name),
                  1..4 of them asked at the end;
       inline  -- several facts, each asked at a random later point of the text, one more at the end.
+    A document's facts use the "fact" template, or with probability magic_prob RULER's "magic" template
+    (then half of the time after RULER's instruction line at the start). Facts go on a line of their own
+    at a line start, or (midline_prob: 15% "fact", 70% "magic") inside a line after a sentence end.
     """
 
-    DEFAULT_MIX = {"plain": 0.08, "single": 0.37, "multi": 0.40, "inline": 0.15}
+    DEFAULT_MIX = {"plain": 0.04, "repeat": 0.12, "single": 0.36, "multi": 0.33, "inline": 0.15}
 
     def __init__(self, tokenizer, corpus_ids: np.ndarray, seed: int = 0, mix: dict | None = None,
-                 digits: tuple[int, int] = (3, 8), eval_attr_prob: float = 0.5, snap_prob: float = 0.85):
+                 digits: tuple[int, int] = (3, 8), eval_attr_prob: float = 0.5, snap_prob: float = 0.85,
+                 magic_prob: float = 0.2, midline_prob: tuple[float, float] = (0.15, 0.7)):
         self.tok = tokenizer
         self.corpus = corpus_ids
         self.rng = random.Random(seed)
@@ -394,10 +522,14 @@ class NeedleDocSampler:
         self.digits = digits
         self.eval_attr_prob = eval_attr_prob
         self.snap_prob = snap_prob
+        self.magic_prob = magic_prob
+        self.midline_prob = midline_prob
         be = _backend(tokenizer)
         self.bos = be.token_to_id(BOS)
         self.nl_mask = newline_token_mask(tokenizer)
-        self.tail_ids = np.asarray(encode_texts(tokenizer, [ANSWER_TAIL])[0], dtype=np.int32)
+        self.end_mask = sentence_end_token_mask(tokenizer)
+        self.tail_ids, self.intro_ids = (np.asarray(x, dtype=np.int32)
+                                         for x in encode_texts(tokenizer, [ANSWER_TAIL, MAGIC_INTRO]))
 
     def reseed(self, seed: int) -> None:
         self.rng = random.Random(seed)
@@ -407,25 +539,32 @@ class NeedleDocSampler:
     def _attr(self) -> str:
         return EVAL_ATTRIBUTE if self.rng.random() < self.eval_attr_prob else self.rng.choice(ATTRIBUTES)
 
-    def _facts(self, n: int) -> list[tuple[str, str, str]]:
+    def _facts(self, n: int, template: str) -> list[tuple[str, str, str, bool]]:
+        """n distinct (attribute, name or key, code, midline) facts of one template family."""
         rng = self.rng
-        facts: list[tuple[str, str, str]] = []
+        facts: list[tuple[str, str, str, bool]] = []
         used: set[tuple[str, str]] = set()
+        midline_p = self.midline_prob[1] if template == "magic" else self.midline_prob[0]
         while len(facts) < n:
             if facts and rng.random() < 0.3:  # hard negative of an earlier fact
-                a, nm, _ = rng.choice(facts)
-                if rng.random() < 0.5:
+                a, nm, _, _ = rng.choice(facts)
+                if template == "magic":
+                    adj, noun = nm.split("-", 1)
+                    nm = f"{adj}-{rng.choice(NOUNS)}" if rng.random() < 0.5 else f"{rng.choice(ADJECTIVES)}-{noun}"
+                elif rng.random() < 0.5:
                     a = rng.choice([x for x in ATTRIBUTES if x != a])
                 else:
                     first, last = nm.split(" ", 1)
                     nm = f"{first} {rng.choice(LAST_NAMES)}" if rng.random() < 0.5 else \
                         f"{rng.choice(FIRST_NAMES)} {last}"
+            elif template == "magic":
+                a, nm = "special magic number", random_key(rng)
             else:
                 a, nm = self._attr(), random_name(rng)
             if (a, nm) in used:
                 continue
             used.add((a, nm))
-            facts.append((a, nm, random_code(rng, rng.randint(*self.digits))))
+            facts.append((a, nm, random_code(rng, rng.randint(*self.digits)), rng.random() < midline_p))
         return facts
 
     def _plan(self, seq_len: int) -> dict:
@@ -433,26 +572,33 @@ class NeedleDocSampler:
         kinds, probs = zip(*self.mix.items())
         kind = rng.choices(kinds, probs)[0]
         max_facts = max(1, min(12, seq_len // 384))
-        if kind == "plain":
-            return {"kind": kind, "facts": [], "end_q": [], "inline_q": []}
+        plan = {"kind": kind, "template": "fact", "intro": False, "facts": [], "end_q": [], "inline_q": []}
+        if kind in ("plain", "repeat"):
+            return plan
+        if rng.random() < self.magic_prob:
+            plan["template"] = "magic"
+            plan["intro"] = rng.random() < 0.5
         if kind == "single" or max_facts == 1:
-            return {"kind": "single", "facts": self._facts(1), "end_q": [0], "inline_q": []}
+            plan.update(kind="single", facts=self._facts(1, plan["template"]), end_q=[0])
+            return plan
         n = rng.randint(2, max_facts)
-        facts = self._facts(n)
-        if kind == "multi":
-            k = rng.randint(1, min(n, 4))
-            return {"kind": kind, "facts": facts, "end_q": rng.sample(range(n), k), "inline_q": []}
+        plan["facts"] = self._facts(n, plan["template"])
         k = rng.randint(1, min(n, 4))
-        asked = rng.sample(range(n), k)
-        return {"kind": kind, "facts": facts, "end_q": [asked[-1]], "inline_q": asked[:-1]}
+        if kind == "multi":
+            plan["end_q"] = rng.sample(range(n), k)
+        else:
+            asked = rng.sample(range(n), k)
+            plan["end_q"], plan["inline_q"] = [asked[-1]], asked[:-1]
+        return plan
 
     # -- assembly ------------------------------------------------------------------------------------
     def batch(self, batch_size: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
         plans = [self._plan(seq_len) for _ in range(batch_size)]
         strings: list[str] = []
         for p in plans:
-            for (a, nm, code) in p["facts"]:
-                strings += [fact_text(a, nm, code), question_text(a, nm), answer_text(code)]
+            for (a, nm, code, midline) in p["facts"]:
+                strings += [fact_text(a, nm, code, p["template"], midline), question_text(a, nm, p["template"]),
+                            answer_text(code)]
         enc = encode_texts(self.tok, strings) if strings else []
         ids = np.empty((batch_size, seq_len), dtype=np.int32)
         amask = np.zeros((batch_size, seq_len), dtype=np.uint8)
@@ -469,14 +615,15 @@ class NeedleDocSampler:
     def _qa(self, q, a):
         seg = np.concatenate([q, a, self.tail_ids])
         m = np.zeros(seg.size, dtype=np.uint8)
-        m[q.size:q.size + a.size] = 1
+        m[q.size:q.size + a.size] = ANSWER
         return seg, m
 
     def _assemble(self, p, f_ids, q_ids, a_ids, T, out_ids, out_mask) -> None:
         facts = list(range(len(f_ids)))
         end_q, inline_q = list(p["end_q"]), list(p["inline_q"])
+        intro = self.intro_ids if p["intro"] else self.intro_ids[:0]
         while True:
-            used = sum(f_ids[i].size for i in facts)
+            used = sum(f_ids[i].size for i in facts) + intro.size
             used += sum(q_ids[i].size + a_ids[i].size + self.tail_ids.size for i in end_q + inline_q)
             F = T - 1 - used
             if F >= T // 4 or not facts:
@@ -489,9 +636,15 @@ class NeedleDocSampler:
                 drop = (inline_q or end_q)[-1]
                 (inline_q if drop in inline_q else end_q).remove(drop)
                 facts.remove(drop)
+        copies: list[int] = []
         if not facts:
             end_q, inline_q = [], []
+            intro = self.intro_ids[:0]
             F = T - 1
+            if p["kind"] == "repeat" and T >= 256:  # spans <= T/8 each, so F >= 5T/8 - 1 > 2 * span
+                for _ in range(self.rng.randint(1, 3)):
+                    copies.append(self.rng.randint(16, max(16, min(256, T // 8))))
+                F = T - 1 - sum(copies)
         n = self.corpus.size
         off = int(self.nprng.integers(0, max(1, n - F)))
         filler = np.asarray(self.corpus[off:off + F], dtype=np.int32)
@@ -499,13 +652,16 @@ class NeedleDocSampler:
             reps = F // max(1, n) + 2
             filler = np.tile(np.asarray(self.corpus, dtype=np.int32), reps)[:F]
         starts = _line_starts(filler, self.nl_mask)
+        ends = _line_starts(filler, self.end_mask) if any(f[3] for f in p["facts"]) else starts
         # (position in filler, order, ids, mask)
         segs: list[tuple[int, int, np.ndarray, np.ndarray]] = []
+        if intro.size:
+            segs.append((0, -1, intro, np.zeros(intro.size, dtype=np.uint8)))
         fact_pos = {}
         for i in facts:
             pos = int(self.rng.random() * (F + 1))
             if self.rng.random() < self.snap_prob:
-                pos = _snap_to_line_start(pos, starts)
+                pos = _snap_to_line_start(pos, ends if p["facts"][i][3] else starts)
             fact_pos[i] = pos
             segs.append((pos, 0, f_ids[i], np.zeros(f_ids[i].size, dtype=np.uint8)))
         for i in inline_q:
@@ -517,6 +673,14 @@ class NeedleDocSampler:
         for i in end_q:
             seg, m = self._qa(q_ids[i], a_ids[i])
             segs.append((F, 2, seg, m))
+        for n in copies:  # a verbatim copy of filler[src:src+n] at a line start after it
+            src = int(self.rng.random() * (F - n + 1))
+            lo = src + n
+            pos = _snap_to_line_start(lo + int(self.rng.random() * (F - lo + 1)), starts, lo=lo)
+            seg = filler[src:src + n].copy()
+            m = np.full(n, COPY, dtype=np.uint8)
+            m[:2] = 0  # the first tokens of a copy are not predictable
+            segs.append((max(pos, lo), 1, seg, m))
         segs.sort(key=lambda s: (s[0], s[1]))
         pieces, masks = [np.asarray([self.bos], dtype=np.int32)], [np.zeros(1, dtype=np.uint8)]
         prev = 0
@@ -559,27 +723,35 @@ def _filler_ids(tokenizer, filler_text: str, n_tokens: int, rng: random.Random) 
 
 
 def make_needle_example(tokenizer, context_tokens: int, depth: float, seed: int, filler_text: str,
-                        n_digits: int = 5, attribute: str = EVAL_ATTRIBUTE, n_keys: int = 1) -> dict:
+                        n_digits: int = 5, attribute: str = EVAL_ATTRIBUTE, n_keys: int = 1,
+                        template: str = "fact") -> dict:
     """One needle-in-a-haystack prompt of exactly `context_tokens` tokens (deterministic in its arguments).
 
     The fact "The {attribute} of NAME is CODE." sits at the line start nearest to `depth` (0.0 = right
     after <s>, 1.0 = right before the question) of held-out real text `filler_text`; the prompt ends
     with "\\nWhat is the {attribute} of NAME? The {attribute} of NAME is". With n_keys > 1, n_keys-1
     other facts (other names, same attribute) are spread at random depths (multi-key variant).
+    template="magic" uses RULER's needle instead: "One of the special magic numbers for KEY is: CODE."
+    asked "What is the special magic number for KEY mentioned in the provided text? The special magic
+    number for KEY mentioned in the provided text is" (KEY an adjective-noun pair; also on its own line).
 
     Returns dict(input_ids: list[int] (starting with <s>), answer: str (the digits), name, attribute,
     needle_index: token index of the fact's first token, depth, context_tokens, n_keys).
     """
-    rng = random.Random(f"needle/{seed}/{context_tokens}/{depth}/{n_digits}/{attribute}/{n_keys}")
+    rng = random.Random(f"needle/{seed}/{context_tokens}/{depth}/{n_digits}/{attribute}/{n_keys}"
+                        + ("" if template == "fact" else f"/{template}"))
     be = _backend(tokenizer)
     bos = be.token_to_id(BOS)
+    if template not in ("fact", "magic"):
+        raise ValueError(f"template: expected 'fact' or 'magic', got {template!r}")
     names: list[str] = []
     while len(names) < n_keys:
-        nm = random_name(rng)
+        nm = random_key(rng) if template == "magic" else random_name(rng)
         if nm not in names:
             names.append(nm)
     codes = [random_code(rng, n_digits) for _ in names]
-    strings = [fact_text(attribute, nm, c) for nm, c in zip(names, codes)] + [question_text(attribute, names[0])]
+    strings = [fact_text(attribute, nm, c, template) for nm, c in zip(names, codes)]
+    strings.append(question_text(attribute, names[0], template))
     enc = encode_texts(tokenizer, strings)
     facts, q = enc[:-1], enc[-1]
     n_filler = context_tokens - 1 - len(q) - sum(len(f) for f in facts)
@@ -604,7 +776,7 @@ def make_needle_example(tokenizer, context_tokens: int, depth: float, seed: int,
     assert len(ids) == context_tokens, (len(ids), context_tokens)
     return {"input_ids": ids, "answer": codes[0], "name": names[0], "attribute": attribute,
             "needle_index": needle_index, "depth": float(depth), "context_tokens": context_tokens,
-            "n_keys": n_keys}
+            "n_keys": n_keys, "template": template}
 
 
 _DIGITS = re.compile(r"\s*(\d+)")
@@ -624,11 +796,12 @@ def evaluate_needle(model, tokenizer, lengths: Sequence[int] = (1024, 2048, 4096
                     depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), n_per_cell: int = 10,
                     filler_text: str | None = None, seed: int = 0, n_digits: int = 5, batch_size: int = 8,
                     generate_kwargs: dict | None = None, return_details: bool = False,
-                    deadline: float | None = None, log: Callable[[str], None] | None = None):
+                    deadline: float | None = None, log: Callable[[str], None] | None = None,
+                    template: str = "fact"):
     """Needle-in-a-haystack accuracy: the fraction of prompts whose greedy continuation starts with
     exactly the needle's digits. Prompts come from `make_needle_example(tokenizer, L, depth,
-    cell_seed(seed, L, depth_index, i), filler_text)`; all prompts of a cell have the same length, so
-    batches need no padding. generate_kwargs are passed to `model.generate` (e.g. a custom cache).
+    cell_seed(seed, L, depth_index, i), filler_text, n_digits=n_digits, template=template)`; all
+    prompts of a cell have the same length, so batches need no padding. generate_kwargs are passed to `model.generate` (e.g. a custom cache).
     deadline (time.time() value) stops early; the accuracy is then over the prompts evaluated.
 
     Returns the accuracy (float), or (accuracy, details) with return_details=True, where details has
@@ -651,7 +824,8 @@ def evaluate_needle(model, tokenizer, lengths: Sequence[int] = (1024, 2048, 4096
     partial = False
     for L in lengths:
         for di, d in enumerate(depths):
-            exs = [make_needle_example(tokenizer, L, d, cell_seed(seed, L, di, i), filler_text, n_digits=n_digits)
+            exs = [make_needle_example(tokenizer, L, d, cell_seed(seed, L, di, i), filler_text, n_digits=n_digits,
+                                       template=template)
                    for i in range(n_per_cell)]
             for s in range(0, len(exs), max(1, batch_size)):
                 if deadline is not None and time.time() > deadline:
@@ -693,18 +867,18 @@ def evaluate_needle(model, tokenizer, lengths: Sequence[int] = (1024, 2048, 4096
                "cells": {k: sum(v) / len(v) for k, v in res_cells.items()}, "partial": partial,
                "seconds": round(time.time() - t0, 2), "failures": failures,
                "settings": {"lengths": list(lengths), "depths": list(depths), "n_per_cell": n_per_cell,
-                            "seed": seed, "n_digits": n_digits}}
+                            "seed": seed, "n_digits": n_digits, "template": template}}
     return acc, details
 
 
 __all__ = [
     "collect_corpus", "default_filler_text", "is_heldout", "text_roots", "train_bpe_tokenizer", "to_hf_tokenizer",
     "encode_texts", "tokenize_corpus", "newline_token_mask", "NeedleDocSampler", "make_needle_example",
-    "evaluate_needle", "parse_answer", "cell_seed", "random_name", "fact_text", "question_text", "answer_text",
+    "evaluate_needle", "parse_answer", "cell_seed", "random_name", "random_key", "fact_text", "question_text",
+    "answer_text", "ANSWER", "COPY",
 ]
 
 
 if __name__ == "__main__":  # quick look at the data: python experiments/tiny_data.py
     t = default_filler_text(50_000)
     print(len(t), repr(t[:300]))
-    print(math.pi)
