@@ -345,6 +345,9 @@ class CompressedCache(Cache):
     """One CompressedLayer per decoder layer; compression is driven by the attention hook (patch.py)."""
 
     ragged_layers = True  # switch layers with per-head counts to the ragged storage after prefill
+    # Devices whose ragged kernels are verified. The CUDA ragged kernels crashed in their first GPU
+    # run (tests/test_ragged.py on an H100), so CUDA layers keep the padded per-head layout for now.
+    ragged_devices = ("cpu",)
 
     def __init__(self, method: Method, window: int, sliding_windows: list[int | None]):
         super().__init__(layers=[CompressedLayer(self, i, sw) for i, sw in enumerate(sliding_windows)])
@@ -411,6 +414,7 @@ class CompressedCache(Cache):
             if method.decode_evict and method.compresses:
                 layer.head_caps = [b if b is not None else [method.budget] * heads for b in layer.head_budgets]
             if (self.ragged_layers and layer.sliding_window is None
+                    and layer.keys.device.type in self.ragged_devices
                     and any(len(set(row)) > 1 for row in layer.head_counts)):
                 layer.to_ragged()
         self.preferences = []
