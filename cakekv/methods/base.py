@@ -106,6 +106,15 @@ class Method:
         """(kernel size, "avg" | "max") of the 1-D pooling along positions, reused at decode time."""
         return int(self.opts.get("kernel_size", 1)), self.opts.get("pooling", "avg")
 
+    def preference_budgets(self, preferences: torch.Tensor, caps: torch.Tensor, is_last: bool):
+        """Layer budgets proportional to preferences over the whole prefix total, re-cut after every
+        layer (cascading, CAKE and LAVa) or once after the last layer (`cascading=False`)."""
+        if not self.opts.get("cascading", True) and not is_last:
+            return None
+        total = torch.full((caps.shape[0],), (self.budget - self.window) * self.num_layers,
+                           dtype=torch.long, device=caps.device)
+        return _ops.allocate_budgets(preferences, caps, total)
+
     def layer_budgets(self, preferences: torch.Tensor, caps: torch.Tensor, is_last: bool,
                       indicators: list[torch.Tensor] | None = None) -> torch.Tensor | None:
         """Prefix budgets [B, l] (per head on average) of the l layers seen so far, or [B, l, Hkv] per

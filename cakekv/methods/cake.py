@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import _ops
 from .base import LayerView, Method, flat_head_budgets, pool_candidates, reduce_group
 from .registry import register
 
@@ -79,8 +78,4 @@ class Cake(Method):
         return self.indicator(mean, var, num_kv_heads)
 
     def layer_budgets(self, preferences, caps, is_last, indicators=None):
-        if not self.opts["cascading"] and not is_last:
-            return None
-        total = torch.full((caps.shape[0],), (self.budget - self.window) * self.num_layers,
-                           dtype=torch.long, device=caps.device)
-        return _ops.allocate_budgets(preferences, caps, total)
+        return self.preference_budgets(preferences, caps, is_last)

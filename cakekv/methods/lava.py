@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import _ops
 from .adakv import AdaKV
 from .base import LayerView, pool_candidates
 from .registry import register
@@ -47,8 +46,4 @@ class LAVa(AdaKV):
         return score, rho
 
     def layer_budgets(self, preferences, caps, is_last, indicators=None):
-        if not self.opts["cascading"] and not is_last:
-            return None
-        total = torch.full((caps.shape[0],), (self.budget - self.window) * self.num_layers,
-                           dtype=torch.long, device=caps.device)
-        return _ops.allocate_budgets(preferences, caps, total)
+        return self.preference_budgets(preferences, caps, is_last)
