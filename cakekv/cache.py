@@ -384,7 +384,8 @@ class CompressedCache(Cache):
             if preference is None:
                 preference = torch.zeros(query.shape[0], dtype=torch.float64, device=query.device)
             self.preferences.append(preference.to(torch.float64))
-            prefs = torch.stack(self.preferences, 1)
+            # Layers may live on different devices (accelerate device_map): allocate on this layer's.
+            prefs = torch.stack([p.to(query.device) for p in self.preferences], 1)
             caps = window_start[:, None].expand_as(prefs).contiguous()
             indicators = [self.layers[i].indicator for i in range(prefs.shape[1])]
             budgets = method.layer_budgets(prefs, caps, is_last, indicators=indicators)
