@@ -46,7 +46,8 @@ _CAPTURED: dict = {}
 
 
 def _capture_attention(module, query, key, value, attention_mask, **kwargs):
-    _CAPTURED[module.layer_idx] = (query.detach().clone(), key.detach().clone())
+    _CAPTURED[module.layer_idx] = (query[0].detach().clone(), key[0].detach().clone(),
+                                   value[0].detach().clone(), module.o_proj.weight.detach())
     return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
 
 
@@ -54,17 +55,23 @@ ALL_ATTENTION_FUNCTIONS.register("test_capture", _capture_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register("test_capture", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
-def capture_qk(model, input_ids) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer (q [H, n, D], k [Hkv, n, D]) of a single unpadded prompt, after RoPE."""
+def capture_qkv(model, input_ids) -> list[tuple[torch.Tensor, ...]]:
+    """Per layer (q [H, n, D], k [Hkv, n, D], v [Hkv, n, D], o_proj weight) of a single unpadded
+    prompt, after RoPE."""
     original = model.config._attn_implementation
     model.config._attn_implementation = "test_capture"
     try:
         _CAPTURED.clear()
         with torch.no_grad():
             model(input_ids=input_ids, use_cache=False)
-        return [(_CAPTURED[i][0][0], _CAPTURED[i][1][0]) for i in range(model.config.num_hidden_layers)]
+        return [_CAPTURED[i] for i in range(model.config.num_hidden_layers)]
     finally:
         model.config._attn_implementation = original
+
+
+def capture_qk(model, input_ids) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (q [H, n, D], k [Hkv, n, D]) of a single unpadded prompt, after RoPE."""
+    return [(q, k) for q, k, _, _ in capture_qkv(model, input_ids)]
 
 
 @contextlib.contextmanager

@@ -134,6 +134,26 @@ def test_chunked_continuation_equals_token_by_token(method):
     assert abs(chunked - stepwise) < 1e-3
 
 
+def masked_full_cache_logits(model, ids, cont, cache):
+    """Reference for a compressed continuation: the uncompressed model run on `cont` after `ids`, with
+    exactly the entries `cache` evicted hidden, per layer and per KV head."""
+    n, q = ids.shape[1], cont.shape[1]
+    groups = model.config.num_attention_heads // model.config.num_key_value_heads
+    causal = torch.arange(n + q)[None, :] <= torch.arange(n, n + q)[:, None]
+    masks = {}
+    for i, layer in enumerate(cache.layers):
+        pos = layer.padded_pos()
+        kept = torch.zeros(pos.shape[1], n + q, dtype=torch.bool)
+        for h in range(pos.shape[1]):
+            kept[h, [p for p in pos[0, h].tolist() if p >= 0]] = True
+        kept[:, n:] = True
+        masks[i] = (kept[:, None, :] & causal[None]).repeat_interleave(groups, 0)[None]
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=True)
+        with per_layer_masks(model, masks):
+            return model(input_ids=cont, past_key_values=full.past_key_values, use_cache=True).logits
+
+
 def test_continuation_equals_full_cache_with_evicted_entries_hidden():
     """Positions and causality after compression: the compressed continuation must equal running the
     uncompressed model with exactly the evicted entries masked out, per layer and per head."""
@@ -141,24 +161,10 @@ def test_continuation_equals_full_cache_with_evicted_entries_hidden():
     ids, cont = prompt(110, seed=11), prompt(12, seed=12)
     out, _ = prefill(model, ids, "cake", decode_evict=False)
     cache = out.past_key_values
-    masks = {}
-    n, q = ids.shape[1], cont.shape[1]
-    groups = model.config.num_attention_heads // model.config.num_key_value_heads
-    for i, layer in enumerate(cache.layers):
-        kept = torch.zeros(layer.pos.shape[1], n + q, dtype=torch.bool)
-        for h in range(layer.pos.shape[1]):
-            kept[h, [p for p in layer.pos[0, h].tolist() if p >= 0]] = True
-        kept[:, n:] = True
-        causal = torch.arange(n + q)[None, :] <= torch.arange(n, n + q)[:, None]
-        masks[i] = (kept[:, None, :] & causal[None]).repeat_interleave(groups, 0)[None]
     with cakekv.compress(model, method="cake", budget=BUDGET, window=WINDOW, decode_evict=False):
         with torch.no_grad():
             got = model(input_ids=cont, past_key_values=cache, use_cache=True).logits
-    with torch.no_grad():
-        full = model(input_ids=ids, use_cache=True)
-        with per_layer_masks(model, masks):
-            want = model(input_ids=cont, past_key_values=full.past_key_values, use_cache=True).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, masked_full_cache_logits(model, ids, cont, cache), rtol=1e-4, atol=1e-4)
 
 
 def left_padded(prompts, pad_id=0):

@@ -4,40 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import cakekv
 import reference_methods as R
-from conftest import tiny_model
+from conftest import capture_qkv, tiny_model
 from reference import assert_same_selection
 from test_core import BUDGET, WINDOW, continuation_nll, kept_prefix, left_padded, prefill, prompt
 
 METHODS = [m for m in cakekv.available_methods() if m != "full"]
-_QKV: dict = {}
-
-
-def _capture(module, query, key, value, attention_mask, **kwargs):
-    _QKV[module.layer_idx] = (query[0].clone(), key[0].clone(), value[0].clone(), module.o_proj.weight.detach())
-    return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
-
-
-ALL_ATTENTION_FUNCTIONS.register("test_capture_qkv", _capture)
-ALL_MASK_ATTENTION_FUNCTIONS.register("test_capture_qkv", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-
-
-def capture_qkv(model, ids):
-    original = model.config._attn_implementation
-    model.config._attn_implementation = "test_capture_qkv"
-    try:
-        _QKV.clear()
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-        return [_QKV[i] for i in range(model.config.num_hidden_layers)]
-    finally:
-        model.config._attn_implementation = original
-
-
 REFERENCES = {
     "streamingllm": lambda L, s: R.streamingllm_reference(L, BUDGET, WINDOW),
     "h2o": lambda L, s: R.h2o_reference(L, s, BUDGET, WINDOW),

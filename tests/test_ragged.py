@@ -10,8 +10,8 @@ import torch.nn.functional as F
 import cakekv
 import cakekv._ops as ops
 from cakekv.cache import CompressedCache, CompressedLayer
-from conftest import per_layer_masks, tiny_model
-from test_core import BUDGET, WINDOW, left_padded, prefill, prompt
+from conftest import tiny_model
+from test_core import BUDGET, WINDOW, left_padded, masked_full_cache_logits, prefill, prompt
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                  reason="needs a CUDA device"))]
@@ -227,24 +227,10 @@ def test_continuation_equals_padded_layout_and_masked_full_cache(method, kw, mon
     out, _ = prefill(model, ids, method, **kw)
     cache = out.past_key_values
     assert ragged_layers(cache)
-    n, q = ids.shape[1], cont.shape[1]
-    groups = model.config.num_attention_heads // model.config.num_key_value_heads
-    masks = {}
-    for i, layer in enumerate(cache.layers):
-        pos = layer.padded_pos()
-        kept = torch.zeros(pos.shape[1], n + q, dtype=torch.bool)
-        for h in range(pos.shape[1]):
-            kept[h, [p for p in pos[0, h].tolist() if p >= 0]] = True
-        kept[:, n:] = True
-        causal = torch.arange(n + q)[None, :] <= torch.arange(n, n + q)[:, None]
-        masks[i] = (kept[:, None, :] & causal[None]).repeat_interleave(groups, 0)[None]
     with cakekv.compress(model, method=method, budget=BUDGET, window=WINDOW, **kw):
         with torch.no_grad():
             got = model(input_ids=cont, past_key_values=cache, use_cache=True).logits
-    with torch.no_grad():
-        full = model(input_ids=ids, use_cache=True)
-        with per_layer_masks(model, masks):
-            want = model(input_ids=cont, past_key_values=full.past_key_values, use_cache=True).logits
+    want = masked_full_cache_logits(model, ids, cont, cache)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # the padded layout (no ragged switch) gives the same logits
     monkeypatch.setattr(CompressedCache, "ragged_layers", False)
