@@ -699,6 +699,17 @@ def fmt_bytes(n: int | None) -> str:
     return str(n)
 
 
+def script_main(prog: str, doc: str, add_arguments, run):
+    """The `main(argv=None) -> int` of an evaluation script: parse with `add_arguments`, call `run`."""
+    @print_and_exit_on_error
+    def main(argv=None) -> int:
+        parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
+        add_arguments(parser)
+        run(parser.parse_args(argv))
+        return 0
+    return main
+
+
 def print_and_exit_on_error(func):
     """Decorator for script entry points: known errors become one line on stderr and exit code 1."""
     def wrapper(argv=None):

@@ -416,14 +416,4 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, str]:
     return paths
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cakekv eval longbench", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return parser
-
-
-@common.print_and_exit_on_error
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    run(args)
-    return 0
+main = common.script_main("cakekv eval longbench", __doc__, add_arguments, run)
