@@ -5,6 +5,8 @@ download is needed; speed and memory do not depend on the weights. Prints a mark
 JSON (and a PNG when matplotlib is available) to --out.
 
   python benchmarks/bench_generate.py --contexts 32768 --budgets 512 1024 2048 --out results/bench_generate
+
+A method may carry options: `cake:head_budgets=true,decode_evict=false`.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import cakekv
+from cakekv.eval.common import parse_options
 
 SHAPES = {
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -37,12 +40,20 @@ def build_model(shape: str, max_len: int, device: str, dtype):
     return model.eval()
 
 
-def run_one(model, ids, method, budget, window, new_tokens):
+def parse_method(spec: str) -> tuple[str, dict]:
+    """`name[:key=value,...]` -> (name, options)."""
+    name, _, opts = spec.partition(":")
+    return name, parse_options([o for o in opts.split(",") if o])
+
+
+def run_one(model, ids, spec, budget, window, new_tokens):
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    ctx = cakekv.compress(model, method=method, budget=budget, window=window) if method != "none" else None
+    method, options = parse_method(spec)
+    ctx = (cakekv.compress(model, method=method, budget=budget, window=window, **options)
+           if method != "none" else None)
     try:
         with torch.no_grad():
             t0 = time.perf_counter()
@@ -58,13 +69,20 @@ def run_one(model, ids, method, budget, window, new_tokens):
             torch.cuda.synchronize()
             decode_s = time.perf_counter() - t0
         kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+        ragged = sum(bool(getattr(layer, "ragged", False)) for layer in cache.layers)
     finally:
         if ctx is not None:
             ctx.remove()
     peak = torch.cuda.max_memory_allocated() - base
     del cache, out
-    return dict(method=method, budget=budget, prefill_s=prefill_s, decode_ms_per_token=1000 * decode_s / new_tokens,
+    return dict(method=spec, budget=budget, ragged_layers=ragged, prefill_s=prefill_s, decode_ms_per_token=1000 * decode_s / new_tokens,
                 tokens_per_s=new_tokens / decode_s, peak_gib=peak / 2**30, kv_gib=kv_bytes / 2**30)
+
+
+def table_row(r: dict) -> str:
+    return (f"| {r['context']} | {r['method']} | {r['budget']} | {r['prefill_s']:.2f} | "
+            f"{r['decode_ms_per_token']:.1f} | {r['tokens_per_s']:.1f} | {r['peak_gib']:.2f} | {r['kv_gib']:.3f} | "
+            f"{r['ragged_layers']} |")
 
 
 def main():
@@ -89,14 +107,10 @@ def main():
             row = run_one(model, ids, method, budget or args.window + 1, args.window, args.new_tokens)
             row.update(context=n, method=method if method != "none" else "hf (no cakekv)", budget=budget)
             rows.append(row)
-            print(f"| {n} | {row['method']} | {row['budget']} | {row['prefill_s']:.2f} | "
-                  f"{row['decode_ms_per_token']:.1f} | {row['tokens_per_s']:.1f} | {row['peak_gib']:.2f} | "
-                  f"{row['kv_gib']:.3f} |", flush=True)
+            print(table_row(row), flush=True)
     header = ("| context | method | budget | prefill s | decode ms/token | tokens/s | peak GiB (over weights) "
-              "| KV GiB |\n|---|---|---|---|---|---|---|---|")
-    table = header + "\n" + "\n".join(
-        f"| {r['context']} | {r['method']} | {r['budget']} | {r['prefill_s']:.2f} | {r['decode_ms_per_token']:.1f} | "
-        f"{r['tokens_per_s']:.1f} | {r['peak_gib']:.2f} | {r['kv_gib']:.3f} |" for r in rows)
+              "| KV GiB | ragged layers |\n|---|---|---|---|---|---|---|---|---|")
+    table = header + "\n" + "\n".join(map(table_row, rows))
     print(table)
     meta = dict(shape=args.shape, device=torch.cuda.get_device_name(), torch=torch.__version__,
                 window=args.window, new_tokens=args.new_tokens)

@@ -27,8 +27,9 @@ class CompressionHandle:
     @property
     def stats(self) -> list[dict]:
         """Per layer: `budget` (entries given per row; None where the row was not compressed), `kept`
-        (entries held per row), `bytes_before` (what a full cache of the tokens seen would take) and
-        `bytes_after` (what the layer's tensors take)."""
+        (entries held per row), `bytes_before` (what a full cache of the tokens seen would take),
+        `bytes_after` (what the layer's tensors take, free decode slots and positions included) and
+        `bytes_kept` (the K/V bytes of the entries held: `bytes_kept / bytes_before` is the fraction kept)."""
         return self.last_cache.layer_stats() if self.last_cache is not None else []
 
     @property

@@ -345,9 +345,7 @@ class CompressedCache(Cache):
     """One CompressedLayer per decoder layer; compression is driven by the attention hook (patch.py)."""
 
     ragged_layers = True  # switch layers with per-head counts to the ragged storage after prefill
-    # Devices whose ragged kernels are verified. The CUDA ragged kernels crashed in their first GPU
-    # run (tests/test_ragged.py on an H100), so CUDA layers keep the padded per-head layout for now.
-    ragged_devices = ("cpu",)
+    ragged_devices = ("cpu", "cuda")  # devices with gather_ragged / ragged_attention kernels
 
     def __init__(self, method: Method, window: int, sliding_windows: list[int | None]):
         super().__init__(layers=[CompressedLayer(self, i, sw) for i, sw in enumerate(sliding_windows)])
@@ -442,6 +440,7 @@ class CompressedCache(Cache):
                 "kept_per_head": [list(c) for c in layer.head_counts],
                 "bytes_before": b * h * layer.seen * entry_bytes,
                 "bytes_after": layer.stored_bytes(),
+                "bytes_kept": sum(map(sum, layer.head_counts)) * entry_bytes,
                 "ragged": layer.ragged,
             })
         return out

@@ -80,7 +80,7 @@ at::Tensor ragged_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
 // Shape/dtype checks shared by every backend (defined in register.cpp).
 // CPU kernels check index ranges before their parallel loops (an exception must not leave one).
-void check_indices_in_range(const char* op, const at::Tensor& idx, int64_t n);
+void check_indices_in_range(const char* op, const int64_t* idx, int64_t count, int64_t n);  // host memory
 void check_window_stats_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_pos,
                              const at::Tensor& k_pos);
 void check_allocate_budgets_args(const at::Tensor& scores, const at::Tensor& caps, const at::Tensor& total);

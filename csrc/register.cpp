@@ -38,10 +38,9 @@ void check_allocate_budgets_args(const at::Tensor& scores, const at::Tensor& cap
               "allocate_budgets: all inputs must be on one device");
 }
 
-void check_indices_in_range(const char* op, const at::Tensor& idx, int64_t n) {
-  if (idx.numel() == 0) return;
-  const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
-  TORCH_CHECK(lo >= 0 && hi < n, op, ": index ", lo < 0 ? lo : hi, " out of range [0, ", n, ")");
+void check_indices_in_range(const char* op, const int64_t* idx, int64_t count, int64_t n) {
+  for (int64_t i = 0; i < count; ++i)
+    TORCH_CHECK(idx[i] >= 0 && idx[i] < n, op, ": index ", idx[i], " out of range [0, ", n, ")");
 }
 
 void check_gather_kept_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx) {

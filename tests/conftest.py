@@ -82,7 +82,7 @@ def per_layer_masks(model, masks: dict[int, torch.Tensor]):
         groups = query.shape[1] // key.shape[1]
         k = key.repeat_interleave(groups, 1)
         v = value.repeat_interleave(groups, 1)
-        out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=masks[module.layer_idx],
+        out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=masks[module.layer_idx].to(query.device),
                                                                scale=scaling)
         return out.transpose(1, 2).contiguous(), None
 

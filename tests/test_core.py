@@ -210,6 +210,10 @@ def test_memory_is_freed_and_stats_add_up():
         assert s["bytes_after"] == layer.keys.nbytes + layer.values.nbytes + layer.pos.nbytes
         assert s["bytes_before"] == 2 * 2 * 300 * 16 * 4
         assert s["bytes_after"] < s["bytes_before"] / 3
+        assert s["bytes_kept"] == 2 * s["kept"][0] * 2 * 16 * 4  # kv heads x entries x K and V x D x fp32
+    with cakekv.compress(model, method="full", budget=BUDGET, window=WINDOW) as handle:
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert all(s["bytes_kept"] == s["bytes_before"] <= s["bytes_after"] for s in handle.stats)
     total_kept = sum(s["kept"][0] for s in stats)
     assert total_kept == BUDGET * model.config.num_hidden_layers
 

@@ -130,6 +130,37 @@ def test_batch_equals_each_row_alone(method):
         assert [s["budget_per_head"][r] for s in stats] == alone_heads[r]
 
 
+DECODE_STEPS = 500
+
+
+@pytest.mark.parametrize("method,kw", [(m, {}) for m in METHODS] + [("cake", {"head_budgets": True})],
+                         ids=METHODS + ["cake-head_budgets"])
+def test_decode_eviction_holds_the_budget_over_500_tokens(method, kw):
+    """Long generations stay within memory: with decode_evict=True every KV head of every layer keeps at
+    most its budget after each of 500 generated tokens (uniform and ragged layouts), the newest token is
+    always kept, and the storage stops growing after the first appends."""
+    model = tiny_model("llama", kv_heads=2, layers=2)
+    n = 100
+    with cakekv.compress(model, method=method, budget=BUDGET, window=WINDOW, decode_evict=True, **kw):
+        with torch.no_grad():
+            out = model(input_ids=prompt(n, seed=5), use_cache=True)
+            cache = out.past_key_values
+            budgets = [layer.head_budgets[0] for layer in cache.layers]
+            assert all(sum(b) < 2 * (n - 1) for b in budgets)  # the prompt was compressed
+            stored = []
+            for step in range(DECODE_STEPS):
+                out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+                for layer, budget in zip(cache.layers, budgets):
+                    counts = layer.head_counts[0]
+                    assert all(c <= b for c, b in zip(counts, budget)), f"step {step}: {counts} > {budget}"
+                    assert int(layer.padded_pos()[0].max()) == n + step
+                stored.append(sum(layer.stored_bytes() for layer in cache.layers))
+    assert len(set(stored[2:])) == 1, "the cache kept growing"
+    assert [layer.head_counts[0] for layer in cache.layers] == budgets  # held at, not below, the budget
+    if method in ("adakv", "lava") or kw:
+        assert any(layer.ragged for layer in cache.layers)
+
+
 BAD_OPTIONS = {
     "streamingllm": ("sinks", -1), "h2o": None, "pyramidkv": ("beta", 0), "adakv": ("floor_alpha", 1.5),
     "defensivekv": ("threshold", 2.0), "layer_defensivekv": ("cascading", "yes"), "lava": ("floor_alpha", -0.1),

@@ -210,6 +210,7 @@ def test_bytes_stored_are_the_kept_entries():
     d, hkv = 16, 2
     for layer, s in zip(cache.layers, handle.stats):
         kept = sum(layer.head_counts[0])
+        assert s["bytes_kept"] == kept * 2 * d * 4
         padded = hkv * max(layer.head_counts[0]) * (2 * d * 4 + 8)
         if layer.ragged:
             assert s["bytes_after"] == kept * 2 * d * 4 + kept * 8 + (hkv + 1) * 8
@@ -221,9 +222,10 @@ def test_bytes_stored_are_the_kept_entries():
 
 @pytest.mark.parametrize("method,kw", [("adakv", {}), ("lava", {}), ("cake", {"head_budgets": True,
                                                                                "decode_evict": False})])
-def test_continuation_equals_padded_layout_and_masked_full_cache(method, kw, monkeypatch):
-    model = tiny_model("qwen2", kv_heads=2)
-    ids, cont = prompt(110, seed=11), prompt(12, seed=12)
+@pytest.mark.parametrize("device", DEVICES)
+def test_continuation_equals_padded_layout_and_masked_full_cache(method, kw, device, monkeypatch):
+    model = tiny_model("qwen2", kv_heads=2).to(device)
+    ids, cont = prompt(110, seed=11).to(device), prompt(12, seed=12).to(device)
     out, _ = prefill(model, ids, method, **kw)
     cache = out.past_key_values
     assert ragged_layers(cache)
@@ -242,11 +244,12 @@ def test_continuation_equals_padded_layout_and_masked_full_cache(method, kw, mon
     torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-5)
 
 
-def test_generation_matches_padded_layout_with_decode_eviction(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_generation_matches_padded_layout_with_decode_eviction(device, monkeypatch):
     """CAKE with per-head budgets and decode-time eviction, batched: ragged and padded layouts generate the
     same tokens, each head stays at its budget, and the ragged layers store less."""
-    model = tiny_model("llama", kv_heads=2)
-    ids, mask = left_padded([prompt(n, seed=40 + n) for n in (90, 130)])
+    model = tiny_model("llama", kv_heads=2).to(device)
+    ids, mask = (t.to(device) for t in left_padded([prompt(n, seed=40 + n) for n in (90, 130)]))
     kw = dict(method="cake", budget=BUDGET, window=WINDOW, head_budgets=True)
 
     def run():

@@ -39,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor> gather_ragged(const at::Tensor& k, const at::
   auto* vd = static_cast<char*>(v_out.data_ptr());
   const int64_t* ip = ic.data_ptr<int64_t>();
   const int64_t* o = oc.data_ptr<int64_t>();
-  check_indices_in_range("gather_ragged", ic, N);
+  check_indices_in_range("gather_ragged", ip, ic.numel(), N);
   at::parallel_for(0, segs, 1, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
       for (int64_t t = o[s]; t < o[s + 1]; ++t) {
