@@ -29,7 +29,8 @@ class CompressionHandle:
         """Per layer: `budget` (entries given per row; None where the row was not compressed), `kept`
         (entries held per row), `bytes_before` (what a full cache of the tokens seen would take),
         `bytes_after` (what the layer's tensors take, free decode slots and positions included) and
-        `bytes_kept` (the K/V bytes of the entries held: `bytes_kept / bytes_before` is the fraction kept)."""
+        `bytes_kept` (the K/V bytes of the entries held: `bytes_kept / bytes_before` is the fraction kept);
+        per row `tokens` (seen, padding excluded) and `kept_per_head`; `entry_bytes` (K+V of one entry)."""
         return self.last_cache.layer_stats() if self.last_cache is not None else []
 
     @property

@@ -27,7 +27,13 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from . import _ops
 from .methods.base import LayerView, Method, pool_candidates
 
-_GROW_SLOTS = 256  # extra slots allocated at once when a layer without a cap runs out of room
+_GROW_MIN, _GROW_MAX = 16, 256  # spare slots a full layer without a cap gets: 1/8 of its size, clamped
+
+
+def grown_capacity(needed: int) -> int:
+    """Capacity of an uncapped layer (or segment) that needs `needed` slots: spare room for the next
+    appends so that growing copies the cache rarely, while the spare stays a small fraction of it."""
+    return needed + min(_GROW_MAX, max(_GROW_MIN, needed // 8))
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -147,7 +153,7 @@ class CompressedLayer(CacheLayerMixin):
         size = self.pos.shape[-1]
         if needed <= size:
             return
-        grow = needed - size if self.caps is not None else max(needed - size, _GROW_SLOTS)
+        grow = (needed if self.caps is not None else grown_capacity(needed)) - size
         b, h, _, d = self.keys.shape
         self.keys = torch.cat([self.keys, self.keys.new_zeros(b, h, grow, d)], 2)
         self.values = torch.cat([self.values, self.values.new_zeros(b, h, grow, d)], 2)
@@ -197,8 +203,8 @@ class CompressedLayer(CacheLayerMixin):
         segs = b * h
         counts = [c for row in self.head_counts for c in row]
         if any(cap - c < q for cap, c in zip(self.seg_caps, counts)):
-            slack = q if self.head_caps is not None else max(q, _GROW_SLOTS)
-            self._repack([max(cap, c + slack) for cap, c in zip(self.seg_caps, counts)])
+            grown = (lambda n: n) if self.head_caps is not None else grown_capacity
+            self._repack([max(cap, grown(c + q)) for cap, c in zip(self.seg_caps, counts)])
         device = self.pos_flat.device
         caps_t = self.offsets[1:] - self.offsets[:-1]
         seg = self._segment_ids(caps_t, self.pos_flat.shape[0])
@@ -441,6 +447,8 @@ class CompressedCache(Cache):
                 "bytes_before": b * h * layer.seen * entry_bytes,
                 "bytes_after": layer.stored_bytes(),
                 "bytes_kept": sum(map(sum, layer.head_counts)) * entry_bytes,
+                "tokens": layer.next_pos.tolist(),  # per row: tokens seen, padding excluded
+                "entry_bytes": entry_bytes,         # K and V of one entry of one KV head
                 "ragged": layer.ragged,
             })
         return out

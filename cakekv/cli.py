@@ -98,13 +98,13 @@ def _demo(args, runs) -> int:
         correct = synthetic.score_items(gen.text, [answer]) == 1.0
         kept = (f"{sum(gen.kept_per_layer) / len(gen.kept_per_layer):.0f} / {gen.prompt_tokens}"
                 if gen.kept_per_layer else "-")
-        memory = (f"{common.fmt_bytes(gen.bytes_after)} ({100 * gen.kv_fraction:.0f}%)"
+        memory = (f"{common.fmt_bytes(gen.bytes_kept)} ({100 * gen.kv_fraction:.0f}%)"
                   if gen.kv_fraction is not None else "-")
         rows.append((run.method, run.budget if run.budget is not None else "-", text[:32],
                      "yes" if correct else "no", kept, memory, f"{gen.seconds:.2f}s"))
     print(_demo_table(rows))
     print("\nKV kept: entries per layer per KV head after the run (mean over layers) / prompt tokens; "
-          "KV memory: bytes of the cache tensors after the run vs a full cache of the same tokens.")
+          "KV memory: K/V bytes of the entries kept after the run (% of a full cache of the same tokens).")
     return 0
 
 
@@ -135,8 +135,9 @@ def cmd_generate(args) -> int:
                           protocol="question-aware", max_new_tokens=args.max_new_tokens, options=options)
     print(gen.text)
     kept = f"{sum(gen.kept_per_layer) / len(gen.kept_per_layer):.0f}" if gen.kept_per_layer else "-"
-    mem = (f"{common.fmt_bytes(gen.bytes_after)} of {common.fmt_bytes(gen.bytes_before)} "
-           f"({100 * gen.kv_fraction:.1f}%)" if gen.kv_fraction is not None else "-")
+    mem = (f"{common.fmt_bytes(gen.bytes_kept)} of {common.fmt_bytes(gen.bytes_before)} "
+           f"({100 * gen.kv_fraction:.1f}%; {common.fmt_bytes(gen.bytes_after)} allocated)"
+           if gen.kv_fraction is not None else "-")
     print(f"[cakekv] method {args.method}, budget {args.budget}, window {args.window}, chat {chat}: "
           f"{gen.prompt_tokens} prompt tokens, {len(gen.tokens)} new tokens, {kept} KV entries kept per layer "
           f"and KV head, KV memory {mem}, {gen.seconds:.2f} s", file=sys.stderr)

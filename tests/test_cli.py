@@ -1,6 +1,7 @@
 """The `cakekv` command line: methods, argument errors, generate / demo / eval on a tiny local model."""
 from __future__ import annotations
 
+import json
 import os
 import runpy
 import sys
@@ -62,6 +63,7 @@ def test_runtime_errors_are_one_clear_line(capsys, tmp_path, model_dir):
         (["eval", "longbench", "--datasets", "hotpotqa"], "--data-dir is required"),
         (["eval", "needle", "--model", model_dir, "--methods", "nope"], "unknown method"),
         (["eval", "needle", "--model", model_dir, "--haystack", str(tmp_path / "none.txt")], "haystack"),
+        (["eval", "needle", "--model", model_dir, "--batch-size", "0"], "batch_size"),
     ]
     for argv, message in cases:
         assert cli.main(argv) == 1, argv
@@ -78,6 +80,17 @@ def test_generate(capsys, tmp_path, model_dir):
     captured = capsys.readouterr()
     assert "[cakekv] method cake, budget 64" in captured.err and "5 new tokens" in captured.err
     assert "KV memory" in captured.err
+
+
+def test_eval_batch_size(tmp_path, model_dir):
+    out = tmp_path / "synthetic"
+    argv = ["eval", "synthetic", "--model", model_dir, "--tasks", "niah_single", "--lengths", "120", "--samples", "3",
+            "--methods", "full", "--window", "8", "--max-new-tokens", "2", "--batch-size", "2", "--device", "cpu",
+            "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 0
+    report = json.load(open(out / "results.json", encoding="utf-8"))
+    assert report["info"]["batch_size"] == 2
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 3
 
 
 def test_demo(capsys, monkeypatch, model_dir, tmp_path):

@@ -278,14 +278,15 @@ def write_fixture(data_dir) -> dict[str, list[dict]]:
     return data
 
 
-@pytest.mark.parametrize("protocol", ["question-aware", "context-only"])
-def test_pipeline_end_to_end(tmp_path, protocol):
+@pytest.mark.parametrize("protocol, batch_size", [("question-aware", 1), ("question-aware", 2), ("context-only", 2)])
+def test_pipeline_end_to_end(tmp_path, protocol, batch_size):
     data = write_fixture(tmp_path / "data")
     out = tmp_path / "out"
     args = eval_args(longbench.add_arguments, [
         "--data-dir", str(tmp_path / "data"), "--datasets", "hotpotqa,lcc", "lsht", "passage_count",
         "--methods", "full", "cake", "--budgets", "48", "--window", "8", "--max-length", "600",
-        "--max-new-tokens", "6", "--protocol", protocol, "--out", str(out), "--no-progress"])
+        "--max-new-tokens", "6", "--protocol", protocol, "--batch-size", str(batch_size), "--out", str(out),
+        "--no-progress"])
     paths = longbench.run(args, model=tiny_lm(), tokenizer=byte_tokenizer(CHAT_TEMPLATE))
     for p in paths.values():
         assert os.path.isfile(p) and os.path.getsize(p) > 0
@@ -293,6 +294,7 @@ def test_pipeline_end_to_end(tmp_path, protocol):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     report = json.load(open(paths["json"], encoding="utf-8"))
     assert report["info"]["protocol"] == protocol and report["info"]["max_length"] == 600
+    assert report["info"]["batch_size"] == batch_size
     assert set(report["results"]) == {"full", "cake-48"}
     for run, entry in report["results"].items():
         assert set(entry["datasets"]) == set(data)
@@ -312,7 +314,7 @@ def test_pipeline_end_to_end(tmp_path, protocol):
     # compression really happened for cake on the long prompt, not for full
     cake = longbench.read_jsonl(out / "pred" / "cake-48" / "hotpotqa.jsonl")[0]
     full = longbench.read_jsonl(out / "pred" / "full" / "hotpotqa.jsonl")[0]
-    assert cake["kv_bytes_after"] < full["kv_bytes_after"]
+    assert cake["kv_bytes_after"] < full["kv_bytes_after"] and cake["kv_bytes_kept"] < full["kv_bytes_kept"]
     md = open(paths["markdown"], encoding="utf-8").read()
     assert "| method | budget | hotpotqa | passage_count | lcc | lsht | avg |" in md
 
@@ -335,10 +337,10 @@ def test_pipeline_scores_known_predictions(tmp_path, monkeypatch):
     order = {k: iter(v) for k, v in canned.items()}
     current = {}
 
-    def fake_generate(model, tokenizer, encoded, **kw):
+    def fake_generate_batch(model, tokenizer, encoded_list, **kw):
         calls.append(kw)
-        text = next(order[current["name"]])
-        return common.Generation(text, [5] * 3, int(encoded.full.numel()), 0.01, 100, 50, [10.0, 10.0])
+        return [common.Generation(next(order[current["name"]]), [5] * 3, int(encoded.full.numel()), 0.01, 100, 60, 50,
+                                  [10.0, 10.0]) for encoded in encoded_list]
 
     real_build = longbench.build_prompt
 
@@ -346,7 +348,7 @@ def test_pipeline_scores_known_predictions(tmp_path, monkeypatch):
         current["name"] = dataset
         return real_build(tokenizer, example, dataset, **kw)
 
-    monkeypatch.setattr(common, "generate", fake_generate)
+    monkeypatch.setattr(common, "generate_batch", fake_generate_batch)
     monkeypatch.setattr(longbench, "build_prompt", spy_build)
     args = eval_args(longbench.add_arguments, [
         "--data-dir", str(tmp_path / "data"), "--datasets", "hotpotqa,lcc,lsht,passage_count,samsum",
@@ -373,19 +375,19 @@ def test_pipeline_scores_known_predictions(tmp_path, monkeypatch):
 
 def test_resume_keeps_existing_predictions(tmp_path, monkeypatch):
     write_fixture(tmp_path / "data")
-    n = {"calls": 0}
+    batches = []
 
-    def fake_generate(model, tokenizer, encoded, **kw):
-        n["calls"] += 1
-        return common.Generation("town 3", [5], 10, 0.0, None, None, None)
+    def fake_generate_batch(model, tokenizer, encoded_list, **kw):
+        batches.append(len(encoded_list))
+        return [common.Generation("town 3", [5], 10, 0.0, None, None, None, None) for _ in encoded_list]
 
-    monkeypatch.setattr(common, "generate", fake_generate)
+    monkeypatch.setattr(common, "generate_batch", fake_generate_batch)
     argv = ["--data-dir", str(tmp_path / "data"), "--datasets", "hotpotqa", "--methods", "full",
-            "--out", str(tmp_path / "out"), "--no-progress", "--limit", "1"]
+            "--out", str(tmp_path / "out"), "--no-progress", "--batch-size", "2", "--limit", "1"]
     longbench.run(eval_args(longbench.add_arguments, argv), model=tiny_lm(), tokenizer=byte_tokenizer())
-    assert n["calls"] == 1
-    argv[argv.index("1")] = "2"
+    assert batches == [1]
+    argv[-1] = "2"
     longbench.run(eval_args(longbench.add_arguments, argv + ["--resume"]), model=tiny_lm(),
                   tokenizer=byte_tokenizer())
-    assert n["calls"] == 2  # only the second example was generated
+    assert batches == [1, 1]  # only the second example was generated
     assert len(longbench.read_jsonl(tmp_path / "out" / "pred" / "full" / "hotpotqa.jsonl")) == 2

@@ -158,7 +158,7 @@ def test_context_only_full_cache_equals_question_aware(tok):
     for protocol, enc in (("question-aware", qa), ("context-only", co)):
         g = common.generate(model, tok, enc, method="cake", budget=40, window=8, protocol=protocol,
                             max_new_tokens=4)
-        assert max(g.kept_per_layer) < g.prompt_tokens / 2 and g.bytes_after < g.bytes_before
+        assert max(g.kept_per_layer) < g.prompt_tokens / 2 and g.bytes_kept < g.bytes_after < g.bytes_before
     # a min_new_tokens / extra EOS request is honoured by the manual loop
     eos = a.tokens[0]
     g = common.generate(model, tok, co, method="full", budget=None, window=8, protocol="context-only",
@@ -167,6 +167,70 @@ def test_context_only_full_cache_equals_question_aware(tok):
     g = common.generate(model, tok, co, method="full", budget=None, window=8, protocol="context-only",
                         max_new_tokens=12, extra_eos=[eos], min_new_tokens=1)
     assert g.tokens[0] != eos
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return common.load_model(None, "cpu", "float32")
+
+
+@pytest.mark.parametrize("method, budget", [("full", None), ("snapkv", 48), ("cake", 48)])
+def test_batch_equals_one_at_a_time(shipped, method, budget):
+    """A left-padded batch of prompts of different lengths (all longer than the budget) answers each
+    prompt as it is answered alone; rows stop at their own EOS (the newline here)."""
+    model, tok = shipped
+    counter = synthetic.TokenCounter(tok)
+    sentences = synthetic.haystack_sentences("essay", 0)
+    encoded = [common.encode_prompt(tok, synthetic.fact_sample(counter, sentences, n, random.Random(n), depth=0.3,
+                                                               n_facts=2).prompt(tok, chat=False), "question-aware")
+               for n in (60, 240, 120)]
+    assert len({e.full.numel() for e in encoded}) == 3 and min(e.full.numel() for e in encoded) > 48
+    kw = dict(method=method, budget=budget, window=8, protocol="question-aware", max_new_tokens=10,
+              extra_eos=[common.newline_token_id(tok)])
+    batch = common.generate_batch(model, tok, encoded, **kw)
+    alone = [common.generate(model, tok, e, **kw) for e in encoded]
+    assert [g.tokens for g in batch] == [g.tokens for g in alone]
+    assert [g.text for g in batch] == [g.text for g in alone]
+    assert [g.prompt_tokens for g in batch] == [e.full.numel() for e in encoded]
+    # each row's own tokens (plus those fed after its EOS until the batch's last row ends)
+    assert all(b.bytes_before >= a.bytes_before for b, a in zip(batch, alone))
+    if budget is None:
+        assert all(g.kv_fraction == 1.0 for g in batch)
+    if budget is not None:
+        assert all(sum(g.kept_per_layer) / len(g.kept_per_layer) < g.prompt_tokens for g in batch)
+
+
+def test_evaluate_items_batches_in_item_order(tok, monkeypatch):
+    """Batches of at most --batch-size prompts of one max_new_tokens, sorted by length; the records
+    come back in the items' order, equal to one-at-a-time records."""
+    items = [(common.encode_prompt(tok, common.Prompt("a" * n, "?"), "question-aware"), max_new, i)
+             for i, (n, max_new) in enumerate([(50, 3), (20, 3), (80, 3), (35, 3), (60, 5)])]
+    batches = []
+    real = common.generate_batch
+
+    def spy(model, tokenizer, encoded_list, **kw):
+        batches.append(([e.full.numel() for e in encoded_list], kw["max_new_tokens"]))
+        return real(model, tokenizer, encoded_list, **kw)
+
+    monkeypatch.setattr(common, "generate_batch", spy)
+
+    def evaluate(batch_size):
+        batches.clear()
+        args = eval_args(needle.add_arguments, ["--methods", "full,snapkv", "--budgets", "40", "--window", "8",
+                                                "--batch-size", str(batch_size), "--no-progress"])
+        setup = common.setup_from_args(args, tiny_lm(), tok)
+        assert setup.batch_size == batch_size and common.environment_info(setup)["batch_size"] == batch_size
+        return common.evaluate_items(setup, items, desc="test", record=lambda run, i, gen: (run.label, i, gen.tokens))
+
+    alone = evaluate(1)
+    assert [r[:2] for r in alone] == [(label, i) for label in ("full", "snapkv-40") for i in range(5)]
+    assert evaluate(3) == alone
+    assert batches == [([22, 37, 52], 3), ([82], 3), ([62], 5)] * 2
+
+
+def test_batch_size_must_be_positive():
+    with pytest.raises(ValueError, match="batch_size"):
+        common.setup_from_args(eval_args(needle.add_arguments, ["--batch-size", "0"]))
 
 
 def _png_size(path):

@@ -165,22 +165,25 @@ def test_append_grows_once_then_writes_in_place(monkeypatch):
     repacks = []
     original = CompressedLayer._repack
     monkeypatch.setattr(CompressedLayer, "_repack", lambda self, c: (repacks.append(list(c)), original(self, c)))
-    for step in range(20):
+    steps = 17
+    for step in range(steps):
         new = torch.full((1, 2, 1, 4), float(step))
         layer.update(new, new)
-    assert len(repacks) == 1  # room for _GROW_SLOTS tokens per segment at the first append
+    assert repacks == [[6 + 16, 3 + 16]]  # spare room for 16 more tokens per segment at the first append
     pos = layer.padded_pos()[0]
-    assert sorted(p for p in pos[0].tolist() if p >= 0) == list(range(5 + 20))
-    assert sorted(p for p in pos[1].tolist() if p >= 0) == [0, 1] + list(range(5, 25))
+    assert sorted(p for p in pos[0].tolist() if p >= 0) == list(range(5 + steps))
+    assert sorted(p for p in pos[1].tolist() if p >= 0) == [0, 1] + list(range(5, 5 + steps))
     seg1 = layer.keys[layer.offsets[1]:layer.offsets[2]]
-    assert seg1[2:22, 0].tolist() == [float(s) for s in range(20)]  # appended after the kept entries
+    assert seg1[2:2 + steps, 0].tolist() == [float(s) for s in range(steps)]  # appended after the kept entries
+    layer.update(new, new)  # segment 0 is full again: grows by 1/8, at least 16
+    assert repacks[1] == [23 + 16, 20 + 16]
     # a chunk of several tokens lands in the first free slots of every segment, including freed ones
     layer.pos_flat[1] = -1
-    layer.head_counts = [[24, 22]]
+    layer.head_counts = [[22, 20]]
     chunk = torch.arange(3.0).view(1, 1, 3, 1).expand(1, 2, 3, 4)
     layer.update(chunk, chunk)
-    assert layer.pos_flat[1].item() == 25 and layer.keys[1, 0].item() == 0.0
-    assert layer.pos_flat[25:27].tolist() == [26, 27]
+    assert layer.pos_flat[1].item() == 23 and layer.keys[1, 0].item() == 0.0
+    assert layer.pos_flat[23:25].tolist() == [24, 25]
 
 
 def test_append_with_caps_reuses_freed_slots():

@@ -1,5 +1,6 @@
-"""Shared evaluation machinery: model loading, prompts split for the two protocols, one compressed
-generation, the methods x budgets loop, and result writing (JSON, markdown, PNG).
+"""Shared evaluation machinery: model loading, prompts split for the two protocols, compressed
+generation (one prompt or a left-padded batch), the methods x budgets loop, and result writing
+(JSON, markdown, PNG).
 
 Protocols (methods.md §4.6):
 
@@ -210,31 +211,35 @@ class Generation:
     prompt_tokens: int
     seconds: float
     bytes_before: int | None
-    bytes_after: int | None
+    bytes_after: int | None   # memory held by the cache (spare slots and positions included)
+    bytes_kept: int | None    # K/V bytes of the entries kept
     kept_per_layer: list[float] | None
 
     @property
     def kv_fraction(self) -> float | None:
+        """Fraction of the full cache's K/V entries kept."""
         if not self.bytes_before:
             return None
-        return self.bytes_after / self.bytes_before
+        return self.bytes_kept / self.bytes_before
 
 
-def summarize_stats(stats) -> tuple[int | None, int | None, list[float] | None]:
-    """Total bytes before/after and mean kept entries per layer from ``handle.stats``."""
+def summarize_stats(stats: list[dict], rows: int = 1) -> list[tuple]:
+    """Per row of a batch: (bytes of a full cache of the row's tokens, bytes held, bytes kept, kept
+    entries per layer) from ``handle.stats``.
+
+    Bytes held are the batch's allocation shared equally by its rows; the others are the row's own.
+    A row that ended early is fed (and stores) tokens until the batch's last row ends: they count in
+    its tokens and kept entries alike."""
     if not stats:
-        return None, None, None
-    rows = list(stats.values()) if isinstance(stats, dict) else list(stats)
-    before = sum(int(r.get("bytes_before", 0)) for r in rows)
-    after = sum(int(r.get("bytes_after", 0)) for r in rows)
-    kept = []
-    for r in rows:
-        k = r.get("kept")
-        if isinstance(k, (list, tuple)):
-            kept.append(float(sum(k)) / max(len(k), 1))
-        elif k is not None:
-            kept.append(float(k))
-    return before, after, kept or None
+        return [(None, None, None, None)] * rows
+    after = sum(int(layer["bytes_after"]) for layer in stats) // rows
+
+    out = []
+    for row in range(rows):
+        before = sum(layer["tokens"][row] * len(layer["kept_per_head"][row]) * layer["entry_bytes"] for layer in stats)
+        kept = sum(sum(layer["kept_per_head"][row]) * layer["entry_bytes"] for layer in stats)
+        out.append((before, after, kept, [float(layer["kept"][row]) for layer in stats]))
+    return out
 
 
 def _eos_ids(tokenizer, model, extra: Sequence[int] = ()) -> list[int]:
@@ -263,38 +268,76 @@ def compress_context(model, method: str, budget: int | None, window: int, option
     return cakekv.compress(model, method=method, budget=int(budget), window=int(window), **(options or {}))
 
 
+def generate(model, tokenizer, encoded: Encoded, **kwargs) -> Generation:
+    """Greedy answer to one prompt: :func:`generate_batch` with one row (same keyword arguments)."""
+    return generate_batch(model, tokenizer, [encoded], **kwargs)[0]
+
+
 @torch.no_grad()
-def generate(model, tokenizer, encoded: Encoded, *, method: str, budget: int | None, window: int,
-             protocol: str, max_new_tokens: int, options: dict | None = None,
-             extra_eos: Sequence[int] = (), min_new_tokens: int = 0) -> Generation:
-    """Greedy answer to one prompt with ``method``/``budget`` under ``protocol``."""
+def generate_batch(model, tokenizer, encoded_list: Sequence[Encoded], *, method: str, budget: int | None,
+                   window: int, protocol: str, max_new_tokens: int, options: dict | None = None,
+                   extra_eos: Sequence[int] = (), min_new_tokens: int = 0) -> list[Generation]:
+    """Greedy answers to several prompts with ``method``/``budget`` under ``protocol``, one per prompt.
+
+    ``question-aware``: one left-padded batch, one ``model.generate`` under one ``cakekv.compress``;
+    each row's answer is what that row alone would give. ``context-only``: one prompt at a time,
+    because cakekv's cache takes padding only at the left of the prefill: the questions (of
+    different lengths) appended to a batch of contexts would need padding between a row's context
+    and its question, which the cache would store and attend to as real tokens.
+
+    A row's ``seconds`` is the batch's wall time divided by its rows (rows share every forward);
+    bytes are per row as :func:`summarize_stats` says."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol: expected one of {PROTOCOLS}, got {protocol!r}")
+    if protocol == "context-only" and len(encoded_list) > 1:
+        one = dict(method=method, budget=budget, window=window, protocol=protocol, max_new_tokens=max_new_tokens,
+                   options=options, extra_eos=extra_eos, min_new_tokens=min_new_tokens)
+        return [generate(model, tokenizer, encoded, **one) for encoded in encoded_list]
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
     eos = _eos_ids(tokenizer, model, extra_eos)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     start = time.perf_counter()
     with compress_context(model, method, budget, window, options) as handle:
         if protocol == "question-aware":
-            ids = encoded.full.to(device)[None]
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+            ids, mask = left_pad([e.full for e in encoded_list], pad, device)
             config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                       eos_token_id=eos or None, pad_token_id=pad,
                                       min_new_tokens=min_new_tokens or None)
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 generation_config=config)
-            tokens = out[0, ids.shape[1]:].tolist()
-        elif protocol == "context-only":
-            tokens = _greedy_continue(model, encoded.context.to(device)[None],
-                                      encoded.question.to(device)[None], max_new_tokens, eos, min_new_tokens)
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            answers = [cut_at_eos(row, eos) for row in out[:, ids.shape[1]:].tolist()]
         else:
-            raise ValueError(f"protocol: expected one of {PROTOCOLS}, got {protocol!r}")
+            (encoded,) = encoded_list
+            answers = [_greedy_continue(model, encoded.context.to(device)[None], encoded.question.to(device)[None],
+                                        max_new_tokens, eos, min_new_tokens)]
         stats = handle.stats
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    before, after, kept = summarize_stats(stats)
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
-    return Generation(text, tokens, int(encoded.full.numel()), seconds, before, after, kept)
+    seconds = (time.perf_counter() - start) / len(encoded_list)
+    return [Generation(tokenizer.decode(tokens, skip_special_tokens=True), tokens, int(encoded.full.numel()),
+                       seconds, *row_stats)
+            for encoded, tokens, row_stats in zip(encoded_list, answers, summarize_stats(stats, len(answers)))]
+
+
+def left_pad(rows: Sequence[torch.Tensor], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, longest], attention mask) of 1-D id tensors padded on the left, as cakekv requires."""
+    longest = max(row.numel() for row in rows)
+    ids = torch.full((len(rows), longest), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, longest - row.numel():] = row
+        mask[i, longest - row.numel():] = 1
+    return ids.to(device), mask.to(device)
+
+
+def cut_at_eos(tokens: list[int], eos: Sequence[int]) -> list[int]:
+    """``tokens`` up to and including the first EOS: what ``generate`` returns for a row alone (in a
+    batch, rows that ended early are filled with padding until the last one ends)."""
+    for i, token in enumerate(tokens):
+        if token in eos:
+            return tokens[:i + 1]
+    return tokens
 
 
 def _greedy_continue(model, context_ids, question_ids, max_new_tokens, eos, min_new_tokens):
@@ -430,6 +473,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_out: str,
                         "then append the question (default: %(default)s)")
     g.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
                    help="wrap prompts with the tokenizer's chat template (auto: when it has one)")
+    g.add_argument("--batch-size", type=int, default=1,
+                   help="prompts generated together, left-padded (question-aware protocol; context-only "
+                        "runs them one at a time) (default: %(default)s)")
     g = parser.add_argument_group("output")
     g.add_argument("--out", default=default_out, help="results folder (default: %(default)s)")
     g.add_argument("--seed", type=int, default=42, help="random seed (default: %(default)s)")
@@ -449,6 +495,7 @@ class Setup:
     out: str
     seed: int
     progress: bool
+    batch_size: int = 1
 
 
 def setup_from_args(args: argparse.Namespace, model=None, tokenizer=None) -> Setup:
@@ -457,12 +504,15 @@ def setup_from_args(args: argparse.Namespace, model=None, tokenizer=None) -> Set
     budgets = parse_int_list(args.budgets, "budgets")
     runs = expand_runs(methods, budgets, args.window)
     options = parse_options(args.option)
+    batch_size = getattr(args, "batch_size", 1)
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
     if model is None:
         model, tokenizer = load_model(args.model, args.device, args.dtype, args.attn_implementation)
     torch.manual_seed(args.seed)
     name = args.model or "cakekv/tiny-llama"
     return Setup(model, tokenizer, name, runs, args.window, options, args.protocol,
-                 use_chat(tokenizer, args.chat), args.out, args.seed, not args.no_progress)
+                 use_chat(tokenizer, args.chat), args.out, args.seed, not args.no_progress, batch_size)
 
 
 def progress_bar(iterable=None, **kwargs):
@@ -474,21 +524,38 @@ def progress_bar(iterable=None, **kwargs):
 def evaluate_items(setup: Setup, items: Sequence[tuple[Encoded, int, Any]], *, desc: str,
                    record: Callable[[Run, Any, Generation], dict]) -> list[dict]:
     """Every run x item, items being (encoded prompt, max_new_tokens, payload); one
-    ``record(run, payload, generation)`` per generation, with a progress bar."""
-    records = []
+    ``record(run, payload, generation)`` per generation, run by run in the items' order, with a
+    progress bar. Items go through :func:`generate_batch` ``setup.batch_size`` at a time."""
+    records: list[dict] = []
     bar = progress_bar(total=len(items) * len(setup.runs), desc=desc, disable=not setup.progress)
     try:
         for run in setup.runs:
             bar.set_postfix_str(run.label)
-            for encoded, max_new_tokens, payload in items:
-                gen = generate(setup.model, setup.tokenizer, encoded, method=run.method, budget=run.budget,
-                               window=setup.window, protocol=setup.protocol, options=setup.options,
-                               max_new_tokens=max_new_tokens)
-                records.append(record(run, payload, gen))
-                bar.update(1)
+            by_item: dict[int, dict] = {}
+            for batch in item_batches(items, setup.batch_size):
+                gens = generate_batch(setup.model, setup.tokenizer, [items[i][0] for i in batch], method=run.method,
+                                      budget=run.budget, window=setup.window, protocol=setup.protocol,
+                                      options=setup.options, max_new_tokens=items[batch[0]][1])
+                for i, gen in zip(batch, gens):
+                    by_item[i] = record(run, items[i][2], gen)
+                    bar.update(1)
+            records.extend(by_item[i] for i in range(len(items)))
     finally:
         bar.close()
     return records
+
+
+def item_batches(items: Sequence[tuple[Encoded, int, Any]], batch_size: int) -> list[list[int]]:
+    """Indices of ``items`` in batches of at most ``batch_size`` sharing one max_new_tokens, each
+    batch of prompts of similar lengths (sorted by length) so that little of it is padding."""
+    order = sorted(range(len(items)), key=lambda i: (items[i][1], items[i][0].full.numel()))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < batch_size and items[batches[-1][0]][1] == items[i][1]:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 # ----------------------------------------------------------------------------------------------
@@ -504,7 +571,7 @@ def environment_info(setup: Setup | None = None) -> dict[str, Any]:
         info.update(model=setup.model_name, device=str(device),
                     dtype=str(next(setup.model.parameters()).dtype).replace("torch.", ""),
                     protocol=setup.protocol, window=setup.window, options=setup.options,
-                    chat=setup.chat, seed=setup.seed)
+                    chat=setup.chat, seed=setup.seed, batch_size=setup.batch_size)
         if device.type == "cuda":
             info["gpu"] = torch.cuda.get_device_name(device)
     return info

@@ -243,30 +243,31 @@ def predict(setup: common.Setup, data_dir: str, datasets: Sequence[str], *, max_
                 done = len(read_jsonl(path)) if resume and os.path.exists(path) else 0
                 bar.update(min(done, len(data[name])))
                 mode = "a" if done else "w"
+                samsum = name == "samsum"
+                # Consecutive examples in each batch (not sorted by length): the file grows in the
+                # data's order, which --resume relies on.
                 with open(path, mode, encoding="utf-8") as f:
-                    for i, ex in enumerate(data[name]):
-                        if i < done:
-                            continue
+                    for start in range(done, len(data[name]), setup.batch_size):
                         bar.set_postfix_str(f"{run.label} {name}", refresh=False)
-                        prompt, truncated = build_prompt(tok, ex, name, max_length=max_length,
-                                                         chat=setup.chat, double_bos=double_bos)
-                        encoded = common.encode_prompt(tok, prompt, setup.protocol)
-                        samsum = name == "samsum"
-                        gen = common.generate(
-                            setup.model, tok, encoded, method=run.method, budget=run.budget,
-                            window=setup.window, protocol=setup.protocol, options=setup.options,
-                            max_new_tokens=max_new_tokens or DATASET2MAXLEN[name],
+                        examples = data[name][start:start + setup.batch_size]
+                        prompts = [build_prompt(tok, ex, name, max_length=max_length, chat=setup.chat,
+                                                double_bos=double_bos) for ex in examples]
+                        gens = common.generate_batch(
+                            setup.model, tok, [common.encode_prompt(tok, p, setup.protocol) for p, _ in prompts],
+                            method=run.method, budget=run.budget, window=setup.window, protocol=setup.protocol,
+                            options=setup.options, max_new_tokens=max_new_tokens or DATASET2MAXLEN[name],
                             extra_eos=[newline] if samsum and newline is not None else (),
                             min_new_tokens=1 if samsum else 0)
-                        record = {"pred": gen.text, "answers": ex["answers"],
-                                  "all_classes": ex.get("all_classes"), "length": ex.get("length"),
-                                  "_id": ex.get("_id"), "prompt_tokens": gen.prompt_tokens,
-                                  "truncated": truncated, "new_tokens": len(gen.tokens),
-                                  "time_s": round(gen.seconds, 4), "kv_bytes_before": gen.bytes_before,
-                                  "kv_bytes_after": gen.bytes_after}
-                        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                        for ex, (_, truncated), gen in zip(examples, prompts, gens):
+                            record = {"pred": gen.text, "answers": ex["answers"],
+                                      "all_classes": ex.get("all_classes"), "length": ex.get("length"),
+                                      "_id": ex.get("_id"), "prompt_tokens": gen.prompt_tokens,
+                                      "truncated": truncated, "new_tokens": len(gen.tokens),
+                                      "time_s": round(gen.seconds, 4), "kv_bytes_before": gen.bytes_before,
+                                      "kv_bytes_after": gen.bytes_after, "kv_bytes_kept": gen.bytes_kept}
+                            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                            bar.update(1)
                         f.flush()
-                        bar.update(1)
     finally:
         bar.close()
     return paths
@@ -281,11 +282,11 @@ def score_file(path: str, dataset: str, **options) -> dict[str, Any]:
     score = metrics.dataset_score(dataset, [r["pred"] for r in records], [r["answers"] for r in records],
                                   [r.get("all_classes") for r in records], **options)
     before = sum(r.get("kv_bytes_before") or 0 for r in records)
-    after = sum(r.get("kv_bytes_after") or 0 for r in records)
+    kept = sum(r.get("kv_bytes_kept") or 0 for r in records)
     times = [r["time_s"] for r in records if r.get("time_s") is not None]
     return {"score": score, "n": len(records),
             "time_s": round(sum(times) / len(times), 4) if times else None,
-            "kv_fraction": round(after / before, 4) if before else None}
+            "kv_fraction": round(kept / before, 4) if before else None}
 
 
 def score_predictions(out: str, runs: Sequence[str] | None = None, datasets: Sequence[str] | None = None,
