@@ -70,6 +70,14 @@ def test_window_stats_matches_cpu(dtype, H, Hkv, Q, N, D):
     _check_window_stats(q, k, q_pos, k_pos, D ** -0.5, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_window_stats_long_window_matches_cpu(dtype):
+    """More queries than one block's shared memory holds (H2O scores every prompt query): the CUDA op
+    runs them in pieces and merges mean, variance and entropy exactly."""
+    q, k, q_pos, k_pos = _window_inputs(2, 4, 2, 2100, 2600, 64, dtype)
+    _check_window_stats(q, k, q_pos, k_pos, 0.125, dtype)
+
+
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("N", [100, 5000])
 @pytest.mark.parametrize("Q", [8, 32])

@@ -451,13 +451,10 @@ void launch_window_stats(const at::Tensor& q, const at::Tensor& k, const at::Ten
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> window_stats(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                            const at::Tensor& q_pos_in, const at::Tensor& k_pos_in,
-                                                            double scale) {
-  check_window_stats_args(q_in, k_in, q_pos_in, k_pos_in);
-  const c10::cuda::CUDAGuard guard(q_in.device());
+// The statistics of one run of queries whose (head, key) columns fit in shared memory.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> window_stats_fitting(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                                    const at::Tensor& q_pos_in,
+                                                                    const at::Tensor& k_pos_in, double scale) {
   const int64_t B = q_in.size(0), H = q_in.size(1), Q = q_in.size(2), D = q_in.size(3);
   const int64_t Hkv = k_in.size(1), N = k_in.size(2), G = H / Hkv;
   auto opts = q_in.options().dtype(at::kFloat);
@@ -515,6 +512,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_stats(const at::Tensor& q_
     launch_window_stats<scalar_t, false>(q, k, q_pos, k_pos, geo, BG, num_groups, partials, stats, mean, var, ent);
   });
   return {mean, var, ent};
+}
+
+// Most queries whose columns fit in the shared memory of one block (rows come in tiles of kRows).
+int64_t max_fitting_queries() {
+  const int64_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  int64_t rows = kRows;
+  while (smem_bytes(int(rows + kRows)) <= optin) rows += kRows;
+  return rows;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> window_stats(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& q_pos, const at::Tensor& k_pos,
+                                                            double scale) {
+  check_window_stats_args(q, k, q_pos, k_pos);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t Q = q.size(2), chunk = max_fitting_queries();
+  if (Q <= chunk) return window_stats_fitting(q, k, q_pos, k_pos, scale);
+  // Long windows (H2O scores every prompt query): runs of queries, merged exactly. Mean and entropy are
+  // sums over queries; the variance merges by Chan et al.'s pairwise update of (count, mean, M2).
+  at::Tensor mean, m2, ent;
+  int64_t seen = 0;
+  for (int64_t start = 0; start < Q; start += chunk) {
+    const int64_t n = std::min(chunk, Q - start);
+    auto [m, v, e] = window_stats_fitting(q.narrow(2, start, n), k, q_pos.narrow(1, start, n), k_pos, scale);
+    if (seen == 0) {
+      mean = m, m2 = v * double(n - 1), ent = e;
+    } else {
+      const auto delta = m - mean;
+      const double total = double(seen + n);
+      m2 = m2 + v * double(n - 1) + delta * delta * (double(seen) * double(n) / total);
+      mean = mean + delta * (double(n) / total);
+      ent = ent + e;
+    }
+    seen += n;
+  }
+  return {mean, m2 / double(Q - 1), ent};
 }
 
 }  // namespace cakekv::cuda
