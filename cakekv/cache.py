@@ -149,11 +149,16 @@ class CompressedLayer(CacheLayerMixin):
         self.seen += q
         return self.keys, self.values
 
+    def _capacity(self, needed: int) -> int:
+        """Slots for `needed` entries: exactly that under decode caps (eviction frees a slot per token),
+        else with spare room for the next appends (padded storage and ragged segments alike)."""
+        return needed if self.head_caps is not None else grown_capacity(needed)
+
     def _ensure_room(self, needed: int):
         size = self.pos.shape[-1]
         if needed <= size:
             return
-        grow = (needed if self.caps is not None else grown_capacity(needed)) - size
+        grow = self._capacity(needed) - size
         b, h, _, d = self.keys.shape
         self.keys = torch.cat([self.keys, self.keys.new_zeros(b, h, grow, d)], 2)
         self.values = torch.cat([self.values, self.values.new_zeros(b, h, grow, d)], 2)
@@ -203,8 +208,7 @@ class CompressedLayer(CacheLayerMixin):
         segs = b * h
         counts = [c for row in self.head_counts for c in row]
         if any(cap - c < q for cap, c in zip(self.seg_caps, counts)):
-            grown = (lambda n: n) if self.head_caps is not None else grown_capacity
-            self._repack([max(cap, grown(c + q)) for cap, c in zip(self.seg_caps, counts)])
+            self._repack([max(cap, self._capacity(c + q)) for cap, c in zip(self.seg_caps, counts)])
         device = self.pos_flat.device
         caps_t = self.offsets[1:] - self.offsets[:-1]
         seg = self._segment_ids(caps_t, self.pos_flat.shape[0])
