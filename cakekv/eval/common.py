@@ -416,24 +416,22 @@ def split_list(values: Iterable[str] | str | None) -> list[str]:
     return out
 
 
-def parse_int_list(values, name: str) -> list[int]:
+def _parse_list(values, name: str, convert, kind: str) -> list:
     out = []
     for x in split_list(values):
         try:
-            out.append(int(x))
+            out.append(convert(x))
         except ValueError:
-            raise ValueError(f"{name}: expected integers, got {x!r}") from None
+            raise ValueError(f"{name}: expected {kind}, got {x!r}") from None
     return out
+
+
+def parse_int_list(values, name: str) -> list[int]:
+    return _parse_list(values, name, int, "integers")
 
 
 def parse_float_list(values, name: str) -> list[float]:
-    out = []
-    for x in split_list(values):
-        try:
-            out.append(float(x))
-        except ValueError:
-            raise ValueError(f"{name}: expected numbers, got {x!r}") from None
-    return out
+    return _parse_list(values, name, float, "numbers")
 
 
 def parse_options(items: Sequence[str] | None) -> dict[str, Any]:
