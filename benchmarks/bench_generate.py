@@ -19,6 +19,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import cakekv
+from cakekv import cache_kwargs, cache_of
 from cakekv.eval.common import parse_options
 
 SHAPES = {
@@ -60,11 +61,11 @@ def run_one(model, ids, spec, budget, window, new_tokens):
             out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
             torch.cuda.synchronize()
             prefill_s = time.perf_counter() - t0
-            cache = out.past_key_values
+            cache = cache_of(out)
             token = out.logits[:, -1:].argmax(-1)
             t0 = time.perf_counter()
             for _ in range(new_tokens):
-                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                out = model(input_ids=token, **cache_kwargs(model, cache), use_cache=True)
                 token = out.logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
             decode_s = time.perf_counter() - t0

@@ -5,7 +5,7 @@ from typing import Any
 
 from .cache import CompressedCache
 from .methods import get_method
-from .patch import Patch, check_supported, sliding_windows
+from .patch import Patch, check_supported, sliding_windows, warn_if_untested_transformers
 
 
 class CompressionHandle:
@@ -69,5 +69,6 @@ def compress(model, method: str = "cake", budget: int = 1024, window: int = 32, 
     if budget < window + 1:
         raise ValueError(f"budget: must be >= window + 1 = {window + 1}, got {budget}")
     check_supported(model)
+    warn_if_untested_transformers()
     instance = method_cls(model.config, budget, window, **options)
     return CompressionHandle(model, instance, budget, window, options)

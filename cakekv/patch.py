@@ -3,17 +3,24 @@
 transformers 5 looks attention up by name (`AttentionInterface`) from `config._attn_implementation`.
 We register one wrapper per supported backend ("cakekv_sdpa", ...) whose mask function is the
 backend's own, point the model's config at it while compressed, and wrap the decoder's forward so
-that it runs on a CompressedCache. Both are undone exactly by `unpatch`.
+that it runs on a CompressedCache. Both are undone exactly by `Patch.undo`.
+
+The decoder's cache argument was renamed in transformers 5.24 (`past_key_values` -> `cache`, and the
+output field with it). `cache_argument` finds whichever name the model's forward takes, in this one
+place: a release that takes neither fails at `compress()` naming its version, and a forward that never
+hands our cache to its attention layers fails after the call instead of running uncompressed.
 """
 from __future__ import annotations
 
 import functools
 import inspect
 import sys
+import warnings
 import weakref
 
 import torch
 import torch.nn.functional as F
+import transformers
 from transformers.cache_utils import Cache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -24,6 +31,10 @@ from .cache import CompressedCache
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ATTENTION = ("sdpa", "eager", "flash_attention_2")
 _PREFIX = "cakekv_"
+# The decoder's cache argument and output field, newest name first (5.24 renamed past_key_values).
+CACHE_NAMES = ("cache", "past_key_values")
+# transformers releases the test-suite runs on (CI: both ends); newer ones get a warning at compress().
+TESTED_TRANSFORMERS = ((5, 17), (5, 24))
 
 # attention module -> the handle compressing its model (weak: a dropped model unregisters itself)
 _HANDLE_OF_MODULE: "weakref.WeakKeyDictionary[torch.nn.Module, object]" = weakref.WeakKeyDictionary()
@@ -53,6 +64,9 @@ def _make_attention(backend: str):
             return original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         scale = scaling if scaling is not None else module.scaling
         layer = cache.layers[module.layer_idx]
+        if not layer.is_initialized:
+            raise unsupported_release(f"{type(module).__name__} ran without the cakekv cache: the model's forward "
+                                      "did not hand the cache to its attention layers")
         if layer.prefilling:
             # The prompt attends over its full K/V with the model's own kernel and mask; only the
             # stored cache is compressed afterwards.
@@ -87,6 +101,50 @@ def sliding_windows(config) -> list[int | None]:
     if types is not None:
         return [window if t == "sliding_attention" else None for t in types]
     return [window] * config.num_hidden_layers
+
+
+def _release(version: str) -> tuple[int, int]:
+    major, minor = (version.split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def warn_if_untested_transformers() -> None:
+    low, high = TESTED_TRANSFORMERS
+    if not low <= _release(transformers.__version__) <= high:
+        warnings.warn(f"cakekv is tested with transformers {low[0]}.{low[1]} to {high[0]}.{high[1]}.x; "
+                      f"transformers {transformers.__version__} is installed, results may differ",
+                      UserWarning, stacklevel=3)
+
+
+def unsupported_release(what: str) -> RuntimeError:
+    """The one error for a transformers release whose cache plumbing cakekv cannot hold."""
+    return RuntimeError(f"cakekv: {what} (transformers {transformers.__version__}); this transformers "
+                        "release is not supported by this cakekv version")
+
+
+def cache_argument(forward) -> str:
+    """The name under which `forward` (a model's or decoder's) takes its KV cache."""
+    parameters = inspect.signature(forward).parameters
+    for name in CACHE_NAMES:
+        if name in parameters:
+            return name
+    raise unsupported_release(f"{getattr(forward, '__qualname__', forward)} takes none of {list(CACHE_NAMES)} "
+                              "as its cache argument")
+
+
+def cache_kwargs(model, cache) -> dict:
+    """`{name: cache}` for `model(...)`: the cache argument under the name this transformers uses
+    (`cache` from 5.24, `past_key_values` before), so that continuing from a cache is warning-free."""
+    return {cache_argument(model.forward): cache}
+
+
+def cache_of(output):
+    """The KV cache a model output returned (`output.cache` from transformers 5.24, else
+    `output.past_key_values`), without the deprecation warning of the old name."""
+    for name in CACHE_NAMES:
+        if name in output.__dataclass_fields__:
+            return getattr(output, name)
+    raise TypeError(f"output: {type(output).__name__} has no cache field")
 
 
 def check_supported(model) -> None:
@@ -136,14 +194,21 @@ class Patch:
 
     def _wrap_forward(self, forward, handle):
         signature = inspect.signature(forward)
-        past_index = list(signature.parameters).index("past_key_values")
+        name = cache_argument(forward)
+        legacy = [n for n in CACHE_NAMES if n != name]  # an older name passed through **kwargs
+        past_index = list(signature.parameters).index(name)
         config = self.config
 
         @functools.wraps(forward)
         def cakekv_forward(*args, **kwargs):
+            for old in legacy:
+                if old in kwargs:
+                    if kwargs.get(name) is not None:
+                        raise TypeError(f"{old}: given together with {name}; pass the cache once")
+                    kwargs[name] = kwargs.pop(old)
             bound = signature.bind_partial(*args, **kwargs)
             arguments = bound.arguments
-            past = arguments.get("past_key_values")
+            past = arguments.get(name)
             use_cache = arguments.get("use_cache")
             use_cache = config.use_cache if use_cache is None else use_cache
             if isinstance(past, CompressedCache):
@@ -153,21 +218,26 @@ class Patch:
             elif past is None:
                 return forward(*args, **kwargs)  # no cache kept: nothing to compress
             else:
-                raise TypeError(f"past_key_values: cakekv cannot continue from a filled {type(past).__name__}; "
+                raise TypeError(f"{name}: cakekv cannot continue from a filled {type(past).__name__}; "
                                 "start from an empty cache or from the cache cakekv returned")
-            if cache.is_fresh:
-                inputs = arguments.get("input_ids")
-                if inputs is None:
-                    inputs = arguments["inputs_embeds"]
+            inputs = arguments.get("input_ids")
+            if inputs is None:
+                inputs = arguments["inputs_embeds"]
+            fresh = cache.is_fresh
+            if fresh:
                 cache.begin_prefill(arguments.get("attention_mask"), inputs.shape[0], inputs.shape[1], inputs.device)
-            if "past_key_values" in kwargs or past_index >= len(args):
-                kwargs["past_key_values"] = cache
+            if name in kwargs or past_index >= len(args):
+                kwargs[name] = cache
             else:
                 args = (*args[:past_index], cache, *args[past_index + 1:])
             previous, handle.active_cache = handle.active_cache, cache
             try:
-                return forward(*args, **kwargs)
+                out = forward(*args, **kwargs)
             finally:
                 handle.active_cache = previous
+            if fresh and inputs.shape[1] > 0 and cache.is_fresh:
+                raise unsupported_release(f"{type(self.decoder).__name__}.forward did not hand the cache to its "
+                                          "attention layers")
+            return out
 
         return cakekv_forward

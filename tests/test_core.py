@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import cakekv
+from cakekv import cache_kwargs, cache_of
 from cakekv.patch import _HANDLE_OF_MODULE
 from conftest import FAMILIES, capture_qk, per_layer_masks, tiny_model
 from reference import assert_same_selection, cake_reference, snapkv_reference
@@ -43,7 +44,7 @@ def test_cake_matches_reference(family, kv_heads, dtype):
     scale = model.model.layers[0].self_attn.scaling
     kept, budgets, scores = cake_reference(layers_qk, scale, BUDGET, WINDOW, tau1=1.0, tau2=1.0)
     out, _ = prefill(model, ids, "cake")
-    cache = out.past_key_values
+    cache = cache_of(out)
     assert [layer.prefix_counts[0] for layer in cache.layers] == budgets
     assert sum(budgets) == (BUDGET - WINDOW) * len(budgets)
     for i, layer in enumerate(cache.layers):
@@ -61,7 +62,7 @@ def test_cake_options_reach_the_math(cascading):
                                            kernel=3, cascading=cascading)
     out, _ = prefill(model, ids, "cake", budget=48, tau1=1.6, tau2=0.6, gamma=50.0, kernel_size=3,
                      cascading=cascading)
-    layers = out.past_key_values.layers
+    layers = cache_of(out).layers
     assert [layer.prefix_counts[0] for layer in layers] == budgets
     for i, layer in enumerate(layers):
         for h, got in enumerate(kept_prefix(layer)):
@@ -75,7 +76,7 @@ def test_cake_budgets_differ_across_layers_on_structured_model():
         for i, layer in enumerate(model.model.layers):
             layer.self_attn.q_proj.weight.mul_(0.2 + 1.5 * i)
     out, _ = prefill(model, prompt(200, seed=1), "cake")
-    budgets = [layer.prefix_counts[0] for layer in out.past_key_values.layers]
+    budgets = [layer.prefix_counts[0] for layer in cache_of(out).layers]
     assert len(set(budgets)) > 1 and sum(budgets) == (BUDGET - WINDOW) * 4
 
 
@@ -87,7 +88,7 @@ def test_snapkv_matches_reference(family):
     scale = model.model.layers[0].self_attn.scaling
     kept, budgets, scores = snapkv_reference(layers_qk, scale, BUDGET, WINDOW)
     out, _ = prefill(model, ids, "snapkv")
-    for i, layer in enumerate(out.past_key_values.layers):
+    for i, layer in enumerate(cache_of(out).layers):
         assert layer.prefix_counts[0] == budgets[i]
         for h, got in enumerate(kept_prefix(layer)):
             assert_same_selection(got, kept[i][h], scores[i][h])
@@ -113,13 +114,13 @@ def test_short_prompt_is_identical_to_no_compression(method, attn):
 
 def continuation_nll(model, ids, cont, method, chunked, **kw):
     out, _ = prefill(model, ids, method, decode_evict=False, **kw)
-    cache = out.past_key_values
+    cache = cache_of(out)
     with cakekv.compress(model, method=method, budget=BUDGET, window=WINDOW, decode_evict=False, **kw):
         with torch.no_grad():
             if chunked:
-                logits = model(input_ids=cont, past_key_values=cache, use_cache=True).logits
+                logits = model(input_ids=cont, **cache_kwargs(model, cache), use_cache=True).logits
             else:
-                logits = torch.cat([model(input_ids=cont[:, t:t + 1], past_key_values=cache, use_cache=True).logits
+                logits = torch.cat([model(input_ids=cont[:, t:t + 1], **cache_kwargs(model, cache), use_cache=True).logits
                                     for t in range(cont.shape[1])], 1)
     logp = torch.log_softmax(logits[:, :-1].float(), -1)
     return -logp.gather(-1, cont[:, 1:, None]).mean().item(), out.logits
@@ -151,7 +152,7 @@ def masked_full_cache_logits(model, ids, cont, cache):
     with torch.no_grad():
         full = model(input_ids=ids, use_cache=True)
         with per_layer_masks(model, masks):
-            return model(input_ids=cont, past_key_values=full.past_key_values, use_cache=True).logits
+            return model(input_ids=cont, **cache_kwargs(model, cache_of(full)), use_cache=True).logits
 
 
 def test_continuation_equals_full_cache_with_evicted_entries_hidden():
@@ -160,10 +161,10 @@ def test_continuation_equals_full_cache_with_evicted_entries_hidden():
     model = tiny_model("qwen2", kv_heads=2)
     ids, cont = prompt(110, seed=11), prompt(12, seed=12)
     out, _ = prefill(model, ids, "cake", decode_evict=False)
-    cache = out.past_key_values
+    cache = cache_of(out)
     with cakekv.compress(model, method="cake", budget=BUDGET, window=WINDOW, decode_evict=False):
         with torch.no_grad():
-            got = model(input_ids=cont, past_key_values=cache, use_cache=True).logits
+            got = model(input_ids=cont, **cache_kwargs(model, cache), use_cache=True).logits
     torch.testing.assert_close(got, masked_full_cache_logits(model, ids, cont, cache), rtol=1e-4, atol=1e-4)
 
 
@@ -205,7 +206,7 @@ def test_memory_is_freed_and_stats_add_up():
     out, handle = prefill(model, ids, "cake")
     stats = handle.stats
     assert len(stats) == model.config.num_hidden_layers
-    for layer, s in zip(out.past_key_values.layers, stats):
+    for layer, s in zip(cache_of(out).layers, stats):
         assert layer.keys.shape[2] == s["kept"][0] == s["budget"][0]
         assert s["bytes_after"] == layer.keys.nbytes + layer.values.nbytes + layer.pos.nbytes
         assert s["bytes_before"] == 2 * 2 * 300 * 16 * 4
@@ -223,7 +224,7 @@ def test_decode_eviction_keeps_each_layer_at_its_budget():
     ids = prompt(100, seed=3)
     with cakekv.compress(model, method="cake", budget=BUDGET, window=WINDOW) as handle:
         out = model.generate(ids, max_new_tokens=120, do_sample=False, return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = cache_of(out)
     for layer, s in zip(cache.layers, handle.stats):
         assert s["kept"][0] == s["budget"][0]  # held at the budget after 120 new tokens
         assert layer.keys.shape[2] <= s["budget"][0] + 1

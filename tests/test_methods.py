@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import cakekv
+from cakekv import cache_kwargs, cache_of
 import reference_methods as R
 from conftest import capture_qkv, tiny_model
 from reference import assert_same_selection
@@ -35,7 +36,7 @@ def test_method_matches_reference(method, captured):
     model, ids, layers, scale = captured
     kept, budgets, scores = REFERENCES[method](layers, scale)
     out, handle = prefill(model, ids, method)
-    cache = out.past_key_values
+    cache = cache_of(out)
     assert [layer.head_prefix[0] for layer in cache.layers] == [list(b) for b in budgets]
     total = sum(sum(b) for b in budgets)
     assert total == (BUDGET - WINDOW) * len(budgets) * model.config.num_key_value_heads
@@ -55,12 +56,12 @@ def test_method_matches_reference(method, captured):
 def test_budgets_move_between_heads_and_layers(captured):
     model, ids, _, _ = captured
     out, _ = prefill(model, ids, "pyramidkv")
-    per_layer = [layer.head_prefix[0][0] for layer in out.past_key_values.layers]
+    per_layer = [layer.head_prefix[0][0] for layer in cache_of(out).layers]
     assert per_layer == sorted(per_layer, reverse=True) and per_layer[0] > per_layer[-1]
     if model.config.num_key_value_heads > 1:
         for method in ("adakv", "lava", "defensivekv"):
             out, _ = prefill(model, ids, method)
-            assert any(len(set(layer.head_prefix[0])) > 1 for layer in out.past_key_values.layers), method
+            assert any(len(set(layer.head_prefix[0])) > 1 for layer in cache_of(out).layers), method
 
 
 def test_cake_head_budgets_and_uniform_defensivekv(captured):
@@ -68,11 +69,11 @@ def test_cake_head_budgets_and_uniform_defensivekv(captured):
     hkv = model.config.num_key_value_heads
     out, _ = prefill(model, ids, "cake", head_budgets=True)
     uniform, _ = prefill(model, ids, "cake")
-    for a, b in zip(out.past_key_values.layers, uniform.past_key_values.layers):
+    for a, b in zip(cache_of(out).layers, cache_of(uniform).layers):
         assert sum(a.head_prefix[0]) == b.head_prefix[0][0] * hkv  # same layer budgets, split by score
     kept, budgets, scores = R.defensivekv_reference(layers, scale, BUDGET, WINDOW, head_adaptive=False)
     out, _ = prefill(model, ids, "defensivekv", head_adaptive=False)
-    for i, layer in enumerate(out.past_key_values.layers):
+    for i, layer in enumerate(cache_of(out).layers):
         assert layer.head_prefix[0] == budgets[i]
         for h, got in enumerate(kept_prefix(layer)):
             assert_same_selection(got, kept[i][h], scores[i][h])
@@ -82,7 +83,7 @@ def test_layer_defensivekv_cascading_equals_global(captured):
     model, ids, _, _ = captured
     glob, _ = prefill(model, ids, "layer_defensivekv")
     casc, _ = prefill(model, ids, "layer_defensivekv", cascading=True)
-    for a, b in zip(glob.past_key_values.layers, casc.past_key_values.layers):
+    for a, b in zip(cache_of(glob).layers, cache_of(casc).layers):
         assert kept_prefix(a) == kept_prefix(b)
 
 
@@ -144,12 +145,12 @@ def test_decode_eviction_holds_the_budget_over_500_tokens(method, kw):
     with cakekv.compress(model, method=method, budget=BUDGET, window=WINDOW, decode_evict=True, **kw):
         with torch.no_grad():
             out = model(input_ids=prompt(n, seed=5), use_cache=True)
-            cache = out.past_key_values
+            cache = cache_of(out)
             budgets = [layer.head_budgets[0] for layer in cache.layers]
             assert all(sum(b) < 2 * (n - 1) for b in budgets)  # the prompt was compressed
             stored = []
             for step in range(DECODE_STEPS):
-                out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+                out = model(input_ids=out.logits[:, -1:].argmax(-1), **cache_kwargs(model, cache), use_cache=True)
                 for layer, budget in zip(cache.layers, budgets):
                     counts = layer.head_counts[0]
                     assert all(c <= b for c, b in zip(counts, budget)), f"step {step}: {counts} > {budget}"

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import cakekv
+from cakekv import cache_kwargs, cache_of
 import cakekv._ops as ops
 from cakekv.cache import CompressedCache, CompressedLayer
 from conftest import tiny_model
@@ -208,7 +209,7 @@ def test_bytes_stored_are_the_kept_entries():
     model = tiny_model("llama", kv_heads=2)
     ids = prompt(200, seed=1)
     out, handle = prefill(model, ids, "adakv")
-    cache = out.past_key_values
+    cache = cache_of(out)
     assert ragged_layers(cache), "adakv should give layers with different head counts"
     d, hkv = 16, 2
     for layer, s in zip(cache.layers, handle.stats):
@@ -230,20 +231,20 @@ def test_continuation_equals_padded_layout_and_masked_full_cache(method, kw, dev
     model = tiny_model("qwen2", kv_heads=2).to(device)
     ids, cont = prompt(110, seed=11).to(device), prompt(12, seed=12).to(device)
     out, _ = prefill(model, ids, method, **kw)
-    cache = out.past_key_values
+    cache = cache_of(out)
     assert ragged_layers(cache)
     with cakekv.compress(model, method=method, budget=BUDGET, window=WINDOW, **kw):
         with torch.no_grad():
-            got = model(input_ids=cont, past_key_values=cache, use_cache=True).logits
+            got = model(input_ids=cont, **cache_kwargs(model, cache), use_cache=True).logits
     want = masked_full_cache_logits(model, ids, cont, cache)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # the padded layout (no ragged switch) gives the same logits
     monkeypatch.setattr(CompressedCache, "ragged_layers", False)
     padded, _ = prefill(model, ids, method, **kw)
-    assert not ragged_layers(padded.past_key_values)
+    assert not ragged_layers(cache_of(padded))
     with cakekv.compress(model, method=method, budget=BUDGET, window=WINDOW, **kw):
         with torch.no_grad():
-            dense = model(input_ids=cont, past_key_values=padded.past_key_values, use_cache=True).logits
+            dense = model(input_ids=cont, **cache_kwargs(model, cache_of(padded)), use_cache=True).logits
     torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-5)
 
 
@@ -262,8 +263,8 @@ def test_generation_matches_padded_layout_with_decode_eviction(device, monkeypat
         return out, handle.stats
 
     got, stats = run()
-    assert ragged_layers(got.past_key_values)
-    for layer, s in zip(got.past_key_values.layers, stats):
+    assert ragged_layers(cache_of(got))
+    for layer, s in zip(cache_of(got).layers, stats):
         assert s["kept_per_head"] == s["budget_per_head"]
         if layer.ragged:  # one free slot per segment for the next token
             assert layer.seg_caps == [c + 1 for row in layer.head_counts for c in row]

@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from ..patch import cache_kwargs, cache_of
+
 PROTOCOLS = ("question-aware", "context-only")
 DEFAULT_METHODS = ("full", "cake", "snapkv")
 FULL = "full"
@@ -344,7 +346,7 @@ def _greedy_continue(model, context_ids, question_ids, max_new_tokens, eos, min_
     """Prefill the context (compressed by the active handle), append the question, decode greedily."""
     # logits of the last position only: a long context's full logits would not fit in memory
     out = model(input_ids=context_ids, use_cache=True, logits_to_keep=1)
-    out = model(input_ids=question_ids, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=question_ids, **cache_kwargs(model, cache_of(out)), use_cache=True, logits_to_keep=1)
     tokens: list[int] = []
     eos_set = set(eos)
     for step in range(max_new_tokens):
@@ -356,7 +358,7 @@ def _greedy_continue(model, context_ids, question_ids, max_new_tokens, eos, min_
         if nxt in eos_set or step + 1 == max_new_tokens:
             break
         out = model(input_ids=torch.tensor([[nxt]], device=context_ids.device),
-                    past_key_values=out.past_key_values, use_cache=True)
+                    **cache_kwargs(model, cache_of(out)), use_cache=True)
     return tokens
 
 
