@@ -16,7 +16,6 @@ class CompressionHandle:
         self.budget = budget
         self.window = window
         self.method = method
-        self.active_cache: CompressedCache | None = None
         self.last_cache: CompressedCache | None = None
         self._patch: Patch | None = Patch(model, self)
 

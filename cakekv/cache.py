@@ -57,6 +57,7 @@ class CompressedLayer(CacheLayerMixin):
         self.head_caps: list[list[int]] | None = None  # decode-time cap (None: no eviction)
         self.head_budgets: list[list[int] | None] = []  # entries given (None: row not compressed)
         self.over_t: torch.Tensor | None = None       # device mirror of head_counts - head_caps (decode)
+        self.step_evict = 0                           # entries the current step evicts per head (host)
         self.seen = 0                                 # logical length (padded prompt + appended)
         self.prefilling = False
         # Ragged storage (see the module docstring); `keys`/`values` are then [C, D].
@@ -129,25 +130,54 @@ class CompressedLayer(CacheLayerMixin):
         return self.keys, self.values
 
     def _append(self, keys, values):
+        """Write the step's tokens into free slots, on the device only: the room was made and the host
+        counters are kept by `prepare_step` / `finish_step`, so a step can be captured as a CUDA graph."""
         if self.ragged:
             return self._append_ragged(keys, values)
         b, h, q, d = keys.shape
-        self._ensure_room(max(max(c) for c in self.head_counts) + q)
         free = (self.pos < 0).to(torch.int32)
         if q == 1:
             slots = free.argmax(-1, keepdim=True)  # first free slot
         else:
             slots = torch.sort(free, dim=-1, descending=True, stable=True).indices[..., :q]
-        self.query_pos = self.next_pos[:, None] + torch.arange(q, device=self.pos.device)
+        self._advance_positions(q)
         self.keys.scatter_(2, slots[..., None].expand(b, h, q, d), keys)
         self.values.scatter_(2, slots[..., None].expand(b, h, q, d), values)
         self.pos.scatter_(2, slots, self.query_pos[:, None, :].expand(b, h, q))
+        return self.keys, self.values
+
+    def _advance_positions(self, q: int):
+        """The step's query positions (written in place) and the rows' next positions."""
+        self.query_pos.copy_(self.next_pos[:, None] + torch.arange(q, device=self.next_pos.device))
         self.next_pos += q
-        self.head_counts = [[c + q for c in row] for row in self.head_counts]
         if self.over_t is not None:
             self.over_t += q
+
+    # ---- host side of a step (outside any captured graph) ---------------------------------------
+    def prepare_step(self, q: int) -> tuple:
+        """Before a step of `q` tokens: make room for them (the only reallocation), size the query
+        positions and decide how many entries eviction drops. Returns what a captured step depends on."""
+        counts = [c for row in self.head_counts for c in row]
+        if self.ragged:
+            if any(cap - c < q for cap, c in zip(self.seg_caps, counts)):
+                self._repack([max(cap, self._capacity(c + q)) for cap, c in zip(self.seg_caps, counts)])
+        else:
+            self._ensure_room(max(counts) + q)
+        if self.query_pos is None or self.query_pos.shape[1] != q or self.query_pos._base is not None:
+            self.query_pos = self.next_pos.new_empty(self.next_pos.shape[0], q)
+        self.step_evict = 0
+        if self.head_caps is not None:
+            caps = [c for row in self.head_caps for c in row]
+            self.step_evict = max(c + q - cap for c, cap in zip(counts, caps))
+        return (self.ragged, self.keys.data_ptr(), tuple(self.keys.shape), self.step_evict)
+
+    def finish_step(self, q: int):
+        """After a step: the host counters follow what the device did."""
+        self.head_counts = [[c + q for c in row] for row in self.head_counts]
+        if self.step_evict > 0:
+            self.head_counts = [[min(c, cap) for c, cap in zip(cs, caps)]
+                                for cs, caps in zip(self.head_counts, self.head_caps)]
         self.seen += q
-        return self.keys, self.values
 
     def _capacity(self, needed: int) -> int:
         """Slots for `needed` entries: exactly that under decode caps (eviction frees a slot per token),
@@ -206,9 +236,6 @@ class CompressedLayer(CacheLayerMixin):
     def _append_ragged(self, keys, values):
         b, h, q, d = keys.shape
         segs = b * h
-        counts = [c for row in self.head_counts for c in row]
-        if any(cap - c < q for cap, c in zip(self.seg_caps, counts)):
-            self._repack([max(cap, self._capacity(c + q)) for cap, c in zip(self.seg_caps, counts)])
         device = self.pos_flat.device
         caps_t = self.offsets[1:] - self.offsets[:-1]
         seg = self._segment_ids(caps_t, self.pos_flat.shape[0])
@@ -217,18 +244,13 @@ class CompressedLayer(CacheLayerMixin):
         ranks = torch.nn.functional.pad(free.long().cumsum(0), (1, 0))
         rank = ranks[1:] - 1 - ranks[self.offsets[:-1]][seg]
         dest = torch.where(free & (rank < q), seg * q + rank, segs * q)
-        slots = (self.offsets[1:] - 1).clamp(min=0).repeat_interleave(q)
+        slots = (self.offsets[1:] - 1).clamp(min=0).repeat_interleave(q, output_size=segs * q)
         slots = torch.cat([slots, slots.new_zeros(1)]).scatter_(
             0, dest, torch.arange(dest.shape[0], device=device))[: segs * q]
-        self.query_pos = self.next_pos[:, None] + torch.arange(q, device=device)
+        self._advance_positions(q)
         self.keys.index_copy_(0, slots, keys.reshape(segs * q, d))
         self.values.index_copy_(0, slots, values.reshape(segs * q, d))
         self.pos_flat.index_copy_(0, slots, self.query_pos[:, None, :].expand(b, h, q).reshape(-1))
-        self.next_pos += q
-        self.head_counts = [[c + q for c in row] for row in self.head_counts]
-        if self.over_t is not None:
-            self.over_t += q
-        self.seen += q
         return self.keys, self.values
 
     def _padded_index(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,8 +317,7 @@ class CompressedLayer(CacheLayerMixin):
         """Decode-time eviction: rows above their cap drop their lowest-indicator entries (the last
         `window` positions are protected); the freed slots take the next tokens. A ragged layer is
         scored on a temporary padded view of its keys and frees the chosen slots in place."""
-        over = [[c - cap for c, cap in zip(cs, caps)] for cs, caps in zip(self.head_counts, self.head_caps)]
-        n_evict = max(max(row) for row in over)
+        n_evict = self.step_evict  # decided on the host by prepare_step
         if n_evict <= 0:
             return
         if self.ragged:
@@ -317,8 +338,6 @@ class CompressedLayer(CacheLayerMixin):
         pooled = torch.where(in_order, pooled, float("inf"))
         ranked = torch.sort(pooled, dim=-1, stable=True).indices[..., :n_evict]
         lowest = order.gather(-1, ranked)
-        if self.over_t is None:  # device mirror of `over`, created once and kept in step with the host ints
-            self.over_t = torch.tensor(over, device=query.device)
         drop = torch.arange(n_evict, device=query.device) < self.over_t[:, :, None]
         dropped = torch.zeros_like(pos, dtype=torch.bool).scatter_(-1, lowest, drop)
         if self.ragged:
@@ -327,8 +346,6 @@ class CompressedLayer(CacheLayerMixin):
             self.pos_flat.masked_fill_(hits > 0, -1)
         else:
             self.pos.masked_fill_(dropped, -1)
-        self.head_counts = [[min(c, cap) for c, cap in zip(cs, caps)]
-                            for cs, caps in zip(self.head_counts, self.head_caps)]
         self.over_t.clamp_(max=0)
 
 
@@ -363,6 +380,7 @@ class CompressedCache(Cache):
         self.window = window
         self.prompt: PromptInfo | None = None
         self.preferences: list[torch.Tensor] = []
+        self.step_graph = None  # the captured decode step (step_graph.StepGraph), on CUDA
 
     @property
     def is_fresh(self) -> bool:
@@ -373,6 +391,15 @@ class CompressedCache(Cache):
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         return self.layers[layer_idx].update(key_states, value_states)
+
+    def prepare_step(self, q: int) -> tuple:
+        """Host side of a step of `q` tokens over the compressed layers, before it runs; the result keys
+        a captured step (it changes when storage is reallocated or eviction counts change)."""
+        return tuple(layer.prepare_step(q) for layer in self.layers)
+
+    def finish_step(self, q: int) -> None:
+        for layer in self.layers:
+            layer.finish_step(q)
 
     # ---- called by the attention hook ----------------------------------------------------------
     def after_prefill(self, layer_idx: int, query: torch.Tensor, scale: float, module) -> None:
@@ -422,6 +449,8 @@ class CompressedCache(Cache):
                                   for b, c in zip(layer.head_budgets, compress_rows)]
             if method.decode_evict and method.compresses:
                 layer.head_caps = [b if b is not None else [method.budget] * heads for b in layer.head_budgets]
+                layer.over_t = torch.tensor([[c - cap for c, cap in zip(cs, caps)] for cs, caps
+                                             in zip(layer.head_counts, layer.head_caps)], device=layer.keys.device)
             if (self.ragged_layers and layer.sliding_window is None
                     and layer.keys.device.type in self.ragged_devices
                     and any(len(set(row)) > 1 for row in layer.head_counts)):

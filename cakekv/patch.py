@@ -12,6 +12,8 @@ hands our cache to its attention layers fails after the call instead of running 
 """
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import functools
 import inspect
 import sys
@@ -27,6 +29,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import _ops
 from .cache import CompressedCache
+from .step_graph import StepGraph, graphs_enabled
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ATTENTION = ("sdpa", "eager", "flash_attention_2")
@@ -39,6 +42,22 @@ TESTED_TRANSFORMERS = ((5, 17), (5, 24))
 # attention module -> the handle compressing its model (weak: a dropped model unregisters itself)
 _HANDLE_OF_MODULE: "weakref.WeakKeyDictionary[torch.nn.Module, object]" = weakref.WeakKeyDictionary()
 _MISSING = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    """The decoder forward running in this thread/context: whose it is, on which cache, and whether it
+    continues a compressed cache (then attention ignores masks: visibility comes from positions)."""
+    handle: object
+    cache: CompressedCache
+    continues: bool
+
+
+# Per context, so that threads generating under one handle each see their own cache.
+_CURRENT_STEP: contextvars.ContextVar[_Step | None] = contextvars.ContextVar("cakekv_step", default=None)
+# Keyword arguments a captured decode step may receive besides the cache; anything else runs eagerly.
+_GRAPH_TENSORS = ("input_ids", "position_ids", "cache_position")
+_GRAPH_FLAGS = ("use_cache", "return_dict", "output_attentions", "output_hidden_states")
 
 
 def _backend_function(backend: str, module: torch.nn.Module):
@@ -57,11 +76,11 @@ def _compressed_attention(query, keys, values, visible, scale):
 
 def _make_attention(backend: str):
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        handle = _HANDLE_OF_MODULE.get(module)
-        cache = getattr(handle, "active_cache", None)
+        step = _CURRENT_STEP.get()
         original = _backend_function(backend, module)
-        if cache is None:
+        if step is None or step.handle is not _HANDLE_OF_MODULE.get(module):
             return original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        cache = step.cache
         scale = scaling if scaling is not None else module.scaling
         layer = cache.layers[module.layer_idx]
         if not layer.is_initialized:
@@ -85,9 +104,23 @@ def _make_attention(backend: str):
     return attention
 
 
+def _make_mask(backend: str):
+    original = ALL_MASK_ATTENTION_FUNCTIONS[backend]
+
+    def mask(*args, **kwargs):
+        """The backend's mask for a prompt; none over a compressed cache, whose attention reads positions
+        (so a step builds no mask of the growing logical length)."""
+        step = _CURRENT_STEP.get()
+        if step is not None and step.continues:
+            return None
+        return original(*args, **kwargs)
+
+    return mask
+
+
 for _backend in SUPPORTED_ATTENTION:
     ALL_ATTENTION_FUNCTIONS.register(_PREFIX + _backend, _make_attention(_backend))
-    ALL_MASK_ATTENTION_FUNCTIONS.register(_PREFIX + _backend, ALL_MASK_ATTENTION_FUNCTIONS[_backend])
+    ALL_MASK_ATTENTION_FUNCTIONS.register(_PREFIX + _backend, _make_mask(_backend))
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -145,6 +178,36 @@ def cache_of(output):
         if name in output.__dataclass_fields__:
             return getattr(output, name)
     raise TypeError(f"output: {type(output).__name__} has no cache field")
+
+
+def _flat(arguments: dict) -> dict:
+    """Bound arguments with the forward's **kwargs merged in."""
+    out = {k: v for k, v in arguments.items() if k != "kwargs"}
+    out.update(arguments.get("kwargs", {}))
+    return out
+
+
+def _graph_inputs(arguments: dict, cache: CompressedCache, cache_name: str) -> dict[str, torch.Tensor] | None:
+    """The tensors of a one-token decode step that can be replayed as a CUDA graph, or None (eager):
+    CUDA, no autograd, token ids (not embeddings), flags only among the usual ones. Explicit positions
+    are always passed (the model's default reads the cache length on the host)."""
+    arguments = _flat(arguments)
+    ids = arguments.get("input_ids")
+    if (ids is None or ids.device.type != "cuda" or ids.dim() != 2 or ids.shape[1] != 1
+            or torch.is_grad_enabled() or torch.cuda.is_current_stream_capturing()):
+        return None
+    tensors = {}
+    for key, value in arguments.items():
+        if key in (cache_name, "attention_mask", "self") or value is None:
+            continue
+        if key in _GRAPH_TENSORS and isinstance(value, torch.Tensor):
+            tensors[key] = value
+        elif key not in _GRAPH_FLAGS or isinstance(value, torch.Tensor):
+            return None
+    if "position_ids" not in tensors:
+        seen = cache.get_seq_length()
+        tensors["position_ids"] = torch.full((1, 1), seen, dtype=torch.long, device=ids.device)
+    return tensors
 
 
 def check_supported(model) -> None:
@@ -230,11 +293,24 @@ class Patch:
                 kwargs[name] = cache
             else:
                 args = (*args[:past_index], cache, *args[past_index + 1:])
-            previous, handle.active_cache = handle.active_cache, cache
+            token = _CURRENT_STEP.set(_Step(handle, cache, continues=not fresh))
             try:
-                out = forward(*args, **kwargs)
+                if fresh:
+                    out = forward(*args, **kwargs)
+                else:
+                    q = inputs.shape[1]
+                    key = cache.prepare_step(q)
+                    graph_inputs = _graph_inputs(arguments, cache, name) if graphs_enabled() else None
+                    if graph_inputs is None:
+                        out = forward(*args, **kwargs)
+                    else:
+                        flags = {k: v for k, v in _flat(arguments).items() if k in _GRAPH_FLAGS}
+                        if cache.step_graph is None:
+                            cache.step_graph = StepGraph()
+                        out = cache.step_graph.run(key, lambda t: forward(**t, **flags, **{name: cache}), graph_inputs)
+                    cache.finish_step(q)
             finally:
-                handle.active_cache = previous
+                _CURRENT_STEP.reset(token)
             if fresh and inputs.shape[1] > 0 and cache.is_fresh:
                 raise unsupported_release(f"{type(self.decoder).__name__}.forward did not hand the cache to its "
                                           "attention layers")

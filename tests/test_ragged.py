@@ -161,6 +161,13 @@ def test_to_ragged_keeps_exactly_the_entries():
     assert padded.shape == (2, 2, 7) and padded[0, 1].tolist() == [0, 1, -1, -1, -1, -1, -1]
 
 
+def append(layer, keys, values):
+    """One step as the decoder wrapper runs it: host preparation, device append, host counters."""
+    layer.prepare_step(keys.shape[2])
+    layer.update(keys, values)
+    layer.finish_step(keys.shape[2])
+
+
 def test_append_grows_once_then_writes_in_place(monkeypatch):
     layer, _ = ragged_layer([5, 2])
     repacks = []
@@ -169,20 +176,20 @@ def test_append_grows_once_then_writes_in_place(monkeypatch):
     steps = 17
     for step in range(steps):
         new = torch.full((1, 2, 1, 4), float(step))
-        layer.update(new, new)
+        append(layer, new, new)
     assert repacks == [[6 + 16, 3 + 16]]  # spare room for 16 more tokens per segment at the first append
     pos = layer.padded_pos()[0]
     assert sorted(p for p in pos[0].tolist() if p >= 0) == list(range(5 + steps))
     assert sorted(p for p in pos[1].tolist() if p >= 0) == [0, 1] + list(range(5, 5 + steps))
     seg1 = layer.keys[layer.offsets[1]:layer.offsets[2]]
     assert seg1[2:2 + steps, 0].tolist() == [float(s) for s in range(steps)]  # appended after the kept entries
-    layer.update(new, new)  # segment 0 is full again: grows by 1/8, at least 16
+    append(layer, new, new)  # segment 0 is full again: grows by 1/8, at least 16
     assert repacks[1] == [23 + 16, 20 + 16]
     # a chunk of several tokens lands in the first free slots of every segment, including freed ones
     layer.pos_flat[1] = -1
     layer.head_counts = [[22, 20]]
     chunk = torch.arange(3.0).view(1, 1, 3, 1).expand(1, 2, 3, 4)
-    layer.update(chunk, chunk)
+    append(layer, chunk, chunk)
     assert layer.pos_flat[1].item() == 23 and layer.keys[1, 0].item() == 0.0
     assert layer.pos_flat[23:25].tolist() == [24, 25]
 
@@ -190,12 +197,12 @@ def test_append_grows_once_then_writes_in_place(monkeypatch):
 def test_append_with_caps_reuses_freed_slots():
     layer, _ = ragged_layer([4, 6], caps=[[4, 6]])
     one = torch.ones(1, 2, 1, 4)
-    layer.update(one, one)  # full: re-packed with one free slot per segment
+    append(layer, one, one)  # full: re-packed with one free slot per segment
     assert layer.seg_caps == [5, 7]
     layer.pos_flat[2] = -1  # what evict_to_caps does
     layer.pos_flat[layer.offsets[1] + 3] = -1
     layer.head_counts = [[4, 6]]
-    layer.update(one * 2, one * 2)
+    append(layer, one * 2, one * 2)
     assert layer.seg_caps == [5, 7]  # no growth: the freed slots were reused
     assert layer.pos_flat[2].item() == 7 and layer.pos_flat[layer.offsets[1] + 3].item() == 7
 
@@ -279,10 +286,12 @@ def test_generation_matches_padded_layout_with_decode_eviction(device, monkeypat
 def test_decode_append_needs_no_host_sync():
     layer, _ = ragged_layer([5, 2, 9, 1], B=2, device="cuda")
     one = torch.ones(2, 2, 1, 4, device="cuda")
-    layer.update(one, one)  # the first append re-packs (allowed to sync)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(3):
+    append(layer, one, one)  # the first append re-packs (allowed to sync)
+    for _ in range(3):
+        layer.prepare_step(1)  # host only
+        torch.cuda.set_sync_debug_mode("error")
+        try:
             layer.update(one, one)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        layer.finish_step(1)

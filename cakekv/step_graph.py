@@ -1,0 +1,76 @@
+"""One-token decode steps over a CompressedCache, replayed as CUDA graphs.
+
+An eager decode step launches hundreds of small kernels (the model's and cakekv's) and is bound by
+launch latency, not by the bytes it reads. After prefill, everything a step touches has a fixed address:
+the cache is written in place and its host-side decisions (reallocation, how many entries each layer
+evicts) are taken before the step by `CompressedCache.prepare_step`, whose result keys the graph. A new
+key runs one step eagerly (warm-up), the next step is captured, and later steps with that key replay it.
+If capture fails (an op that syncs with the host, say), the cache decodes eagerly from then on.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable
+
+import torch
+
+ENV_SWITCH = "CAKEKV_CUDA_GRAPHS"  # "0" turns capture off (eager decode, as on CPU)
+
+
+def graphs_enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1") != "0"
+
+
+class StepGraph:
+    """The captured step of one cache: static inputs, the graph, and its output."""
+
+    def __init__(self):
+        self.key = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.output = None
+        self.pool = None
+        self.failed: str | None = None
+        self.replays = 0
+        self.captures = 0
+
+    def run(self, key, step: Callable[[dict[str, torch.Tensor]], object], inputs: dict[str, torch.Tensor]):
+        """`step(inputs)` runs the decoder on `inputs`; returns its output (graph-owned tensors cloned)."""
+        if self.failed is not None:
+            return step(inputs)
+        if key != self.key:  # warm-up for a new key; the next step with this key is captured
+            self.key, self.graph, self.output = key, None, None
+            return step(inputs)
+        if self.graph is None:
+            if not self._capture(step, inputs):
+                return step(inputs)
+        else:
+            for name, value in inputs.items():
+                self.inputs[name].copy_(value)
+        self.graph.replay()
+        self.replays += 1
+        return _detached(self.output)
+
+    def _capture(self, step, inputs) -> bool:
+        static = {name: value.clone() for name, value in inputs.items()}
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                output = step(static)
+        except Exception as error:  # noqa: BLE001  (any failure to capture falls back to eager decode)
+            self.failed = f"{type(error).__name__}: {error}"
+            warnings.warn(f"cakekv: decode steps run eagerly, the CUDA graph capture failed ({self.failed})",
+                          RuntimeWarning, stacklevel=4)
+            return False
+        self.graph, self.inputs, self.output = graph, static, output
+        self.captures += 1
+        return True
+
+
+def _detached(output):
+    """A copy of a model output whose tensors are not the graph's (the next replay overwrites those)."""
+    fields = {name: value.clone() if isinstance(value, torch.Tensor) else value for name, value in output.items()}
+    return type(output)(**fields)
