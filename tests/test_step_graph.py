@@ -1,0 +1,111 @@
+"""Decode steps replayed as CUDA graphs give the eager steps' tokens and logits, for every method on the
+shipped trained model; several threads may generate under one handle (each has its own cache)."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import cakekv
+from cakekv import cache_kwargs, cache_of
+from cakekv.step_graph import ENV_SWITCH
+from conftest import tiny_model
+from test_core import BUDGET, WINDOW, prompt
+
+ASSET = Path(__file__).resolve().parents[1] / "cakekv" / "assets" / "tiny-llama"
+METHODS = [m for m in cakekv.available_methods() if m != "full"]
+CASES = [(m, {}) for m in METHODS] + [("cake", {"head_budgets": True}), ("cake", {"decode_evict": False}),
+                                      ("full", {})]
+IDS = [m for m in METHODS] + ["cake-head_budgets", "cake-no_decode_evict", "full"]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(ASSET, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
+
+
+def decode(model, ids, mask, method, kw, steps, graphs: bool, monkeypatch):
+    monkeypatch.setenv(ENV_SWITCH, "1" if graphs else "0")
+    tokens, logits = [], []
+    with cakekv.compress(model, method=method, budget=128, window=16, **kw), torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        cache = cache_of(out)
+        for _ in range(steps):
+            token = out.logits[:, -1:].argmax(-1)
+            tokens.append(token)
+            mask = torch.cat([mask, torch.ones_like(token)], 1)
+            out = model(input_ids=token, attention_mask=mask, use_cache=True, **cache_kwargs(model, cache))
+            logits.append(out.logits[:, -1].float())
+    return torch.cat(tokens, 1), torch.stack(logits, 1), cache
+
+
+@cuda
+@pytest.mark.parametrize("method,kw", CASES, ids=IDS)
+def test_graph_steps_equal_eager_steps(shipped, method, kw, monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, shipped.config.vocab_size, (2, 600), generator=gen).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :150] = 0
+    steps = 40
+    want, want_logits, eager_cache = decode(shipped, ids, mask, method, kw, steps, False, monkeypatch)
+    got, got_logits, cache = decode(shipped, ids, mask, method, kw, steps, True, monkeypatch)
+    assert eager_cache.step_graph is None
+    assert cache.step_graph is not None and cache.step_graph.failed is None
+    assert cache.step_graph.replays >= steps // 2  # most steps replayed, not re-captured
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got_logits, want_logits, rtol=2e-2, atol=2e-2)
+    for a, b in zip(cache.layers, eager_cache.layers):
+        assert a.head_counts == b.head_counts and a.seen == b.seen
+        assert torch.equal(a.next_pos, b.next_pos)
+
+
+@cuda
+def test_graph_generate_equals_eager_generate(shipped, monkeypatch):
+    """`model.generate` itself (its own position ids and growing mask) takes the captured path."""
+    ids = torch.randint(3, shipped.config.vocab_size, (1, 700), generator=torch.Generator().manual_seed(1)).cuda()
+    outs = []
+    for graphs in (False, True):
+        monkeypatch.setenv(ENV_SWITCH, "1" if graphs else "0")
+        with cakekv.compress(shipped, method="cake", budget=128, window=16) as handle:
+            outs.append(shipped.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0))
+        graph = handle.last_cache.step_graph
+        assert (graph is not None and graph.replays > 10) == graphs
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_threads_generate_under_one_handle():
+    """Each thread's generate runs on its own cache: the results equal the same prompts run one by one."""
+    model = tiny_model("llama")
+    prompts = [prompt(70 + 10 * i, seed=20 + i) for i in range(3)]
+    with cakekv.compress(model, method="cake", budget=BUDGET, window=WINDOW), torch.no_grad():
+        want = [model.generate(p, max_new_tokens=8, do_sample=False, pad_token_id=0) for p in prompts]
+        got, errors = [None] * 3, []
+
+        def work(i):
+            try:
+                for _ in range(3):
+                    got[i] = model.generate(prompts[i], max_new_tokens=8, do_sample=False, pad_token_id=0)
+            except Exception as error:  # noqa: BLE001  (reported below)
+                errors.append(error)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_cpu_decodes_eagerly():
+    model = tiny_model("llama")
+    with cakekv.compress(model, method="cake", budget=BUDGET, window=WINDOW), torch.no_grad():
+        out = model(input_ids=prompt(80), use_cache=True)
+        cache = cache_of(out)
+        model(input_ids=prompt(1, seed=3), use_cache=True, **cache_kwargs(model, cache))
+    assert cache.step_graph is None  # graphs are a CUDA matter: CPU steps stay eager
