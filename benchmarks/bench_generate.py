@@ -68,7 +68,7 @@ def run_hf_static_short(model, ids, budget, new_tokens):
     timed(new_tokens + 1), timed(new_tokens + 1)  # compile, warm
     one, many = timed(1), timed(new_tokens + 1)
     decode_s = many - one
-    return dict(method="hf-static-short", budget=budget, ragged_layers=0, prefill_s=one,
+    return dict(method="hf-static-short", budget=budget, ragged_layers=0, graph_replays=-1, prefill_s=one,
                 decode_ms_per_token=1000 * decode_s / new_tokens, tokens_per_s=ids.shape[0] * new_tokens / decode_s,
                 peak_gib=float("nan"), kv_gib=float("nan"))
 
@@ -109,19 +109,21 @@ def run_one(model, ids, spec, budget, window, new_tokens, mask=None):
             decode_s = time.perf_counter() - t0
         kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
         ragged = sum(bool(getattr(layer, "ragged", False)) for layer in cache.layers)
+        graph = getattr(cache, "step_graph", None)
+        graph_replays = -1 if graph is None or graph.failed else graph.replays  # -1: eager decode
     finally:
         if ctx is not None:
             ctx.remove()
     peak = torch.cuda.max_memory_allocated() - base
     del cache, out
-    return dict(method=spec, budget=budget, ragged_layers=ragged, prefill_s=prefill_s, decode_ms_per_token=1000 * decode_s / new_tokens,
+    return dict(method=spec, budget=budget, ragged_layers=ragged, graph_replays=graph_replays, prefill_s=prefill_s, decode_ms_per_token=1000 * decode_s / new_tokens,
                 tokens_per_s=ids.shape[0] * new_tokens / decode_s, peak_gib=peak / 2**30, kv_gib=kv_bytes / 2**30)
 
 
 def table_row(r: dict) -> str:
     return (f"| {r['context']} | {r['batch']} | {r['method']} | {r['budget']} | {r['prefill_s']:.2f} | "
             f"{r['decode_ms_per_token']:.1f} | {r['tokens_per_s']:.1f} | {r['peak_gib']:.2f} | {r['kv_gib']:.3f} | "
-            f"{r['ragged_layers']} |")
+            f"{r['ragged_layers']} | {r.get('graph_replays', -1)} |")
 
 
 def main():
@@ -164,7 +166,7 @@ def main():
 def write_results(args, rows):
     """Table, JSON and PNG of the rows so far (written after every row: a long run keeps what it measured)."""
     header = ("| context | batch | method | budget | prefill s | decode ms/token | tokens/s | peak GiB (over weights) "
-              "| KV GiB | ragged layers |\n|---|---|---|---|---|---|---|---|---|---|")
+              "| KV GiB | ragged layers | graph replays |\n|---|---|---|---|---|---|---|---|---|---|---|")
     table = header + "\n" + "\n".join(map(table_row, rows))
     import transformers
     meta = dict(shape=args.shape, device=torch.cuda.get_device_name(), torch=torch.__version__,

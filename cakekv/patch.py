@@ -68,8 +68,10 @@ def _backend_function(backend: str, module: torch.nn.Module):
 
 def _compressed_attention(query, keys, values, visible, scale):
     """Attention of the current queries over a compressed layer with a per-KV-head visibility mask."""
-    groups = query.shape[1] // keys.shape[1]
-    mask = visible.repeat_interleave(groups, dim=1)
+    b, hkv, q, m = visible.shape
+    groups = query.shape[1] // hkv
+    # expand + reshape, not repeat_interleave (which reads its output size back from the device)
+    mask = visible[:, :, None].expand(b, hkv, groups, q, m).reshape(b, hkv * groups, q, m)
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.transpose(1, 2).contiguous()
 

@@ -57,11 +57,22 @@ class StepGraph:
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
+        inner: list[BaseException] = []
+
+        def captured():
+            try:
+                return step(static)
+            except Exception as error:  # the cause; ending the capture may raise another error over it
+                inner.append(error)
+                raise
+
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
-                output = step(static)
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                output = captured()
         except Exception as error:  # noqa: BLE001  (any failure to capture falls back to eager decode)
-            self.failed = f"{type(error).__name__}: {error}"
+            error = inner[0] if inner else error
+            self.pool = None
+            self.failed = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             warnings.warn(f"cakekv: decode steps run eagerly, the CUDA graph capture failed ({self.failed})",
                           RuntimeWarning, stacklevel=4)
             return False

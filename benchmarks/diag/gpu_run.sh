@@ -9,9 +9,9 @@ CAKEKV_CUDA_ARCHS=90 CMAKE_BUILD_PARALLEL_LEVEL=16 python3 -m pip install --no-b
 grep -m1 -o "LINK_FLAGS = .*\|LINK_LIBRARIES = .*" /tmp/skb/build.ninja | head -3
 lib=$(python3 -c "import cakekv._ops, glob, os, sys; print([f for p in sys.path if p for f in glob.glob(os.path.join(p, 'cakekv', 'libcakekv_ops*.so'))][0])")
 echo "lib: $lib"; readelf -d $lib | grep NEEDED
-nm -C $lib | grep -c " [TW] std::" ; nm -C $lib | grep " [TtWw] .*_M_insert<long>" | head -3
+
 ${EXTRA:-true}
-timeout 240 python3 -m pytest -q -x tests/test_step_graph.py tests/test_ops_cuda.py -p no:cacheprovider 2>&1 | tail -15
+timeout 240 python3 -m pytest -q tests/test_ops.py tests/test_step_graph.py tests/test_ops_cuda.py -p no:cacheprovider -W "default::RuntimeWarning" 2>&1 | tee $OUT/tests.log | tail -25
 for ctx in 32768 131072; do
   timeout ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_generate.py --contexts $ctx --methods ${METHODS:-full snapkv cake cake:decode_evict=false adakv} \
     --budgets 1024 --new-tokens 32 ${STATIC:+} $([ $ctx = 131072 ] && echo --no-static-baseline) --out $OUT/g$((ctx / 1024)) 2>&1 | grep "^|" 
