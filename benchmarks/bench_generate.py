@@ -68,7 +68,7 @@ def run_hf_static_short(model, ids, budget, new_tokens):
     timed(new_tokens + 1), timed(new_tokens + 1)  # compile, warm
     one, many = timed(1), timed(new_tokens + 1)
     decode_s = many - one
-    return dict(method="hf-static-short", budget=budget, ragged_layers=0, graph_replays=-1, prefill_s=one,
+    return dict(method="hf-static-short", budget=budget, ragged_layers=0, graph_replays=-1, first_steps_s=float("nan"), prefill_s=one,
                 decode_ms_per_token=1000 * decode_s / new_tokens, tokens_per_s=ids.shape[0] * new_tokens / decode_s,
                 peak_gib=float("nan"), kv_gib=float("nan"))
 
@@ -81,6 +81,9 @@ def left_padded(ids, batch):
     for b in range(1, batch):
         mask[b, : int(n * 0.1 * b / batch)] = 0
     return rows, mask
+
+
+WARM_STEPS = 3
 
 
 def run_one(model, ids, spec, budget, window, new_tokens, mask=None):
@@ -99,14 +102,22 @@ def run_one(model, ids, spec, budget, window, new_tokens, mask=None):
             prefill_s = time.perf_counter() - t0
             cache = cache_of(out)
             token = out.logits[:, -1:].argmax(-1)
-            t0 = time.perf_counter()
-            for _ in range(new_tokens):
-                if mask is not None:
-                    mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-                out = model(input_ids=token, attention_mask=mask, **cache_kwargs(model, cache), use_cache=True)
-                token = out.logits[:, -1:].argmax(-1)
-            torch.cuda.synchronize()
-            decode_s = time.perf_counter() - t0
+
+            def decode(steps):
+                nonlocal out, token, mask
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    if mask is not None:
+                        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+                    out = model(input_ids=token, attention_mask=mask, **cache_kwargs(model, cache), use_cache=True)
+                    token = out.logits[:, -1:].argmax(-1)
+                torch.cuda.synchronize()
+                return time.perf_counter() - t0
+
+            # The first steps warm up and capture the decode step (once per generate); timed apart.
+            first_steps_s = decode(WARM_STEPS)
+            decode_s = decode(new_tokens)
         kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
         ragged = sum(bool(getattr(layer, "ragged", False)) for layer in cache.layers)
         graph = getattr(cache, "step_graph", None)
@@ -116,14 +127,14 @@ def run_one(model, ids, spec, budget, window, new_tokens, mask=None):
             ctx.remove()
     peak = torch.cuda.max_memory_allocated() - base
     del cache, out
-    return dict(method=spec, budget=budget, ragged_layers=ragged, graph_replays=graph_replays, prefill_s=prefill_s, decode_ms_per_token=1000 * decode_s / new_tokens,
+    return dict(method=spec, budget=budget, ragged_layers=ragged, graph_replays=graph_replays, prefill_s=prefill_s, first_steps_s=first_steps_s, decode_ms_per_token=1000 * decode_s / new_tokens,
                 tokens_per_s=ids.shape[0] * new_tokens / decode_s, peak_gib=peak / 2**30, kv_gib=kv_bytes / 2**30)
 
 
 def table_row(r: dict) -> str:
     return (f"| {r['context']} | {r['batch']} | {r['method']} | {r['budget']} | {r['prefill_s']:.2f} | "
             f"{r['decode_ms_per_token']:.1f} | {r['tokens_per_s']:.1f} | {r['peak_gib']:.2f} | {r['kv_gib']:.3f} | "
-            f"{r['ragged_layers']} | {r.get('graph_replays', -1)} |")
+            f"{r['ragged_layers']} | {r.get('graph_replays', -1)} | {r.get('first_steps_s', float('nan')):.2f} |")
 
 
 def main():
@@ -166,7 +177,7 @@ def main():
 def write_results(args, rows):
     """Table, JSON and PNG of the rows so far (written after every row: a long run keeps what it measured)."""
     header = ("| context | batch | method | budget | prefill s | decode ms/token | tokens/s | peak GiB (over weights) "
-              "| KV GiB | ragged layers | graph replays |\n|---|---|---|---|---|---|---|---|---|---|---|")
+              "| KV GiB | ragged layers | graph replays | first 3 steps s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     table = header + "\n" + "\n".join(map(table_row, rows))
     import transformers
     meta = dict(shape=args.shape, device=torch.cuda.get_device_name(), torch=torch.__version__,

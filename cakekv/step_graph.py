@@ -41,7 +41,7 @@ class StepGraph:
             return step(inputs)
         if key != self.key:  # warm-up for a new key; the next step with this key is captured
             self.key, self.graph, self.output = key, None, None
-            return step(inputs)
+            return _on_side_stream(step, inputs)
         if self.graph is None:
             if not self._capture(step, inputs):
                 return step(inputs)
@@ -67,7 +67,7 @@ class StepGraph:
                 raise
 
         try:
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self.pool, stream=_side_stream(), capture_error_mode="thread_local"):
                 output = captured()
         except Exception as error:  # noqa: BLE001  (any failure to capture falls back to eager decode)
             error = inner[0] if inner else error
@@ -79,6 +79,28 @@ class StepGraph:
         self.graph, self.inputs, self.output = graph, static, output
         self.captures += 1
         return True
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream() -> torch.cuda.Stream:
+    """One capture stream per device: libraries that keep per-stream state (cuBLAS workspaces) see the
+    same stream in the warm-up step and in the capture."""
+    device = torch.cuda.current_device()
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
+def _on_side_stream(step, inputs):
+    """Run `step` eagerly on the capture stream, ordered after and before the current stream's work."""
+    current, side = torch.cuda.current_stream(), _side_stream()
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        output = step(inputs)
+    current.wait_stream(side)
+    return output
 
 
 def _detached(output):
