@@ -154,15 +154,30 @@ class CompressedLayer(CacheLayerMixin):
             self.over_t += q
 
     # ---- host side of a step (outside any captured graph) ---------------------------------------
-    def prepare_step(self, q: int) -> tuple:
-        """Before a step of `q` tokens: make room for them (the only reallocation), size the query
-        positions and decide how many entries eviction drops. Returns what a captured step depends on."""
+    def room(self) -> int:
+        """Free slots of the fullest (row, head) of this layer (host counters)."""
         counts = [c for row in self.head_counts for c in row]
-        if self.ragged:
-            if any(cap - c < q for cap, c in zip(self.seg_caps, counts)):
-                self._repack([max(cap, self._capacity(c + q)) for cap, c in zip(self.seg_caps, counts)])
-        else:
-            self._ensure_room(max(counts) + q)
+        caps = self.seg_caps if self.ragged else [self.pos.shape[-1]] * len(counts)
+        return min(cap - c for cap, c in zip(caps, counts))
+
+    def prepare_step(self, q: int, spare: int | None = None) -> tuple:
+        """Before a step of `q` tokens: make room for them (the only reallocation), size the query
+        positions and decide how many entries eviction drops. A layer without decode caps grows when it
+        cannot hold the step, by `spare` more slots (default: 1/8 of its size, see `grown_capacity`); given
+        `spare` by the cache, it also grows when it could not hold `spare` more. Returns what a captured
+        step depends on."""
+        counts = [c for row in self.head_counts for c in row]
+        needed = q  # free slots below which this layer grows
+        if spare is None:
+            spare = grown_capacity(max(counts) + q) - max(counts) - q
+        elif self.head_caps is None:
+            needed = q + spare  # the cache grows its layers together
+        reserve = q if self.head_caps is not None else q + spare  # capped layers evict a slot per token
+        if self.room() < needed:
+            if self.ragged:
+                self._repack([max(cap, c + reserve) for cap, c in zip(self.seg_caps, counts)])
+            else:
+                self._ensure_room(max(counts) + reserve)
         if self.query_pos is None or self.query_pos.shape[1] != q or self.query_pos._base is not None:
             self.query_pos = self.next_pos.new_empty(self.next_pos.shape[0], q)
         self.step_evict = 0
@@ -179,16 +194,12 @@ class CompressedLayer(CacheLayerMixin):
                                 for cs, caps in zip(self.head_counts, self.head_caps)]
         self.seen += q
 
-    def _capacity(self, needed: int) -> int:
-        """Slots for `needed` entries: exactly that under decode caps (eviction frees a slot per token),
-        else with spare room for the next appends (padded storage and ragged segments alike)."""
-        return needed if self.head_caps is not None else grown_capacity(needed)
-
     def _ensure_room(self, needed: int):
+        """At least `needed` slots per (row, head) of the padded storage."""
         size = self.pos.shape[-1]
         if needed <= size:
             return
-        grow = self._capacity(needed) - size
+        grow = needed - size
         b, h, _, d = self.keys.shape
         self.keys = torch.cat([self.keys, self.keys.new_zeros(b, h, grow, d)], 2)
         self.values = torch.cat([self.values, self.values.new_zeros(b, h, grow, d)], 2)
@@ -394,8 +405,14 @@ class CompressedCache(Cache):
 
     def prepare_step(self, q: int) -> tuple:
         """Host side of a step of `q` tokens over the compressed layers, before it runs; the result keys
-        a captured step (it changes when storage is reallocated or eviction counts change)."""
-        return tuple(layer.prepare_step(q) for layer in self.layers)
+        a captured step (it changes when storage is reallocated or eviction counts change). When one
+        growing layer is full, every growing layer short of the same spare grows with it, so that they
+        fill up together again and a captured step is re-captured rarely."""
+        largest = max(max(c for row in layer.head_counts for c in row) for layer in self.layers)
+        spare = grown_capacity(largest + q) - largest - q
+        if not any(layer.head_caps is None and layer.room() < q for layer in self.layers):
+            spare = 0  # nobody must grow: nobody does
+        return tuple(layer.prepare_step(q, spare) for layer in self.layers)
 
     def finish_step(self, q: int) -> None:
         for layer in self.layers:
