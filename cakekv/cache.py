@@ -408,10 +408,10 @@ class CompressedCache(Cache):
         a captured step (it changes when storage is reallocated or eviction counts change). When one
         growing layer is full, every growing layer short of the same spare grows with it, so that they
         fill up together again and a captured step is re-captured rarely."""
-        largest = max(max(c for row in layer.head_counts for c in row) for layer in self.layers)
-        spare = grown_capacity(largest + q) - largest - q
-        if not any(layer.head_caps is None and layer.room() < q for layer in self.layers):
-            spare = 0  # nobody must grow: nobody does
+        spare = 0  # nobody must grow: nobody does
+        if any(layer.head_caps is None and layer.room() < q for layer in self.layers):
+            largest = max(max(c for row in layer.head_counts for c in row) for layer in self.layers)
+            spare = grown_capacity(largest + q) - largest - q
         return tuple(layer.prepare_step(q, spare) for layer in self.layers)
 
     def finish_step(self, q: int) -> None:

@@ -2,8 +2,9 @@
 
 transformers 5 looks attention up by name (`AttentionInterface`) from `config._attn_implementation`.
 We register one wrapper per supported backend ("cakekv_sdpa", ...) whose mask function is the
-backend's own, point the model's config at it while compressed, and wrap the decoder's forward so
-that it runs on a CompressedCache. Both are undone exactly by `Patch.undo`.
+backend's own for a prompt and none over a compressed cache, point the model's config at it while
+compressed, and wrap the decoder's forward so that it runs on a CompressedCache (one-token CUDA steps
+replayed as CUDA graphs, see step_graph.py). Both are undone exactly by `Patch.undo`.
 
 The decoder's cache argument was renamed in transformers 5.24 (`past_key_values` -> `cache`, and the
 output field with it). `cache_argument` finds whichever name the model's forward takes, in this one
@@ -189,8 +190,9 @@ def _flat(arguments: dict) -> dict:
     return out
 
 
-def _graph_inputs(arguments: dict, cache: CompressedCache, cache_name: str) -> dict[str, torch.Tensor] | None:
-    """The tensors of a one-token decode step that can be replayed as a CUDA graph, or None (eager):
+def _graph_inputs(arguments: dict, cache: CompressedCache,
+                  cache_name: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """(tensors, flags) of a one-token decode step that can be replayed as a CUDA graph, or None (eager):
     CUDA, no autograd, token ids (not embeddings), flags only among the usual ones. Explicit positions
     are always passed (the model's default reads the cache length on the host)."""
     arguments = _flat(arguments)
@@ -198,18 +200,20 @@ def _graph_inputs(arguments: dict, cache: CompressedCache, cache_name: str) -> d
     if (ids is None or ids.device.type != "cuda" or ids.dim() != 2 or ids.shape[1] != 1
             or torch.is_grad_enabled() or torch.cuda.is_current_stream_capturing()):
         return None
-    tensors = {}
+    tensors, flags = {}, {}
     for key, value in arguments.items():
         if key in (cache_name, "attention_mask", "self") or value is None:
             continue
         if key in _GRAPH_TENSORS and isinstance(value, torch.Tensor):
             tensors[key] = value
-        elif key not in _GRAPH_FLAGS or isinstance(value, torch.Tensor):
+        elif key in _GRAPH_FLAGS and not isinstance(value, torch.Tensor):
+            flags[key] = value
+        else:
             return None
     if "position_ids" not in tensors:
         seen = cache.get_seq_length()
         tensors["position_ids"] = torch.full((1, 1), seen, dtype=torch.long, device=ids.device)
-    return tensors
+    return tensors, flags
 
 
 def check_supported(model) -> None:
@@ -306,10 +310,10 @@ class Patch:
                     if graph_inputs is None:
                         out = forward(*args, **kwargs)
                     else:
-                        flags = {k: v for k, v in _flat(arguments).items() if k in _GRAPH_FLAGS}
+                        tensors, flags = graph_inputs
                         if cache.step_graph is None:
                             cache.step_graph = StepGraph()
-                        out = cache.step_graph.run(key, lambda t: forward(**t, **flags, **{name: cache}), graph_inputs)
+                        out = cache.step_graph.run(key, lambda t: forward(**t, **flags, **{name: cache}), tensors)
                     cache.finish_step(q)
             finally:
                 _CURRENT_STEP.reset(token)
