@@ -5,13 +5,14 @@ from typing import Any
 
 from .cache import CompressedCache
 from .methods import get_method
+from .methods.options import as_int
 from .patch import Patch, check_supported, sliding_windows, warn_if_untested_transformers
 
 
 class CompressionHandle:
     """Returned by `compress`: a context manager and handle (`remove()`, `stats`)."""
 
-    def __init__(self, model, method, budget: int, window: int, options: dict[str, Any]):
+    def __init__(self, model, method, budget: int, window: int):
         self.model = model
         self.budget = budget
         self.window = window
@@ -57,12 +58,11 @@ def compress(model, method: str = "cake", budget: int = 1024, window: int = 32, 
     """Compress `model`'s KV cache with `method` while the returned handle is active.
 
     budget: entries kept per layer per KV head on average, window included. window: the last `window`
-    prompt tokens, always kept and used as the observation window. options: the method's keyword
-    options (see `cakekv.method_options(name)`)."""
+    prompt tokens, always kept and used as the observation window (both any integer type, numpy
+    included). options: the method's keyword options, each checked against its declared type and
+    constraints (`cakekv.describe_options(name)`)."""
     method_cls = get_method(method)
-    for name, value in (("budget", budget), ("window", window)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name}: must be an int, got {type(value).__name__}")
+    budget, window = as_int("budget", budget), as_int("window", window)
     if window < 1:
         raise ValueError(f"window: must be >= 1, got {window}")
     if budget < window + 1:
@@ -70,4 +70,4 @@ def compress(model, method: str = "cake", budget: int = 1024, window: int = 32, 
     check_supported(model)
     warn_if_untested_transformers()
     instance = method_cls(model.config, budget, window, **options)
-    return CompressionHandle(model, instance, budget, window, options)
+    return CompressionHandle(model, instance, budget, window)

@@ -1,6 +1,7 @@
 """The ``cakekv`` command line.
 
-    cakekv methods                               list the compression methods and their options
+    cakekv methods [NAME ...]                    list the compression methods and their options (with
+                                                 NAMEs: each option's type, default, constraint and doc)
     cakekv demo [--device cpu]                   facts hidden in a long document, answered by the shipped
                                                  tiny model with the full cache and compressed caches
     cakekv generate --model PATH --method cake --budget 1024 --prompt-file F
@@ -14,21 +15,26 @@ import contextlib
 import random
 import sys
 
-from .eval import common
+# Only what a command needs is imported, inside it: torch and transformers cost seconds, and help or
+# argument errors need neither.
 
 
 # ----------------------------------------------------------------------------------------------
 # methods
 # ----------------------------------------------------------------------------------------------
 def cmd_methods(args) -> int:
-    import cakekv
-    for name in cakekv.available_methods():
-        try:
-            options = cakekv.method_options(name)
-        except Exception:  # noqa: BLE001  (a method without introspectable options still gets listed)
-            options = {}
-        shown = ", ".join(f"{k}={v!r}" for k, v in options.items())
-        print(f"{name:<20} {shown}" if shown else name)
+    from .methods import available_methods, describe_options, get_method
+    for name in args.names:
+        get_method(name)  # an unknown name fails before anything is printed
+    if not args.names:
+        for name in available_methods():
+            print(f"{name:<20} " + ", ".join(f"{o.name}={o.default!r}" for o in describe_options(name)))
+        return 0
+    for name in args.names:
+        print(f"{name}:")
+        for o in describe_options(name):
+            kind = f"{o.type}, {o.constraint}" if o.constraint else o.type
+            print(f"  {o.name}={o.default!r} ({kind}): {o.doc}")
     return 0
 
 
@@ -50,6 +56,8 @@ def _demo_table(rows) -> str:
 def cmd_demo(args) -> int:
     import cakekv
     import torch
+
+    from .eval import common
 
     known = cakekv.available_methods()
     methods = common.split_list(args.methods) if args.methods else [m for m in DEMO_METHODS if m in known]
@@ -78,7 +86,7 @@ def _quiet_transformers():
 
 
 def _demo(args, runs) -> int:
-    from .eval import synthetic
+    from .eval import common, synthetic
     model, tok = common.load_model(None, args.device, args.dtype)
     counter = synthetic.TokenCounter(tok)
     rng = random.Random(f"demo:{args.seed}")
@@ -113,6 +121,8 @@ def _demo(args, runs) -> int:
 # ----------------------------------------------------------------------------------------------
 def cmd_generate(args) -> int:
     import cakekv
+
+    from .eval import common
     if args.method not in cakekv.available_methods():
         raise ValueError(f"method: unknown method {args.method!r}; available: {cakekv.available_methods()}")
     if args.budget < args.window + 1:
@@ -125,7 +135,7 @@ def cmd_generate(args) -> int:
                 prompt_text = f.read()
         except OSError as e:
             raise FileNotFoundError(f"prompt-file: cannot read {args.prompt_file!r}: {e.strerror or e}") from None
-    options = common.parse_options(args.option)
+    options = common.parse_options(args.option, [args.method])
     model, tok = common.load_model(args.model, args.device, args.dtype, args.attn_implementation)
     chat = common.use_chat(tok, args.chat)
     prompt = common.make_prompt(tok, "", prompt_text, "", chat=chat)
@@ -158,7 +168,7 @@ def cmd_eval(args) -> int:
 # parser
 # ----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from .eval import longbench, needle, synthetic
+    from .eval import common, longbench, needle, synthetic
 
     parser = argparse.ArgumentParser(prog="cakekv", description="KV-cache eviction (CAKE and siblings) for "
                                      "long-context inference with transformers.")
@@ -166,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("methods", help="list the compression methods and their options")
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help="methods whose options to describe (type, default, constraint, doc)")
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("demo", help="answer a question about a long document with the shipped tiny model, "
@@ -199,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-implementation", default=None)
     p.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
                    help="wrap the prompt with the tokenizer's chat template (auto: when it has one)")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option (repeatable), e.g. --option decode_evict=False; Python or JSON spelling "
+                        "(see `cakekv methods NAME`)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="run an evaluation: needle, synthetic or longbench")
@@ -215,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .eval import common
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("window", "max_new_tokens", "samples", "limit", "max_length", "facts", "threads"):

@@ -162,10 +162,11 @@ def test_decode_eviction_holds_the_budget_over_500_tokens(method, kw):
         assert any(layer.ragged for layer in cache.layers)
 
 
-BAD_OPTIONS = {
-    "streamingllm": ("sinks", -1), "h2o": None, "pyramidkv": ("beta", 0), "adakv": ("floor_alpha", 1.5),
-    "defensivekv": ("threshold", 2.0), "layer_defensivekv": ("cascading", "yes"), "lava": ("floor_alpha", -0.1),
-    "cake": ("head_floor", 2.0), "snapkv": ("kernel_size", 4),
+BAD_OPTIONS = {  # a wrong value raises ValueError, a wrong type TypeError (every case: tests/test_options.py)
+    "streamingllm": ("sinks", -1, ValueError), "h2o": None, "pyramidkv": ("beta", 0, ValueError),
+    "adakv": ("floor_alpha", 1.5, ValueError), "defensivekv": ("threshold", 2.0, ValueError),
+    "layer_defensivekv": ("cascading", "yes", TypeError), "lava": ("floor_alpha", -0.1, ValueError),
+    "cake": ("head_floor", 2.0, ValueError), "snapkv": ("kernel_size", 4, ValueError),
 }
 
 
@@ -175,8 +176,8 @@ def test_bad_options_raise_named_errors(method):
     with pytest.raises(TypeError, match="^bogus"):
         cakekv.compress(model, method=method, budget=64, window=8, bogus=1)
     if BAD_OPTIONS.get(method):
-        name, value = BAD_OPTIONS[method]
-        with pytest.raises(ValueError, match=f"^{name}"):
+        name, value, error = BAD_OPTIONS[method]
+        with pytest.raises(error, match=f"^{name}"):
             cakekv.compress(model, method=method, budget=64, window=8, **{name: value})
     assert model.config._attn_implementation == "sdpa"
 

@@ -15,6 +15,7 @@ Protocols (methods.md §4.6):
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import datetime
 import json
@@ -30,8 +31,6 @@ import zlib
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-
-from ..patch import cache_kwargs, cache_of
 
 PROTOCOLS = ("question-aware", "context-only")
 DEFAULT_METHODS = ("full", "cake", "snapkv")
@@ -344,6 +343,7 @@ def cut_at_eos(tokens: list[int], eos: Sequence[int]) -> list[int]:
 
 def _greedy_continue(model, context_ids, question_ids, max_new_tokens, eos, min_new_tokens):
     """Prefill the context (compressed by the active handle), append the question, decode greedily."""
+    from ..patch import cache_kwargs, cache_of
     # logits of the last position only: a long context's full logits would not fit in memory
     out = model(input_ids=context_ids, use_cache=True, logits_to_keep=1)
     out = model(input_ids=question_ids, **cache_kwargs(model, cache_of(out)), use_cache=True, logits_to_keep=1)
@@ -436,18 +436,38 @@ def parse_float_list(values, name: str) -> list[float]:
     return _parse_list(values, name, float, "numbers")
 
 
-def parse_options(items: Sequence[str] | None) -> dict[str, Any]:
-    """``KEY=VALUE`` strings to method options; values parsed as JSON when they parse (numbers,
-    true/false, null, lists), else kept as strings."""
+_WORDS = {"True": True, "true": True, "False": False, "false": False, "None": None, "null": None}
+
+
+def parse_value(text: str) -> Any:
+    """An option value in Python or JSON spelling: True/true, False/false, None/null, numbers and
+    quoted strings (any Python literal); anything else is the bare string. Not truthiness: the
+    method's declared types check the result, so ``decode_evict=no`` is refused, not read as true."""
+    text = text.strip()
+    if text in _WORDS:
+        return _WORDS[text]
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+
+
+def parse_options(items: Sequence[str] | None, methods: Sequence[str] = ()) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (``--option``) to method options, checked against the declared options of
+    each of ``methods`` (before any model is loaded); errors are ValueErrors naming ``--option``."""
+    from ..methods import get_method
     options: dict[str, Any] = {}
     for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"option: expected KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--option: expected KEY=VALUE, got {item!r}")
+        options[key.strip()] = parse_value(value)
+    for method in methods:
+        declared = get_method(method).Options
         try:
-            options[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.strip()] = value
+            declared.build(method, options)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--option {e}") from None
     return options
 
 
@@ -503,7 +523,7 @@ def setup_from_args(args: argparse.Namespace, model=None, tokenizer=None) -> Set
     methods = split_list(args.methods)
     budgets = parse_int_list(args.budgets, "budgets")
     runs = expand_runs(methods, budgets, args.window)
-    options = parse_options(args.option)
+    options = parse_options(args.option, methods)
     batch_size = getattr(args, "batch_size", 1)
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")

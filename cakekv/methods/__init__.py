@@ -2,6 +2,8 @@
 from . import (adakv, cake, defensivekv, full, h2o, lava, layer_defensivekv, pyramidkv,  # noqa: F401
                snapkv, streamingllm)
 from .base import LayerView, Method
-from .registry import available_methods, get_method
+from .options import OptionInfo, Options, option
+from .registry import available_methods, describe_options, get_method, method_options
 
-__all__ = ["LayerView", "Method", "available_methods", "get_method"]
+__all__ = ["LayerView", "Method", "OptionInfo", "Options", "available_methods", "describe_options", "get_method",
+           "method_options", "option"]

@@ -8,29 +8,34 @@ Hkv * (budget - window) (see base.flat_head_budgets for the one deliberate diffe
 normalize (off in the official scripts) and skip layers are not offered."""
 from __future__ import annotations
 
-from .base import LayerView, Method, flat_head_budgets, pool_candidates, reduce_group
+from dataclasses import dataclass
+from typing import Literal
+
+from .base import LayerView, Method, flat_head_budgets, head_floor_option, pool_candidates, reduce_group
+from .options import option
 from .registry import register
+from .snapkv import SnapKVOptions
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdaKVOptions(SnapKVOptions):
+    floor_alpha: float = head_floor_option(0.2)
+    gqa: Literal["mean", "max"] = option("mean", "how a KV head's query heads are reduced, before pooling")
 
 
 @register
 class AdaKV(Method):
     name = "adakv"
-    defaults = {"kernel_size": 7, "pooling": "max", "floor_alpha": 0.2, "gqa": "mean"}
+    Options = AdaKVOptions
 
-    def validate(self):
-        if self.opts["pooling"] not in ("avg", "max"):
-            raise ValueError(f"pooling: must be 'avg' or 'max', got {self.opts['pooling']!r}")
-        if int(self.opts["kernel_size"]) < 1 or int(self.opts["kernel_size"]) % 2 == 0:
-            raise ValueError(f"kernel_size: must be a positive odd integer, got {self.opts['kernel_size']!r}")
-        if not 0.0 <= float(self.opts["floor_alpha"]) <= 1.0:
-            raise ValueError(f"floor_alpha: must be in [0, 1], got {self.opts['floor_alpha']!r}")
-        if self.opts["gqa"] not in ("mean", "max"):
-            raise ValueError(f"gqa: must be 'mean' or 'max', got {self.opts['gqa']!r}")
+    @property
+    def pooling(self):
+        return self.options.kernel_size, self.options.pooling
 
     def score_layer(self, view: LayerView):
         mean, _, _ = view.window_stats()
-        score = reduce_group(mean, view.keys.shape[1], self.opts["gqa"])
+        score = reduce_group(mean, view.keys.shape[1], self.options.gqa)
         return pool_candidates(score, view.candidates, *self.pooling), None
 
     def head_budgets(self, indicator, budgets):
-        return flat_head_budgets(indicator, budgets, float(self.opts["floor_alpha"]))
+        return flat_head_budgets(indicator, budgets, self.options.floor_alpha)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ops
+from .options import Options, option
 
 
 @dataclass
@@ -47,6 +48,11 @@ def reduce_group(x: torch.Tensor, num_kv_heads: int, how: str = "mean") -> torch
     return grouped.mean(2) if how == "mean" else grouped.amax(2)
 
 
+def group_indicator(mean: torch.Tensor, var: torch.Tensor, weight: float, num_kv_heads: int) -> torch.Tensor:
+    """[B, H, N] attention mean / variance -> [B, Hkv, N] group mean of (mean + weight * var)."""
+    return reduce_group(mean + weight * var if weight else mean, num_kv_heads)
+
+
 def pool_candidates(x: torch.Tensor, candidates: torch.Tensor, kernel_size: int, kind: str) -> torch.Tensor:
     """1-D pooling along the slots of the candidate scores only, as if the candidates were sliced out
     (zero padding, edges damped for "avg"); non-candidates come out as -inf so they are never picked."""
@@ -64,52 +70,77 @@ def pool_candidates(x: torch.Tensor, candidates: torch.Tensor, kernel_size: int,
     return torch.where(candidates, x, torch.full_like(x, float("-inf")))
 
 
+# Declarations shared by several methods: one doc per concept, each method picks its name and default.
+def kernel_size_option(default: int) -> Any:
+    return option(default, "width of the 1-D pooling of the scores along positions (1: none)", ge=1, odd=True)
+
+
+def pooling_option(default: str) -> Any:
+    return option(default, "kind of the pooling along positions")
+
+
+def cascading_option(default: bool) -> Any:
+    return option(default, "re-cut the layer budgets after every layer while prefilling, which bounds peak "
+                           "memory (False: once, after the last layer)")
+
+
+def per_head_option(default: bool) -> Any:
+    return option(default, "split each layer's budget over its KV heads by score (False: the same budget in "
+                           "every head)")
+
+
+def head_floor_option(default: float) -> Any:
+    return option(default, "fraction of its layer's budget every KV head keeps at least when budgets go per "
+                           "head", ge=0, le=1)
+
+
 class Method:
-    """Base class: subclasses set `name`, `defaults` (option -> default) and override the hooks."""
+    """Base class: subclasses set `name`, `Options` (a dataclass of `option(...)` fields, see
+    methods/options.py) and override the hooks; `self.options` holds the checked values."""
 
     name: ClassVar[str] = ""
-    defaults: ClassVar[dict[str, Any]] = {}
-    decode_evict_default: ClassVar[bool] = False
+    Options: ClassVar[type[Options]] = Options
 
     def __init__(self, config, budget: int, window: int, **options: Any):
-        allowed = set(self.defaults) | {"decode_evict"}
-        unknown = sorted(set(options) - allowed)
-        if unknown:
-            raise TypeError(f"{unknown[0]}: method {self.name!r} takes no option {unknown[0]!r}; "
-                            f"its options are {sorted(allowed)}")
-        self.config = config
         self.budget = budget
         self.window = window
         self.num_layers = config.num_hidden_layers
-        self.opts = {**self.resolved_defaults(config, budget), **options}
-        self.decode_evict = bool(self.opts.pop("decode_evict", self.decode_evict_default))
-        self.validate()
+        self.options = self.Options.build(self.name, {**self.resolved_defaults(config, budget), **options})
 
     # ---- hooks -------------------------------------------------------------------------------
     def resolved_defaults(self, config, budget: int) -> dict[str, Any]:
-        """Defaults that may depend on the model or budget (CAKE's tau table)."""
-        return dict(self.defaults)
-
-    def validate(self) -> None:
-        """Raise ValueError naming an option with a bad value."""
+        """Defaults that depend on the model or budget (CAKE's tau table), over the declared ones."""
+        return {}
 
     def score_layer(self, view: LayerView) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (indicator [B, Hkv, N] fp32, -inf on non-candidates; layer preference [B] or None)."""
         raise NotImplementedError
 
+    @property
+    def decode_evict(self) -> bool:
+        return self.options.decode_evict
+
+    @property
+    def decode_variance_weight(self) -> float:
+        """Weight w of the variance term in the decode-time indicator (see `decode_indicator`)."""
+        return 0.0
+
     def decode_indicator(self, mean: torch.Tensor, var: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-        """Per-KV-head score [B, Hkv, M] of the cached entries from the current queries' attention."""
-        return reduce_group(mean, num_kv_heads)
+        """Per-KV-head score [B, Hkv, M] of the cached entries from the current queries' attention
+        mean / variance [B, H, M]: the group mean over the KV head's query heads of (mean + w * var),
+        w = `decode_variance_weight`."""
+        return group_indicator(mean, var, self.decode_variance_weight, num_kv_heads)
 
     @property
     def pooling(self) -> tuple[int, str]:
-        """(kernel size, "avg" | "max") of the 1-D pooling along positions, reused at decode time."""
-        return int(self.opts.get("kernel_size", 1)), self.opts.get("pooling", "avg")
+        """(kernel size, "avg" | "max") of the 1-D pooling along positions, reused at decode time;
+        (1, "avg") is none."""
+        return 1, "avg"
 
-    def preference_budgets(self, preferences: torch.Tensor, caps: torch.Tensor, is_last: bool):
+    def preference_budgets(self, preferences: torch.Tensor, caps: torch.Tensor, is_last: bool, cascading: bool):
         """Layer budgets proportional to preferences over the whole prefix total, re-cut after every
-        layer (cascading, CAKE and LAVa) or once after the last layer (`cascading=False`)."""
-        if not self.opts.get("cascading", True) and not is_last:
+        layer (`cascading`, CAKE and LAVa) or once after the last layer."""
+        if not cascading and not is_last:
             return None
         total = torch.full((caps.shape[0],), (self.budget - self.window) * self.num_layers,
                            dtype=torch.long, device=caps.device)

@@ -8,9 +8,13 @@ prefill indicator (for one query the variance term is zero, as in the official d
 pools along positions rather than along the cache's storage order."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .base import LayerView, Method, flat_head_budgets, pool_candidates, reduce_group
+from .base import (LayerView, Method, cascading_option, flat_head_budgets, group_indicator, head_floor_option,
+                   kernel_size_option, per_head_option, pool_candidates)
+from .options import Options, decode_evict_option, option
 from .registry import register
 
 # Official per-model (tau1, tau2) at cache sizes 128 and 1024 (experiments/LongBench/config/model2tau.json).
@@ -32,50 +36,54 @@ def default_taus(name_or_path: str, budget: int) -> tuple[float, float]:
     return 1.0, 1.0
 
 
+@dataclass(frozen=True, kw_only=True)
+class CakeOptions(Options):
+    tau1: float = option(1.0, "dispersion exponent 1/tau1 of the layer preference (default: the official "
+                              "value for the model and budget, else 1.0)", gt=0)
+    tau2: float = option(1.0, "shift exponent 1/tau2 of the layer preference (default as tau1)", gt=0)
+    gamma: float = option(200.0, "weight of the attention variance in the indicator mean + gamma * var", ge=0)
+    kernel_size: int = kernel_size_option(5)
+    cascading: bool = cascading_option(True)
+    # Not in the CAKE paper (our decision): AdaKV-style head budgets with AdaKV's floor.
+    head_budgets: bool = per_head_option(False)
+    head_floor: float = head_floor_option(0.2)
+    decode_evict: bool = decode_evict_option(True)
+
+
 @register
 class Cake(Method):
     name = "cake"
-    # head_budgets (not in the CAKE paper): split each layer's budget over its KV heads by one top-k
-    # over the flattened head scores with AdaKV's floor head_floor = 0.2 (our decision).
-    defaults = {"tau1": 1.0, "tau2": 1.0, "gamma": 200.0, "kernel_size": 5, "cascading": True,
-                "head_budgets": False, "head_floor": 0.2}
-    decode_evict_default = True
+    Options = CakeOptions
 
     def resolved_defaults(self, config, budget):
         tau1, tau2 = default_taus(getattr(config, "_name_or_path", ""), budget)
-        return {**self.defaults, "tau1": tau1, "tau2": tau2}
+        return {"tau1": tau1, "tau2": tau2}
 
-    def validate(self):
-        for key in ("tau1", "tau2"):
-            if not float(self.opts[key]) > 0:
-                raise ValueError(f"{key}: must be > 0, got {self.opts[key]!r}")
-        if int(self.opts["kernel_size"]) < 1 or int(self.opts["kernel_size"]) % 2 == 0:
-            raise ValueError(f"kernel_size: must be a positive odd integer, got {self.opts['kernel_size']!r}")
-        if not 0.0 <= float(self.opts["head_floor"]) <= 1.0:
-            raise ValueError(f"head_floor: must be in [0, 1], got {self.opts['head_floor']!r}")
+    @property
+    def pooling(self):
+        return self.options.kernel_size, "avg"
+
+    @property
+    def decode_variance_weight(self) -> float:
+        return self.options.gamma
 
     def head_budgets(self, indicator, budgets):
-        if not self.opts["head_budgets"]:
+        if not self.options.head_budgets:
             return None
-        return flat_head_budgets(indicator, budgets, float(self.opts["head_floor"]))
-
-    def indicator(self, mean: torch.Tensor, var: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-        # Average pooling is linear, so the group mean may come before it (same result, fewer rows).
-        return reduce_group(mean + self.opts["gamma"] * var, num_kv_heads)
+        return flat_head_budgets(indicator, budgets, self.options.head_floor)
 
     def score_layer(self, view: LayerView):
         mean, var, entropy = view.window_stats()
         num_kv_heads = view.keys.shape[1]
-        score = pool_candidates(self.indicator(mean, var, num_kv_heads), view.candidates, *self.pooling)
+        # Average pooling is linear, so the group mean may come before it (same result, fewer rows).
+        indicator = group_indicator(mean, var, self.options.gamma, num_kv_heads)
+        score = pool_candidates(indicator, view.candidates, *self.pooling)
         # Dispersion and shift are summed over query heads and prefix keys of each row.
         prefix = view.candidates.repeat_interleave(mean.shape[1] // num_kv_heads, dim=1)
         dispersion = torch.where(prefix, entropy, torch.zeros_like(entropy)).sum((1, 2)).double()
         shift = torch.where(prefix, var, torch.zeros_like(var)).sum((1, 2)).double()
-        preference = dispersion.pow(1.0 / self.opts["tau1"]) * shift.pow(1.0 / self.opts["tau2"])
+        preference = dispersion.pow(1.0 / self.options.tau1) * shift.pow(1.0 / self.options.tau2)
         return score, preference
 
-    def decode_indicator(self, mean, var, num_kv_heads):
-        return self.indicator(mean, var, num_kv_heads)
-
     def layer_budgets(self, preferences, caps, is_last, indicators=None):
-        return self.preference_budgets(preferences, caps, is_last)
+        return self.preference_budgets(preferences, caps, is_last, self.options.cascading)

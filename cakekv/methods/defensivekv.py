@@ -17,10 +17,13 @@ Decisions where the code/paper are silent or quirky:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from .base import LayerView, Method, flat_head_budgets
+from .base import LayerView, Method, flat_head_budgets, kernel_size_option, per_head_option
+from .options import Options, option
 from .registry import register
 
 _VNORM_CHUNK = 1024  # tokens per block of the value-through-o_proj norms
@@ -81,22 +84,24 @@ def defensive_scores(view: LayerView, budget: int, kernel: int, threshold: float
     return torch.where(protected & cand, top, score)
 
 
+@dataclass(frozen=True, kw_only=True)
+class DefensiveKVOptions(Options):
+    kernel_size: int = kernel_size_option(5)
+    threshold: float = option(0.9, "attention mass of each head's protected set (CriticalKV)", ge=0, le=1)
+    head_adaptive: bool = per_head_option(True)
+
+
 @register
 class DefensiveKV(Method):
     name = "defensivekv"
-    defaults = {"kernel_size": 5, "threshold": 0.9, "head_adaptive": True}
+    Options = DefensiveKVOptions
 
-    def validate(self):
-        if int(self.opts["kernel_size"]) < 1 or int(self.opts["kernel_size"]) % 2 == 0:
-            raise ValueError(f"kernel_size: must be a positive odd integer, got {self.opts['kernel_size']!r}")
-        if not 0.0 <= float(self.opts["threshold"]) <= 1.0:
-            raise ValueError(f"threshold: must be in [0, 1], got {self.opts['threshold']!r}")
-        if not isinstance(self.opts["head_adaptive"], bool):
-            raise ValueError(f"head_adaptive: must be a bool, got {self.opts['head_adaptive']!r}")
+    @property
+    def pooling(self):
+        return self.options.kernel_size, "avg"
 
     def score_layer(self, view: LayerView):
-        score = defensive_scores(view, self.budget, int(self.opts["kernel_size"]), float(self.opts["threshold"]))
-        return score, None
+        return defensive_scores(view, self.budget, self.options.kernel_size, self.options.threshold), None
 
     def head_budgets(self, indicator, budgets):
-        return flat_head_budgets(indicator, budgets, 0.0) if self.opts["head_adaptive"] else None
+        return flat_head_budgets(indicator, budgets, 0.0) if self.options.head_adaptive else None

@@ -8,7 +8,6 @@ from .registry import register
 @register
 class Full(Method):
     name = "full"
-    defaults = {}
 
     def layer_budgets(self, preferences, caps, is_last, indicators=None):
         return caps

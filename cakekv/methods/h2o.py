@@ -18,7 +18,6 @@ from .. import _ops
 @register
 class H2O(Method):
     name = "h2o"
-    defaults = {}
 
     def score_layer(self, view: LayerView):
         mean, _, _ = _ops.window_stats(view.queries, view.keys, view.query_positions, view.k_pos, view.scale)

@@ -9,25 +9,26 @@ rounded with allocate_budgets so the total is exactly (budget - window) * layers
 budget exceeds its length keeps everything (the official early return breaks on short prompts)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 import torch
 
 from .adakv import AdaKV
-from .base import LayerView, pool_candidates
+from .base import LayerView, cascading_option, head_floor_option, pool_candidates
 from .registry import register
+from .snapkv import SnapKVOptions
+
+
+@dataclass(frozen=True, kw_only=True)
+class LAVaOptions(SnapKVOptions):
+    floor_alpha: float = head_floor_option(0.2)
+    cascading: bool = cascading_option(True)
 
 
 @register
 class LAVa(AdaKV):
     name = "lava"
-    defaults = {"kernel_size": 7, "pooling": "max", "floor_alpha": 0.2, "cascading": True}
-
-    def validate(self):
-        self.opts.setdefault("gqa", "max")
-        super().validate()
-        self.opts.pop("gqa")
-        if not isinstance(self.opts["cascading"], bool):
-            raise ValueError(f"cascading: must be a bool, got {self.opts['cascading']!r}")
+    Options = LAVaOptions
 
     def score_layer(self, view: LayerView):
         mean, _, _ = view.window_stats()
@@ -46,4 +47,4 @@ class LAVa(AdaKV):
         return score, rho
 
     def layer_budgets(self, preferences, caps, is_last, indicators=None):
-        return self.preference_budgets(preferences, caps, is_last)
+        return self.preference_budgets(preferences, caps, is_last, self.options.cascading)

@@ -11,10 +11,13 @@ cascade); with head_adaptive=True it selects exactly the same entries as the glo
 top-T over a superset's survivors is nested (an entry dropped early already had T better ones)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .. import _ops
-from .defensivekv import DefensiveKV
+from .base import cascading_option
+from .defensivekv import DefensiveKV, DefensiveKVOptions
 from .registry import register
 
 
@@ -34,23 +37,23 @@ def global_counts(indicators: list[torch.Tensor], total: int) -> torch.Tensor:
     return counts.view(b, len(indicators), hkv)
 
 
+@dataclass(frozen=True, kw_only=True)
+class LayerDefensiveKVOptions(DefensiveKVOptions):
+    cascading: bool = cascading_option(False)
+
+
 @register
 class LayerDefensiveKV(DefensiveKV):
     name = "layer_defensivekv"
-    defaults = {**DefensiveKV.defaults, "cascading": False}
-
-    def validate(self):
-        super().validate()
-        if not isinstance(self.opts["cascading"], bool):
-            raise ValueError(f"cascading: must be a bool, got {self.opts['cascading']!r}")
+    Options = LayerDefensiveKVOptions
 
     def layer_budgets(self, preferences, caps, is_last, indicators=None):
-        if not self.opts["cascading"] and not is_last:
+        if not self.options.cascading and not is_last:
             return None
         hkv = indicators[0].shape[1]
         per_head_total = (self.budget - self.window) * self.num_layers
         counts = global_counts([x.cpu() for x in indicators], per_head_total * hkv)
-        if self.opts["head_adaptive"]:
+        if self.options.head_adaptive:
             return counts.to(caps.device)
         total = torch.full((caps.shape[0],), per_head_total, dtype=torch.long)
         return _ops.allocate_budgets(counts.sum(-1).double(), caps.cpu(), total).to(caps.device)

@@ -9,29 +9,33 @@ sum to more than NL * P; we take the exact linear profile and round it with allo
 prefix budgets sum to exactly NL * P (our contract), extra units going to the lowest layers."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .. import _ops
+from .options import option
 from .registry import register
-from .snapkv import SnapKV
+from .snapkv import SnapKV, SnapKVOptions
+
+
+@dataclass(frozen=True, kw_only=True)
+class PyramidKVOptions(SnapKVOptions):
+    beta: int = option(20, "pyramid steepness: the deepest layer gets 1/beta of the mean prefix budget, "
+                           "the first 2 - 1/beta of it", ge=1)
 
 
 @register
 class PyramidKV(SnapKV):
     name = "pyramidkv"
-    defaults = {"kernel_size": 7, "pooling": "max", "beta": 20}
-
-    def validate(self):
-        super().validate()
-        if not float(self.opts["beta"]) >= 1:
-            raise ValueError(f"beta: must be >= 1, got {self.opts['beta']!r}")
+    Options = PyramidKVOptions
 
     def profile(self, evictable: int) -> list[float]:
         """Unrounded prefix budget of every layer for a row with `evictable` = n - window."""
         p, layers, n = self.budget - self.window, self.num_layers, evictable + self.window
         if n < 2 * p or layers == 1:
             return [float(p)] * layers
-        low = p // int(self.opts["beta"])
+        low = p // self.options.beta
         high = 2 * p - low
         if high >= n - self.window:
             high = n - self.window

@@ -5,20 +5,28 @@ official code which expands GQA to query heads and stores G times more. Defaults
 official LongBench configs (kernel 7, max pooling)."""
 from __future__ import annotations
 
-from .base import LayerView, Method, pool_candidates, reduce_group
+from dataclasses import dataclass
+from typing import Literal
+
+from .base import LayerView, Method, kernel_size_option, pool_candidates, pooling_option, reduce_group
+from .options import Options
 from .registry import register
+
+
+@dataclass(frozen=True, kw_only=True)
+class SnapKVOptions(Options):
+    kernel_size: int = kernel_size_option(7)
+    pooling: Literal["avg", "max"] = pooling_option("max")
 
 
 @register
 class SnapKV(Method):
     name = "snapkv"
-    defaults = {"kernel_size": 7, "pooling": "max"}
+    Options = SnapKVOptions
 
-    def validate(self):
-        if self.opts["pooling"] not in ("avg", "max"):
-            raise ValueError(f"pooling: must be 'avg' or 'max', got {self.opts['pooling']!r}")
-        if int(self.opts["kernel_size"]) < 1 or int(self.opts["kernel_size"]) % 2 == 0:
-            raise ValueError(f"kernel_size: must be a positive odd integer, got {self.opts['kernel_size']!r}")
+    @property
+    def pooling(self):
+        return self.options.kernel_size, self.options.pooling
 
     def score_layer(self, view: LayerView):
         mean, _, _ = view.window_stats()

@@ -8,26 +8,29 @@ during decoding, as in the ports (with decode_evict=True the generic attention-b
 runs; it is not part of StreamingLLM)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .base import LayerView, Method
+from .options import Options, option
 from .registry import register
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamingLLMOptions(Options):
+    sinks: int = option(4, "first prompt tokens always kept (attention sinks)", ge=0)
 
 
 @register
 class StreamingLLM(Method):
     name = "streamingllm"
-    defaults = {"sinks": 4}
-
-    def validate(self):
-        sinks = self.opts["sinks"]
-        if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
-            raise ValueError(f"sinks: must be an int >= 0, got {sinks!r}")
+    Options = StreamingLLMOptions
 
     def score_layer(self, view: LayerView):
         # Sinks rank above everything, then the most recent first (positions are per row, so padding
         # does not change the choice).
         pos = view.k_pos.float()
         big = float(view.k_pos.shape[-1] + 1) * 2
-        score = torch.where(view.k_pos < self.opts["sinks"], big - pos, pos)
+        score = torch.where(view.k_pos < self.options.sinks, big - pos, pos)
         return torch.where(view.candidates, score, float("-inf")), None
