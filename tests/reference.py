@@ -31,6 +31,26 @@ def masked_window_stats(q, k, q_pos, k_pos, scale):
     return a.mean(2), var, -(a * torch.log(a + 1e-10)).sum(2)
 
 
+def ragged_attention(q, k, v, pos, offsets, q_pos, scale):
+    """Reference of the ragged_attention op: for each segment s = b * Hkv + g, the G query heads of kv head g
+    attend over entries offsets[s]..offsets[s+1]-1 with a plain fp32 softmax over the visible ones
+    (0 <= pos <= q_pos); a query that sees no entry gets zeros. Returns fp32 [B, H, Q, D]."""
+    batch, heads, q_len, _ = q.shape
+    kv_heads = (offsets.numel() - 1) // batch
+    group = heads // kv_heads
+    out = torch.zeros(batch, heads, q_len, v.shape[1])
+    for s in range(batch * kv_heads):
+        b, g = divmod(s, kv_heads)
+        lo, hi = int(offsets[s]), int(offsets[s + 1])
+        ks, vs, ps = k[lo:hi].float(), v[lo:hi].float(), pos[lo:hi]
+        qs = q[b, g * group:(g + 1) * group].float()                       # [G, Q, D]
+        visible = (ps[None, :] >= 0) & (ps[None, :] <= q_pos[b][:, None])  # [Q, n]
+        logits = (qs @ ks.T * scale).masked_fill(~visible, float("-inf"))
+        att = torch.nan_to_num(logits.softmax(-1), nan=0.0)                 # all -inf rows -> zeros
+        out[b, g * group:(g + 1) * group] = att @ vs
+    return out
+
+
 def allocate(scores: list[float], caps: list[int], total: int) -> list[int]:
     """Budgets proportional to scores, capped, summing to min(total, sum(caps)) (ops.h contract)."""
     s = [max(x, 0.0) for x in scores]
