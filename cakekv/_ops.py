@@ -55,6 +55,16 @@ def _ragged_attention_fake(q, k, v, pos, offsets, q_pos, scale):
     return q.new_empty(q.shape)
 
 
+@torch.library.register_fake("cakekv::append_entries")
+def _append_entries_fake(k, v, pos, offsets, new_k, new_v, q_pos):
+    return None
+
+
+@torch.library.register_fake("cakekv::evict_lowest")
+def _evict_lowest_fake(q, k, pos, offsets, q_pos, over, scale, var_weight, protect, kernel_size, max_pool, n_evict):
+    return None
+
+
 def window_stats(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-key (mean, unbiased variance, entropy) of the window queries' attention, each [B, H, N] fp32."""
@@ -83,3 +93,22 @@ def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
     """Attention [B, H, Q, D] of ``q`` over a ragged layer: head h of row b reads segment b * Hkv + h // (H // Hkv);
     entry t is visible to query i iff 0 <= pos[t] <= q_pos[b, i]."""
     return _ops.ragged_attention(q, k, v, pos, offsets, q_pos, float(scale))
+
+
+def append_entries(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, offsets: torch.Tensor, new_k: torch.Tensor,
+                   new_v: torch.Tensor, q_pos: torch.Tensor) -> None:
+    """In place: token i of segment s = b * Hkv + g (``new_k[b, g, i]``) goes to the i-th free slot
+    (pos < 0) of the segment's slots offsets[s] .. offsets[s+1] - 1, with position ``q_pos[b, i]``."""
+    _ops.append_entries(k, v, pos, offsets, new_k, new_v, q_pos)
+
+
+def evict_lowest(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, offsets: torch.Tensor, q_pos: torch.Tensor,
+                 over: torch.Tensor, scale: float, var_weight: float, protect: int, kernel_size: int, pooling: str,
+                 n_evict: int) -> None:
+    """In place: each segment over its cap frees (pos = -1) its min(n_evict, over) entries of lowest pooled
+    score mean_heads(mean + var_weight * var) of the current queries' attention, among entries at least
+    ``protect`` positions older than the newest query; ``over`` decreases accordingly (contract in ops.h)."""
+    if pooling not in ("avg", "max"):
+        raise ValueError(f"pooling: must be 'avg' or 'max', got {pooling!r}")
+    _ops.evict_lowest(q, k, pos, offsets, q_pos, over, float(scale), float(var_weight), int(protect),
+                      int(kernel_size), pooling == "max", int(n_evict))

@@ -25,7 +25,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import _ops
-from .methods.base import LayerView, Method, pool_candidates
+from .methods.base import LayerView, Method
 
 _GROW_MIN, _GROW_MAX = 16, 256  # spare slots a full layer without a cap gets: 1/8 of its size, clamped
 
@@ -63,7 +63,8 @@ class CompressedLayer(CacheLayerMixin):
         # Ragged storage (see the module docstring); `keys`/`values` are then [C, D].
         self.ragged = False
         self.pos_flat: torch.Tensor | None = None     # [C] int64, -1 = free slot
-        self.offsets: torch.Tensor | None = None      # [B * Hkv + 1] int64 segment starts (device)
+        self.offsets: torch.Tensor | None = None      # [B * Hkv + 1] int64 segment starts (device, both layouts)
+        self._padded_slots = 0                        # M of the padded storage `offsets` describes
         self.seg_caps: list[int] = []                 # slots of each segment (host)
         self.seg_caps_t: torch.Tensor | None = None   # the same on the device
         self.batch_heads: tuple[int, int] | None = None  # (B, Hkv) of the ragged storage
@@ -132,19 +133,17 @@ class CompressedLayer(CacheLayerMixin):
     def _append(self, keys, values):
         """Write the step's tokens into free slots, on the device only: the room was made and the host
         counters are kept by `prepare_step` / `finish_step`, so a step can be captured as a CUDA graph."""
-        if self.ragged:
-            return self._append_ragged(keys, values)
-        b, h, q, d = keys.shape
-        free = (self.pos < 0).to(torch.int32)
-        if q == 1:
-            slots = free.argmax(-1, keepdim=True)  # first free slot
-        else:
-            slots = torch.sort(free, dim=-1, descending=True, stable=True).indices[..., :q]
-        self._advance_positions(q)
-        self.keys.scatter_(2, slots[..., None].expand(b, h, q, d), keys)
-        self.values.scatter_(2, slots[..., None].expand(b, h, q, d), values)
-        self.pos.scatter_(2, slots, self.query_pos[:, None, :].expand(b, h, q))
+        self._advance_positions(keys.shape[2])
+        _ops.append_entries(*self._segments(), keys, values, self.query_pos)
         return self.keys, self.values
+
+    def _segments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys [T, D], values [T, D], positions [T], offsets [B*Hkv + 1]): the layer as segments, one per
+        (row, KV head), for the decode ops; the padded storage viewed flat, the ragged one as it is."""
+        if self.ragged:
+            return self.keys, self.values, self.pos_flat, self.offsets
+        d = self.keys.shape[-1]
+        return self.keys.view(-1, d), self.values.view(-1, d), self.pos.view(-1), self.offsets
 
     def _advance_positions(self, q: int):
         """The step's query positions (written in place) and the rows' next positions."""
@@ -178,6 +177,11 @@ class CompressedLayer(CacheLayerMixin):
                 self._repack([max(cap, c + reserve) for cap, c in zip(self.seg_caps, counts)])
             else:
                 self._ensure_room(max(counts) + reserve)
+        if not self.ragged:
+            b, h, m = self.pos.shape
+            if self.offsets is None or self.offsets.shape[0] != b * h + 1 or self._padded_slots != m:
+                self.offsets = torch.arange(b * h + 1, device=self.pos.device) * m
+                self._padded_slots = m
         if self.query_pos is None or self.query_pos.shape[1] != q or self.query_pos._base is not None:
             self.query_pos = self.next_pos.new_empty(self.next_pos.shape[0], q)
         self.step_evict = 0
@@ -244,26 +248,6 @@ class CompressedLayer(CacheLayerMixin):
         self.values = self.values.index_select(0, src)
         self.pos_flat = torch.where(valid, self.pos_flat.index_select(0, src), -1)
 
-    def _append_ragged(self, keys, values):
-        b, h, q, d = keys.shape
-        segs = b * h
-        device = self.pos_flat.device
-        caps_t = self.offsets[1:] - self.offsets[:-1]
-        seg = self._segment_ids(caps_t, self.pos_flat.shape[0])
-        # Rank of each free slot within its segment; the first q free slots of segment s take its tokens.
-        free = self.pos_flat < 0
-        ranks = torch.nn.functional.pad(free.long().cumsum(0), (1, 0))
-        rank = ranks[1:] - 1 - ranks[self.offsets[:-1]][seg]
-        dest = torch.where(free & (rank < q), seg * q + rank, segs * q)
-        slots = (self.offsets[1:] - 1).clamp(min=0).repeat_interleave(q, output_size=segs * q)
-        slots = torch.cat([slots, slots.new_zeros(1)]).scatter_(
-            0, dest, torch.arange(dest.shape[0], device=device))[: segs * q]
-        self._advance_positions(q)
-        self.keys.index_copy_(0, slots, keys.reshape(segs * q, d))
-        self.values.index_copy_(0, slots, values.reshape(segs * q, d))
-        self.pos_flat.index_copy_(0, slots, self.query_pos[:, None, :].expand(b, h, q).reshape(-1))
-        return self.keys, self.values
-
     def _padded_index(self) -> tuple[torch.Tensor, torch.Tensor]:
         """([B, Hkv, Cmax] flat slot of each padded slot (0 where past the segment), [B, Hkv, Cmax] valid)."""
         b, h = self.batch_heads
@@ -325,39 +309,14 @@ class CompressedLayer(CacheLayerMixin):
         self.head_prefix = new
 
     def evict_to_caps(self, query: torch.Tensor, scale: float, method: Method):
-        """Decode-time eviction: rows above their cap drop their lowest-indicator entries (the last
-        `window` positions are protected); the freed slots take the next tokens. A ragged layer is
-        scored on a temporary padded view of its keys and frees the chosen slots in place."""
-        n_evict = self.step_evict  # decided on the host by prepare_step
-        if n_evict <= 0:
+        """Decode-time eviction: rows above their cap drop their lowest-scoring entries (the last `window`
+        positions are protected), in place; the freed slots take the next tokens."""
+        if self.step_evict <= 0:  # decided on the host by prepare_step
             return
-        if self.ragged:
-            idx, valid = self._padded_index()
-            keys = self.keys[idx]
-            pos = torch.where(valid, self.pos_flat[idx], -1)
-        else:
-            keys, pos = self.keys, self.pos
-        mean, var, _ = _ops.window_stats(query, keys, self.query_pos, pos, scale)
-        score = method.decode_indicator(mean, var, pos.shape[1])
-        newest = self.next_pos - 1
-        candidates = (pos >= 0) & (pos <= (newest - self.cache.window)[:, None, None])
-        # Pool and rank along positions (slots are unordered once decoding has reused them); ties go
-        # to the earlier position, as at prefill.
-        order = torch.where(pos >= 0, pos, torch.iinfo(torch.long).max).argsort(-1)
-        in_order = candidates.gather(-1, order)
-        pooled = pool_candidates(score.gather(-1, order), in_order, *method.pooling)
-        pooled = torch.where(in_order, pooled, float("inf"))
-        ranked = torch.sort(pooled, dim=-1, stable=True).indices[..., :n_evict]
-        lowest = order.gather(-1, ranked)
-        drop = torch.arange(n_evict, device=query.device) < self.over_t[:, :, None]
-        dropped = torch.zeros_like(pos, dtype=torch.bool).scatter_(-1, lowest, drop)
-        if self.ragged:
-            hits = torch.zeros_like(self.pos_flat).index_put_((idx.reshape(-1),), (dropped & valid).reshape(-1).long(),
-                                                              accumulate=True)
-            self.pos_flat.masked_fill_(hits > 0, -1)
-        else:
-            self.pos.masked_fill_(dropped, -1)
-        self.over_t.clamp_(max=0)
+        keys, _, pos, offsets = self._segments()
+        kernel_size, pooling = method.pooling
+        _ops.evict_lowest(query, keys, pos, offsets, self.query_pos, self.over_t, scale,
+                          method.decode_variance_weight, self.cache.window, kernel_size, pooling, self.step_evict)
 
 
 class PromptInfo:

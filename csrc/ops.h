@@ -78,6 +78,38 @@ std::tuple<at::Tensor, at::Tensor> gather_ragged(const at::Tensor& k, const at::
 at::Tensor ragged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
                             const at::Tensor& offsets, const at::Tensor& q_pos, double scale);
 
+// ---------------------------------------------------------------------------------------------
+// Decode-time ops over a layer seen as segments: segment s = b * Hkv + g (row b, kv head g) holds the
+// entries offsets[s] .. offsets[s+1] - 1 of flat k, v [T, D] and pos [T] (-1 = free slot). The ragged
+// layout is this; the padded layout [B, Hkv, M, D] is it too, viewed flat with offsets = M * arange(S + 1).
+//
+// append_entries — write the Q new tokens of every segment into its first Q free slots, in place
+//   k, v    [T, D]          (mutated)
+//   pos     [T] int64       (mutated: the slots taken get q_pos)
+//   offsets [B*Hkv + 1]     int64 segment starts
+//   new_k, new_v [B, Hkv, Q, D]  same dtype as k
+//   q_pos   [B, Q] int64    position of each new token
+// Token i of segment s goes to the i-th free slot of s in slot order. A segment with fewer than Q free
+// slots is an error (the caller makes room first): CPU raises, CUDA asserts on the device.
+void append_entries(const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos, const at::Tensor& offsets,
+                    const at::Tensor& new_k, const at::Tensor& new_v, const at::Tensor& q_pos);
+
+// evict_lowest — decode-time eviction: per segment, free the entries the current queries value least
+//   q        [B, H, Q, D]   current queries (after RoPE), same dtype as k; H % Hkv == 0
+//   k        [T, D], pos [T] int64 (mutated: evicted entries get -1), offsets [B*Hkv + 1] as above
+//   q_pos    [B, Q] int64   positions of the current queries
+//   over     [B, Hkv] int64 (mutated) entries each segment holds above its cap; decreases by what is evicted
+//   scale, var_weight (w), protect (P), kernel_size (K, odd >= 1), max_pool, n_evict (E >= 0)
+// For segment s = (b, g) and its query heads j (h = g * G + j): A[j,i,t] = softmax over visible entries
+// (0 <= pos[t] <= q_pos[b,i]) of scale * q·k in fp32; score[t] = mean_j (mean_i A + w * var_i A) (unbiased
+// variance over the Q queries, 0 when Q == 1). Candidates: 0 <= pos[t] <= q_pos[b, Q-1] - P, taken in
+// position order; pooled = the K-wide average (zero padded, divided by K) or maximum of the candidates'
+// scores, centred. The min(E, over[b,g]) candidates with the lowest pooled score (ties: earlier position)
+// get pos = -1, and over[b,g] decreases by their number.
+void evict_lowest(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos, const at::Tensor& offsets,
+                  const at::Tensor& q_pos, const at::Tensor& over, double scale, double var_weight, int64_t protect,
+                  int64_t kernel_size, bool max_pool, int64_t n_evict);
+
 // Shape/dtype checks shared by every backend (defined in register.cpp).
 // CPU kernels check index ranges before their parallel loops (an exception must not leave one).
 void check_indices_in_range(const char* op, const int64_t* idx, int64_t count, int64_t n);  // host memory
@@ -89,6 +121,12 @@ void check_gather_ragged_args(const at::Tensor& k, const at::Tensor& v, const at
                               const at::Tensor& offsets);
 void check_ragged_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& pos, const at::Tensor& offsets, const at::Tensor& q_pos);
+void check_append_entries_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
+                               const at::Tensor& offsets, const at::Tensor& new_k, const at::Tensor& new_v,
+                               const at::Tensor& q_pos);
+void check_evict_lowest_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
+                             const at::Tensor& offsets, const at::Tensor& q_pos, const at::Tensor& over,
+                             int64_t kernel_size, int64_t n_evict);
 
 namespace cpu {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> window_stats(const at::Tensor&, const at::Tensor&,
@@ -99,6 +137,10 @@ std::tuple<at::Tensor, at::Tensor> gather_ragged(const at::Tensor&, const at::Te
                                                  const at::Tensor&);
 at::Tensor ragged_attention(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const at::Tensor&, const at::Tensor&, double);
+void append_entries(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                    const at::Tensor&, const at::Tensor&);
+void evict_lowest(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                  const at::Tensor&, double, double, int64_t, int64_t, bool, int64_t);
 }  // namespace cpu
 
 #ifdef CAKEKV_WITH_CUDA
@@ -111,6 +153,10 @@ std::tuple<at::Tensor, at::Tensor> gather_ragged(const at::Tensor&, const at::Te
                                                  const at::Tensor&);
 at::Tensor ragged_attention(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const at::Tensor&, const at::Tensor&, double);
+void append_entries(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                    const at::Tensor&, const at::Tensor&);
+void evict_lowest(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                  const at::Tensor&, double, double, int64_t, int64_t, bool, int64_t);
 }  // namespace cuda
 #endif
 

@@ -91,6 +91,57 @@ void check_ragged_attention_args(const at::Tensor& q, const at::Tensor& k, const
               "ragged_attention: all inputs must be on one device");
 }
 
+void check_append_entries_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
+                               const at::Tensor& offsets, const at::Tensor& new_k, const at::Tensor& new_v,
+                               const at::Tensor& q_pos) {
+  TORCH_CHECK(k.dim() == 2 && v.sizes() == k.sizes() && v.scalar_type() == k.scalar_type(),
+              "append_entries: k and v must be [T, D] of one dtype, got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && pos.is_contiguous(),
+              "append_entries: k, v and pos are written in place and must be contiguous");
+  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == k.size(0) && pos.scalar_type() == at::kLong,
+              "append_entries: pos must be int64 [T]");
+  TORCH_CHECK(new_k.dim() == 4 && new_v.sizes() == new_k.sizes() && new_k.size(3) == k.size(1) &&
+                  new_k.scalar_type() == k.scalar_type() && new_v.scalar_type() == k.scalar_type(),
+              "append_entries: new_k and new_v must be [B, Hkv, Q, D] with k's head dim and dtype, got ",
+              new_k.sizes());
+  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong &&
+                  offsets.size(0) == new_k.size(0) * new_k.size(1) + 1,
+              "append_entries: offsets must be int64 [B * Hkv + 1]");
+  TORCH_CHECK(q_pos.dim() == 2 && q_pos.size(0) == new_k.size(0) && q_pos.size(1) == new_k.size(2) &&
+                  q_pos.scalar_type() == at::kLong,
+              "append_entries: q_pos must be int64 [B, Q]");
+  TORCH_CHECK(k.device() == v.device() && k.device() == pos.device() && k.device() == offsets.device() &&
+                  k.device() == new_k.device() && k.device() == new_v.device() && k.device() == q_pos.device(),
+              "append_entries: all inputs must be on one device");
+}
+
+void check_evict_lowest_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
+                             const at::Tensor& offsets, const at::Tensor& q_pos, const at::Tensor& over,
+                             int64_t kernel_size, int64_t n_evict) {
+  TORCH_CHECK(q.dim() == 4, "evict_lowest: q must be [B, H, Q, D], got ", q.sizes());
+  TORCH_CHECK(k.dim() == 2 && k.size(1) == q.size(3) && k.scalar_type() == q.scalar_type(),
+              "evict_lowest: k must be [T, D] with q's head dim and dtype, got ", k.sizes());
+  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == k.size(0) && pos.scalar_type() == at::kLong && pos.is_contiguous(),
+              "evict_lowest: pos must be contiguous int64 [T] (it is written in place)");
+  const int64_t B = q.size(0);
+  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong && offsets.size(0) >= 1,
+              "evict_lowest: offsets must be int64 [B * Hkv + 1]");
+  const int64_t segs = offsets.size(0) - 1;
+  TORCH_CHECK(B > 0 && segs % B == 0 && segs / B > 0 && q.size(1) % (segs / B) == 0, "evict_lowest: offsets has ",
+              segs, " segments, not B * Hkv with Hkv dividing H=", q.size(1));
+  TORCH_CHECK(q_pos.dim() == 2 && q_pos.size(0) == B && q_pos.size(1) == q.size(2) && q_pos.scalar_type() == at::kLong,
+              "evict_lowest: q_pos must be int64 [B, Q]");
+  TORCH_CHECK(over.dim() == 2 && over.size(0) == B && over.size(1) == segs / B && over.scalar_type() == at::kLong &&
+                  over.is_contiguous(),
+              "evict_lowest: over must be contiguous int64 [B, Hkv] (it is written in place)");
+  TORCH_CHECK(kernel_size >= 1 && kernel_size % 2 == 1, "evict_lowest: kernel_size must be odd and >= 1, got ",
+              kernel_size);
+  TORCH_CHECK(n_evict >= 0, "evict_lowest: n_evict must be >= 0, got ", n_evict);
+  TORCH_CHECK(q.device() == k.device() && q.device() == pos.device() && q.device() == offsets.device() &&
+                  q.device() == q_pos.device() && q.device() == over.device(),
+              "evict_lowest: all inputs must be on one device");
+}
+
 }  // namespace cakekv
 
 TORCH_LIBRARY(cakekv, m) {
@@ -99,6 +150,10 @@ TORCH_LIBRARY(cakekv, m) {
   m.def("gather_kept(Tensor k, Tensor v, Tensor idx) -> (Tensor, Tensor)");
   m.def("gather_ragged(Tensor k, Tensor v, Tensor idx, Tensor offsets) -> (Tensor, Tensor)");
   m.def("ragged_attention(Tensor q, Tensor k, Tensor v, Tensor pos, Tensor offsets, Tensor q_pos, float scale) -> Tensor");
+  m.def("append_entries(Tensor(a!) k, Tensor(b!) v, Tensor(c!) pos, Tensor offsets, Tensor new_k, Tensor new_v, "
+        "Tensor q_pos) -> ()");
+  m.def("evict_lowest(Tensor q, Tensor k, Tensor(a!) pos, Tensor offsets, Tensor q_pos, Tensor(b!) over, "
+        "float scale, float var_weight, int protect, int kernel_size, bool max_pool, int n_evict) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(cakekv, CPU, m) {
@@ -107,6 +162,8 @@ TORCH_LIBRARY_IMPL(cakekv, CPU, m) {
   m.impl("gather_kept", &cakekv::cpu::gather_kept);
   m.impl("gather_ragged", &cakekv::cpu::gather_ragged);
   m.impl("ragged_attention", &cakekv::cpu::ragged_attention);
+  m.impl("append_entries", &cakekv::cpu::append_entries);
+  m.impl("evict_lowest", &cakekv::cpu::evict_lowest);
 }
 
 #ifdef CAKEKV_WITH_CUDA
@@ -116,5 +173,7 @@ TORCH_LIBRARY_IMPL(cakekv, CUDA, m) {
   m.impl("gather_kept", &cakekv::cuda::gather_kept);
   m.impl("gather_ragged", &cakekv::cuda::gather_ragged);
   m.impl("ragged_attention", &cakekv::cuda::ragged_attention);
+  m.impl("append_entries", &cakekv::cuda::append_entries);
+  m.impl("evict_lowest", &cakekv::cuda::evict_lowest);
 }
 #endif

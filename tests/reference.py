@@ -155,3 +155,58 @@ def assert_same_selection(got: list[int], want: list[int], score: torch.Tensor, 
     for j in got_set ^ want_set:
         assert math.isclose(score[j].item(), cutoff, rel_tol=rel_tol, abs_tol=1e-7), (
             f"entry {j} (score {score[j].item():.6g}) differs from the reference selection (cut-off {cutoff:.6g})")
+
+
+def append_entries(k, v, pos, offsets, new_k, new_v, q_pos):
+    """Reference of the append_entries op (in place): token i of segment s goes to its i-th free slot."""
+    batch, kv_heads, q_len, _ = new_k.shape
+    for s in range(batch * kv_heads):
+        b, g = divmod(s, kv_heads)
+        lo, hi = int(offsets[s]), int(offsets[s + 1])
+        free = [lo + j for j in range(hi - lo) if int(pos[lo + j]) < 0][:q_len]
+        assert len(free) == q_len, "reference: not enough free slots"
+        for i, t in enumerate(free):
+            k[t], v[t], pos[t] = new_k[b, g, i], new_v[b, g, i], q_pos[b, i]
+
+
+def evict_scores(q, k, pos, offsets, q_pos, scale, var_weight):
+    """Per segment: fp32 [n] score mean_heads(mean_i A + w * var_i A) of the attention of the G*Q query rows."""
+    batch, heads, q_len, _ = q.shape
+    kv_heads = (offsets.numel() - 1) // batch
+    group = heads // kv_heads
+    scores = []
+    for s in range(batch * kv_heads):
+        b, g = divmod(s, kv_heads)
+        lo, hi = int(offsets[s]), int(offsets[s + 1])
+        ps = pos[lo:hi]
+        visible = (ps[None, :] >= 0) & (ps[None, :] <= q_pos[b][:, None])                # [Q, n]
+        logits = (q[b, g * group:(g + 1) * group].float() @ k[lo:hi].float().T * scale)  # [G, Q, n]
+        a = torch.nan_to_num(logits.masked_fill(~visible, float("-inf")).softmax(-1), nan=0.0)
+        var = a.var(1) if q_len > 1 else torch.zeros_like(a[:, 0])
+        scores.append((a.mean(1) + var_weight * var).mean(0))
+    return scores
+
+
+def evict_lowest(q, k, pos, offsets, q_pos, over, scale, var_weight, protect, kernel_size, pooling, n_evict):
+    """Reference of the evict_lowest op (in place on pos and over). Returns, per segment, the pooled score of
+    each candidate by flat slot index (for tie-tolerant comparisons)."""
+    batch = q.shape[0]
+    kv_heads = (offsets.numel() - 1) // batch
+    pooled_by_slot = []
+    for s, score in enumerate(evict_scores(q, k, pos, offsets, q_pos, scale, var_weight)):
+        b, g = divmod(s, kv_heads)
+        lo = int(offsets[s])
+        newest = int(q_pos[b, -1])
+        cand = [lo + j for j in range(score.shape[0]) if 0 <= int(pos[lo + j]) <= newest - protect]
+        cand.sort(key=lambda t: int(pos[t]))
+        x = score[[t - lo for t in cand]] if cand else torch.zeros(0)
+        pooled = pool(x[None], kernel_size, pooling)[0] if cand else x
+        pooled_by_slot.append(dict(zip(cand, pooled.tolist())))
+        if int(over[b, g]) <= 0:
+            continue
+        drop = min(n_evict, int(over[b, g]), len(cand))
+        order = sorted(range(len(cand)), key=lambda r: (pooled[r].item(), r))
+        for r in order[:drop]:
+            pos[cand[r]] = -1
+        over[b, g] -= drop
+    return pooled_by_slot

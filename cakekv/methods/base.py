@@ -122,14 +122,10 @@ class Method:
 
     @property
     def decode_variance_weight(self) -> float:
-        """Weight w of the variance term in the decode-time indicator (see `decode_indicator`)."""
+        """Weight w of the variance term of the decode-time score: each cached entry is scored by the group
+        mean, over its KV head's query heads, of (mean + w * variance) of the current queries' attention
+        (the evict_lowest op), then pooled with `pooling` along positions."""
         return 0.0
-
-    def decode_indicator(self, mean: torch.Tensor, var: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-        """Per-KV-head score [B, Hkv, M] of the cached entries from the current queries' attention
-        mean / variance [B, H, M]: the group mean over the KV head's query heads of (mean + w * var),
-        w = `decode_variance_weight`."""
-        return group_indicator(mean, var, self.decode_variance_weight, num_kv_heads)
 
     @property
     def pooling(self) -> tuple[int, str]:

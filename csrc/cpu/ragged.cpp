@@ -1,9 +1,14 @@
-// CPU kernels of the ragged layout (contracts in ops.h): gather_ragged (one copy per kept K and V row) and
-// ragged_attention (per segment ATen math in fp32: the G*Q queries of one kv head against its entries).
+// CPU kernels of the segment layout (contracts in ops.h): gather_ragged (one copy per kept K and V row),
+// ragged_attention (per segment ATen math in fp32: the G*Q queries of one kv head against its entries),
+// append_entries (first free slots, one row copy per token) and evict_lowest (plain loops in fp32).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
+#include <numeric>
+#include <vector>
 
 #include "../ops.h"
 
@@ -80,6 +85,116 @@ at::Tensor ragged_attention(const at::Tensor& q, const at::Tensor& k, const at::
     out[b][g].copy_(at::matmul(att, vs));
   }
   return out.view({B, H, Q, D}).to(q.scalar_type());
+}
+
+void append_entries(const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos, const at::Tensor& offsets,
+                    const at::Tensor& new_k, const at::Tensor& new_v, const at::Tensor& q_pos) {
+  check_append_entries_args(k, v, pos, offsets, new_k, new_v, q_pos);
+  const int64_t B = new_k.size(0), Hkv = new_k.size(1), Q = new_k.size(2), D = new_k.size(3);
+  const auto oc = checked_offsets(offsets, k.size(0), "append_entries");
+  const int64_t* o = oc.data_ptr<int64_t>();
+  int64_t* p = pos.data_ptr<int64_t>();
+  const auto nk = new_k.contiguous(), nv = new_v.contiguous(), qp = q_pos.contiguous();
+  const int64_t* qpp = qp.data_ptr<int64_t>();
+  const int64_t row_bytes = D * k.element_size();
+  auto* kd = static_cast<char*>(k.data_ptr());
+  auto* vd = static_cast<char*>(v.data_ptr());
+  const auto* ks = static_cast<const char*>(nk.data_ptr());
+  const auto* vs = static_cast<const char*>(nv.data_ptr());
+  for (int64_t s = 0; s < B * Hkv; ++s) {
+    const int64_t b = s / Hkv;
+    int64_t taken = 0;
+    for (int64_t t = o[s]; t < o[s + 1] && taken < Q; ++t) {
+      if (p[t] >= 0) continue;
+      std::memcpy(kd + t * row_bytes, ks + (s * Q + taken) * row_bytes, row_bytes);
+      std::memcpy(vd + t * row_bytes, vs + (s * Q + taken) * row_bytes, row_bytes);
+      p[t] = qpp[b * Q + taken];
+      ++taken;
+    }
+    TORCH_CHECK(taken == Q, "append_entries: segment ", s, " has ", taken, " free slots for ", Q, " tokens");
+  }
+}
+
+void evict_lowest(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos, const at::Tensor& offsets,
+                  const at::Tensor& q_pos, const at::Tensor& over, double scale, double var_weight, int64_t protect,
+                  int64_t kernel_size, bool max_pool, int64_t n_evict) {
+  check_evict_lowest_args(q, k, pos, offsets, q_pos, over, kernel_size, n_evict);
+  const int64_t B = q.size(0), H = q.size(1), Q = q.size(2), D = q.size(3);
+  const int64_t segs = offsets.size(0) - 1, Hkv = segs / B, G = H / Hkv, half = kernel_size / 2;
+  const auto oc = checked_offsets(offsets, k.size(0), "evict_lowest");
+  if (n_evict == 0 || k.size(0) == 0) return;
+  const int64_t* o = oc.data_ptr<int64_t>();
+  const auto qf = q.to(at::kFloat).contiguous(), kf = k.to(at::kFloat).contiguous(), qp = q_pos.contiguous();
+  const float* qd = qf.data_ptr<float>();
+  const float* kd = kf.data_ptr<float>();
+  const int64_t* qpp = qp.data_ptr<int64_t>();
+  int64_t* p = pos.data_ptr<int64_t>();
+  int64_t* ov = over.data_ptr<int64_t>();
+  at::parallel_for(0, segs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t b = s / Hkv, g = s % Hkv, lo = o[s], n = o[s + 1] - lo;
+      if (ov[s] <= 0 || n == 0) continue;
+      // Attention of each (head j, query i) row over the segment, then Welford mean/variance over i.
+      std::vector<float> logits(n), score(n, 0.f), mean(n), m2(n);
+      for (int64_t j = 0; j < G; ++j) {
+        std::fill(mean.begin(), mean.end(), 0.f);
+        std::fill(m2.begin(), m2.end(), 0.f);
+        for (int64_t i = 0; i < Q; ++i) {
+          const float* qr = qd + (((b * H) + g * G + j) * Q + i) * D;
+          const int64_t limit = qpp[b * Q + i];
+          float mx = -std::numeric_limits<float>::infinity();
+          for (int64_t t = 0; t < n; ++t) {
+            const int64_t pt = p[lo + t];
+            if (pt < 0 || pt > limit) { logits[t] = -std::numeric_limits<float>::infinity(); continue; }
+            float dot = 0.f;
+            for (int64_t d = 0; d < D; ++d) dot += qr[d] * kd[(lo + t) * D + d];
+            logits[t] = dot * static_cast<float>(scale);
+            mx = std::max(mx, logits[t]);
+          }
+          float sum = 0.f;
+          for (int64_t t = 0; t < n; ++t) {
+            logits[t] = std::isinf(logits[t]) ? 0.f : std::exp(logits[t] - mx);
+            sum += logits[t];
+          }
+          const float inv = sum > 0.f ? 1.f / sum : 0.f;
+          for (int64_t t = 0; t < n; ++t) {
+            const float a = logits[t] * inv, delta = a - mean[t];
+            mean[t] += delta / static_cast<float>(i + 1);
+            m2[t] += delta * (a - mean[t]);
+          }
+        }
+        for (int64_t t = 0; t < n; ++t) {
+          const float var = Q > 1 ? m2[t] / static_cast<float>(Q - 1) : 0.f;
+          score[t] += mean[t] + static_cast<float>(var_weight) * var;
+        }
+      }
+      // Candidates in position order, pooled, then the lowest pooled scores (ties: earlier position).
+      const int64_t newest = qpp[b * Q + Q - 1];
+      std::vector<int64_t> cand;
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t pt = p[lo + t];
+        if (pt >= 0 && pt <= newest - protect) cand.push_back(t);
+      }
+      std::sort(cand.begin(), cand.end(), [&](int64_t a, int64_t c) { return p[lo + a] < p[lo + c]; });
+      const int64_t nc = static_cast<int64_t>(cand.size());
+      std::vector<float> pooled(nc);
+      for (int64_t r = 0; r < nc; ++r) {
+        float acc = max_pool ? -std::numeric_limits<float>::infinity() : 0.f;
+        for (int64_t x = r - half; x <= r + half; ++x) {
+          if (x < 0 || x >= nc) continue;
+          const float val = score[cand[x]] / static_cast<float>(G);
+          acc = max_pool ? std::max(acc, val) : acc + val;
+        }
+        pooled[r] = max_pool ? acc : acc / static_cast<float>(kernel_size);
+      }
+      std::vector<int64_t> ranked(nc);
+      std::iota(ranked.begin(), ranked.end(), 0);
+      std::stable_sort(ranked.begin(), ranked.end(), [&](int64_t a, int64_t c) { return pooled[a] < pooled[c]; });
+      const int64_t drop = std::min({n_evict, ov[s], nc});
+      for (int64_t r = 0; r < drop; ++r) p[lo + cand[ranked[r]]] = -1;
+      ov[s] -= drop;
+    }
+  });
 }
 
 }  // namespace cakekv::cpu

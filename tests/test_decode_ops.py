@@ -1,0 +1,168 @@
+"""The decode-time ops over a layer's segments (append_entries, evict_lowest) against the plain-PyTorch
+references in reference.py: random cases in both layouts (padded: equal segments; ragged: unequal ones),
+storage order shuffled so that slot order is not position order, free slots inside segments, several
+queries (the variance term), both poolings; attention of the shipped trained model; opcheck; errors."""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+import cakekv._ops as ops
+import reference as ref
+from conftest import capture_qk
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="needs a CUDA device"))]
+TINY = os.path.join(os.path.dirname(ops.__file__), "assets", "tiny-llama")
+
+
+def segment_case(B=2, Hkv=2, G=2, Q=1, D=16, ragged=True, free=3, dtype=torch.float32, seed=0, length=40):
+    """Segments of shuffled storage: segment s holds positions 0..n_s-1 (n_s random when ragged) in random
+    slots plus `free` free slots; queries at the next Q positions of each row."""
+    g = torch.Generator().manual_seed(seed)
+    segs = B * Hkv
+    counts = (torch.randint(length // 2, length, (segs,), generator=g) if ragged
+              else torch.full((segs,), length))
+    pos = []
+    for s in range(segs):
+        n = int(counts[s])
+        p = torch.cat([torch.arange(n), torch.full((free,), -1)])
+        pos.append(p[torch.randperm(n + free, generator=g)])
+    offsets = F.pad((counts + free).cumsum(0), (1, 0))
+    pos = torch.cat(pos)
+    k = torch.randn(pos.shape[0], D, generator=g).to(dtype)
+    v = torch.randn(pos.shape[0], D, generator=g).to(dtype)
+    q = (3 * torch.randn(B, Hkv * G, Q, D, generator=g)).to(dtype)  # sharp attention: scores far apart
+    newest = torch.stack([counts.view(B, Hkv)[b].max() for b in range(B)])
+    q_pos = newest[:, None] + torch.arange(Q)
+    return q, k, v, pos, offsets, q_pos
+
+
+def on(device, *tensors):
+    return tuple(t.to(device) for t in tensors)
+
+
+def assert_same_eviction(got_pos, want_pos, pooled_by_slot, offsets, rel_tol=1e-4):
+    """The same slots are freed, except where a reference pooled score ties the cut-off within tolerance."""
+    got_pos, want_pos = got_pos.cpu(), want_pos.cpu()
+    for s, pooled in enumerate(pooled_by_slot):
+        lo, hi = int(offsets[s]), int(offsets[s + 1])
+        got = {t for t in range(lo, hi) if got_pos[t] < 0}
+        want = {t for t in range(lo, hi) if want_pos[t] < 0}
+        assert len(got) == len(want), f"segment {s}: {len(got)} free slots, reference {len(want)}"
+        if got == want:
+            continue
+        dropped = want - {t for t in range(lo, hi) if t not in pooled}  # evicted now, not free before
+        cutoff = max(pooled[t] for t in dropped)
+        for t in got ^ want:
+            assert t in pooled and math.isclose(pooled[t], cutoff, rel_tol=rel_tol, abs_tol=1e-7), (
+                f"segment {s}: slot {t} differs from the reference eviction")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ragged", [False, True])
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_append_entries_matches_reference(device, dtype, ragged, q_len):
+    q, k, v, pos, offsets, q_pos = segment_case(Q=q_len, ragged=ragged, dtype=dtype, seed=q_len)
+    new_k = torch.randn(2, 2, q_len, 16).to(dtype)
+    new_v = torch.randn(2, 2, q_len, 16).to(dtype)
+    want = [k.clone(), v.clone(), pos.clone()]
+    ref.append_entries(*want, offsets, new_k, new_v, q_pos)
+    got = list(on(device, k, v, pos))
+    ops.append_entries(*got, *on(device, offsets, new_k, new_v, q_pos))
+    for g, w in zip(got, want):
+        assert torch.equal(g.cpu(), w)
+
+
+def test_append_entries_refuses_a_full_segment():
+    q, k, v, pos, offsets, q_pos = segment_case(Q=4, free=3)
+    with pytest.raises(RuntimeError, match="append_entries: segment 0 has 3 free slots for 4 tokens"):
+        ops.append_entries(k, v, pos, offsets, torch.zeros(2, 2, 4, 16), torch.zeros(2, 2, 4, 16), q_pos)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ragged", [False, True])
+@pytest.mark.parametrize("q_len,var_weight", [(1, 0.0), (4, 200.0)])
+@pytest.mark.parametrize("kernel,pooling", [(1, "avg"), (5, "avg"), (7, "max")])
+def test_evict_lowest_matches_reference(device, dtype, ragged, q_len, var_weight, kernel, pooling):
+    q, k, v, pos, offsets, q_pos = segment_case(Q=q_len, ragged=ragged, dtype=dtype, seed=kernel + q_len)
+    over = torch.tensor([[2, 0], [5, -1]])  # one segment evicts n_evict, one over its cap by less, two none
+    n_evict = 3
+    want_pos, want_over = pos.clone(), over.clone()
+    pooled = ref.evict_lowest(q, k, want_pos, offsets, q_pos, want_over, 0.25, var_weight, 4, kernel, pooling,
+                              n_evict)
+    got_pos, got_over = on(device, pos.clone(), over.clone())
+    ops.evict_lowest(*on(device, q, k), got_pos, *on(device, offsets, q_pos), got_over, 0.25, var_weight, 4,
+                     kernel, pooling, n_evict)
+    assert torch.equal(got_over.cpu(), want_over) and want_over.tolist() == [[0, 0], [2, -1]]
+    assert_same_eviction(got_pos, want_pos, pooled, offsets)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_evict_lowest_protects_the_window_and_stops_at_the_candidates(device):
+    q, k, v, pos, offsets, q_pos = segment_case(B=1, Hkv=1, ragged=False, length=10, free=0)
+    over = torch.tensor([[50]])
+    got_pos, got_over = on(device, pos.clone(), over)
+    ops.evict_lowest(*on(device, q, k), got_pos, *on(device, offsets, q_pos), got_over, 0.25, 0.0, 4, 5, "avg", 50)
+    # positions 0..9, queries at 10: candidates are positions <= 6; all go, the last 4 stay
+    assert sorted(p for p in got_pos.tolist() if p >= 0) == [7, 8, 9]
+    assert got_over.item() == 50 - 7
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("q_len", [1, 8])
+def test_evict_lowest_on_trained_model_attention(device, q_len):
+    """Real attention patterns: the shipped tiny Llama's queries and keys of a prompt, stored shuffled with
+    holes, evicting several entries per segment."""
+    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32).eval()
+    ids = torch.randint(5, model.config.vocab_size, (1, 300), generator=torch.Generator().manual_seed(3))
+    scale = model.config.head_dim ** -0.5 if hasattr(model.config, "head_dim") else None
+    for layer, (qs, ks) in enumerate(capture_qk(model, ids)[::3]):
+        hkv, n, d = ks.shape
+        g = torch.Generator().manual_seed(layer)
+        perm = [torch.randperm(n - q_len, generator=g) for _ in range(hkv)]  # the queries' own keys: not stored
+        k = torch.cat([ks[h, perm[h]] for h in range(hkv)])
+        pos = torch.cat([perm[h] for h in range(hkv)])
+        pos[::17] = -1
+        offsets = torch.arange(hkv + 1) * (n - q_len)
+        q = qs[None, :, n - q_len:]
+        q_pos = torch.arange(n - q_len, n)[None]
+        over = torch.full((1, hkv), 6)
+        want_pos, want_over = pos.clone(), over.clone()
+        pooled = ref.evict_lowest(q, k, want_pos, offsets, q_pos, want_over, scale, 200.0, 8, 5, "avg", 6)
+        got_pos, got_over = on(device, pos.clone(), over.clone())
+        ops.evict_lowest(*on(device, q, k), got_pos, *on(device, offsets, q_pos), got_over, scale, 200.0, 8, 5,
+                         "avg", 6)
+        assert torch.equal(got_over.cpu(), want_over)
+        assert_same_eviction(got_pos, want_pos, pooled, offsets)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    q, k, v, pos, offsets, q_pos = segment_case(Q=2, seed=9)
+    new = torch.randn(2, 2, 2, 16)
+    torch.library.opcheck(torch.ops.cakekv.append_entries.default,
+                          on(device, k, v, pos, offsets, new, new.clone(), q_pos))
+    torch.library.opcheck(torch.ops.cakekv.evict_lowest.default,
+                          (*on(device, q, k, pos, offsets, q_pos, torch.tensor([[1, 2], [0, 3]])),
+                           0.25, 200.0, 4, 5, False, 2))
+
+
+def test_evict_lowest_refuses_bad_arguments():
+    q, k, v, pos, offsets, q_pos = segment_case()
+    over = torch.ones(2, 2, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="evict_lowest: kernel_size must be odd"):
+        ops.evict_lowest(q, k, pos, offsets, q_pos, over, 0.25, 0.0, 4, 4, "avg", 1)
+    with pytest.raises(RuntimeError, match="evict_lowest: over must be contiguous int64"):
+        ops.evict_lowest(q, k, pos, offsets, q_pos, over.int(), 0.25, 0.0, 4, 5, "avg", 1)
+    with pytest.raises(RuntimeError, match="evict_lowest: k must be"):
+        ops.evict_lowest(q, k.double(), pos, offsets, q_pos, over, 0.25, 0.0, 4, 5, "avg", 1)
+    with pytest.raises(ValueError, match="pooling"):
+        ops.evict_lowest(q, k, pos, offsets, q_pos, over, 0.25, 0.0, 4, 5, "median", 1)
