@@ -26,11 +26,14 @@ class CompressionHandle:
 
     @property
     def stats(self) -> list[dict]:
-        """Per layer: `budget` (entries given per row; None where the row was not compressed), `kept`
-        (entries held per row), `bytes_before` (what a full cache of the tokens seen would take),
-        `bytes_after` (what the layer's tensors take, free decode slots and positions included) and
-        `bytes_kept` (the K/V bytes of the entries held: `bytes_kept / bytes_before` is the fraction kept);
-        per row `tokens` (seen, padding excluded) and `kept_per_head`; `entry_bytes` (K+V of one entry)."""
+        """Per layer (one type per field):
+        `layer` int; per row: `budget` float | None (entries given per KV head, mean over heads; None where
+        the row was not compressed), `kept` float (entries held per KV head, mean over heads), `tokens` int
+        (seen, padding excluded), `budget_per_head` / `kept_per_head` lists of int per KV head;
+        `bytes_before` int (what a full cache of the tokens seen would take), `bytes_after` int (what the
+        layer's tensors take, free decode slots and positions included), `bytes_kept` int (the K/V bytes
+        of the entries held: `bytes_kept / bytes_before` is the fraction kept), `entry_bytes` int (K+V of
+        one entry of one KV head), `ragged` bool."""
         return self.last_cache.layer_stats() if self.last_cache is not None else []
 
     @property

@@ -69,28 +69,15 @@ class CompressedLayer(CacheLayerMixin):
         self.seg_caps_t: torch.Tensor | None = None   # the same on the device
         self.batch_heads: tuple[int, int] | None = None  # (B, Hkv) of the ragged storage
 
-    # Per-row views (a plain int where every head of the row agrees, else the mean over heads).
     @staticmethod
-    def _per_row(values):
-        if values is None:
-            return None
-        return [None if v is None else (v[0] if len(set(v)) == 1 else sum(v) / len(v)) for v in values]
+    def _mean_per_row(values) -> list[float | None]:
+        """Per row: the mean over KV heads (None for a row without values)."""
+        return [None if v is None else sum(v) / len(v) for v in values]
 
     @property
-    def counts(self):
-        return self._per_row(self.head_counts)
-
-    @property
-    def prefix_counts(self):
-        return self._per_row(self.head_prefix)
-
-    @property
-    def caps(self):
-        return self._per_row(self.head_caps)
-
-    @property
-    def budgets(self):
-        return self._per_row(self.head_budgets)
+    def prefix_counts(self) -> list[float]:
+        """Per row: entries kept before the window, mean over KV heads."""
+        return self._mean_per_row(self.head_prefix)
 
     # ---- CacheLayerMixin -----------------------------------------------------------------------
     def lazy_initialization(self, key_states, value_states):
@@ -449,8 +436,8 @@ class CompressedCache(Cache):
             entry_bytes = 2 * d * layer.keys.element_size()
             out.append({
                 "layer": layer.layer_idx,
-                "budget": list(layer.budgets),
-                "kept": list(layer.counts),
+                "budget": layer._mean_per_row(layer.head_budgets),
+                "kept": layer._mean_per_row(layer.head_counts),
                 "budget_per_head": [None if b is None else list(b) for b in layer.head_budgets],
                 "kept_per_head": [list(c) for c in layer.head_counts],
                 "bytes_before": b * h * layer.seen * entry_bytes,

@@ -24,7 +24,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 import transformers
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -183,6 +183,17 @@ def cache_of(output):
     raise TypeError(f"output: {type(output).__name__} has no cache field")
 
 
+def _warn_replaced_cache(handle, past: Cache) -> None:
+    """Once per handle: an empty cache of another kind (`generate(cache_implementation="static")` gives a
+    StaticCache) is replaced by the compressed cache, which says so rather than ignoring it silently."""
+    if type(past) is DynamicCache or getattr(handle, "_warned_replaced_cache", False):
+        return
+    handle._warned_replaced_cache = True
+    warnings.warn(f"cakekv: the empty {type(past).__name__} given to the model is replaced by cakekv's "
+                  "compressed cache (fixed-size after compression; on CUDA its decode steps replay as CUDA "
+                  "graphs, what a static cache is for)", UserWarning, stacklevel=4)
+
+
 def _flat(arguments: dict) -> dict:
     """Bound arguments with the forward's **kwargs merged in."""
     out = {k: v for k, v in arguments.items() if k != "kwargs"}
@@ -283,6 +294,8 @@ class Patch:
             if isinstance(past, CompressedCache):
                 cache = past
             elif (past is None and use_cache) or (isinstance(past, Cache) and past.get_seq_length() == 0):
+                if past is not None:
+                    _warn_replaced_cache(handle, past)
                 cache = handle.new_cache()
             elif past is None:
                 return forward(*args, **kwargs)  # no cache kept: nothing to compress

@@ -217,6 +217,22 @@ def test_memory_is_freed_and_stats_add_up():
     assert all(s["bytes_kept"] == s["bytes_before"] <= s["bytes_after"] for s in handle.stats)
     total_kept = sum(s["kept"][0] for s in stats)
     assert total_kept == BUDGET * model.config.num_hidden_layers
+    # one type per field
+    for s in stats:
+        assert all(type(x) is float for x in s["kept"] + s["budget"])
+        assert all(type(x) is int for x in [s["layer"], s["bytes_before"], s["bytes_after"], s["bytes_kept"],
+                                            s["entry_bytes"], *s["tokens"], *sum(s["kept_per_head"], [])])
+
+
+def test_static_cache_request_warns_once_and_compresses():
+    model = tiny_model("llama", kv_heads=2)
+    ids = prompt(300, seed=2)
+    with pytest.warns(UserWarning, match="StaticCache given to the model is replaced") as record:
+        with cakekv.compress(model, method="snapkv", budget=BUDGET, window=WINDOW) as handle:
+            model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
+            model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
+    assert sum("replaced" in str(w.message) for w in record) == 1
+    assert handle.stats[0]["kept"][0] <= BUDGET + 3
 
 
 def test_decode_eviction_keeps_each_layer_at_its_budget():
