@@ -111,11 +111,15 @@ void evict_lowest(const at::Tensor& q, const at::Tensor& k, const at::Tensor& po
                   int64_t kernel_size, bool max_pool, int64_t n_evict);
 
 // Shape/dtype checks shared by every backend (defined in register.cpp).
-// CPU kernels check index ranges before their parallel loops (an exception must not leave one).
-void check_indices_in_range(const char* op, const int64_t* idx, int64_t count, int64_t n);  // host memory
+// Value checks read the tensors on the host (a sync on CUDA), so only ops that run outside a captured decode
+// step use them on CUDA (gather_kept, gather_ragged, allocate_budgets); CPU kernels check before their
+// parallel loops (an exception must not leave one). The decode ops trust the segment tables the cache builds.
+void check_indices_in_range(const char* op, const at::Tensor& idx, int64_t n);
+void check_offsets(const char* op, const at::Tensor& offsets, int64_t total);
 void check_window_stats_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_pos,
                              const at::Tensor& k_pos);
 void check_allocate_budgets_args(const at::Tensor& scores, const at::Tensor& caps, const at::Tensor& total);
+void check_allocate_budgets_values(const at::Tensor& scores, const at::Tensor& caps, const at::Tensor& total);
 void check_gather_kept_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx);
 void check_gather_ragged_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx,
                               const at::Tensor& offsets);

@@ -38,9 +38,32 @@ void check_allocate_budgets_args(const at::Tensor& scores, const at::Tensor& cap
               "allocate_budgets: all inputs must be on one device");
 }
 
-void check_indices_in_range(const char* op, const int64_t* idx, int64_t count, int64_t n) {
-  for (int64_t i = 0; i < count; ++i)
-    TORCH_CHECK(idx[i] >= 0 && idx[i] < n, op, ": index ", idx[i], " out of range [0, ", n, ")");
+void check_allocate_budgets_values(const at::Tensor& scores, const at::Tensor& caps, const at::Tensor& total) {
+  // One host read of three flags (a sync on CUDA: the op runs at prefill, once per layer).
+  const auto flags = at::stack({at::isfinite(scores).all(), caps.ge(0).all(), total.ge(0).all()}).cpu();
+  const bool* f = flags.data_ptr<bool>();
+  TORCH_CHECK(f[0], "allocate_budgets: scores must be finite (NaN or inf found)");
+  TORCH_CHECK(f[1], "allocate_budgets: caps must be >= 0");
+  TORCH_CHECK(f[2], "allocate_budgets: total must be >= 0");
+}
+
+void check_indices_in_range(const char* op, const at::Tensor& idx, int64_t n) {
+  if (idx.numel() == 0) return;
+  const auto [lo_t, hi_t] = at::aminmax(idx);
+  const auto bounds = at::stack({lo_t, hi_t}).cpu();  // a sync on CUDA: prefill-time ops only
+  const int64_t lo = bounds[0].item<int64_t>(), hi = bounds[1].item<int64_t>();
+  TORCH_CHECK(lo >= 0, op, ": index ", lo, " out of range [0, ", n, ")");
+  TORCH_CHECK(hi < n, op, ": index ", hi, " out of range [0, ", n, ")");
+}
+
+void check_offsets(const char* op, const at::Tensor& offsets, int64_t total) {
+  const int64_t segs = offsets.size(0) - 1;
+  const auto ends = at::stack({offsets[0], offsets[segs]}).cpu();  // a sync on CUDA: see ops.h
+  const bool ordered = segs == 0 || offsets.slice(0, 1).ge(offsets.slice(0, 0, segs)).all().item<bool>();
+  TORCH_CHECK(ends[0].item<int64_t>() == 0, op, ": offsets[0] must be 0, got ", ends[0].item<int64_t>());
+  TORCH_CHECK(ordered, op, ": offsets must be non-decreasing");
+  TORCH_CHECK(ends[1].item<int64_t>() == total, op, ": offsets[-1] = ", ends[1].item<int64_t>(),
+              " must equal T = ", total);
 }
 
 void check_gather_kept_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx) {

@@ -9,6 +9,7 @@ namespace cakekv::cpu {
 
 at::Tensor allocate_budgets(const at::Tensor& scores, const at::Tensor& caps, const at::Tensor& total) {
   check_allocate_budgets_args(scores, caps, total);
+  check_allocate_budgets_values(scores, caps, total);
   const int64_t R = scores.size(0), L = scores.size(1);
   const auto s = scores.to(at::kDouble).contiguous();
   const auto c = caps.contiguous();

@@ -18,7 +18,7 @@ std::tuple<at::Tensor, at::Tensor> gather_kept(const at::Tensor& k, const at::Te
   auto* kd = static_cast<char*>(k_out.data_ptr());
   auto* vd = static_cast<char*>(v_out.data_ptr());
   const int64_t* ip = ic.data_ptr<int64_t>();
-  check_indices_in_range("gather_kept", ip, ic.numel(), N);
+  check_indices_in_range("gather_kept", ic, N);
   at::parallel_for(0, B * Hkv * M, 256, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t bg = r / M, j = ip[r];

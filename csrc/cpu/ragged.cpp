@@ -16,16 +16,10 @@ namespace cakekv::cpu {
 
 namespace {
 
-// Checks the segment table on the host (the CPU kernels read it anyway) and returns it contiguous.
+// The segment table checked and contiguous (the CPU kernels read it on the host anyway).
 at::Tensor checked_offsets(const at::Tensor& offsets, int64_t total, const char* op) {
-  auto oc = offsets.contiguous();
-  const int64_t* o = oc.data_ptr<int64_t>();
-  const int64_t segs = oc.size(0) - 1;
-  TORCH_CHECK(o[0] == 0, op, ": offsets[0] must be 0, got ", o[0]);
-  for (int64_t s = 0; s < segs; ++s)
-    TORCH_CHECK(o[s + 1] >= o[s], op, ": offsets must be non-decreasing (segment ", s, ")");
-  TORCH_CHECK(o[segs] == total, op, ": offsets[-1] = ", o[segs], " must equal T = ", total);
-  return oc;
+  check_offsets(op, offsets, total);
+  return offsets.contiguous();
 }
 
 }  // namespace
@@ -44,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor> gather_ragged(const at::Tensor& k, const at::
   auto* vd = static_cast<char*>(v_out.data_ptr());
   const int64_t* ip = ic.data_ptr<int64_t>();
   const int64_t* o = oc.data_ptr<int64_t>();
-  check_indices_in_range("gather_ragged", ip, ic.numel(), N);
+  check_indices_in_range("gather_ragged", ic, N);
   at::parallel_for(0, segs, 1, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
       for (int64_t t = o[s]; t < o[s + 1]; ++t) {

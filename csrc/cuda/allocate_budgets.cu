@@ -24,6 +24,7 @@ __global__ void allocate_budgets_kernel(const double* __restrict__ scores, const
 
 at::Tensor allocate_budgets(const at::Tensor& scores, const at::Tensor& caps, const at::Tensor& total) {
   check_allocate_budgets_args(scores, caps, total);
+  check_allocate_budgets_values(scores, caps, total);
   const c10::cuda::CUDAGuard guard(scores.device());
   const int64_t R = scores.size(0), L = scores.size(1);
   auto out = at::empty({R, L}, caps.options());

@@ -1,7 +1,7 @@
 // CUDA kernel of gather_kept (contract in ops.h): one pass that copies each kept K row and V row.
 // A block is a 2-D grid of threads: x walks the vectors of a row (the widest of 16/8/4/2/1 bytes that the
-// row size and pointers allow), y walks rows, so a warp reads whole contiguous rows. Indices are checked
-// on the device (CUDA_KERNEL_ASSERT), which needs no host sync.
+// row size and pointers allow), y walks rows, so a warp reads whole contiguous rows. Indices are checked on
+// the host before the launch (one sync: a prefill-time op), and asserted again on the device.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -59,6 +59,7 @@ std::tuple<at::Tensor, at::Tensor> gather_kept(const at::Tensor& k_in, const at:
   if (k_out.numel() == 0) return {k_out, v_out};
   TORCH_CHECK(N > 0, "gather_kept: index into an empty cache (N = 0)");
   const auto k = k_in.contiguous(), v = v_in.contiguous(), idx = idx_in.contiguous();
+  check_indices_in_range("gather_kept", idx, N);
 
   // Widest vector that divides the row and keeps every row start aligned (outputs are freshly allocated).
   const int64_t row_bytes = D * k.element_size();

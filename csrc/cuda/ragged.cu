@@ -2,8 +2,8 @@
 // that uses them can be captured as a CUDA graph.
 //
 // gather_ragged: a grid-stride loop over kept entries; each entry finds its segment by binary search in
-// offsets (B * Hkv + 1 values) and copies its K and V rows. Indices are checked on the device
-// (CUDA_KERNEL_ASSERT).
+// offsets (B * Hkv + 1 values) and copies its K and V rows. Offsets and indices are checked on the host
+// before the launch (a prefill-time op: one sync), indices asserted again on the device.
 //
 // ragged_attention: split-K (flash-decoding). The G*Q query rows of one kv head share every K/V load: a
 // block takes up to kAttnRows rows of one segment and one of `splits` equal parts of its entries, in
@@ -467,6 +467,8 @@ std::tuple<at::Tensor, at::Tensor> gather_ragged(const at::Tensor& k_in, const a
   TORCH_CHECK(N > 0, "gather_ragged: index into an empty cache (N = 0)");
   const auto k = k_in.contiguous(), v = v_in.contiguous(), idx = idx_in.contiguous(),
              offsets = offsets_in.contiguous();
+  check_offsets("gather_ragged", offsets, T);
+  check_indices_in_range("gather_ragged", idx, N);
   const int bx = int(std::min<int64_t>(D, 128)), by = std::max(1, 256 / bx);
   const int64_t max_blocks = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 32;
   const auto blocks = static_cast<unsigned>(std::min<int64_t>((T + by - 1) / by, max_blocks));
