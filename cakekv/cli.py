@@ -199,16 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("generate", help="generate with a compressed KV cache from any local causal LM")
-    p.add_argument("--model", required=True, help="local model folder or cached Hugging Face id (loaded offline)")
+    p.add_argument("--model", default=None, help="local model folder or cached Hugging Face id, loaded offline "
+                                                 "(default: the shipped tiny model)")
     p.add_argument("--method", default="cake", help="compression method (default: %(default)s)")
     p.add_argument("--budget", type=int, default=1024,
                    help="KV entries kept per layer per KV head, window included (default: %(default)s)")
     p.add_argument("--window", type=int, default=32, help="observation window (default: %(default)s)")
     p.add_argument("--prompt-file", required=True, help="file with the prompt ('-' for stdin)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--attn-implementation", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: %(default)s: cuda when "
+                                                    "available)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: %(default)s: the "
+                                                   "model's on GPU, float32 on CPU)")
+    p.add_argument("--attn-implementation", default=None, help="sdpa, eager or flash_attention_2 (default: the "
+                                                               "model's, sdpa for most)")
     p.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
                    help="wrap the prompt with the tokenizer's chat template (auto: when it has one)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -240,9 +244,9 @@ def main(argv=None) -> int:
         parser.error("--depth must be between 0 and 1")
     try:
         return args.func(args)
-    except (common.ModelLoadError, FileNotFoundError, ValueError, ImportError) as e:
+    except (common.ModelLoadError, FileNotFoundError, ValueError, TypeError, ImportError) as e:
         print(f"cakekv: error: {e}", file=sys.stderr)
-        return 1
+        return 2  # as argparse does for its own errors
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,6 +7,7 @@ import runpy
 import sys
 
 import pytest
+import torch
 
 import cakekv
 from cakekv import cli
@@ -39,7 +40,6 @@ def test_methods(capsys):
     (["eval", "needle", "--protocol", "both"], "invalid choice"),
     (["eval", "needle", "--window", "0"], "--window must be >= 1"),
     (["eval", "synthetic", "--samples", "0"], "--samples must be >= 1"),
-    (["generate", "--prompt-file", "x"], "--model"),
     (["generate", "--model", "m"], "--prompt-file"),
     (["generate", "--model", "m", "--prompt-file", "x", "--budget", "many"], "invalid int"),
     (["demo", "--depth", "2"], "--depth must be between 0 and 1"),
@@ -55,7 +55,14 @@ def test_runtime_errors_are_one_clear_line(capsys, tmp_path, model_dir):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("hello")
     cases = [
-        (["generate", "--model", str(tmp_path / "no-such-model"), "--prompt-file", str(prompt)], "cannot load"),
+        (["generate", "--model", str(tmp_path / "no-such-model"), "--prompt-file", str(prompt)],
+         "--model: no such folder"),
+        (["generate", "--model", "./missing-folder", "--prompt-file", str(prompt)], "--model: no such folder"),
+        (["generate", "--model", model_dir, "--prompt-file", str(prompt), "--option", "gamma=abc"],
+         "--option gamma: must be a real number"),
+        (["generate", "--model", model_dir, "--prompt-file", str(prompt), "--option", "tau3=1"], "tau3"),
+        (["generate", "--model", model_dir, "--prompt-file", str(prompt), "--device", "nonsense"],
+         "--device: unknown device"),
         (["generate", "--model", model_dir, "--prompt-file", str(tmp_path / "missing.txt")], "prompt-file"),
         (["generate", "--model", model_dir, "--prompt-file", str(prompt), "--budget", "16"], "window + 1"),
         (["generate", "--model", model_dir, "--prompt-file", str(prompt), "--method", "nope"], "unknown method"),
@@ -65,8 +72,11 @@ def test_runtime_errors_are_one_clear_line(capsys, tmp_path, model_dir):
         (["eval", "needle", "--model", model_dir, "--haystack", str(tmp_path / "none.txt")], "haystack"),
         (["eval", "needle", "--model", model_dir, "--batch-size", "0"], "batch_size"),
     ]
+    if not torch.cuda.is_available():
+        cases.append((["generate", "--model", model_dir, "--prompt-file", str(prompt), "--device", "cuda"],
+                      "--device: 'cuda' asked for, but this torch sees no CUDA device"))
     for argv, message in cases:
-        assert cli.main(argv) == 1, argv
+        assert cli.main(argv) == 2, argv  # as argparse's own errors
         err = capsys.readouterr().err
         assert err.startswith("cakekv: error: ") and message in err, (argv, err)
 
@@ -82,6 +92,26 @@ def test_generate(capsys, tmp_path, model_dir):
     assert "KV memory" in captured.err
 
 
+def test_generate_defaults_to_the_shipped_model(capsys, tmp_path):
+    if not os.path.isfile(os.path.join(common.tiny_model_path(), "config.json")):
+        pytest.fail("the shipped tiny model is missing")
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The secret code of Ada Berg is 12345. " * 10)
+    assert cli.main(["generate", "--prompt-file", str(prompt), "--max-new-tokens", "2", "--device", "cpu",
+                     "--budget", "48", "--window", "8"]) == 0
+    assert "[cakekv] method cake, budget 48" in capsys.readouterr().err
+
+
+def test_generate_help_describes_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--model", "--method", "--budget", "--window", "--prompt-file", "--max-new-tokens", "--device",
+                 "--dtype", "--attn-implementation", "--chat", "--option"):
+        assert flag in out
+    assert out.count("default:") >= 8
+
+
 def test_eval_batch_size(tmp_path, model_dir):
     out = tmp_path / "synthetic"
     argv = ["eval", "synthetic", "--model", model_dir, "--tasks", "niah_single", "--lengths", "120", "--samples", "3",
@@ -95,7 +125,7 @@ def test_eval_batch_size(tmp_path, model_dir):
 
 def test_demo(capsys, monkeypatch, model_dir, tmp_path):
     monkeypatch.setattr(common, "tiny_model_path", lambda: str(tmp_path / "absent"))
-    assert cli.main(["demo"]) == 1
+    assert cli.main(["demo"]) == 2
     assert "shipped tiny model is missing" in capsys.readouterr().err
     monkeypatch.setattr(common, "tiny_model_path", lambda: model_dir)
     argv = ["demo", "--length", "300", "--budgets", "40", "--window", "8", "--facts", "2", "--max-new-tokens", "3",

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device session: build with CUDA, profile decode steps, then run the test-suite (8 workers; a test
-# hanging over 100 s dumps its stack).
+# hanging over 100 s dumps its stack; 2 CPU threads per worker: 8 workers with 16 threads each oversubscribed the
+# machine and the CPU tests crawled).
 # Results under $OUT (tests log with the slowest tests, profile log).
 set -u
 cd "$(dirname "$0")/../.."
@@ -14,7 +15,7 @@ if [ -n "${PROFILE:-snapkv cake adakv}" ]; then
 fi
 if [ "${TESTS:-1}" = 1 ]; then
   start=$(date +%s)
-  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -n 8 -p no:cacheprovider --durations=25 -o faulthandler_timeout=100 ${TEST_ARGS:-tests} > $OUT/gpu_tests.log 2>&1
+  OMP_NUM_THREADS=2 timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -n 8 -p no:cacheprovider --durations=25 -o faulthandler_timeout=100 ${TEST_ARGS:-tests} > $OUT/gpu_tests.log 2>&1
   echo "pytest exit $? after $(( $(date +%s) - start )) s" | tee -a $OUT/gpu_tests.log
   tail -40 $OUT/gpu_tests.log
 fi

@@ -77,9 +77,25 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype |
 
 
 def resolve_device(device: str | None) -> str:
+    """"auto" -> cuda when available, else cpu; a named device is checked to exist (ValueError naming --device)."""
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device: unknown device {device!r} (use cpu, cuda, cuda:1, ...)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device: {device!r} asked for, but this torch sees no CUDA device")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"--device: {device!r} asked for, but only {torch.cuda.device_count()} CUDA "
+                             "device(s) are visible")
     return device
+
+
+def _looks_like_path(name: str) -> bool:
+    """A model argument meant as a folder (not a hub id such as "org/name")."""
+    return name.startswith((os.sep, ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
 def load_model(model: str | None, device: str | None = None, dtype: str | None = None,
@@ -102,6 +118,9 @@ def load_model(model: str | None, device: str | None = None, dtype: str | None =
             model_kwargs["attn_implementation"] = attn_implementation
         lm = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
+        if _looks_like_path(path) and not os.path.isdir(path):
+            raise ModelLoadError(f"--model: no such folder {path!r} (cakekv never downloads: pass a folder with "
+                                 "config.json, weights and tokenizer files)") from None
         where = "local folder" if os.path.isdir(path) else "model id (looked up in the local Hugging Face cache only)"
         raise ModelLoadError(
             f"cannot load {path!r} offline as a causal LM ({where}): {e}\n"
