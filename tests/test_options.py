@@ -227,7 +227,7 @@ def test_cli_bad_option_is_one_line_before_loading_the_model(capsys, tmp_path):
     prompt.write_text("hello")
     argv = ["generate", "--model", str(tmp_path / "not-loaded"), "--prompt-file", str(prompt),
             "--option", "decode_evict=no"]
-    assert cli.main(argv) == 1
+    assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err == "cakekv: error: --option decode_evict: must be True or False, got str 'no'\n"
 
