@@ -1,6 +1,6 @@
 """Loads the compiled cakekv ops library, registers fake kernels, and gives typed wrappers.
 
-The ops are the implementation: there is no Python fallback. Shape contracts are in csrc/ops.h.
+The ops are the implementation: there is no Python fallback. Shape contracts are with the schemas in csrc/register.cpp.
 """
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def evict_lowest(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, offsets: t
                  n_evict: int) -> None:
     """In place: each segment over its cap frees (pos = -1) its min(n_evict, over) entries of lowest pooled
     score mean_heads(mean + var_weight * var) of the current queries' attention, among entries at least
-    ``protect`` positions older than the newest query; ``over`` decreases accordingly (contract in ops.h)."""
+    ``protect`` positions older than the newest query; ``over`` decreases accordingly (contract in csrc/register.cpp)."""
     if pooling not in ("avg", "max"):
         raise ValueError(f"pooling: must be 'avg' or 'max', got {pooling!r}")
     _ops.evict_lowest(q, k, pos, offsets, q_pos, over, float(scale), float(var_weight), int(protect),

@@ -10,7 +10,7 @@
 
 namespace cakekv {
 
-// See allocate_budgets in ops.h for the contract.
+// See allocate_budgets in register.cpp for the contract.
 CAKEKV_HD inline void allocate_row(const double* score, const int64_t* cap, int64_t total, int64_t L, int64_t* out) {
   double sum = 0.0;
   int64_t cap_sum = 0;

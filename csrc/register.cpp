@@ -1,202 +1,105 @@
-// Schemas and dispatch registration of every cakekv op (CPU and CUDA kernels; fake kernels are
-// registered from Python in cakekv/_ops.py).
+// The cakekv op library: each op's schema, with its contract, is defined once here. Kernels register their
+// implementations at the end of their own files (cpu/*.cpp, cuda/*.cu: TORCH_LIBRARY_IMPL); argument checks
+// shared by the backends are in checks.cpp; fake (meta) kernels and typed wrappers in cakekv/_ops.py.
 #include <torch/library.h>
 
-#include "ops.h"
-
-namespace cakekv {
-
-void check_window_stats_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_pos,
-                             const at::Tensor& k_pos) {
-  TORCH_CHECK(q.dim() == 4, "window_stats: q must be [B, H, Q, D], got ", q.sizes());
-  TORCH_CHECK(k.dim() == 4, "window_stats: k must be [B, Hkv, N, D], got ", k.sizes());
-  TORCH_CHECK(q.scalar_type() == k.scalar_type(), "window_stats: q and k dtypes differ");
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()), "window_stats: q must be floating point");
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3), "window_stats: q ", q.sizes(),
-              " and k ", k.sizes(), " disagree on batch or head dim");
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "window_stats: H=", q.size(1),
-              " is not a multiple of Hkv=", k.size(1));
-  TORCH_CHECK(q_pos.scalar_type() == at::kLong && k_pos.scalar_type() == at::kLong,
-              "window_stats: q_pos and k_pos must be int64");
-  TORCH_CHECK(q_pos.dim() == 2 && q_pos.size(0) == q.size(0) && q_pos.size(1) == q.size(2),
-              "window_stats: q_pos must be [B, Q]");
-  TORCH_CHECK(k_pos.dim() == 3 && k_pos.size(0) == k.size(0) && k_pos.size(1) == k.size(1) &&
-                  k_pos.size(2) == k.size(2),
-              "window_stats: k_pos must be [B, Hkv, N]");
-  TORCH_CHECK(q.device() == k.device() && q.device() == q_pos.device() && q.device() == k_pos.device(),
-              "window_stats: all inputs must be on one device");
-}
-
-void check_allocate_budgets_args(const at::Tensor& scores, const at::Tensor& caps, const at::Tensor& total) {
-  TORCH_CHECK(scores.dim() == 2, "allocate_budgets: scores must be [R, L]");
-  TORCH_CHECK(at::isFloatingType(scores.scalar_type()), "allocate_budgets: scores must be floating point");
-  TORCH_CHECK(caps.sizes() == scores.sizes() && caps.scalar_type() == at::kLong,
-              "allocate_budgets: caps must be int64 with the shape of scores");
-  TORCH_CHECK(total.dim() == 1 && total.size(0) == scores.size(0) && total.scalar_type() == at::kLong,
-              "allocate_budgets: total must be int64 [R]");
-  TORCH_CHECK(scores.device() == caps.device() && scores.device() == total.device(),
-              "allocate_budgets: all inputs must be on one device");
-}
-
-void check_allocate_budgets_values(const at::Tensor& scores, const at::Tensor& caps, const at::Tensor& total) {
-  // One host read of three flags (a sync on CUDA: the op runs at prefill, once per layer).
-  const auto flags = at::stack({at::isfinite(scores).all(), caps.ge(0).all(), total.ge(0).all()}).cpu();
-  const bool* f = flags.data_ptr<bool>();
-  TORCH_CHECK(f[0], "allocate_budgets: scores must be finite (NaN or inf found)");
-  TORCH_CHECK(f[1], "allocate_budgets: caps must be >= 0");
-  TORCH_CHECK(f[2], "allocate_budgets: total must be >= 0");
-}
-
-void check_indices_in_range(const char* op, const at::Tensor& idx, int64_t n) {
-  if (idx.numel() == 0) return;
-  const auto [lo_t, hi_t] = at::aminmax(idx);
-  const auto bounds = at::stack({lo_t, hi_t}).cpu();  // a sync on CUDA: prefill-time ops only
-  const int64_t lo = bounds[0].item<int64_t>(), hi = bounds[1].item<int64_t>();
-  TORCH_CHECK(lo >= 0, op, ": index ", lo, " out of range [0, ", n, ")");
-  TORCH_CHECK(hi < n, op, ": index ", hi, " out of range [0, ", n, ")");
-}
-
-void check_offsets(const char* op, const at::Tensor& offsets, int64_t total) {
-  const int64_t segs = offsets.size(0) - 1;
-  const auto ends = at::stack({offsets[0], offsets[segs]}).cpu();  // a sync on CUDA: see ops.h
-  const bool ordered = segs == 0 || offsets.slice(0, 1).ge(offsets.slice(0, 0, segs)).all().item<bool>();
-  TORCH_CHECK(ends[0].item<int64_t>() == 0, op, ": offsets[0] must be 0, got ", ends[0].item<int64_t>());
-  TORCH_CHECK(ordered, op, ": offsets must be non-decreasing");
-  TORCH_CHECK(ends[1].item<int64_t>() == total, op, ": offsets[-1] = ", ends[1].item<int64_t>(),
-              " must equal T = ", total);
-}
-
-void check_gather_kept_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx) {
-  TORCH_CHECK(k.dim() == 4, "gather_kept: k must be [B, Hkv, N, D]");
-  TORCH_CHECK(v.sizes() == k.sizes() && v.scalar_type() == k.scalar_type(),
-              "gather_kept: k and v must have the same shape and dtype");
-  TORCH_CHECK(idx.dim() == 3 && idx.size(0) == k.size(0) && idx.size(1) == k.size(1),
-              "gather_kept: idx must be [B, Hkv, M]");
-  TORCH_CHECK(idx.scalar_type() == at::kLong, "gather_kept: idx must be int64");
-  TORCH_CHECK(k.device() == v.device() && k.device() == idx.device(),
-              "gather_kept: all inputs must be on one device");
-}
-
-void check_gather_ragged_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx,
-                              const at::Tensor& offsets) {
-  TORCH_CHECK(k.dim() == 4, "gather_ragged: k must be [B, Hkv, N, D]");
-  TORCH_CHECK(v.sizes() == k.sizes() && v.scalar_type() == k.scalar_type(),
-              "gather_ragged: k and v must have the same shape and dtype");
-  TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong, "gather_ragged: idx must be int64 [T]");
-  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong &&
-                  offsets.size(0) == k.size(0) * k.size(1) + 1,
-              "gather_ragged: offsets must be int64 [B * Hkv + 1]");
-  TORCH_CHECK(k.device() == v.device() && k.device() == idx.device() && k.device() == offsets.device(),
-              "gather_ragged: all inputs must be on one device");
-}
-
-void check_ragged_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& pos, const at::Tensor& offsets, const at::Tensor& q_pos) {
-  TORCH_CHECK(q.dim() == 4, "ragged_attention: q must be [B, H, Q, D], got ", q.sizes());
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()), "ragged_attention: q must be floating point");
-  TORCH_CHECK(k.dim() == 2 && k.size(1) == q.size(3), "ragged_attention: k must be [T, D], got ", k.sizes());
-  TORCH_CHECK(v.sizes() == k.sizes() && k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "ragged_attention: k and v must be [T, D] with q's dtype");
-  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == k.size(0) && pos.scalar_type() == at::kLong,
-              "ragged_attention: pos must be int64 [T]");
-  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong && offsets.size(0) >= 1,
-              "ragged_attention: offsets must be int64 [B * Hkv + 1]");
-  const int64_t B = q.size(0), segs = offsets.size(0) - 1;
-  TORCH_CHECK(B > 0 && segs % B == 0 && segs / B > 0, "ragged_attention: offsets has ", segs,
-              " segments, not a positive multiple of B=", B);
-  TORCH_CHECK(q.size(1) % (segs / B) == 0, "ragged_attention: H=", q.size(1), " is not a multiple of Hkv=",
-              segs / B);
-  TORCH_CHECK(q_pos.dim() == 2 && q_pos.size(0) == B && q_pos.size(1) == q.size(2) &&
-                  q_pos.scalar_type() == at::kLong,
-              "ragged_attention: q_pos must be int64 [B, Q]");
-  TORCH_CHECK(q.device() == k.device() && q.device() == v.device() && q.device() == pos.device() &&
-                  q.device() == offsets.device() && q.device() == q_pos.device(),
-              "ragged_attention: all inputs must be on one device");
-}
-
-void check_append_entries_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
-                               const at::Tensor& offsets, const at::Tensor& new_k, const at::Tensor& new_v,
-                               const at::Tensor& q_pos) {
-  TORCH_CHECK(k.dim() == 2 && v.sizes() == k.sizes() && v.scalar_type() == k.scalar_type(),
-              "append_entries: k and v must be [T, D] of one dtype, got ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && pos.is_contiguous(),
-              "append_entries: k, v and pos are written in place and must be contiguous");
-  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == k.size(0) && pos.scalar_type() == at::kLong,
-              "append_entries: pos must be int64 [T]");
-  TORCH_CHECK(new_k.dim() == 4 && new_v.sizes() == new_k.sizes() && new_k.size(3) == k.size(1) &&
-                  new_k.scalar_type() == k.scalar_type() && new_v.scalar_type() == k.scalar_type(),
-              "append_entries: new_k and new_v must be [B, Hkv, Q, D] with k's head dim and dtype, got ",
-              new_k.sizes());
-  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong &&
-                  offsets.size(0) == new_k.size(0) * new_k.size(1) + 1,
-              "append_entries: offsets must be int64 [B * Hkv + 1]");
-  TORCH_CHECK(q_pos.dim() == 2 && q_pos.size(0) == new_k.size(0) && q_pos.size(1) == new_k.size(2) &&
-                  q_pos.scalar_type() == at::kLong,
-              "append_entries: q_pos must be int64 [B, Q]");
-  TORCH_CHECK(k.device() == v.device() && k.device() == pos.device() && k.device() == offsets.device() &&
-                  k.device() == new_k.device() && k.device() == new_v.device() && k.device() == q_pos.device(),
-              "append_entries: all inputs must be on one device");
-}
-
-void check_evict_lowest_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
-                             const at::Tensor& offsets, const at::Tensor& q_pos, const at::Tensor& over,
-                             int64_t kernel_size, int64_t n_evict) {
-  TORCH_CHECK(q.dim() == 4, "evict_lowest: q must be [B, H, Q, D], got ", q.sizes());
-  TORCH_CHECK(k.dim() == 2 && k.size(1) == q.size(3) && k.scalar_type() == q.scalar_type(),
-              "evict_lowest: k must be [T, D] with q's head dim and dtype, got ", k.sizes());
-  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == k.size(0) && pos.scalar_type() == at::kLong && pos.is_contiguous(),
-              "evict_lowest: pos must be contiguous int64 [T] (it is written in place)");
-  const int64_t B = q.size(0);
-  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong && offsets.size(0) >= 1,
-              "evict_lowest: offsets must be int64 [B * Hkv + 1]");
-  const int64_t segs = offsets.size(0) - 1;
-  TORCH_CHECK(B > 0 && segs % B == 0 && segs / B > 0 && q.size(1) % (segs / B) == 0, "evict_lowest: offsets has ",
-              segs, " segments, not B * Hkv with Hkv dividing H=", q.size(1));
-  TORCH_CHECK(q_pos.dim() == 2 && q_pos.size(0) == B && q_pos.size(1) == q.size(2) && q_pos.scalar_type() == at::kLong,
-              "evict_lowest: q_pos must be int64 [B, Q]");
-  TORCH_CHECK(over.dim() == 2 && over.size(0) == B && over.size(1) == segs / B && over.scalar_type() == at::kLong &&
-                  over.is_contiguous(),
-              "evict_lowest: over must be contiguous int64 [B, Hkv] (it is written in place)");
-  TORCH_CHECK(kernel_size >= 1 && kernel_size % 2 == 1, "evict_lowest: kernel_size must be odd and >= 1, got ",
-              kernel_size);
-  TORCH_CHECK(n_evict >= 0, "evict_lowest: n_evict must be >= 0, got ", n_evict);
-  TORCH_CHECK(q.device() == k.device() && q.device() == pos.device() && q.device() == offsets.device() &&
-                  q.device() == q_pos.device() && q.device() == over.device(),
-              "evict_lowest: all inputs must be on one device");
-}
-
-}  // namespace cakekv
-
 TORCH_LIBRARY(cakekv, m) {
+  // ---------------------------------------------------------------------------------------------
+  // window_stats — per-key statistics of the attention of a few queries (the observation window)
+  //
+  //   q     [B, H, Q, D]    queries after RoPE (fp32 / fp16 / bf16)
+  //   k     [B, Hkv, N, D]  keys after RoPE, same dtype; H % Hkv == 0 (query head h reads kv head h / (H/Hkv))
+  //   q_pos [B, Q]          int64 logical position of each query
+  //   k_pos [B, Hkv, N]     int64 logical position of each key slot; -1 marks an empty slot
+  //   scale                 softmax scale (1/sqrt(D) for most models)
+  //
+  // Key slot j is visible to query i iff 0 <= k_pos[b,g,j] <= q_pos[b,i] (causal, padding and free slots
+  // all follow from positions). A[b,h,i,:] = softmax over visible keys of scale * q·k, in fp32; invisible
+  // keys get A = 0. Returns three fp32 tensors of shape [B, H, N]:
+  //   mean    = mean_i A[b,h,i,j]
+  //   var     = unbiased variance over i of A[b,h,i,j]   (0 when Q == 1)
+  //   entropy = sum_i -A[b,h,i,j] * ln(A[b,h,i,j] + 1e-10)
+  // Kernels stream over keys: only per-query softmax statistics (running max, sum) are kept, never the
+  // whole [Q, N] block of all heads.
   m.def("window_stats(Tensor q, Tensor k, Tensor q_pos, Tensor k_pos, float scale) -> (Tensor, Tensor, Tensor)");
+
+  // ---------------------------------------------------------------------------------------------
+  // allocate_budgets — integer budgets proportional to scores, exact total, capped per entry
+  //
+  //   scores [R, L]  float >= 0 (R independent rows, e.g. batch rows; L layers or heads)
+  //   caps   [R, L]  int64 >= 0, the most each entry can take (e.g. its evictable length)
+  //   total  [R]     int64 >= 0, what to hand out per row
+  // Returns int64 [R, L] with 0 <= out <= caps and sum(out[r]) == min(total[r], sum(caps[r])):
+  //   1. out = floor(total * score / sum(score))        (uniform scores when sum(score) == 0)
+  //   2. out = min(out, caps)
+  //   3. while sum(out) < target: the deficit d is split over the e entries still below their cap,
+  //      d / e each and one more to the first d % e of them in index order, each clipped to its room.
   m.def("allocate_budgets(Tensor scores, Tensor caps, Tensor total) -> Tensor");
+
+  // ---------------------------------------------------------------------------------------------
+  // gather_kept — compact K and V to kept slots in one pass (the evicted rest is freed by the caller
+  // dropping its reference to the old tensors)
+  //
+  //   k, v [B, Hkv, N, D]  same shape and dtype
+  //   idx  [B, Hkv, M]     int64 slot indices in [0, N)
+  // Returns (k_out, v_out), each [B, Hkv, M, D]: out[b,g,m,:] = in[b,g,idx[b,g,m],:].
   m.def("gather_kept(Tensor k, Tensor v, Tensor idx) -> (Tensor, Tensor)");
+
+  // ---------------------------------------------------------------------------------------------
+  // Ragged layout of one layer (per-head budgets): the entries of every (row, kv head) pair are stored
+  // flat, segment s = b * Hkv + g holding entries offsets[s] .. offsets[s+1] - 1 of [T, D] tensors, so a
+  // layer takes (sum of kept entries) rows instead of B * Hkv * (longest head). offsets is int64
+  // [B * Hkv + 1], non-decreasing, offsets[0] = 0, offsets[S] = T. A segment may hold free slots
+  // (position -1) as room for appends.
+  //
+  // gather_ragged — compact K and V of a padded layer into the ragged layout in one pass
+  //   k, v    [B, Hkv, N, D]  same shape and dtype
+  //   idx     [T]             int64 slot in [0, N) of each kept entry (entry t of segment s reads slot idx[t]
+  //                           of (b, g) = (s / Hkv, s % Hkv))
+  //   offsets [B*Hkv + 1]     int64 segment starts as above
+  // Returns (k_flat, v_flat), each [T, D]: out[t,:] = in[b, g, idx[t], :] for t in segment s.
   m.def("gather_ragged(Tensor k, Tensor v, Tensor idx, Tensor offsets) -> (Tensor, Tensor)");
+
+  // ragged_attention — attention of the current queries over a ragged layer (GQA at kv-head granularity)
+  //   q       [B, H, Q, D]    fp32 / fp16 / bf16; H % Hkv == 0 with Hkv = (offsets.size(0) - 1) / B
+  //   k, v    [T, D]          same dtype as q
+  //   pos     [T]             int64 logical position of each entry, -1 = free slot
+  //   offsets [B*Hkv + 1]     int64 segment starts (see above)
+  //   q_pos   [B, Q]          int64 logical position of each query
+  //   scale                   softmax scale
+  // Query head h of row b reads segment b * Hkv + h / (H / Hkv); entry t is visible to query i iff
+  // 0 <= pos[t] <= q_pos[b, i]. out[b,h,i,:] = softmax over visible entries of scale * q·k, times v, with
+  // fp32 accumulation, in q's dtype; a query that sees no entry gets zeros.
   m.def("ragged_attention(Tensor q, Tensor k, Tensor v, Tensor pos, Tensor offsets, Tensor q_pos, float scale) -> Tensor");
+
+  // ---------------------------------------------------------------------------------------------
+  // Decode-time ops over a layer seen as segments: segment s = b * Hkv + g (row b, kv head g) holds the
+  // entries offsets[s] .. offsets[s+1] - 1 of flat k, v [T, D] and pos [T] (-1 = free slot). The ragged
+  // layout is this; the padded layout [B, Hkv, M, D] is it too, viewed flat with offsets = M * arange(S + 1).
+  //
+  // append_entries — write the Q new tokens of every segment into its first Q free slots, in place
+  //   k, v    [T, D]          (mutated)
+  //   pos     [T] int64       (mutated: the slots taken get q_pos)
+  //   offsets [B*Hkv + 1]     int64 segment starts
+  //   new_k, new_v [B, Hkv, Q, D]  same dtype as k
+  //   q_pos   [B, Q] int64    position of each new token
+  // Token i of segment s goes to the i-th free slot of s in slot order. A segment with fewer than Q free
+  // slots is an error (the caller makes room first): CPU raises, CUDA asserts on the device.
   m.def("append_entries(Tensor(a!) k, Tensor(b!) v, Tensor(c!) pos, Tensor offsets, Tensor new_k, Tensor new_v, "
         "Tensor q_pos) -> ()");
+
+  // evict_lowest — decode-time eviction: per segment, free the entries the current queries value least
+  //   q        [B, H, Q, D]   current queries (after RoPE), same dtype as k; H % Hkv == 0
+  //   k        [T, D], pos [T] int64 (mutated: evicted entries get -1), offsets [B*Hkv + 1] as above
+  //   q_pos    [B, Q] int64   positions of the current queries
+  //   over     [B, Hkv] int64 (mutated) entries each segment holds above its cap; decreases by what is evicted
+  //   scale, var_weight (w), protect (P), kernel_size (K, odd >= 1), max_pool, n_evict (E >= 0)
+  // For segment s = (b, g) and its query heads j (h = g * G + j): A[j,i,t] = softmax over visible entries
+  // (0 <= pos[t] <= q_pos[b,i]) of scale * q·k in fp32; score[t] = mean_j (mean_i A + w * var_i A) (unbiased
+  // variance over the Q queries, 0 when Q == 1). Candidates: 0 <= pos[t] <= q_pos[b, Q-1] - P, taken in
+  // position order; pooled = the K-wide average (zero padded, divided by K) or maximum of the candidates'
+  // scores, centred. The min(E, over[b,g]) candidates with the lowest pooled score (ties: earlier position)
+  // get pos = -1, and over[b,g] decreases by their number.
   m.def("evict_lowest(Tensor q, Tensor k, Tensor(a!) pos, Tensor offsets, Tensor q_pos, Tensor(b!) over, "
         "float scale, float var_weight, int protect, int kernel_size, bool max_pool, int n_evict) -> ()");
 }
-
-TORCH_LIBRARY_IMPL(cakekv, CPU, m) {
-  m.impl("window_stats", &cakekv::cpu::window_stats);
-  m.impl("allocate_budgets", &cakekv::cpu::allocate_budgets);
-  m.impl("gather_kept", &cakekv::cpu::gather_kept);
-  m.impl("gather_ragged", &cakekv::cpu::gather_ragged);
-  m.impl("ragged_attention", &cakekv::cpu::ragged_attention);
-  m.impl("append_entries", &cakekv::cpu::append_entries);
-  m.impl("evict_lowest", &cakekv::cpu::evict_lowest);
-}
-
-#ifdef CAKEKV_WITH_CUDA
-TORCH_LIBRARY_IMPL(cakekv, CUDA, m) {
-  m.impl("window_stats", &cakekv::cuda::window_stats);
-  m.impl("allocate_budgets", &cakekv::cuda::allocate_budgets);
-  m.impl("gather_kept", &cakekv::cuda::gather_kept);
-  m.impl("gather_ragged", &cakekv::cuda::gather_ragged);
-  m.impl("ragged_attention", &cakekv::cuda::ragged_attention);
-  m.impl("append_entries", &cakekv::cuda::append_entries);
-  m.impl("evict_lowest", &cakekv::cuda::evict_lowest);
-}
-#endif

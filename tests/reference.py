@@ -52,7 +52,7 @@ def ragged_attention(q, k, v, pos, offsets, q_pos, scale):
 
 
 def allocate(scores: list[float], caps: list[int], total: int) -> list[int]:
-    """Budgets proportional to scores, capped, summing to min(total, sum(caps)) (ops.h contract)."""
+    """Budgets proportional to scores, capped, summing to min(total, sum(caps)) (contract in csrc/register.cpp)."""
     s = [max(x, 0.0) for x in scores]
     ssum = sum(s)
     out = []

@@ -2,7 +2,7 @@
 
 Random shapes (batch 1-8, kv heads 1-8, query heads per kv head 1-8, lengths 1-8K, window 1-64, budgets at
 the edges), dtypes fp32/fp16/bf16, checked against the plain-PyTorch references of tests/reference.py and
-the invariants of the contracts in csrc/ops.h; then the invalid inputs each op must refuse with an error
+the invariants of the contracts in csrc/register.cpp; then the invalid inputs each op must refuse with an error
 that names it (never a crash, never a silent answer).
 
 Hypothesis draws the shapes and a seed; tensor contents come from a torch.Generator with that seed, so a
@@ -256,7 +256,7 @@ def proportional_share(scores: list[float], caps: list[int], total: int, i: int)
 def test_allocate_budgets_preference(device, data):
     """Raising one entry's score, other things equal.
 
-    Monotonicity does NOT hold in general for the algorithm of ops.h: the deficit left by capped entries is
+    Monotonicity does NOT hold in general for the algorithm of its contract: the deficit left by capped entries is
     split evenly (not by score) over the entries still below their cap, one extra unit each to the first in
     index order, and raising a score can move units between entries through that split. Example (the contract's
     own result, see test_allocate_budgets_documented_non_monotone_case): scores [6, 1, 2, 4, 6] -> [6, 1, 3, 4, 6],
@@ -571,7 +571,7 @@ INVALID = [
 ]
 _CASES = {(op, name): (change, match, kind) for op, name, change, match, kind in INVALID}
 
-# Inputs an op accepts today though its contract (ops.h) rules them out, or refuses without naming itself.
+# Inputs an op accepts today though its contract (csrc/register.cpp) rules them out, or refuses without naming itself.
 # strict: the test fails once the op refuses them properly, so that the mark goes with the fix.
 _CUDA_OFFSETS_UNCHECKED = ("CUDA op does not check offsets (a decode-time op inside a captured step cannot read "
                            "them on the host): accepted silently")

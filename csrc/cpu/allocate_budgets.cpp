@@ -1,8 +1,10 @@
-// CPU kernel of allocate_budgets (contract in ops.h). Rows are independent and tiny (L entries), so a
+// CPU kernel of allocate_budgets (contract in register.cpp). Rows are independent and tiny (L entries), so a
 // plain loop per row is the whole algorithm; the CUDA kernel runs the same loop in one thread per row.
 #include <ATen/Parallel.h>
 
-#include "../ops.h"
+#include <torch/library.h>
+
+#include "../checks.h"
 #include "../budget_math.h"
 
 namespace cakekv::cpu {
@@ -26,3 +28,7 @@ at::Tensor allocate_budgets(const at::Tensor& scores, const at::Tensor& caps, co
 }
 
 }  // namespace cakekv::cpu
+
+TORCH_LIBRARY_IMPL(cakekv, CPU, m) {
+  m.impl("allocate_budgets", &cakekv::cpu::allocate_budgets);
+}

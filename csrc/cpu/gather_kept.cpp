@@ -1,9 +1,11 @@
-// CPU kernel of gather_kept (contract in ops.h): one copy of each kept K and V row.
+// CPU kernel of gather_kept (contract in register.cpp): one copy of each kept K and V row.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <cstring>
 
-#include "../ops.h"
+#include <torch/library.h>
+
+#include "../checks.h"
 
 namespace cakekv::cpu {
 
@@ -30,3 +32,7 @@ std::tuple<at::Tensor, at::Tensor> gather_kept(const at::Tensor& k, const at::Te
 }
 
 }  // namespace cakekv::cpu
+
+TORCH_LIBRARY_IMPL(cakekv, CPU, m) {
+  m.impl("gather_kept", &cakekv::cpu::gather_kept);
+}

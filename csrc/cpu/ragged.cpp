@@ -1,4 +1,4 @@
-// CPU kernels of the segment layout (contracts in ops.h): gather_ragged (one copy per kept K and V row),
+// CPU kernels of the segment layout (contracts in register.cpp): gather_ragged (one copy per kept K and V row),
 // ragged_attention (per segment ATen math in fp32: the G*Q queries of one kv head against its entries),
 // append_entries (first free slots, one row copy per token) and evict_lowest (plain loops in fp32).
 #include <ATen/ATen.h>
@@ -10,7 +10,9 @@
 #include <numeric>
 #include <vector>
 
-#include "../ops.h"
+#include <torch/library.h>
+
+#include "../checks.h"
 
 namespace cakekv::cpu {
 
@@ -192,3 +194,10 @@ void evict_lowest(const at::Tensor& q, const at::Tensor& k, const at::Tensor& po
 }
 
 }  // namespace cakekv::cpu
+
+TORCH_LIBRARY_IMPL(cakekv, CPU, m) {
+  m.impl("gather_ragged", &cakekv::cpu::gather_ragged);
+  m.impl("ragged_attention", &cakekv::cpu::ragged_attention);
+  m.impl("append_entries", &cakekv::cpu::append_entries);
+  m.impl("evict_lowest", &cakekv::cpu::evict_lowest);
+}

@@ -1,8 +1,10 @@
-// CPU kernel of window_stats (contract in ops.h): per (batch, kv head), two streaming passes over
+// CPU kernel of window_stats (contract in register.cpp): per (batch, kv head), two streaming passes over
 // key chunks — softmax statistics first, then the per-key column statistics.
 #include <limits>
 
-#include "../ops.h"
+#include <torch/library.h>
+
+#include "../checks.h"
 
 namespace cakekv::cpu {
 
@@ -69,3 +71,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_stats(const at::Tensor& q,
 }
 
 }  // namespace cakekv::cpu
+
+TORCH_LIBRARY_IMPL(cakekv, CPU, m) {
+  m.impl("window_stats", &cakekv::cpu::window_stats);
+}

@@ -1,4 +1,4 @@
-// CUDA kernel of allocate_budgets (contract in ops.h). Rows are independent and tiny (L entries, a few
+// CUDA kernel of allocate_budgets (contract in register.cpp). Rows are independent and tiny (L entries, a few
 // loop passes), so one thread runs the shared allocate_row loop of budget_math.h per row: the result is
 // bit-identical to the CPU kernel's.
 #include <ATen/ATen.h>
@@ -7,7 +7,9 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "../budget_math.h"
-#include "../ops.h"
+#include <torch/library.h>
+
+#include "../checks.h"
 
 namespace cakekv::cuda {
 
@@ -43,3 +45,7 @@ at::Tensor allocate_budgets(const at::Tensor& scores, const at::Tensor& caps, co
 }
 
 }  // namespace cakekv::cuda
+
+TORCH_LIBRARY_IMPL(cakekv, CUDA, m) {
+  m.impl("allocate_budgets", &cakekv::cuda::allocate_budgets);
+}

@@ -1,4 +1,4 @@
-// CUDA kernel of gather_kept (contract in ops.h): one pass that copies each kept K row and V row.
+// CUDA kernel of gather_kept (contract in register.cpp): one pass that copies each kept K row and V row.
 // A block is a 2-D grid of threads: x walks the vectors of a row (the widest of 16/8/4/2/1 bytes that the
 // row size and pointers allow), y walks rows, so a warp reads whole contiguous rows. Indices are checked on
 // the host before the launch (one sync: a prefill-time op), and asserted again on the device.
@@ -10,7 +10,9 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "../ops.h"
+#include <torch/library.h>
+
+#include "../checks.h"
 
 namespace cakekv::cuda {
 
@@ -82,3 +84,7 @@ std::tuple<at::Tensor, at::Tensor> gather_kept(const at::Tensor& k_in, const at:
 }
 
 }  // namespace cakekv::cuda
+
+TORCH_LIBRARY_IMPL(cakekv, CUDA, m) {
+  m.impl("gather_kept", &cakekv::cuda::gather_kept);
+}

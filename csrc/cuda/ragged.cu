@@ -1,4 +1,4 @@
-// CUDA kernels of the segment layout (contracts in ops.h). None syncs with the host, so a decode step
+// CUDA kernels of the segment layout (contracts in register.cpp). None syncs with the host, so a decode step
 // that uses them can be captured as a CUDA graph.
 //
 // gather_ragged: a grid-stride loop over kept entries; each entry finds its segment by binary search in
@@ -29,7 +29,9 @@
 #include <cstdint>
 #include <limits>
 
-#include "../ops.h"
+#include <torch/library.h>
+
+#include "../checks.h"
 
 namespace cakekv::cuda {
 
@@ -566,3 +568,10 @@ void evict_lowest(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
 }
 
 }  // namespace cakekv::cuda
+
+TORCH_LIBRARY_IMPL(cakekv, CUDA, m) {
+  m.impl("gather_ragged", &cakekv::cuda::gather_ragged);
+  m.impl("ragged_attention", &cakekv::cuda::ragged_attention);
+  m.impl("append_entries", &cakekv::cuda::append_entries);
+  m.impl("evict_lowest", &cakekv::cuda::evict_lowest);
+}

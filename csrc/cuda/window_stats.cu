@@ -1,4 +1,4 @@
-// CUDA kernels of window_stats (contract in ops.h). Fused and streaming: the [Q, N] attention block is
+// CUDA kernels of window_stats (contract in register.cpp). Fused and streaming: the [Q, N] attention block is
 // never stored; each kernel recomputes the logits of one 64-key tile at a time in shared memory.
 //
 // Rows: the G*Q queries that read one kv head (G = H / Hkv) form its "rows"; row r is query i = r % Q of
@@ -32,7 +32,9 @@
 #include <cstdlib>
 #include <type_traits>
 
-#include "../ops.h"
+#include <torch/library.h>
+
+#include "../checks.h"
 
 namespace cakekv::cuda {
 
@@ -553,3 +555,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_stats(const at::Tensor& q,
 }
 
 }  // namespace cakekv::cuda
+
+TORCH_LIBRARY_IMPL(cakekv, CUDA, m) {
+  m.impl("window_stats", &cakekv::cuda::window_stats);
+}
