@@ -21,6 +21,8 @@ switches from the padded [B, Hkv, M, D] storage to a ragged one, so that it stor
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -100,6 +102,17 @@ class CompressedLayer(CacheLayerMixin):
 
     def reorder_cache(self, beam_idx):
         raise NotImplementedError("cakekv: beam search is not supported (use greedy or sampling)")
+
+    def _cloned(self, cache: "CompressedCache") -> "CompressedLayer":
+        """This layer's state copied for `cache`: tensors cloned, per-head lists copied."""
+        twin = copy.copy(self)
+        twin.cache = cache
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(twin, name, value.clone())
+            elif isinstance(value, list):
+                setattr(twin, name, copy.deepcopy(value))
+        return twin
 
     # ---- storage -------------------------------------------------------------------------------
     def _store_prompt(self, keys, values):
@@ -424,6 +437,18 @@ class CompressedCache(Cache):
         layer = self.layers[layer_idx]
         if layer.head_caps is not None:
             layer.evict_to_caps(query, scale, self.method)
+
+    def clone(self) -> "CompressedCache":
+        """An independent copy (no tensor shared): several questions can continue from one compressed
+        context, each from its own copy, without re-reading the context. The copy captures its own decode
+        step (a captured step is tied to its cache's tensors)."""
+        if any(layer.prefilling for layer in self.layers):
+            raise RuntimeError("cache: cannot clone a cache in the middle of its prefill")
+        twin = copy.copy(self)
+        twin.layers = [layer._cloned(twin) for layer in self.layers]
+        twin.preferences = []
+        twin.step_graph = None
+        return twin
 
     # ---- reporting -----------------------------------------------------------------------------
     def layer_stats(self) -> list[dict]:
