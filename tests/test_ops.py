@@ -53,6 +53,23 @@ def test_window_stats_long_rows_stream_over_chunks():
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_window_stats_all_prompt_queries(device):
+    """H2O's use: every prompt query (several query tiles merged, causal key chunks skipped), with padding."""
+    torch.manual_seed(2)
+    n = 700
+    q, k = torch.randn(2, 4, n, 8), torch.randn(2, 2, n, 8)
+    pos = torch.arange(n).expand(2, n).clone()
+    pos[1, :90] = -1                      # a left-padded row
+    pos[1, 90:] -= 90
+    k_pos = pos[:, None, :].expand(2, 2, n).contiguous()
+    d = lambda *ts: tuple(t.to(device) for t in ts)  # noqa: E731
+    got = ops.window_stats(*d(q, k, pos, k_pos), 0.5)
+    for g, w in zip(got, masked_window_stats(q, k, pos, k_pos, 0.5)):
+        torch.testing.assert_close(g.cpu(), w, rtol=1e-4, atol=1e-6)
+
+
 def test_allocate_budgets_matches_reference_and_invariants():
     rng = random.Random(0)
     for _ in range(200):

@@ -1,6 +1,7 @@
 // CPU kernel of window_stats (contract in register.cpp): per (batch, kv head), two streaming passes over
 // key chunks — softmax statistics first, then the per-key column statistics.
 #include <limits>
+#include <vector>
 
 #include <torch/library.h>
 
@@ -9,7 +10,8 @@
 namespace cakekv::cpu {
 
 namespace {
-constexpr int64_t kKeyChunk = 4096;
+constexpr int64_t kKeyChunk = 1024;
+constexpr int64_t kQueryTile = 256;
 
 // Scaled logits of one head's queries over one key chunk, with invisible keys set to -inf.
 at::Tensor chunk_logits(const at::Tensor& qh, const at::Tensor& kc, const at::Tensor& qp, const at::Tensor& kpc,
@@ -32,38 +34,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_stats(const at::Tensor& q,
   const auto qf = q.to(at::kFloat);
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
-  // One (batch row, kv head) at a time with all its G*Q queries in each matrix product: the ATen ops
-  // parallelise inside (a parallel loop around them would nest thread pools and oversubscribe).
+  // One (batch row, kv head) at a time with its G heads' queries in each matrix product: the ATen ops
+  // parallelise inside (a parallel loop around them would nest thread pools and oversubscribe). Queries go
+  // in tiles of kQueryTile per head, so a key chunk's logits stay [G * kQueryTile, kKeyChunk] however many
+  // queries there are (H2O passes the whole prompt); the tiles' per-key mean and variance are merged
+  // exactly (Chan et al.'s pairwise update), a single tile keeps torch's own unbiased variance.
   for (int64_t b = 0; b < B; ++b) {
-    const auto qp = q_pos[b].repeat({G});  // [G*Q], query-major within each head
     for (int64_t g = 0; g < Hkv; ++g) {
-      const auto qg = qf[b].narrow(0, g * G, G).reshape({G * Q, q.size(3)});
       const auto kh = k[b][g];
       const auto kp = k_pos[b][g];
-      // Pass 1: running max and sum of exponentials per query.
-      auto row_max = at::full({G * Q}, neg_inf, opts);
-      auto row_sum = at::zeros({G * Q}, opts);
-      at::Tensor visible;
-      for (int64_t s = 0; s < N; s += kKeyChunk) {
-        const int64_t len = std::min(kKeyChunk, N - s);
-        auto logits = chunk_logits(qg, kh.narrow(0, s, len).to(at::kFloat), qp, kp.narrow(0, s, len), scale, visible);
-        auto new_max = at::maximum(row_max, std::get<0>(logits.max(1)));
-        auto safe_max = at::where(new_max.isinf(), at::zeros_like(new_max), new_max);
-        row_sum = row_sum * at::exp(row_max - safe_max) + at::exp(logits - safe_max.unsqueeze(1)).sum(1);
-        row_max = new_max;
-      }
-      const auto safe_max = at::where(row_max.isinf(), at::zeros_like(row_max), row_max);
-      const auto inv_sum = at::where(row_sum.gt(0), row_sum.reciprocal(), at::zeros_like(row_sum));
-      // Pass 2: normalised probabilities of each chunk, reduced over the Q queries of each head.
-      for (int64_t s = 0; s < N; s += kKeyChunk) {
-        const int64_t len = std::min(kKeyChunk, N - s);
-        auto logits = chunk_logits(qg, kh.narrow(0, s, len).to(at::kFloat), qp, kp.narrow(0, s, len), scale, visible);
-        auto p = at::exp(logits - safe_max.unsqueeze(1)).mul_(inv_sum.unsqueeze(1));
-        p.masked_fill_(visible.logical_not(), 0.f);
-        p = p.view({G, Q, len});
-        mean[b].narrow(0, g * G, G).narrow(1, s, len).copy_(p.mean(1));
-        if (Q > 1) var[b].narrow(0, g * G, G).narrow(1, s, len).copy_(p.var(1, /*unbiased=*/true));
-        ent[b].narrow(0, g * G, G).narrow(1, s, len).copy_(p.mul(at::log(p + 1e-10)).sum(1).neg_());
+      auto mean_g = mean[b].narrow(0, g * G, G), var_g = var[b].narrow(0, g * G, G), ent_g = ent[b].narrow(0, g * G, G);
+      auto m2_g = at::zeros_like(var_g);  // sum of squared deviations, while merging tiles
+      for (int64_t i0 = 0; i0 < Q; i0 += kQueryTile) {
+        const int64_t qt = std::min(kQueryTile, Q - i0), done = i0;
+        const auto qg = qf[b].narrow(0, g * G, G).narrow(1, i0, qt).reshape({G * qt, q.size(3)});
+        const auto qp = q_pos[b].narrow(0, i0, qt).repeat({G});  // [G*qt], query-major within each head
+        // Key chunks no query of the tile sees (all empty or after the tile's last query) are skipped.
+        const int64_t last_query = qp.max().item<int64_t>();
+        std::vector<bool> seen_chunk;
+        for (int64_t s = 0; s < N; s += kKeyChunk) {
+          const auto kpc = kp.narrow(0, s, std::min(kKeyChunk, N - s));
+          seen_chunk.push_back(kpc.ge(0).logical_and(kpc.le(last_query)).any().item<bool>());
+        }
+        // Pass 1: running max and sum of exponentials per query.
+        auto row_max = at::full({G * qt}, neg_inf, opts);
+        auto row_sum = at::zeros({G * qt}, opts);
+        at::Tensor visible;
+        for (int64_t s = 0; s < N; s += kKeyChunk) {
+          const int64_t len = std::min(kKeyChunk, N - s);
+          if (!seen_chunk[s / kKeyChunk]) continue;
+          auto logits = chunk_logits(qg, kh.narrow(0, s, len).to(at::kFloat), qp, kp.narrow(0, s, len), scale, visible);
+          auto new_max = at::maximum(row_max, std::get<0>(logits.max(1)));
+          auto safe_max = at::where(new_max.isinf(), at::zeros_like(new_max), new_max);
+          row_sum = row_sum * at::exp(row_max - safe_max) + at::exp(logits - safe_max.unsqueeze(1)).sum(1);
+          row_max = new_max;
+        }
+        const auto safe_max = at::where(row_max.isinf(), at::zeros_like(row_max), row_max);
+        const auto inv_sum = at::where(row_sum.gt(0), row_sum.reciprocal(), at::zeros_like(row_sum));
+        // Pass 2: normalised probabilities of each chunk, reduced over the tile's queries of each head.
+        for (int64_t s = 0; s < N; s += kKeyChunk) {
+          const int64_t len = std::min(kKeyChunk, N - s);
+          auto mean_s = mean_g.narrow(1, s, len), var_s = var_g.narrow(1, s, len), m2_s = m2_g.narrow(1, s, len);
+          const double w = double(qt) / double(done + qt);
+          if (!seen_chunk[s / kKeyChunk]) {  // probabilities all 0: merge a tile of zeros
+            if (qt == Q) continue;
+            m2_s.add_(mean_s.square() * (double(done) * w));
+            mean_s.mul_(1.0 - w);
+            if (i0 + qt == Q) var_s.copy_(m2_s / double(Q - 1));
+            continue;
+          }
+          auto logits = chunk_logits(qg, kh.narrow(0, s, len).to(at::kFloat), qp, kp.narrow(0, s, len), scale, visible);
+          auto p = at::exp(logits - safe_max.unsqueeze(1)).mul_(inv_sum.unsqueeze(1));
+          p.masked_fill_(visible.logical_not(), 0.f);
+          p = p.view({G, qt, len});
+          auto tile_mean = p.mean(1);
+          ent_g.narrow(1, s, len).add_(p.mul(at::log(p + 1e-10)).sum(1).neg_());
+          if (qt == Q) {  // one tile: the plain statistics
+            mean_s.copy_(tile_mean);
+            if (Q > 1) var_s.copy_(p.var(1, /*unbiased=*/true));
+            continue;
+          }
+          const auto tile_m2 = (p - tile_mean.unsqueeze(1)).square_().sum(1);
+          const auto delta = tile_mean - mean_s;
+          mean_s.add_(delta * w);
+          m2_s.add_(tile_m2 + delta.square() * (double(done) * w));
+          if (i0 + qt == Q) var_s.copy_(m2_s / double(Q - 1));
+        }
       }
     }
   }
