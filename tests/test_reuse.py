@@ -55,3 +55,33 @@ def test_clone_refused_mid_prefill():
         cache.layers[0].prefilling = True
         with pytest.raises(RuntimeError, match="cache: cannot clone"):
             cache.clone()
+
+
+def test_pipeline_answers_each_question_from_the_context_compressed_once():
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    import cakekv.pipeline  # noqa: F401  (registers the task)
+    from cakekv.eval.common import tiny_model_path
+
+    path = tiny_model_path()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    context = ("The secret code of Ada Berg is 48213. The harbour of Lisbon opens at dawn. " * 12
+               + "The secret code of Tom Lane is 99120. ")
+    questions = ["What is the secret code of Ada Berg?", "What is the secret code of Tom Lane?"]
+    qa = pipeline("cakekv-text-generation", model=model, tokenizer=tok, method="cake", budget=64, window=8)
+    got = qa(context=context, questions=questions, max_new_tokens=6, do_sample=False)
+    assert [g["question"] for g in got] == questions
+    for question, result in zip(questions, got):
+        ids = torch.cat([tok(context, return_tensors="pt")["input_ids"],
+                         tok(question, return_tensors="pt", add_special_tokens=False)["input_ids"]], 1)
+        with torch.no_grad(), cakekv.compress(model, method="cake", budget=64, window=8):
+            context_ids = ids[:, :-len(tok(question, add_special_tokens=False)["input_ids"])]
+            fresh = cache_of(model(input_ids=context_ids, use_cache=True))  # the context compressed again
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                 do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                                 **cache_kwargs(model, fresh))
+        assert result["answer"] == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert not any(name.startswith("cakekv_") for name in [model.config._attn_implementation])  # unpatched
+    with pytest.raises(TypeError, match="questions"):
+        qa(context=context, questions=[])

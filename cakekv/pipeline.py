@@ -1,0 +1,78 @@
+"""A transformers pipeline that compresses a context once and answers several questions from it.
+
+    import cakekv.pipeline  # registers the task
+    from transformers import pipeline
+
+    qa = pipeline("cakekv-text-generation", model=model, tokenizer=tok, method="cake", budget=1024)
+    qa(context=document, questions=["Who ...?", "When ...?"], max_new_tokens=32)
+    # -> [{"question": "Who ...?", "answer": "..."}, ...]
+
+The context is read and compressed by one prefill; each question continues from its own copy of the
+compressed cache (`CompressedCache.clone`), so questions neither re-read the context nor see each other.
+Questions are answered one after another (a batch would need padding between context and question).
+Generation keywords (`max_new_tokens`, `do_sample`, `temperature`, ...) go to `model.generate`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Pipeline
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from .api import compress
+from .patch import cache_kwargs, cache_of
+
+TASK = "cakekv-text-generation"
+
+
+class CompressedContextPipeline(Pipeline):
+    """Context + questions -> one answer per question, the context compressed once (see module docstring)."""
+
+    _load_processor = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = True
+
+    def __call__(self, context: str, questions: str | list[str], **kwargs):
+        if not isinstance(context, str):
+            raise TypeError(f"context: must be a str, got {type(context).__name__}")
+        single = isinstance(questions, str)
+        questions = [questions] if single else list(questions)
+        if not questions or not all(isinstance(q, str) for q in questions):
+            raise TypeError("questions: must be a str or a non-empty list of str")
+        return super().__call__({"context": context, "questions": questions}, **kwargs)
+
+    def _sanitize_parameters(self, method: str = "cake", budget: int = 1024, window: int = 32,
+                             options: dict[str, Any] | None = None, **generate_kwargs):
+        forward = {"method": method, "budget": budget, "window": window, "options": dict(options or {}),
+                   "generate_kwargs": generate_kwargs}
+        return {}, forward, {}
+
+    def preprocess(self, inputs):
+        context = self.tokenizer(inputs["context"], return_tensors="pt")["input_ids"]
+        questions = [self.tokenizer(q, return_tensors="pt", add_special_tokens=False)["input_ids"]
+                     for q in inputs["questions"]]
+        return {"context_ids": context, "question_ids": questions, "questions": inputs["questions"]}
+
+    def _forward(self, model_inputs, method, budget, window, options, generate_kwargs):
+        model = self.model
+        device = model.device
+        context = model_inputs["context_ids"].to(device)
+        kwargs = {"pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **generate_kwargs}
+        answers = []
+        with torch.no_grad(), compress(model, method=method, budget=budget, window=window, **options):
+            compressed = cache_of(model(input_ids=context, use_cache=True, logits_to_keep=1))
+            for question in model_inputs["question_ids"]:
+                ids = torch.cat([context, question.to(device)], 1)
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                     **cache_kwargs(model, compressed.clone()), **kwargs)
+                answers.append(out[0, ids.shape[1]:])
+        return {"answers": answers, "questions": model_inputs["questions"]}
+
+    def postprocess(self, model_outputs):
+        return [{"question": q, "answer": self.tokenizer.decode(a, skip_special_tokens=True)}
+                for q, a in zip(model_outputs["questions"], model_outputs["answers"])]
+
+
+PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=CompressedContextPipeline, type="text")
