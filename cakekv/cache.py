@@ -384,7 +384,7 @@ class CompressedCache(Cache):
         layer.prefilling = False
         method, window, prompt = self.method, self.window, self.prompt
         is_last = layer_idx == len(self.layers) - 1
-        compress_rows = [n > method.budget for n in prompt.host_lengths]
+        compress_rows = [method.compresses_prompt(n) for n in prompt.host_lengths]
         if method.compresses and any(compress_rows):
             lengths = layer.next_pos
             window_start = (lengths - window).clamp(min=0)

@@ -195,3 +195,166 @@ def flat_heads_held(held, budget, alpha):
     for _, h in rest[: max(budget * hkv - sum(floors), 0)]:
         out[h] += 1
     return out
+
+
+# ---- issue 13: the official code's rules (official=True), restated from reading the official code ----
+
+def official_flat_heads(score, budget, alpha, floor=None):
+    """AdaKV / LAVa head budgets: c_h = head h's share of the top (Hkv * budget) entries of the layer's
+    flattened finite scores (ties: lower head, then earlier slot), b_h = round_half_even(c_h * (1 - alpha)
+    + F) evaluated in float32 (an int64 count times a Python float is float32 in torch), F = int(alpha *
+    budget) unless given (LAVa's fixed floor)."""
+    import numpy as np
+    hkv, p = score.shape
+    entries = sorted(((score[h, j].item(), h, j) for h in range(hkv) for j in range(p)
+                      if score[h, j].item() != float("-inf")), key=lambda t: (-t[0], t[1], t[2]))
+    counts = [0] * hkv
+    for _, h, _ in entries[: hkv * budget]:
+        counts[h] += 1
+    f = int(budget * alpha) if floor is None else floor
+    return [int(np.rint(np.float32(np.float32(c) * np.float32(1 - alpha)) + np.float32(f))) for c in counts]
+
+
+def adakv_official_reference(layers, scale, budget, window, alpha=0.2):
+    """Official AdaKV: compresses when n >= budget; head budgets by official_flat_heads."""
+    n = layers[0][1].shape[1]
+    if n < budget:
+        return None
+    scores = snap_scores(layers, scale, window)
+    return _per_head(scores, [official_flat_heads(s, budget - window, alpha) for s in scores])
+
+
+def lava_official_reference(layers, scale, budget, window, alpha=0.2):
+    """The official LAVa cascade (hijack loop + LavaKVCluster.update_kv_gqa / re_update_kv_gqa): after
+    layer l, B_i = int(rho_i / sum(rho) * (budget - window) * L) for i <= l; a layer compressed for the
+    first time keeps per head the top b_h of its original scores (skipped while B_i > its prefix); a
+    later re-cut applies only if B_i <= the last applied B_i and keeps the top b_h of what the head
+    holds; b_h from the original scores' flattened top-(Hkv * B_i) with the floor int(alpha * budget)."""
+    n, nl = layers[0][1].shape[1], len(layers)
+    if n <= budget:
+        return None
+    p = n - window
+    total = (budget - window) * nl
+    floor = int(alpha * budget)
+    scores, rhos, kept, applied, budgets = [], [], [], [], []
+    for q, k, v, _ in layers:
+        hkv, g = k.shape[0], q.shape[0] // k.shape[0]
+        a = window_attention(q[:, -window:], k, scale)
+        pooled = pool(a.mean(1)[:, :p], 7, "max").view(hkv, g, p)
+        nu = v[:, :p].float().abs().sum(-1).amax(-1)
+        s = (pooled * nu[:, None, None]).amax(1)
+        pr = (s / s.sum()).double().flatten()
+        rhos.append((-(pr * torch.log(pr + 1e-16)).sum() / torch.log(torch.tensor(float(hkv * p)))).item())
+        scores.append(s)
+        kept.append([list(range(p)) for _ in range(hkv)])
+        applied.append(None)
+        budgets.append([p] * hkv)
+        for i in range(len(rhos)):
+            b = int(rhos[i] / sum(rhos) * total)
+            if (applied[i] is None and b > p) or (applied[i] is not None and b > applied[i]):
+                continue
+            applied[i] = b
+            hb = official_flat_heads(scores[i], b, alpha, floor)
+            kept[i] = [top_set(scores[i][h], kept[i][h], hb[h]) for h in range(hkv)]
+            budgets[i] = [min(x, p) for x in hb]
+    return kept, budgets, scores
+
+
+def official_adjust_budgets(budgets, total, prefix):
+    """CAKE's adjust_budgets restated: ints (truncated), clamp to prefix remembering the excess, the
+    excess in equal shares (remainder to the first) to the layers under the prefix (no re-clamp), then
+    the sum forced to total (deficit to layers under the prefix, surplus from layers above 1)."""
+    out = [int(x) for x in budgets]
+    excess = sum(max(x - prefix, 0) for x in out)
+    out = [min(x, prefix) for x in out]
+    if excess > 0:
+        under = [i for i in range(len(out)) if out[i] < prefix]
+        for rank, i in enumerate(under):
+            out[i] += excess // len(under) + (1 if rank < excess % len(under) else 0)
+    diff = total - sum(out)
+    if diff > 0:
+        pick = [i for i in range(len(out)) if out[i] < prefix]
+    else:
+        pick = [i for i in range(len(out)) if out[i] > 1]
+    if diff != 0 and pick:
+        for rank, i in enumerate(pick):
+            step = abs(diff) // len(pick) + (1 if rank < abs(diff) % len(pick) else 0)
+            out[i] += step if diff > 0 else -step
+    return out
+
+
+def cake_official_layer(q, k, window, gamma, kernel, tau1, tau2):
+    """One layer of official CAKE in the model's dtype: -> (hh score [Hkv, P] in the model dtype,
+    preference as a float32 tensor). q [H, n, D], k [Hkv, n, D] of one unpadded prompt."""
+    import math
+    heads, n, d = q.shape
+    hkv = k.shape[0]
+    dt = q.dtype
+    kk = torch.repeat_interleave(k, heads // hkv, dim=0)
+    logits = (q[None, :, -window:] @ kk[None].transpose(2, 3)) / math.sqrt(d)
+    block = torch.full((window, window), torch.finfo(dt).min, dtype=dt).triu(1)
+    logits[..., -window:] = logits[..., -window:] + block
+    a = torch.softmax(logits, dim=-1, dtype=torch.float32).to(dt)             # [1, H, W, n]
+    prefix = a[..., : n - window]
+    x = prefix.float()
+    disp = -(x * torch.log(x + 1e-10)).sum()
+    var = prefix.var(dim=2)[0].sum(0).sum(0)
+    pref = disp ** (1 / tau1) * var ** (1 / tau2)
+    ind = a.mean(dim=2) + gamma * a.var(dim=2)
+    ind = F.avg_pool1d(ind[..., : n - window], kernel, 1, kernel // 2)
+    return ind.view(hkv, heads // hkv, n - window).mean(1), pref
+
+
+def cake_official_reference(layers_qk, budget, window, tau1=1.0, tau2=1.0, gamma=200.0, kernel=5,
+                            cascading=True):
+    """Official CAKE prefill: no eviction if n <= budget + window; else per layer the official scores,
+    after every layer (cascading) or the last, shares pref_i / sum * total in float32, adjusted, clamped
+    to the prefix, and a nested top-k of each head."""
+    n, nl = layers_qk[0][1].shape[1], len(layers_qk)
+    if n <= budget + window:
+        return None
+    p, total = n - window, (budget - window) * nl
+    prefs, scores, kept, budgets = [], [], [], []
+    for layer, (q, k) in enumerate(layers_qk):
+        s, pref = cake_official_layer(q, k, window, gamma, kernel, tau1, tau2)
+        scores.append(s.float())
+        prefs.append(pref)
+        kept.append([list(range(p)) for _ in range(k.shape[0])])
+        budgets.append(p)
+        if cascading or layer == nl - 1:
+            acc = torch.tensor(0.0)
+            for x in prefs:
+                acc = acc + x
+            shares = [(x / acc * total).item() for x in prefs]
+            alloc = official_adjust_budgets(shares, total, p)
+            for i, b in enumerate(alloc):
+                b = max(0, min(b, p, len(kept[i][0])))
+                kept[i] = [top_set(scores[i][h], kept[i][h], b) for h in range(len(kept[i]))]
+                budgets[i] = b
+    return kept, budgets, scores
+
+
+def defensive_layer_official(q, k, v, wo, scale, window, budget, kernel=5, threshold=0.9):
+    """DefensiveKV score [Hkv, P] with the official protected set: window_bias = mean over all query heads
+    and window queries of the mass on the last W prefix keys; count = index of the first cumsum >=
+    threshold - bias (0 if never); cap = int((n - W) * budget / n - W), may be negative; protected =
+    order[:min(count, cap)] with Python slicing."""
+    hkv, n, d = k.shape
+    p = n - window
+    base = defensive_layer(q, k, v, wo, scale, window, budget, kernel, threshold=-1.0)  # nothing protected
+    heads = q.shape[0]
+    a = window_attention(q[:, -window:], k, scale).view(hkv, heads // hkv, window, n)
+    ap = a[..., :p]
+    bias = ap[..., -window:].sum(-1).mean().item()
+    mean = ap.mean((1, 2))
+    mean = mean / mean.sum(-1, keepdim=True)
+    cap = int((n - window) * budget / n - window)
+    top = base.max()
+    out = base.clone()
+    for h in range(hkv):
+        vals, order = torch.sort(mean[h], descending=True, stable=True)
+        csum = vals.cumsum(0).tolist()
+        crossing = [i for i, c in enumerate(csum) if c >= threshold - bias]
+        count = crossing[0] if crossing else 0
+        out[h, order[: min(count, cap)]] = top
+    return out

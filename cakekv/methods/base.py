@@ -89,6 +89,11 @@ def per_head_option(default: bool) -> Any:
                            "every head)")
 
 
+def official_option() -> Any:
+    return option(False, "reproduce the official repository's selection rules, quirks included (what it "
+                         "switches is listed in the method's docstring)")
+
+
 def head_floor_option(default: float) -> Any:
     return option(default, "fraction of its layer's budget every KV head keeps at least when budgets go per "
                            "head", ge=0, le=1)
@@ -108,6 +113,11 @@ class Method:
         self.options = self.Options.build(self.name, {**self.resolved_defaults(config, budget), **options})
 
     # ---- hooks -------------------------------------------------------------------------------
+    def compresses_prompt(self, length: int) -> bool:
+        """Whether a prompt row of `length` tokens is compressed at prefill (default: longer than the
+        budget); a row left alone is held at its decode cap from the first decode step if decode_evict."""
+        return length > self.budget
+
     def resolved_defaults(self, config, budget: int) -> dict[str, Any]:
         """Defaults that depend on the model or budget (CAKE's tau table), over the declared ones."""
         return {}
@@ -187,3 +197,28 @@ def flat_head_budgets(indicator: torch.Tensor, budgets: torch.Tensor, alpha: flo
     head = torch.div(order.indices, n, rounding_mode="floor")
     extra = torch.zeros(b, hkv, dtype=torch.long, device=indicator.device).scatter_add_(1, head, win.long())
     return floor + extra
+
+
+def official_head_budgets(indicator: torch.Tensor, budgets: torch.Tensor, alpha: float,
+                          floor: int | None = None) -> torch.Tensor:
+    """Head budgets [B, Hkv] as AdaKV / LAVa compute them (AdaptiveSnapKVCluster, LavaKVCluster):
+    c_h = how many of the top (Hkv * budget) entries of the layer's flattened scores lie in head h, then
+    b_h = round(c_h * (1 - alpha) + F) with F = int(alpha * budget) unless `floor` is given (LAVa's fixed
+    floor). As there: c_h is an int64 count, the product and sum are float32 (torch promotion of an
+    integer tensor with a Python float), rounding is half to even, and the b_h need not sum to
+    Hkv * budget. Only finite (still held) entries are counted; ties go to the lower head, then the
+    earlier slot (the official torch.topk leaves their order unspecified)."""
+    b, hkv, n = indicator.shape
+    budgets = budgets.to(indicator.device).long()
+    flat = indicator.float().flatten(1)
+    order = torch.sort(flat, dim=-1, descending=True, stable=True)
+    want = (budgets * hkv).clamp(min=0)[:, None]
+    win = (torch.arange(hkv * n, device=indicator.device)[None] < want) & torch.isfinite(order.values)
+    head = torch.div(order.indices, n, rounding_mode="floor")
+    counts = torch.zeros(b, hkv, dtype=torch.long, device=indicator.device).scatter_add_(1, head, win.long())
+    if floor is None:
+        floors = torch.tensor([int(x * alpha) for x in budgets.tolist()], dtype=torch.long,
+                              device=indicator.device)[:, None]
+    else:
+        floors = torch.full((b, 1), int(floor), dtype=torch.long, device=indicator.device)
+    return torch.round(counts * (1 - alpha) + floors).long().clamp(min=0)

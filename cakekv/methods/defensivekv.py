@@ -13,8 +13,19 @@ Decisions where the code/paper are silent or quirky:
     group and window queries), not the official slice that measures the last W prefix tokens;
   * the value-norm factor keeps the official per-token normalisation across KV heads (it makes the
     factor scale-free, which the cross-layer comparison of Layer-DefensiveKV relies on);
-  * probabilities in fp32 throughout (the official casts attention to the model dtype).
-"""
+  * probabilities in fp32 throughout (the official casts attention to the model dtype);
+  * the protected set is the smallest top set *reaching* the mass, the crossing token included (the
+    official count argmax(cumsum >= mass) leaves it out).
+
+official=True switches back to the official code's choices (EfficientDefensiveKVPress.vwl1norm):
+  * protected count = argmax(cumsum >= threshold - window_bias) (the crossing token is not protected;
+    0 when the mass is never reached), clamped above by int((n - W) * budget / n - W) without a floor at
+    0, and the set is sorted_indices[:count] with Python slicing, so a negative cap protects all but the
+    last |cap| entries (short prompts with a budget barely above the window);
+  * window_bias is one scalar per row and layer: the attention mass on the last W *prefix* keys, summed
+    per window query and averaged over every query head and window query.
+Not switched: probabilities and scores in fp32 (official: the model dtype); ties (many among the
+protected entries, all at the top score) keep the earlier position where torch.topk is unspecified."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,15 +33,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import LayerView, Method, flat_head_budgets, kernel_size_option, per_head_option
+from .base import LayerView, Method, flat_head_budgets, kernel_size_option, official_option, per_head_option
 from .options import Options, option
 from .registry import register
 
 _VNORM_CHUNK = 1024  # tokens per block of the value-through-o_proj norms
 
 
-def defensive_scores(view: LayerView, budget: int, kernel: int, threshold: float) -> torch.Tensor:
-    """[B, Hkv, N] fp32 DefensiveKV score, -inf on non-candidates.
+def defensive_scores(view: LayerView, budget: int, kernel: int, threshold: float,
+                     official: bool = False) -> torch.Tensor:
+    """[B, Hkv, N] fp32 DefensiveKV score, -inf on non-candidates (`official`: the official protected
+    set and window_bias, see the module docstring).
 
     Plain torch over one KV head's [B, G, W, N] window-attention block at a time (O(H*W*N) work; the
     pooled per-row max needs whole rows, so the fused window_stats op does not cover it). Candidate for a
@@ -42,6 +55,8 @@ def defensive_scores(view: LayerView, budget: int, kernel: int, threshold: float
     g = h // hkv
     cand = view.candidates
     window_key = (view.k_pos >= view.window_start[:, None, None])
+    if official:  # the last W prefix keys stand for the window
+        window_key = cand & (view.k_pos >= (view.window_start - w)[:, None, None])
     visible = (view.k_pos[:, :, None, :] >= 0) & (view.k_pos[:, :, None, :] <= view.q_pos[:, None, :, None])
     maxed = torch.zeros(b, hkv, n, device=k.device)
     mean_attn = torch.zeros(b, hkv, n, device=k.device)
@@ -64,6 +79,8 @@ def defensive_scores(view: LayerView, budget: int, kernel: int, threshold: float
         for s in range(0, n, _VNORM_CHUNK):
             proj = torch.einsum("bnd,ogd->bgno", v[:, kv, s:s + _VNORM_CHUNK].float(), wo_g)
             vnorm[:, kv, s:s + _VNORM_CHUNK] = proj.abs().sum(-1).mean(1)
+    if official:  # one scalar per row: the mean over every query head (all KV heads) and window query
+        bias = bias.mean(-1, keepdim=True).expand_as(bias)
     count = cand.sum(-1).clamp(min=1)
     head_mean = torch.where(cand, maxed, 0.0).sum(-1) / count
     score = torch.maximum(maxed, head_mean[..., None])
@@ -75,11 +92,21 @@ def defensive_scores(view: LayerView, budget: int, kernel: int, threshold: float
     p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
     sorted_p, order = torch.sort(p, dim=-1, descending=True, stable=True)
     target = (threshold - bias)[..., None]
-    need = (sorted_p.cumsum(-1) < target).sum(-1) + (target[..., 0] > 0).long()
     lengths = view.window_start.float() + w
-    cap = ((view.window_start.float() * budget / lengths).floor() - w).clamp(min=0).long()
-    need = torch.minimum(torch.minimum(need, cap[:, None]), cand.sum(-1))
-    protected = torch.zeros_like(cand).scatter_(-1, order, torch.arange(n, device=k.device)[None, None] < need[..., None])
+    rank = torch.arange(n, device=k.device)[None, None]
+    if official:
+        reached = sorted_p.cumsum(-1) >= target
+        need = torch.where(reached.any(-1), (~reached).sum(-1), 0)       # argmax of the first True
+        cap = [int(x * budget / (x + w) - w) for x in view.window_start.tolist()]
+        need = torch.minimum(need, torch.tensor(cap, device=k.device)[:, None])
+        # sorted_indices[:need] over the row's candidates (sorted first): negative need counts from the end
+        need = torch.where(need < 0, (cand.sum(-1) + need).clamp(min=0), need)
+    else:
+        need = (sorted_p.cumsum(-1) < target).sum(-1) + (target[..., 0] > 0).long()
+        cap = ((view.window_start.float() * budget / lengths).floor() - w).clamp(min=0).long()
+        need = torch.minimum(need, cap[:, None])
+    need = torch.minimum(need, cand.sum(-1))
+    protected = torch.zeros_like(cand).scatter_(-1, order, rank < need[..., None])
     top = score.flatten(1).amax(-1)[:, None, None].expand_as(score)
     return torch.where(protected & cand, top, score)
 
@@ -89,6 +116,7 @@ class DefensiveKVOptions(Options):
     kernel_size: int = kernel_size_option(5)
     threshold: float = option(0.9, "attention mass of each head's protected set (CriticalKV)", ge=0, le=1)
     head_adaptive: bool = per_head_option(True)
+    official: bool = official_option()
 
 
 @register
@@ -101,7 +129,8 @@ class DefensiveKV(Method):
         return self.options.kernel_size, "avg"
 
     def score_layer(self, view: LayerView):
-        return defensive_scores(view, self.budget, self.options.kernel_size, self.options.threshold), None
+        return defensive_scores(view, self.budget, self.options.kernel_size, self.options.threshold,
+                                self.options.official), None
 
     def head_budgets(self, indicator, budgets):
         return flat_head_budgets(indicator, budgets, 0.0) if self.options.head_adaptive else None

@@ -8,7 +8,15 @@ official; False: per-layer counts spread uniformly over the layer's heads, round
 cascading = False (official: one top-k at the last layer, full KV held until then). cascading=True
 re-runs the global top-k over the retained entries after every layer (peak memory like CAKE's
 cascade); with head_adaptive=True it selects exactly the same entries as the global top-k, because a
-top-T over a superset's survivors is nested (an entry dropped early already had T better ones)."""
+top-T over a superset's survivors is nested (an entry dropped early already had T better ones).
+
+official=True: DefensiveKV's official protected set and window_bias (see defensivekv.py), and the
+global top-k runs as in EfficientAdaGlobalScorerPress: over every layer's prefix entries *and* its W
+window entries per head scored at the layer's (row's) maximum, keeping budget * layers * Hkv entries in
+all; a (layer, head) gets as prefix budget the prefix entries it wins there. Only partly reproducible in
+prefill-time code: a window entry that loses the global top-k is evicted by the official code, here the
+window is always kept (the prefix selection is the official one; the cache holds those extra window
+entries)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,6 +27,29 @@ from .. import _ops
 from .base import cascading_option
 from .defensivekv import DefensiveKV, DefensiveKVOptions
 from .registry import register
+
+
+def official_global_counts(indicators: list[torch.Tensor], window: int, total: int) -> torch.Tensor:
+    """[B, l, Hkv] prefix winners of one top-`total` over every layer's candidates plus `window` entries
+    per (layer, head) scored at the layer's maximum (appended after the layer's slots, so a tie with a
+    prefix entry of the same layer goes to the prefix entry)."""
+    b, hkv = indicators[0].shape[:2]
+    augmented, prefix_slots = [], []
+    for x in indicators:
+        x = x.float()
+        top = x.flatten(1).amax(-1)[:, None, None].expand(b, hkv, window)
+        augmented.append(torch.cat([x, top], -1))
+        prefix_slots.append(x.shape[-1])
+    sizes = [x.shape[-1] for x in augmented]
+    owner = torch.cat([torch.full((hkv * s,), i) for i, s in enumerate(sizes)])
+    head = torch.cat([torch.arange(hkv).repeat_interleave(s) for s in sizes])
+    is_prefix = torch.cat([(torch.arange(s) < m).repeat(hkv) for s, m in zip(sizes, prefix_slots)])
+    flat = torch.cat([x.flatten(1) for x in augmented], 1)
+    order = torch.sort(flat, dim=-1, descending=True, stable=True)
+    win = (torch.arange(flat.shape[1])[None] < total) & torch.isfinite(order.values) & is_prefix[order.indices]
+    counts = torch.zeros(b, len(indicators) * hkv, dtype=torch.long)
+    counts.scatter_add_(1, (owner * hkv + head)[order.indices], win.long())
+    return counts.view(b, len(indicators), hkv)
 
 
 def global_counts(indicators: list[torch.Tensor], total: int) -> torch.Tensor:
@@ -52,7 +83,11 @@ class LayerDefensiveKV(DefensiveKV):
             return None
         hkv = indicators[0].shape[1]
         per_head_total = (self.budget - self.window) * self.num_layers
-        counts = global_counts([x.cpu() for x in indicators], per_head_total * hkv)
+        if self.options.official:
+            counts = official_global_counts([x.cpu() for x in indicators], self.window,
+                                            self.budget * self.num_layers * hkv)
+        else:
+            counts = global_counts([x.cpu() for x in indicators], per_head_total * hkv)
         if self.options.head_adaptive:
             return counts.to(caps.device)
         total = torch.full((caps.shape[0],), per_head_total, dtype=torch.long)
