@@ -54,15 +54,15 @@ def _demo_table(rows) -> str:
 
 
 def cmd_demo(args) -> int:
-    import cakekv
     import torch
 
-    from .eval import common
+    from .eval.args import parse_int_list, split_list
+    from .eval.runs import expand_runs
+    from .methods import available_methods
 
-    known = cakekv.available_methods()
-    methods = common.split_list(args.methods) if args.methods else [m for m in DEMO_METHODS if m in known]
-    budgets = common.parse_int_list(args.budgets, "budgets")
-    runs = common.expand_runs(methods, budgets, args.window)
+    known = available_methods()
+    methods = split_list(args.methods) if args.methods else [m for m in DEMO_METHODS if m in known]
+    runs = expand_runs(methods, parse_int_list(args.budgets, "budgets"), args.window)
     if args.length < 64:
         raise ValueError("length: the document needs at least 64 tokens")
     if args.threads:
@@ -86,13 +86,17 @@ def _quiet_transformers():
 
 
 def _demo(args, runs) -> int:
-    from .eval import common, synthetic
-    model, tok = common.load_model(None, args.device, args.dtype)
-    counter = synthetic.TokenCounter(tok)
+    from .eval.generation import generate
+    from .eval.haystack import TokenCounter, haystack_sentences
+    from .eval.models import load_model
+    from .eval.prompts import encode_prompt
+    from .eval.report import fmt_bytes
+    from .eval.synthetic import fact_sample, score_items
+    model, tok = load_model(None, args.device, args.dtype)
     rng = random.Random(f"demo:{args.seed}")
-    sample = synthetic.fact_sample(counter, synthetic.haystack_sentences("essay", args.seed), args.length, rng,
-                                   depth=args.depth, n_facts=args.facts)
-    encoded = common.encode_prompt(tok, sample.prompt(tok, chat=False), args.protocol)
+    sample = fact_sample(TokenCounter(tok), haystack_sentences("essay", args.seed), args.length, rng,
+                         depth=args.depth, n_facts=args.facts)
+    encoded = encode_prompt(tok, sample.prompt(tok, chat=False), args.protocol)
     name, answer = sample.meta["name"], sample.expected[0]
     print(f"document: {encoded.full.numel()} tokens, {len(sample.meta['facts'])} facts hidden in it, e.g. "
           f"\"The secret code of {name} is {answer}.\" at {100 * args.depth:.0f}% depth")
@@ -100,13 +104,13 @@ def _demo(args, runs) -> int:
           f"(protocol {args.protocol}, window {args.window})\n")
     rows = []
     for run in runs:
-        gen = common.generate(model, tok, encoded, method=run.method, budget=run.budget, window=args.window,
-                              protocol=args.protocol, max_new_tokens=args.max_new_tokens)
+        gen = generate(model, tok, encoded, method=run.method, budget=run.budget, window=args.window,
+                       protocol=args.protocol, max_new_tokens=args.max_new_tokens)
         text = gen.text.strip().split("\n")[0]
-        correct = synthetic.score_items(gen.text, [answer]) == 1.0
+        correct = score_items(gen.text, [answer]) == 1.0
         kept = (f"{sum(gen.kept_per_layer) / len(gen.kept_per_layer):.0f} / {gen.prompt_tokens}"
                 if gen.kept_per_layer else "-")
-        memory = (f"{common.fmt_bytes(gen.bytes_kept)} ({100 * gen.kv_fraction:.0f}%)"
+        memory = (f"{fmt_bytes(gen.bytes_kept)} ({100 * gen.kv_fraction:.0f}%)"
                   if gen.kv_fraction is not None else "-")
         rows.append((run.method, run.budget if run.budget is not None else "-", text[:32],
                      "yes" if correct else "no", kept, memory, f"{gen.seconds:.2f}s"))
@@ -120,13 +124,14 @@ def _demo(args, runs) -> int:
 # generate
 # ----------------------------------------------------------------------------------------------
 def cmd_generate(args) -> int:
-    import cakekv
+    from .eval.args import parse_options
+    from .eval.generation import generate
+    from .eval.models import load_model
+    from .eval.prompts import encode_prompt, make_prompt, use_chat
+    from .eval.report import fmt_bytes
+    from .eval.runs import FULL, check_compression
 
-    from .eval import common
-    if args.method not in cakekv.available_methods():
-        raise ValueError(f"method: unknown method {args.method!r}; available: {cakekv.available_methods()}")
-    if args.budget < args.window + 1:
-        raise ValueError(f"budget: must be >= window + 1 = {args.window + 1}, got {args.budget}")
+    check_compression(args.method, args.budget, args.window)
     if args.prompt_file == "-":
         prompt_text = sys.stdin.read()
     else:
@@ -135,18 +140,17 @@ def cmd_generate(args) -> int:
                 prompt_text = f.read()
         except OSError as e:
             raise FileNotFoundError(f"prompt-file: cannot read {args.prompt_file!r}: {e.strerror or e}") from None
-    options = common.parse_options(args.option, [args.method])
-    model, tok = common.load_model(args.model, args.device, args.dtype, args.attn_implementation)
-    chat = common.use_chat(tok, args.chat)
-    prompt = common.make_prompt(tok, "", prompt_text, "", chat=chat)
-    encoded = common.encode_prompt(tok, prompt, "question-aware")
-    gen = common.generate(model, tok, encoded, method=args.method,
-                          budget=None if args.method == common.FULL else args.budget, window=args.window,
-                          protocol="question-aware", max_new_tokens=args.max_new_tokens, options=options)
+    options = parse_options(args.option, [args.method])
+    model, tok = load_model(args.model, args.device, args.dtype, args.attn_implementation)
+    chat = use_chat(tok, args.chat)
+    encoded = encode_prompt(tok, make_prompt(tok, "", prompt_text, "", chat=chat), "question-aware")
+    gen = generate(model, tok, encoded, method=args.method, budget=None if args.method == FULL else args.budget,
+                   window=args.window, protocol="question-aware", max_new_tokens=args.max_new_tokens,
+                   options=options)
     print(gen.text)
     kept = f"{sum(gen.kept_per_layer) / len(gen.kept_per_layer):.0f}" if gen.kept_per_layer else "-"
-    mem = (f"{common.fmt_bytes(gen.bytes_kept)} of {common.fmt_bytes(gen.bytes_before)} "
-           f"({100 * gen.kv_fraction:.1f}%; {common.fmt_bytes(gen.bytes_after)} allocated)"
+    mem = (f"{fmt_bytes(gen.bytes_kept)} of {fmt_bytes(gen.bytes_before)} "
+           f"({100 * gen.kv_fraction:.1f}%; {fmt_bytes(gen.bytes_after)} allocated)"
            if gen.kv_fraction is not None else "-")
     print(f"[cakekv] method {args.method}, budget {args.budget}, window {args.window}, chat {chat}: "
           f"{gen.prompt_tokens} prompt tokens, {len(gen.tokens)} new tokens, {kept} KV entries kept per layer "
@@ -168,7 +172,8 @@ def cmd_eval(args) -> int:
 # parser
 # ----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from .eval import common, longbench, needle, synthetic
+    from .eval import longbench, needle, synthetic
+    from .eval.prompts import PROTOCOLS
 
     parser = argparse.ArgumentParser(prog="cakekv", description="KV-cache eviction (CAKE and siblings) for "
                                      "long-context inference with transformers.")
@@ -192,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--facts", type=int, default=4, help="facts hidden in the document (default: %(default)s)")
     p.add_argument("--depth", type=float, default=0.3,
                    help="where the asked fact sits, 0 = start, 1 = end (default: %(default)s)")
-    p.add_argument("--protocol", choices=common.PROTOCOLS, default="question-aware")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="question-aware")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -233,20 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .eval import common
+    from .eval.args import check_ranges
+    from .eval.errors import report_user_errors
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("window", "max_new_tokens", "samples", "limit", "max_length", "facts", "threads"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if getattr(args, "depth", None) is not None and not 0.0 <= args.depth <= 1.0:
-        parser.error("--depth must be between 0 and 1")
-    try:
-        return args.func(args)
-    except (common.ModelLoadError, FileNotFoundError, ValueError, TypeError, ImportError) as e:
-        print(f"cakekv: error: {e}", file=sys.stderr)
-        return 2  # as argparse does for its own errors
+    check_ranges(parser, args)
+    return report_user_errors(args.func)(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

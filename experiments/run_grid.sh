@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5's results grid on one GPU with the shipped tiny model: needle heatmaps and the synthetic-task
+# The results grid on one GPU with the shipped tiny model: needle heatmaps and the synthetic-task
 # table of every method at budgets 64/128/256/512. The tiny model is launch-bound, so one process per
 # (task, method, budget) runs in parallel (batches of 8 prompts each); the folders are merged at the end
 # (a run cut short by TIMEOUT leaves the others' results).

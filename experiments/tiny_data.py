@@ -1,7 +1,8 @@
 """Data for the tiny long-context Llama shipped in cakekv/assets/tiny-llama.
 
 Used by experiments/train_tiny_model.py (training) and reusable by evaluation code and tests.
-Needs numpy, tokenizers and (for the evaluation helpers) torch + transformers; nothing is downloaded.
+Needs numpy, tokenizers, cakekv.eval.haystack (the needle texts and generators, standard library only)
+and, for the evaluation helpers, torch + transformers; nothing is downloaded.
 
 1. Corpus -- real text read from the machine at run time: source code and docs of the installed Python
    packages (site-packages), the Python standard library, /usr/share/doc, ... (`collect_corpus`).
@@ -42,6 +43,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+
+try:  # the needle texts and generators shared with cakekv's evaluations (standard library only)
+    from cakekv.eval import haystack
+except ImportError:  # a checkout without cakekv installed
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from cakekv.eval import haystack
 
 # --------------------------------------------------------------------------------------------------
 # 1. Corpus from the machine
@@ -124,10 +131,7 @@ def _scan(unit: str, skip: set[str], out: dict[str, int]) -> int:
                     if e.name not in _SKIP_DIRS and e.path not in skip:
                         stack.append(e.path)
                 elif _is_text_candidate(e.name):
-                    sz = e.stat(follow_symlinks=False).st_size
-                    if MIN_FILE_BYTES // 4 <= sz <= MAX_FILE_BYTES and e.path not in out:
-                        out[e.path] = sz
-                        added += sz
+                    added += _add_candidate(e.path, e.stat(follow_symlinks=False).st_size, out)
             except OSError:
                 continue
     return added
@@ -178,9 +182,14 @@ def _scan_file(path: str, out: dict[str, int]) -> int:
         sz = os.stat(path, follow_symlinks=False).st_size
     except OSError:
         return 0
-    if MIN_FILE_BYTES // 4 <= sz <= MAX_FILE_BYTES and path not in out:
-        out[path] = sz
-        return sz
+    return _add_candidate(path, sz, out)
+
+
+def _add_candidate(path: str, size: int, out: dict[str, int]) -> int:
+    """Record a file of a candidate's size in out {path: size} unless already there; the bytes added."""
+    if MIN_FILE_BYTES // 4 <= size <= MAX_FILE_BYTES and path not in out:
+        out[path] = size
+        return size
     return 0
 
 
@@ -369,6 +378,8 @@ def tokenize_corpus(tokenizer, texts: list[str], chunk: int = 1024, sep: str = "
 # --------------------------------------------------------------------------------------------------
 # 3. Facts, names, questions
 # --------------------------------------------------------------------------------------------------
+# The texts and generators are cakekv.eval.haystack's; the word lists below are the training data's own
+# (the tiny model was trained on them: changing them changes the data), not the evaluations' lists.
 
 FIRST_NAMES = """Aaron Abigail Adele Adrian Agnes Aida Alan Albert Alice Alma Amara Amir Anders Andrea Anika Anton
 Aria Arjun Astrid Aurora Bastian Beatrix Benedict Bianca Boris Bruno Calla Camille Carmen Casper Cecil Celine Chloe
@@ -399,8 +410,7 @@ harbor helmet island jacket kettle ladder lantern lemon magnet maple meadow mirr
 orchid otter paddle parrot pebble pepper piano pillow pocket quilt rabbit ribbon river rocket saddle
 sandal shovel signal spoon squirrel tablet teapot thimble tiger tulip turnip velvet violin wagon walnut
 whistle willow window zebra""".split()
-MAGIC_INTRO = ("Some special magic numbers are hidden within the following text. Make sure to memorize them. "
-               "I will quiz you about the numbers afterwards.\n")
+MAGIC_INTRO = haystack.MAGIC_INTRO
 
 ATTRIBUTES = ["secret code", "pass key", "magic number", "access code", "vault number", "ticket number",
               "room number", "lucky number", "serial number", "account number", "locker number", "PIN"]
@@ -415,7 +425,7 @@ def random_name(rng: random.Random) -> str:
     """A person-like name: real first/last name pairs (70%) or invented ones (30%)."""
     r = rng.random()
     if r < 0.7:
-        return f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
+        return haystack.person_name(rng, FIRST_NAMES, LAST_NAMES)
     if r < 0.85:
         return f"{rng.choice(FIRST_NAMES)} {_pseudo_word(rng)}"
     return f"{_pseudo_word(rng)} {_pseudo_word(rng)}"
@@ -423,29 +433,26 @@ def random_name(rng: random.Random) -> str:
 
 def random_key(rng: random.Random) -> str:
     """An adjective-noun key ("calm-anchor") for the magic-number template."""
-    return f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
+    return haystack.random_key(rng, ADJECTIVES, NOUNS)
 
 
 def random_code(rng: random.Random, n_digits: int) -> str:
-    return str(rng.randint(10 ** (n_digits - 1), 10 ** n_digits - 1))
+    return haystack.random_code(rng, n_digits)
 
 
 # Two template families: "fact" (the evaluation format: "The ATTRIBUTE of NAME is CODE.") and "magic"
 # (RULER's needle: "One of the special magic numbers for KEY is: CODE."). A fact is written either on
 # a line of its own ("...\n" inserted at a line start) or inside a line (" ..." after a sentence end).
 def fact_text(attr: str, name: str, code: str, template: str = "fact", midline: bool = False) -> str:
-    if template == "magic":
-        s = f"One of the special magic numbers for {name} is: {code}."
-    else:
-        s = f"The {attr} of {name} is {code}."
+    s = haystack.magic_needle(name, code) if template == "magic" else haystack.fact_needle(attr, name, code)
     return " " + s if midline else s + "\n"
 
 
 def question_text(attr: str, name: str, template: str = "fact") -> str:
+    """The question and the answer's start, in one piece."""
     if template == "magic":
-        return (f"\nWhat is the special magic number for {name} mentioned in the provided text?"
-                f" The special magic number for {name} mentioned in the provided text is")
-    return f"\nWhat is the {attr} of {name}? The {attr} of {name} is"
+        return "".join(haystack.magic_question(name))
+    return "".join(haystack.fact_question(attr, name))
 
 
 def answer_text(code: str) -> str:
@@ -744,11 +751,7 @@ def make_needle_example(tokenizer, context_tokens: int, depth: float, seed: int,
     bos = be.token_to_id(BOS)
     if template not in ("fact", "magic"):
         raise ValueError(f"template: expected 'fact' or 'magic', got {template!r}")
-    names: list[str] = []
-    while len(names) < n_keys:
-        nm = random_key(rng) if template == "magic" else random_name(rng)
-        if nm not in names:
-            names.append(nm)
+    names = haystack.distinct(n_keys, lambda: random_key(rng) if template == "magic" else random_name(rng))
     codes = [random_code(rng, n_digits) for _ in names]
     strings = [fact_text(attribute, nm, c, template) for nm, c in zip(names, codes)]
     strings.append(question_text(attribute, names[0], template))

@@ -11,7 +11,7 @@ import torch
 
 import cakekv
 from cakekv import cli
-from cakekv.eval import common
+from cakekv.eval import models
 from test_eval_longbench import byte_tokenizer, tiny_lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,7 +93,7 @@ def test_generate(capsys, tmp_path, model_dir):
 
 
 def test_generate_defaults_to_the_shipped_model(capsys, tmp_path):
-    if not os.path.isfile(os.path.join(common.tiny_model_path(), "config.json")):
+    if not os.path.isfile(os.path.join(models.tiny_model_path(), "config.json")):
         pytest.fail("the shipped tiny model is missing")
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("The secret code of Ada Berg is 12345. " * 10)
@@ -124,10 +124,10 @@ def test_eval_batch_size(tmp_path, model_dir):
 
 
 def test_demo(capsys, monkeypatch, model_dir, tmp_path):
-    monkeypatch.setattr(common, "tiny_model_path", lambda: str(tmp_path / "absent"))
+    monkeypatch.setattr(models, "tiny_model_path", lambda: str(tmp_path / "absent"))
     assert cli.main(["demo"]) == 2
     assert "shipped tiny model is missing" in capsys.readouterr().err
-    monkeypatch.setattr(common, "tiny_model_path", lambda: model_dir)
+    monkeypatch.setattr(models, "tiny_model_path", lambda: model_dir)
     argv = ["demo", "--length", "300", "--budgets", "40", "--window", "8", "--facts", "2", "--max-new-tokens", "3",
             "--methods", "full,cake"]
     assert cli.main(argv) == 0

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from cakekv.eval import common, longbench, metrics
+from cakekv.eval import generation, longbench, metrics, prompts
 
 # ------------------------------------------------------------------------------------------------
 # shared helpers (also used by test_eval_tasks.py and test_cli.py)
@@ -224,13 +224,13 @@ def test_chat_wrapping():
     assert prompt.context.endswith("some passages") and not prompt.add_special_tokens  # BOS not doubled
     doubled, _ = longbench.build_prompt(tok, ex, "hotpotqa", max_length=None, chat=True, double_bos=True)
     assert doubled.add_special_tokens
-    enc = common.encode_prompt(tok, prompt, "question-aware")
+    enc = prompts.encode_prompt(tok, prompt, "question-aware")
     assert enc.full[:2].tolist() != [1, 1] and enc.full[0].item() == 1
     for name in ("lcc", "lsht", "trec"):  # never wrapped
         p, _ = longbench.build_prompt(tok, {"context": "c", "input": "i", "all_classes": []}, name,
                                       max_length=None, chat=True)
         assert "<|user|>" not in p.text
-    enc = common.encode_prompt(tok, prompt, "context-only")
+    enc = prompts.encode_prompt(tok, prompt, "context-only")
     assert torch.equal(torch.cat([enc.context, enc.question]), enc.full)
     assert tok.decode(enc.question) == prompt.question
 
@@ -339,7 +339,7 @@ def test_pipeline_scores_known_predictions(tmp_path, monkeypatch):
 
     def fake_generate_batch(model, tokenizer, encoded_list, **kw):
         calls.append(kw)
-        return [common.Generation(next(order[current["name"]]), [5] * 3, int(encoded.full.numel()), 0.01, 100, 60, 50,
+        return [generation.Generation(next(order[current["name"]]), [5] * 3, int(encoded.full.numel()), 0.01, 100, 60, 50,
                                   [10.0, 10.0]) for encoded in encoded_list]
 
     real_build = longbench.build_prompt
@@ -348,7 +348,7 @@ def test_pipeline_scores_known_predictions(tmp_path, monkeypatch):
         current["name"] = dataset
         return real_build(tokenizer, example, dataset, **kw)
 
-    monkeypatch.setattr(common, "generate_batch", fake_generate_batch)
+    monkeypatch.setattr(generation, "generate_batch", fake_generate_batch)
     monkeypatch.setattr(longbench, "build_prompt", spy_build)
     args = eval_args(longbench.add_arguments, [
         "--data-dir", str(tmp_path / "data"), "--datasets", "hotpotqa,lcc,lsht,passage_count,samsum",
@@ -379,9 +379,9 @@ def test_resume_keeps_existing_predictions(tmp_path, monkeypatch):
 
     def fake_generate_batch(model, tokenizer, encoded_list, **kw):
         batches.append(len(encoded_list))
-        return [common.Generation("town 3", [5], 10, 0.0, None, None, None, None) for _ in encoded_list]
+        return [generation.Generation("town 3", [5], 10, 0.0, None, None, None, None) for _ in encoded_list]
 
-    monkeypatch.setattr(common, "generate_batch", fake_generate_batch)
+    monkeypatch.setattr(generation, "generate_batch", fake_generate_batch)
     argv = ["--data-dir", str(tmp_path / "data"), "--datasets", "hotpotqa", "--methods", "full",
             "--out", str(tmp_path / "out"), "--no-progress", "--batch-size", "2", "--limit", "1"]
     longbench.run(eval_args(longbench.add_arguments, argv), model=tiny_lm(), tokenizer=byte_tokenizer())

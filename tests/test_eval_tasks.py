@@ -12,7 +12,9 @@ from collections import Counter
 import pytest
 import torch
 
-from cakekv.eval import common, needle, synthetic
+from cakekv.eval import generation, haystack, models, needle, plots, prompts, report, synthetic
+from cakekv.eval.args import parse_int_list, parse_options, setup_from_args, split_list
+from cakekv.eval.runs import Run, evaluate_items, expand_runs
 from test_eval_longbench import byte_tokenizer, eval_args, tiny_lm
 
 
@@ -78,27 +80,27 @@ def test_common_words_are_most_common(tok):
 
 
 def test_haystack_and_depth(tok, tmp_path):
-    count = synthetic.TokenCounter(tok)
+    count = haystack.TokenCounter(tok)
     sentences = ["One two three.", "Four five six.", "Seven eight."]
-    filled = synthetic.fill(sentences, count, 40)
+    filled = haystack.fill(sentences, count, 40)
     assert filled == sentences[:2]  # 15 + 15 = 30 tokens, a third (13) would pass 40
-    assert synthetic.insert_at_depth(filled, "N.", 0.0, count)[0] == "N."
-    assert synthetic.insert_at_depth(filled, "N.", 1.0, count)[-1] == "N."
-    assert synthetic.insert_at_depth(filled, "N.", 0.5, count) == [sentences[0], "N.", sentences[1]]
-    essay = synthetic.haystack_sentences("essay", seed=0)
-    assert len(essay) > 500 and essay == synthetic.haystack_sentences("essay", seed=0)
-    assert essay != synthetic.haystack_sentences("essay", seed=1) and sorted(essay) == sorted(
-        synthetic.haystack_sentences("essay", seed=1))
+    assert haystack.insert_at_depth(filled, "N.", 0.0, count)[0] == "N."
+    assert haystack.insert_at_depth(filled, "N.", 1.0, count)[-1] == "N."
+    assert haystack.insert_at_depth(filled, "N.", 0.5, count) == [sentences[0], "N.", sentences[1]]
+    essay = haystack.haystack_sentences("essay", seed=0)
+    assert len(essay) > 500 and essay == haystack.haystack_sentences("essay", seed=0)
+    assert essay != haystack.haystack_sentences("essay", seed=1) and sorted(essay) == sorted(
+        haystack.haystack_sentences("essay", seed=1))
     path = tmp_path / "filler.txt"
     path.write_text("First sentence here. Second one!\nThird?")
-    assert synthetic.haystack_sentences(str(path)) == ["First sentence here.", "Second one!", "Third?"]
+    assert haystack.haystack_sentences(str(path)) == ["First sentence here.", "Second one!", "Third?"]
     with pytest.raises(FileNotFoundError):
-        synthetic.haystack_sentences(str(tmp_path / "missing.txt"))
+        haystack.haystack_sentences(str(tmp_path / "missing.txt"))
 
 
 def test_fact_sample_matches_tiny_model_format(tok):
-    count = synthetic.TokenCounter(tok)
-    s = synthetic.fact_sample(count, synthetic.haystack_sentences("essay", 0), 700, random.Random(0),
+    count = haystack.TokenCounter(tok)
+    s = synthetic.fact_sample(count, haystack.haystack_sentences("essay", 0), 700, random.Random(0),
                               depth=0.0, n_facts=3)
     name, code = s.meta["name"], s.expected[0]
     assert s.context.startswith(f"The secret code of {name} is {code}.\n")
@@ -122,21 +124,21 @@ def test_score_items_exact():
 # runner
 # ------------------------------------------------------------------------------------------------
 def test_expand_runs_and_options():
-    runs = common.expand_runs(["full", "cake", "full"], [64, 128, 64], window=8)
+    runs = expand_runs(["full", "cake", "full"], [64, 128, 64], window=8)
     assert [r.label for r in runs] == ["full", "cake-64", "cake-128"]
     with pytest.raises(ValueError, match="unknown method"):
-        common.expand_runs(["nope"], [64], 8)
+        expand_runs(["nope"], [64], 8)
     with pytest.raises(ValueError, match="window \\+ 1"):
-        common.expand_runs(["cake"], [8], 8)
+        expand_runs(["cake"], [8], 8)
     with pytest.raises(ValueError, match="at least one budget"):
-        common.expand_runs(["cake"], [], 8)
-    assert common.parse_options(["gamma=100", "cascading=false", "pooling=max"]) == \
+        expand_runs(["cake"], [], 8)
+    assert parse_options(["gamma=100", "cascading=false", "pooling=max"]) == \
         {"gamma": 100, "cascading": False, "pooling": "max"}
     with pytest.raises(ValueError, match="KEY=VALUE"):
-        common.parse_options(["gamma"])
-    assert common.split_list(["a,b", "c d"]) == ["a", "b", "c", "d"]
+        parse_options(["gamma"])
+    assert split_list(["a,b", "c d"]) == ["a", "b", "c", "d"]
     with pytest.raises(ValueError, match="budgets"):
-        common.parse_int_list("12,x", "budgets")
+        parse_int_list("12,x", "budgets")
 
 
 def test_context_only_full_cache_equals_question_aware(tok):
@@ -144,34 +146,34 @@ def test_context_only_full_cache_equals_question_aware(tok):
     model = tiny_lm()
     sample = synthetic.make_sample("niah_single", tok, 300, seed=0)
     prompt = sample.prompt(tok, chat=False)
-    qa = common.encode_prompt(tok, prompt, "question-aware")
-    co = common.encode_prompt(tok, prompt, "context-only")
+    qa = prompts.encode_prompt(tok, prompt, "question-aware")
+    co = prompts.encode_prompt(tok, prompt, "context-only")
     assert torch.equal(qa.full, co.full)  # byte tokens: both ways give the same ids
     kw = dict(method="full", budget=None, window=8, max_new_tokens=12)
-    a = common.generate(model, tok, qa, protocol="question-aware", **kw)
-    b = common.generate(model, tok, co, protocol="context-only", **kw)
+    a = generation.generate(model, tok, qa, protocol="question-aware", **kw)
+    b = generation.generate(model, tok, co, protocol="context-only", **kw)
     assert a.tokens == b.tokens and len(a.tokens) == 12
     with torch.no_grad():
         ref = model.generate(qa.full[None], max_new_tokens=12, do_sample=False, eos_token_id=None)
     assert ref[0, qa.full.numel():].tolist() == a.tokens
     # compressed: the cache is smaller than the prompt under both protocols
     for protocol, enc in (("question-aware", qa), ("context-only", co)):
-        g = common.generate(model, tok, enc, method="cake", budget=40, window=8, protocol=protocol,
+        g = generation.generate(model, tok, enc, method="cake", budget=40, window=8, protocol=protocol,
                             max_new_tokens=4)
         assert max(g.kept_per_layer) < g.prompt_tokens / 2 and g.bytes_kept < g.bytes_after < g.bytes_before
     # a min_new_tokens / extra EOS request is honoured by the manual loop
     eos = a.tokens[0]
-    g = common.generate(model, tok, co, method="full", budget=None, window=8, protocol="context-only",
+    g = generation.generate(model, tok, co, method="full", budget=None, window=8, protocol="context-only",
                         max_new_tokens=12, extra_eos=[eos])
     assert g.tokens == [eos]
-    g = common.generate(model, tok, co, method="full", budget=None, window=8, protocol="context-only",
+    g = generation.generate(model, tok, co, method="full", budget=None, window=8, protocol="context-only",
                         max_new_tokens=12, extra_eos=[eos], min_new_tokens=1)
     assert g.tokens[0] != eos
 
 
 @pytest.fixture(scope="module")
 def shipped():
-    return common.load_model(None, "cpu", "float32")
+    return models.load_model(None, "cpu", "float32")
 
 
 @pytest.mark.parametrize("method, budget", [("full", None), ("snapkv", 48), ("cake", 48)])
@@ -179,16 +181,16 @@ def test_batch_equals_one_at_a_time(shipped, method, budget):
     """A left-padded batch of prompts of different lengths (all longer than the budget) answers each
     prompt as it is answered alone; rows stop at their own EOS (the newline here)."""
     model, tok = shipped
-    counter = synthetic.TokenCounter(tok)
-    sentences = synthetic.haystack_sentences("essay", 0)
-    encoded = [common.encode_prompt(tok, synthetic.fact_sample(counter, sentences, n, random.Random(n), depth=0.3,
+    counter = haystack.TokenCounter(tok)
+    sentences = haystack.haystack_sentences("essay", 0)
+    encoded = [prompts.encode_prompt(tok, synthetic.fact_sample(counter, sentences, n, random.Random(n), depth=0.3,
                                                                n_facts=2).prompt(tok, chat=False), "question-aware")
                for n in (60, 240, 120)]
     assert len({e.full.numel() for e in encoded}) == 3 and min(e.full.numel() for e in encoded) > 48
     kw = dict(method=method, budget=budget, window=8, protocol="question-aware", max_new_tokens=10,
-              extra_eos=[common.newline_token_id(tok)])
-    batch = common.generate_batch(model, tok, encoded, **kw)
-    alone = [common.generate(model, tok, e, **kw) for e in encoded]
+              extra_eos=[generation.newline_token_id(tok)])
+    batch = generation.generate_batch(model, tok, encoded, **kw)
+    alone = [generation.generate(model, tok, e, **kw) for e in encoded]
     assert [g.tokens for g in batch] == [g.tokens for g in alone]
     assert [g.text for g in batch] == [g.text for g in alone]
     assert [g.prompt_tokens for g in batch] == [e.full.numel() for e in encoded]
@@ -203,24 +205,24 @@ def test_batch_equals_one_at_a_time(shipped, method, budget):
 def test_evaluate_items_batches_in_item_order(tok, monkeypatch):
     """Batches of at most --batch-size prompts of one max_new_tokens, sorted by length; the records
     come back in the items' order, equal to one-at-a-time records."""
-    items = [(common.encode_prompt(tok, common.Prompt("a" * n, "?"), "question-aware"), max_new, i)
+    items = [(prompts.encode_prompt(tok, prompts.Prompt("a" * n, "?"), "question-aware"), max_new, i)
              for i, (n, max_new) in enumerate([(50, 3), (20, 3), (80, 3), (35, 3), (60, 5)])]
     batches = []
-    real = common.generate_batch
+    real = generation.generate_batch
 
     def spy(model, tokenizer, encoded_list, **kw):
         batches.append(([e.full.numel() for e in encoded_list], kw["max_new_tokens"]))
         return real(model, tokenizer, encoded_list, **kw)
 
-    monkeypatch.setattr(common, "generate_batch", spy)
+    monkeypatch.setattr(generation, "generate_batch", spy)
 
     def evaluate(batch_size):
         batches.clear()
         args = eval_args(needle.add_arguments, ["--methods", "full,snapkv", "--budgets", "40", "--window", "8",
                                                 "--batch-size", str(batch_size), "--no-progress"])
-        setup = common.setup_from_args(args, tiny_lm(), tok)
-        assert setup.batch_size == batch_size and common.environment_info(setup)["batch_size"] == batch_size
-        return common.evaluate_items(setup, items, desc="test", record=lambda run, i, gen: (run.label, i, gen.tokens))
+        setup = setup_from_args(args, tiny_lm(), tok)
+        assert setup.batch_size == batch_size and report.environment_info(setup)["batch_size"] == batch_size
+        return evaluate_items(setup, items, desc="test", record=lambda run, i, gen: (run.label, i, gen.tokens))
 
     alone = evaluate(1)
     assert [r[:2] for r in alone] == [(label, i) for label in ("full", "snapkv-40") for i in range(5)]
@@ -230,7 +232,7 @@ def test_evaluate_items_batches_in_item_order(tok, monkeypatch):
 
 def test_batch_size_must_be_positive():
     with pytest.raises(ValueError, match="batch_size"):
-        common.setup_from_args(eval_args(needle.add_arguments, ["--batch-size", "0"]))
+        setup_from_args(eval_args(needle.add_arguments, ["--batch-size", "0"]))
 
 
 def _png_size(path):
@@ -240,7 +242,7 @@ def _png_size(path):
 
 
 def test_png_grid_writer(tmp_path):
-    path = common.write_png_grid([[0.0, 1.0], [0.5, float("nan")], [1.0]], str(tmp_path / "g.png"), cell=4)
+    path = plots.write_png_grid([[0.0, 1.0], [0.5, float("nan")], [1.0]], str(tmp_path / "g.png"), cell=4)
     (w, h), data = _png_size(path)
     assert (w, h) == (8, 12)
     raw = zlib.decompress(data[data.index(b"IDAT") + 4:data.index(b"IEND") - 8])
@@ -264,7 +266,7 @@ def test_needle_end_to_end(tmp_path, monkeypatch):
     for label, entry in report["results"].items():
         grid = entry["grid"]
         assert len(grid) == 2 and all(len(row) == 2 for row in grid)  # depth rows x length columns
-        mine = [r for r in records if common.Run(r["method"], r["budget"]).label == label]
+        mine = [r for r in records if Run(r["method"], r["budget"]).label == label]
         assert entry["accuracy"] == round(100 * sum(r["found"] for r in mine) / len(mine), 2)
         for r in mine:
             assert r["found"] == synthetic.score_items(r["pred"], [r["needle"]])
@@ -275,7 +277,7 @@ def test_needle_end_to_end(tmp_path, monkeypatch):
     # a known grid: cell values are the fraction found, the report's heatmap is written without
     # matplotlib too (plain colour grid)
     fake = [dict(r, found=1.0 if r["depth"] == 0.0 else 0.0) for r in records]
-    monkeypatch.setattr(common, "_matplotlib", lambda: None)
+    monkeypatch.setattr(plots, "_matplotlib", lambda: None)
     with pytest.warns(UserWarning, match="matplotlib is not installed"):
         paths = needle.write_report(str(tmp_path / "again"), fake, [400, 500], [0.0, 100.0], {})
     report = json.load(open(paths["json"], encoding="utf-8"))
@@ -299,7 +301,7 @@ def test_synthetic_end_to_end(tmp_path):
     for r in records:
         assert r["score"] == synthetic.score_items(r["pred"], r["expected"])
     for label, entry in report["results"].items():
-        mine = [r for r in records if common.Run(r["method"], r["budget"]).label == label]
+        mine = [r for r in records if Run(r["method"], r["budget"]).label == label]
         for task in report["tasks"]:
             scores = [r["score"] for r in mine if r["task"] == task]
             assert entry["tasks"][task] == round(100 * sum(scores) / len(scores), 2)

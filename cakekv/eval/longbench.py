@@ -20,8 +20,8 @@ Data: ``{data_dir}/{name}.jsonl`` in LongBench's format (one JSON object per lin
 ``context``, ``answers``, ``length``, ``dataset``, ``language``, ``all_classes``, ``_id``), e.g. the
 files of LongBench's ``data.zip`` unpacked into one folder. Nothing is downloaded.
 
-Differences from the official scripts, on purpose (methods.md: intended behaviour by default, the
-quirk as an option): with a chat template that writes the BOS token as text, BOS is not added a
+Differences from the official scripts, on purpose (the intended behaviour by default, the
+official quirk as an option): with a chat template that writes the BOS token as text, BOS is not added a
 second time (``--double-bos`` restores the doubling of the official Llama-3 / Mistral scripts).
 The chat wrapping of the official scripts is model specific (``[INST]...[/INST]`` for Llama-2, a
 hand-written header for Llama-3, ...); here it is the tokenizer's own chat template.
@@ -34,7 +34,11 @@ import json
 import os
 from typing import Any, Sequence
 
-from . import common, metrics
+from . import metrics, report
+from .args import add_common_arguments, script_main, setup_from_args, split_list
+from .plots import plot_scores_vs_budget
+from .prompts import Prompt, encode_prompt, make_prompt
+from .runs import Run, Setup, progress_bar
 
 DATASETS_EN = ("narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "musique",
                "gov_report", "qmsum", "multi_news", "trec", "triviaqa", "samsum", "passage_count",
@@ -200,7 +204,7 @@ def _split_after_context(prompt: str, question_tail: str) -> int:
 
 
 def build_prompt(tokenizer, example: dict, dataset: str, *, max_length: int | None, chat: bool,
-                 double_bos: bool = False) -> tuple[common.Prompt, bool]:
+                 double_bos: bool = False) -> tuple[Prompt, bool]:
     """The LongBench prompt of one example, split where its context ends; (prompt, truncated?)."""
     template = DATASET2PROMPT[dataset]
     text = template.format(**example)
@@ -209,13 +213,13 @@ def build_prompt(tokenizer, example: dict, dataset: str, *, max_length: int | No
     tail = template.split("{context}", 1)[1].format(**example)
     at = _split_after_context(text, tail)
     wrap = chat and dataset not in NO_CHAT_DATASETS
-    return common.make_prompt(tokenizer, "", text[:at], text[at:], chat=wrap, double_bos=double_bos), truncated
+    return make_prompt(tokenizer, "", text[:at], text[at:], chat=wrap, double_bos=double_bos), truncated
 
 
 # ----------------------------------------------------------------------------------------------
 # predictions
 # ----------------------------------------------------------------------------------------------
-def pred_path(out: str, run: common.Run, dataset: str) -> str:
+def pred_path(out: str, run: Run, dataset: str) -> str:
     return os.path.join(out, PRED_DIR, run.label, f"{dataset}.jsonl")
 
 
@@ -224,16 +228,17 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def predict(setup: common.Setup, data_dir: str, datasets: Sequence[str], *, max_length: int | None,
+def predict(setup: Setup, data_dir: str, datasets: Sequence[str], *, max_length: int | None,
             limit: int | None = None, max_new_tokens: int | None = None, double_bos: bool = False,
             resume: bool = False) -> dict[tuple[str, str], str]:
     """Write ``{out}/pred/{run}/{dataset}.jsonl`` for every run and dataset; returns their paths."""
+    from . import generation
     data = {name: load_data(data_dir, name, limit) for name in datasets}  # fail early on missing files
     tok = setup.tokenizer
-    newline = common.newline_token_id(tok)
+    newline = generation.newline_token_id(tok)
     paths: dict[tuple[str, str], str] = {}
     total = sum(len(v) for v in data.values()) * len(setup.runs)
-    bar = common.progress_bar(total=total, desc="longbench", disable=not setup.progress)
+    bar = progress_bar(total=total, desc="longbench", disable=not setup.progress)
     try:
         for run in setup.runs:
             for name in datasets:
@@ -252,8 +257,8 @@ def predict(setup: common.Setup, data_dir: str, datasets: Sequence[str], *, max_
                         examples = data[name][start:start + setup.batch_size]
                         prompts = [build_prompt(tok, ex, name, max_length=max_length, chat=setup.chat,
                                                 double_bos=double_bos) for ex in examples]
-                        gens = common.generate_batch(
-                            setup.model, tok, [common.encode_prompt(tok, p, setup.protocol) for p, _ in prompts],
+                        gens = generation.generate_batch(
+                            setup.model, tok, [encode_prompt(tok, p, setup.protocol) for p, _ in prompts],
                             method=run.method, budget=run.budget, window=setup.window, protocol=setup.protocol,
                             options=setup.options, max_new_tokens=max_new_tokens or DATASET2MAXLEN[name],
                             extra_eos=[newline] if samsum and newline is not None else (),
@@ -312,36 +317,36 @@ def score_predictions(out: str, runs: Sequence[str] | None = None, datasets: Seq
 def write_report(out: str, table: dict[str, Any], info: dict[str, Any]) -> dict[str, str]:
     """results.json, results.md and results.png (average score against budget) under ``out``."""
     datasets = [d for d in DATASETS if any(d in v["datasets"] for v in table.values())]
-    runs = sorted(table, key=lambda r: common.Run.from_label(r).order)
+    runs = sorted(table, key=lambda r: Run.from_label(r).order)
     rows = []
     for r in runs:
-        run = common.Run.from_label(r)
+        run = Run.from_label(r)
         per = table[r]["datasets"]
         rows.append([run.method, run.budget]
                     + [per[d]["score"] if d in per else None for d in datasets] + [table[r]["avg"]])
     paths = {"json": os.path.join(out, "results.json"), "markdown": os.path.join(out, "results.md"),
              "png": os.path.join(out, "results.png")}
-    common.write_json(paths["json"], {"task": "longbench", "info": info, "datasets": datasets,
+    report.write_json(paths["json"], {"task": "longbench", "info": info, "datasets": datasets,
                                       "results": table})
     md = [f"# LongBench ({info.get('protocol', '?')} protocol)", "",
           f"model: `{info.get('model', '?')}`, window {info.get('window', '?')}, "
           f"max_length {info.get('max_length', '?')}; avg = mean of the {len(datasets)} dataset scores shown", "",
-          common.markdown_table(["method", "budget", *datasets, "avg"], rows), ""]
+          report.markdown_table(["method", "budget", *datasets, "avg"], rows), ""]
     cost = []
     for r in runs:
         for d in datasets:
             entry = table[r]["datasets"].get(d)
             if entry:
                 kept = entry["kv_fraction"]
-                cost.append([*dataclasses.astuple(common.Run.from_label(r)), d, entry["n"], entry["time_s"],
+                cost.append([*dataclasses.astuple(Run.from_label(r)), d, entry["n"], entry["time_s"],
                              f"{100 * kept:.1f}%" if kept is not None else None])
     md += ["## Cost per dataset", "", "KV bytes kept: cache bytes after the run / bytes of a full cache of the "
            "same tokens (handle.stats)", "",
-           common.markdown_table(["method", "budget", "dataset", "examples", "mean time (s)", "KV bytes kept"], cost),
+           report.markdown_table(["method", "budget", "dataset", "examples", "mean time (s)", "KV bytes kept"], cost),
            ""]
-    common.write_text(paths["markdown"], "\n".join(md))
-    common.plot_scores_vs_budget({common.Run.from_label(r): table[r]["avg"] for r in runs}, paths["png"], title=f"LongBench average ({len(datasets)} datasets)",
-                                 ylabel="average score")
+    report.write_text(paths["markdown"], "\n".join(md))
+    plot_scores_vs_budget({Run.from_label(r): table[r]["avg"] for r in runs}, paths["png"],
+                          title=f"LongBench average ({len(datasets)} datasets)", ylabel="average score")
     return paths
 
 
@@ -373,7 +378,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="score 0 when a ROUGE-L backtrack is longer than N steps, as the rouge package "
                              "does when Python's recursion limit is hit (about 1000; official vcsum numbers "
                              "include such zeros); default: no limit")
-    common.add_common_arguments(parser, default_out="results/longbench")
+    add_common_arguments(parser, default_out="results/longbench")
 
 
 def metric_options(args) -> dict[str, Any]:
@@ -391,17 +396,17 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, str]:
             with open(info_path, encoding="utf-8") as f:
                 info = json.load(f).get("info", {})
         paths = write_report(args.out, table, info)
-        print(open(paths["markdown"], encoding="utf-8").read())
+        report.print_file(paths["markdown"])
         return paths
     if not args.data_dir:
         raise ValueError("--data-dir is required (a folder with LongBench's {dataset}.jsonl files)")
-    datasets = resolve_datasets(common.split_list(args.datasets))
+    datasets = resolve_datasets(split_list(args.datasets))
     for name in datasets:  # check the data and the scorer before loading the model
         if not os.path.isfile(data_path(args.data_dir, name)):
             load_data(args.data_dir, name)
         if metrics.DATASET2METRIC[name] in ("qa_f1_zh", "rouge_zh"):
             metrics.zh_segment("测试", args.zh_tokenizer)
-    setup = common.setup_from_args(args, model, tokenizer)
+    setup = setup_from_args(args, model, tokenizer)
     max_length = args.max_length
     if max_length is None:
         limit = getattr(setup.model.config, "max_position_embeddings", None)
@@ -409,12 +414,12 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, str]:
     predict(setup, args.data_dir, datasets, max_length=max_length, limit=args.limit,
             max_new_tokens=args.max_new_tokens, double_bos=args.double_bos, resume=args.resume)
     table = score_predictions(args.out, [r.label for r in setup.runs], datasets, **metric_options(args))
-    info = common.environment_info(setup)
-    info.update(max_length=max_length, limit=args.limit, datasets=datasets, metric_options=metric_options(args),
-                max_new_tokens=args.max_new_tokens or "official", double_bos=args.double_bos)
+    info = report.environment_info(setup, max_length=max_length, limit=args.limit, datasets=datasets,
+                                   metric_options=metric_options(args),
+                                   max_new_tokens=args.max_new_tokens or "official", double_bos=args.double_bos)
     paths = write_report(args.out, table, info)
-    print(open(paths["markdown"], encoding="utf-8").read())
+    report.print_file(paths["markdown"])
     return paths
 
 
-main = common.script_main("cakekv eval longbench", __doc__, add_arguments, run)
+main = script_main("cakekv eval longbench", __doc__, add_arguments, run)

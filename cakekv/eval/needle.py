@@ -13,50 +13,54 @@ papers: x = context length, y = depth, red (missed) to green (found).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 from typing import Any, Sequence
 
-from . import common, synthetic
+from . import report
+from .args import add_common_arguments, parse_float_list, parse_lengths, script_main, setup_from_args
+from .haystack import TokenCounter, check_haystack, haystack_sentences
+from .plots import plot_heatmaps
+from .prompts import encode_prompt
+from .runs import Run, Setup, evaluate_items
+from .synthetic import Sample, fact_sample, niah_sample, score_items
 
 
 STYLES = ("ruler", "fact")
 
 
-def make_needle(style: str, counter, sentences, length: int, depth_percent: float, rng) -> "synthetic.Sample":
+def make_needle(style: str, counter, sentences, length: int, depth_percent: float, rng) -> Sample:
     """The needle prompt of one cell: RULER's magic-number needle, or the fact format of the shipped
     tiny model ("The secret code of NAME is CODE.")."""
     if style == "ruler":
-        return synthetic.niah_sample("niah_single", counter, sentences, length, rng, depth=depth_percent / 100.0)
+        return niah_sample("niah_single", counter, sentences, length, rng, depth=depth_percent / 100.0)
     if style == "fact":
-        return synthetic.fact_sample(counter, sentences, length, rng, depth=depth_percent / 100.0)
+        return fact_sample(counter, sentences, length, rng, depth=depth_percent / 100.0)
     raise ValueError(f"style: expected one of {STYLES}, got {style!r}")
 
 
-def evaluate(setup: common.Setup, lengths: Sequence[int], depths: Sequence[float], samples: int = 1, *,
+def evaluate(setup: Setup, lengths: Sequence[int], depths: Sequence[float], samples: int = 1, *,
              haystack: str = "essay", max_new_tokens: int = 32, style: str = "ruler") -> list[dict]:
     """One record per run x length x depth x sample. ``depths`` in percent (0 = start, 100 = end)."""
-    counter = synthetic.TokenCounter(setup.tokenizer)
-    sentences = synthetic.haystack_sentences(haystack, setup.seed)
+    counter = TokenCounter(setup.tokenizer)
+    sentences = haystack_sentences(haystack, setup.seed)
     items = []
     for length in lengths:
         for depth in depths:
             for i in range(samples):
                 rng = random.Random(f"{setup.seed}:{length}:{depth}:{i}")
                 sample = make_needle(style, counter, sentences, length, depth, rng)
-                encoded = common.encode_prompt(setup.tokenizer, sample.prompt(setup.tokenizer, setup.chat),
-                                               setup.protocol)
+                encoded = encode_prompt(setup.tokenizer, sample.prompt(setup.tokenizer, setup.chat), setup.protocol)
                 items.append((encoded, max_new_tokens, (length, depth, i, sample)))
 
     def record(run, payload, gen):
         length, depth, i, sample = payload
         return {"method": run.method, "budget": run.budget, "length": length, "depth": depth, "sample": i,
                 "prompt_tokens": gen.prompt_tokens, "needle": sample.expected[0], "pred": gen.text,
-                "found": synthetic.score_items(gen.text, sample.expected), "time_s": round(gen.seconds, 4),
+                "found": score_items(gen.text, sample.expected), "time_s": round(gen.seconds, 4),
                 "kv_fraction": gen.kv_fraction}
 
-    return common.evaluate_items(setup, items, desc="needle", record=record)
+    return evaluate_items(setup, items, desc="needle", record=record)
 
 
 def grids(records: Sequence[dict], lengths: Sequence[int], depths: Sequence[float]) -> dict[str, Any]:
@@ -64,7 +68,7 @@ def grids(records: Sequence[dict], lengths: Sequence[int], depths: Sequence[floa
     cells: dict[str, dict[tuple, list[float]]] = {}
     meta: dict[str, tuple] = {}
     for r in records:
-        label = common.Run(r["method"], r["budget"]).label
+        label = Run(r["method"], r["budget"]).label
         meta[label] = (r["method"], r["budget"])
         cells.setdefault(label, {}).setdefault((r["depth"], r["length"]), []).append(r["found"])
     out = {}
@@ -79,38 +83,36 @@ def grids(records: Sequence[dict], lengths: Sequence[int], depths: Sequence[floa
 def write_report(out: str, records: Sequence[dict], lengths: Sequence[int], depths: Sequence[float],
                  info: dict[str, Any]) -> dict[str, str]:
     table = grids(records, lengths, depths)
-    labels = sorted(table, key=lambda k: common.Run.from_label(k).order)
+    labels = sorted(table, key=lambda k: Run.from_label(k).order)
     paths = {"json": os.path.join(out, "results.json"), "markdown": os.path.join(out, "results.md"),
              "png": os.path.join(out, "needle_heatmap.png"), "records": os.path.join(out, "predictions.jsonl")}
     actual = {}
     for r in records:
         actual.setdefault(str(r["length"]), set()).add(r["prompt_tokens"])
-    common.write_json(paths["json"], {"task": "needle", "info": info, "lengths": list(lengths), "depths": list(depths),
+    report.write_json(paths["json"], {"task": "needle", "info": info, "lengths": list(lengths), "depths": list(depths),
                                       "prompt_tokens": {k: sorted(v) for k, v in actual.items()}, "results": table})
-    with open(paths["records"], "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    report.write_jsonl(paths["records"], records)
 
     md = [f"# Needle in a haystack ({info.get('protocol', '?')} protocol)", "",
           f"model: `{info.get('model', '?')}`, window {info.get('window', '?')}, haystack {info.get('haystack', '?')}; "
           "accuracy = % of (length, depth) cells where the needle's number is in the answer", "",
-          common.markdown_table(["method", "budget", "accuracy (%)"],
+          report.markdown_table(["method", "budget", "accuracy (%)"],
                                 [[table[k]["method"], table[k]["budget"], table[k]["accuracy"]] for k in labels])]
     for k in labels:
-        md += ["", f"## {k}", "", common.markdown_table(
+        md += ["", f"## {k}", "", report.markdown_table(
             ["depth \\ length", *map(str, lengths)],
             [[f"{d:g}%", *[None if v is None else f"{100 * v:.0f}" for v in row]]
              for d, row in zip(depths, table[k]["grid"])])]
-    common.write_text(paths["markdown"], "\n".join(md))
+    report.write_text(paths["markdown"], "\n".join(md))
     panels = {k: [[float("nan") if v is None else v for v in row] for row in table[k]["grid"]] for k in labels}
-    common.plot_heatmaps(panels, list(lengths), [f"{d:g}%" for d in depths], paths["png"],
-                         title=f"Needle in a haystack ({info.get('model', '')}, {info.get('protocol', '')})",
-                         xlabel="context length (tokens)", ylabel="needle depth")
+    plot_heatmaps(panels, list(lengths), [f"{d:g}%" for d in depths], paths["png"],
+                  title=f"Needle in a haystack ({info.get('model', '')}, {info.get('protocol', '')})",
+                  xlabel="context length (tokens)", ylabel="needle depth")
     return paths
 
 
 def parse_depths(values) -> list[float]:
-    depths = common.parse_float_list(values, "depths")
+    depths = parse_float_list(values, "depths")
     if not depths or any(d < 0 or d > 100 for d in depths):
         raise ValueError("depths: give percentages between 0 and 100")
     return depths
@@ -128,28 +130,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="needle wording: ruler (RULER's magic numbers) or fact (the shipped tiny model's "
                              "'The secret code of NAME is CODE.'); default: fact for the tiny model, else ruler")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="answer length (default: 32)")
-    common.add_common_arguments(parser, default_out="results/needle")
+    add_common_arguments(parser, default_out="results/needle")
 
 
 def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, str]:
-    lengths = common.parse_int_list(args.lengths, "lengths")
-    if not lengths or min(lengths) < 16:
-        raise ValueError("lengths: give context lengths of at least 16 tokens")
+    lengths = parse_lengths(args.lengths, "context")
     depths = parse_depths(args.depths)
     if args.samples < 1:
         raise ValueError("samples: must be >= 1")
-    if args.haystack not in ("noise", "essay") and not os.path.isfile(args.haystack):
-        raise FileNotFoundError(f"haystack: no such file {args.haystack!r} (or use essay / noise)")
-    setup = common.setup_from_args(args, model, tokenizer)
-    tiny = args.model is None or os.path.realpath(args.model) == os.path.realpath(common.tiny_model_path())
+    check_haystack(args.haystack)
+    setup = setup_from_args(args, model, tokenizer)
+    from .models import tiny_model_path
+    tiny = args.model is None or os.path.realpath(args.model) == os.path.realpath(tiny_model_path())
     style = args.style or ("fact" if tiny else "ruler")
     records = evaluate(setup, lengths, depths, args.samples, haystack=args.haystack,
                        max_new_tokens=args.max_new_tokens, style=style)
-    info = common.environment_info(setup)
-    info.update(lengths=lengths, depths=depths, samples=args.samples, haystack=args.haystack, style=style)
+    info = report.environment_info(setup, lengths=lengths, depths=depths, samples=args.samples,
+                                   haystack=args.haystack, style=style)
     paths = write_report(setup.out, records, lengths, depths, info)
-    print(open(paths["markdown"], encoding="utf-8").read())
+    report.print_file(paths["markdown"])
     return paths
 
 
-main = common.script_main("cakekv eval needle", __doc__, add_arguments, run)
+main = script_main("cakekv eval needle", __doc__, add_arguments, run)

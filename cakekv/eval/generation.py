@@ -1,0 +1,168 @@
+"""Compressed greedy generation: one prompt or a left-padded batch, under either protocol
+(:mod:`.prompts`), with the cache's memory per row from the handle's stats."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Sequence
+
+import torch
+
+from .prompts import Encoded, check_protocol
+
+
+@dataclasses.dataclass
+class Generation:
+    text: str
+    tokens: list[int]
+    prompt_tokens: int
+    seconds: float
+    bytes_before: int | None
+    bytes_after: int | None   # memory held by the cache (spare slots and positions included)
+    bytes_kept: int | None    # K/V bytes of the entries kept
+    kept_per_layer: list[float] | None
+
+    @property
+    def kv_fraction(self) -> float | None:
+        """Fraction of the full cache's K/V entries kept."""
+        if not self.bytes_before:
+            return None
+        return self.bytes_kept / self.bytes_before
+
+
+def summarize_stats(stats: list[dict], rows: int = 1) -> list[tuple]:
+    """Per row of a batch: (bytes of a full cache of the row's tokens, bytes held, bytes kept, kept
+    entries per layer) from ``handle.stats``.
+
+    Bytes held are the batch's allocation shared equally by its rows; the others are the row's own.
+    A row that ended early is fed (and stores) tokens until the batch's last row ends: they count in
+    its tokens and kept entries alike."""
+    if not stats:
+        return [(None, None, None, None)] * rows
+    after = sum(int(layer["bytes_after"]) for layer in stats) // rows
+
+    out = []
+    for row in range(rows):
+        before = sum(layer["tokens"][row] * len(layer["kept_per_head"][row]) * layer["entry_bytes"] for layer in stats)
+        kept = sum(sum(layer["kept_per_head"][row]) * layer["entry_bytes"] for layer in stats)
+        out.append((before, after, kept, [float(layer["kept"][row]) for layer in stats]))
+    return out
+
+
+def _eos_ids(tokenizer, model, extra: Sequence[int] = ()) -> list[int]:
+    ids: list[int] = []
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        if eos is None:
+            continue
+        ids.extend(eos if isinstance(eos, (list, tuple)) else [eos])
+    ids.extend(extra)
+    return list(dict.fromkeys(int(i) for i in ids))
+
+
+def newline_token_id(tokenizer) -> int | None:
+    """The id LongBench adds as an extra EOS for samsum: the last token of ``"\\n"`` without specials."""
+    ids = tokenizer.encode("\n", add_special_tokens=False)
+    return ids[-1] if ids else None
+
+
+def compress_context(model, method: str, budget: int | None, window: int, options: dict | None = None):
+    """``cakekv.compress`` for one run; ``full`` (budget None) gets the smallest valid budget, which
+    it ignores."""
+    import cakekv
+    if budget is None:
+        budget = window + 1
+    return cakekv.compress(model, method=method, budget=int(budget), window=int(window), **(options or {}))
+
+
+def generate(model, tokenizer, encoded: Encoded, **kwargs) -> Generation:
+    """Greedy answer to one prompt: :func:`generate_batch` with one row (same keyword arguments)."""
+    return generate_batch(model, tokenizer, [encoded], **kwargs)[0]
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, encoded_list: Sequence[Encoded], *, method: str, budget: int | None,
+                   window: int, protocol: str, max_new_tokens: int, options: dict | None = None,
+                   extra_eos: Sequence[int] = (), min_new_tokens: int = 0) -> list[Generation]:
+    """Greedy answers to several prompts with ``method``/``budget`` under ``protocol``, one per prompt.
+
+    ``question-aware``: one left-padded batch, one ``model.generate`` under one ``cakekv.compress``;
+    each row's answer is what that row alone would give. ``context-only``: one prompt at a time,
+    because cakekv's cache takes padding only at the left of the prefill: the questions (of
+    different lengths) appended to a batch of contexts would need padding between a row's context
+    and its question, which the cache would store and attend to as real tokens.
+
+    A row's ``seconds`` is the batch's wall time divided by its rows (rows share every forward);
+    bytes are per row as :func:`summarize_stats` says."""
+    check_protocol(protocol)
+    if protocol == "context-only" and len(encoded_list) > 1:
+        one = dict(method=method, budget=budget, window=window, protocol=protocol, max_new_tokens=max_new_tokens,
+                   options=options, extra_eos=extra_eos, min_new_tokens=min_new_tokens)
+        return [generate(model, tokenizer, encoded, **one) for encoded in encoded_list]
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    eos = _eos_ids(tokenizer, model, extra_eos)
+    start = time.perf_counter()
+    with compress_context(model, method, budget, window, options) as handle:
+        if protocol == "question-aware":
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+            ids, mask = left_pad([e.full for e in encoded_list], pad, device)
+            config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                      eos_token_id=eos or None, pad_token_id=pad,
+                                      min_new_tokens=min_new_tokens or None)
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            answers = [cut_at_eos(row, eos) for row in out[:, ids.shape[1]:].tolist()]
+        else:
+            (encoded,) = encoded_list
+            answers = [_greedy_continue(model, encoded.context.to(device)[None], encoded.question.to(device)[None],
+                                        max_new_tokens, eos, min_new_tokens)]
+        stats = handle.stats
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = (time.perf_counter() - start) / len(encoded_list)
+    return [Generation(tokenizer.decode(tokens, skip_special_tokens=True), tokens, int(encoded.full.numel()),
+                       seconds, *row_stats)
+            for encoded, tokens, row_stats in zip(encoded_list, answers, summarize_stats(stats, len(answers)))]
+
+
+def left_pad(rows: Sequence[torch.Tensor], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, longest], attention mask) of 1-D id tensors padded on the left, as cakekv requires."""
+    longest = max(row.numel() for row in rows)
+    ids = torch.full((len(rows), longest), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, longest - row.numel():] = row
+        mask[i, longest - row.numel():] = 1
+    return ids.to(device), mask.to(device)
+
+
+def cut_at_eos(tokens: list[int], eos: Sequence[int]) -> list[int]:
+    """``tokens`` up to and including the first EOS: what ``generate`` returns for a row alone (in a
+    batch, rows that ended early are filled with padding until the last one ends)."""
+    for i, token in enumerate(tokens):
+        if token in eos:
+            return tokens[:i + 1]
+    return tokens
+
+
+def _greedy_continue(model, context_ids, question_ids, max_new_tokens, eos, min_new_tokens):
+    """Prefill the context (compressed by the active handle), append the question, decode greedily."""
+    from ..patch import cache_kwargs, cache_of
+    # logits of the last position only: a long context's full logits would not fit in memory
+    out = model(input_ids=context_ids, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=question_ids, **cache_kwargs(model, cache_of(out)), use_cache=True, logits_to_keep=1)
+    tokens: list[int] = []
+    eos_set = set(eos)
+    for step in range(max_new_tokens):
+        logits = out.logits[0, -1].float()
+        if step < min_new_tokens and eos:
+            logits[list(eos_set)] = -math.inf
+        nxt = int(torch.argmax(logits))
+        tokens.append(nxt)
+        if nxt in eos_set or step + 1 == max_new_tokens:
+            break
+        out = model(input_ids=torch.tensor([[nxt]], device=context_ids.device),
+                    **cache_kwargs(model, cache_of(out)), use_cache=True)
+    return tokens

@@ -1,0 +1,113 @@
+"""Prompts for the two evaluation protocols, split where the context ends.
+
+* ``question-aware`` -- the whole prompt (context and question) is prefilled and compressed at once,
+  then decoded greedily with ``model.generate`` (what CAKE, SnapKV, AdaKV, LAVa and KVCache-Factory
+  do: the observation window is the tail of the prompt, i.e. the question).
+* ``context-only`` -- the context alone is prefilled under ``cakekv.compress`` (one forward), then
+  the question is appended to the compressed cache in one forward and the answer is decoded
+  greedily token by token from that cache (what DefensiveKV / kvpress do: the compression does not
+  know the question).
+
+Torch is imported only when a prompt is tokenized.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+PROTOCOLS = ("question-aware", "context-only")
+
+_SPLIT = "\x00cakekv-split\x00"
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def use_chat(tokenizer, chat: str | bool) -> bool:
+    """``chat`` is 'auto' (use the tokenizer's chat template when it has one), True/'on' or False/'off'."""
+    if chat in (True, "on", "yes"):
+        if not has_chat_template(tokenizer):
+            raise ValueError("chat: the tokenizer has no chat template")
+        return True
+    if chat in (False, "off", "no", None):
+        return False
+    if chat == "auto":
+        return has_chat_template(tokenizer)
+    raise ValueError(f"chat: expected auto/on/off, got {chat!r}")
+
+
+def chat_wrap(tokenizer, text: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+@dataclasses.dataclass
+class Prompt:
+    """A prompt as text, split where the context ends: ``context + question == full text``.
+
+    ``add_special_tokens`` says whether tokenizing ``context`` adds the tokenizer's special tokens
+    (False when the chat template already wrote the BOS token as text).
+    """
+    context: str
+    question: str
+    add_special_tokens: bool = True
+
+    @property
+    def text(self) -> str:
+        return self.context + self.question
+
+
+def make_prompt(tokenizer, before: str, context: str, after: str, *, chat: bool,
+                answer_prefix: str = "", double_bos: bool = False) -> Prompt:
+    """The prompt ``before + context + after`` (chat-wrapped when ``chat``) + ``answer_prefix``,
+    split right after ``context``.
+
+    With a chat template whose text starts with the BOS token, the BOS is not added a second time
+    when tokenizing unless ``double_bos`` (the official LongBench/CAKE scripts double it for
+    Llama-3 and Mistral [quirk])."""
+    if chat:
+        wrapped = chat_wrap(tokenizer, before + context + _SPLIT + after)
+        if wrapped.count(_SPLIT) != 1:
+            raise ValueError("the chat template altered the prompt so that the context cannot be located; "
+                             "use --chat off")
+        head, tail = wrapped.split(_SPLIT)
+        bos = getattr(tokenizer, "bos_token", None)
+        add_special = double_bos or not (bos and head.startswith(bos))
+        return Prompt(head, tail + answer_prefix, add_special)
+    return Prompt(before + context, after + answer_prefix, True)
+
+
+@dataclasses.dataclass
+class Encoded:
+    """Token ids of a prompt: ``full`` (tokenized at once: question-aware) and ``context`` /
+    ``question`` (tokenized separately: context-only)."""
+    full: torch.Tensor
+    context: torch.Tensor
+    question: torch.Tensor
+
+
+def check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol: expected one of {PROTOCOLS}, got {protocol!r}")
+
+
+def encode_prompt(tokenizer, prompt: Prompt, protocol: str) -> Encoded:
+    import torch
+
+    def ids(text, special):
+        out = tokenizer(text, add_special_tokens=special, return_tensors="pt")["input_ids"]
+        return out[0]
+
+    check_protocol(protocol)
+    if protocol == "question-aware":
+        full = ids(prompt.text, prompt.add_special_tokens)
+        return Encoded(full, full, full[:0])
+    ctx = ids(prompt.context, prompt.add_special_tokens)
+    q = ids(prompt.question, False)
+    if q.numel() == 0:
+        raise ValueError("context-only protocol: the question part of the prompt is empty")
+    return Encoded(torch.cat([ctx, q]), ctx, q)

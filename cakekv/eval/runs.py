@@ -1,0 +1,125 @@
+"""The methods x budgets loop of an evaluation: runs, their up-front checks, the loaded setup, and
+every run over a list of prompts in batches with a progress bar.
+
+Imports nothing heavy at module level: generation (torch) is imported when the runs are evaluated."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+DEFAULT_METHODS = ("full", "cake", "snapkv")
+FULL = "full"
+
+
+def check_compression(method: str, budget: int, window: int) -> None:
+    """What ``cakekv.compress()`` checks before it touches the model -- the method is known, budget
+    and window are integers, window >= 1, budget >= window + 1 -- with compress()'s own messages, so
+    that a command stops in one line before it loads a model."""
+    from ..methods import get_method
+    from ..methods.options import as_int
+    get_method(method)
+    budget, window = as_int("budget", budget), as_int("window", window)
+    if window < 1:
+        raise ValueError(f"window: must be >= 1, got {window}")
+    if budget < window + 1:
+        raise ValueError(f"budget: must be >= window + 1 = {window + 1}, got {budget}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    method: str
+    budget: int | None  # None: full cache
+
+    @property
+    def label(self) -> str:
+        return self.method if self.budget is None else f"{self.method}-{self.budget}"
+
+    @classmethod
+    def from_label(cls, label: str) -> "Run":
+        method, _, budget = label.rpartition("-")
+        return cls(method, int(budget)) if method and budget.isdigit() else cls(label, None)
+
+    @property
+    def order(self) -> tuple:
+        """Sort key: the full cache first, then by method and budget."""
+        return (self.budget is not None, self.method, self.budget or 0)
+
+
+def expand_runs(methods: Sequence[str], budgets: Sequence[int], window: int) -> list[Run]:
+    """methods x budgets; ``full`` once (budget None, run with the smallest valid budget). Each run
+    is checked up front as ``cakekv.compress()`` will check it (:func:`check_compression`)."""
+    for m in methods:
+        check_compression(m, window + 1, window)
+    if any(m != FULL for m in methods) and not budgets:
+        raise ValueError("budgets: at least one budget is needed for compressing methods")
+    runs: list[Run] = []
+    for m in dict.fromkeys(methods):
+        if m == FULL:
+            runs.append(Run(FULL, None))
+        else:
+            runs.extend(Run(m, int(b)) for b in dict.fromkeys(budgets))
+    for run in runs:
+        if run.budget is not None:
+            check_compression(run.method, run.budget, window)
+    return runs
+
+
+@dataclasses.dataclass
+class Setup:
+    model: Any
+    tokenizer: Any
+    model_name: str
+    runs: list[Run]
+    window: int
+    options: dict[str, Any]
+    protocol: str
+    chat: bool
+    out: str
+    seed: int
+    progress: bool
+    batch_size: int = 1
+
+
+def progress_bar(iterable=None, **kwargs):
+    from tqdm.auto import tqdm
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kwargs)
+
+
+def evaluate_items(setup: Setup, items: Sequence[tuple[Any, int, Any]], *, desc: str,
+                   record: Callable[[Run, Any, Any], dict]) -> list[dict]:
+    """Every run x item, items being (encoded prompt, max_new_tokens, payload); one
+    ``record(run, payload, generation)`` per generation, run by run in the items' order, with a
+    progress bar. Items go through :func:`.generation.generate_batch` ``setup.batch_size`` at a time."""
+    from . import generation
+    records: list[dict] = []
+    bar = progress_bar(total=len(items) * len(setup.runs), desc=desc, disable=not setup.progress)
+    try:
+        for run in setup.runs:
+            bar.set_postfix_str(run.label)
+            by_item: dict[int, dict] = {}
+            for batch in item_batches(items, setup.batch_size):
+                gens = generation.generate_batch(
+                    setup.model, setup.tokenizer, [items[i][0] for i in batch], method=run.method,
+                    budget=run.budget, window=setup.window, protocol=setup.protocol, options=setup.options,
+                    max_new_tokens=items[batch[0]][1])
+                for i, gen in zip(batch, gens):
+                    by_item[i] = record(run, items[i][2], gen)
+                    bar.update(1)
+            records.extend(by_item[i] for i in range(len(items)))
+    finally:
+        bar.close()
+    return records
+
+
+def item_batches(items: Sequence[tuple[Any, int, Any]], batch_size: int) -> list[list[int]]:
+    """Indices of ``items`` in batches of at most ``batch_size`` sharing one max_new_tokens, each
+    batch of prompts of similar lengths (sorted by length) so that little of it is padding."""
+    order = sorted(range(len(items)), key=lambda i: (items[i][1], items[i][0].full.numel()))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < batch_size and items[batches[-1][0]][1] == items[i][1]:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
