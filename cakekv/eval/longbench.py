@@ -37,7 +37,7 @@ from typing import Any, Sequence
 from . import metrics, report
 from .args import add_common_arguments, script_main, setup_from_args, split_list
 from .plots import plot_scores_vs_budget
-from .prompts import Prompt, encode_prompt, make_prompt
+from .prompts import Prompt, make_prompt
 from .runs import Run, Setup, progress_bar
 
 DATASETS_EN = ("narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "musique",
@@ -258,7 +258,7 @@ def predict(setup: Setup, data_dir: str, datasets: Sequence[str], *, max_length:
                         prompts = [build_prompt(tok, ex, name, max_length=max_length, chat=setup.chat,
                                                 double_bos=double_bos) for ex in examples]
                         gens = generation.generate_batch(
-                            setup.model, tok, [encode_prompt(tok, p, setup.protocol) for p, _ in prompts],
+                            setup.model, tok, [setup.encode(p) for p, _ in prompts],
                             method=run.method, budget=run.budget, window=setup.window, protocol=setup.protocol,
                             options=setup.options, max_new_tokens=max_new_tokens or DATASET2MAXLEN[name],
                             extra_eos=[newline] if samsum and newline is not None else (),

@@ -21,7 +21,6 @@ from . import report
 from .args import add_common_arguments, parse_float_list, parse_lengths, script_main, setup_from_args
 from .haystack import TokenCounter, check_haystack, haystack_sentences
 from .plots import plot_heatmaps
-from .prompts import encode_prompt
 from .runs import Run, Setup, evaluate_items
 from .synthetic import Sample, fact_sample, niah_sample, score_items
 
@@ -50,7 +49,7 @@ def evaluate(setup: Setup, lengths: Sequence[int], depths: Sequence[float], samp
             for i in range(samples):
                 rng = random.Random(f"{setup.seed}:{length}:{depth}:{i}")
                 sample = make_needle(style, counter, sentences, length, depth, rng)
-                encoded = encode_prompt(setup.tokenizer, sample.prompt(setup.tokenizer, setup.chat), setup.protocol)
+                encoded = setup.encode(sample.prompt(setup.tokenizer, setup.chat))
                 items.append((encoded, max_new_tokens, (length, depth, i, sample)))
 
     def record(run, payload, gen):

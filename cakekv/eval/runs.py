@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Sequence
 
+from .prompts import Encoded, Prompt, encode_prompt
+
 DEFAULT_METHODS = ("full", "cake", "snapkv")
 FULL = "full"
 
@@ -78,6 +80,10 @@ class Setup:
     seed: int
     progress: bool
     batch_size: int = 1
+
+    def encode(self, prompt: Prompt) -> Encoded:
+        """``prompt`` tokenized for this setup's protocol."""
+        return encode_prompt(self.tokenizer, prompt, self.protocol)
 
 
 def progress_bar(iterable=None, **kwargs):

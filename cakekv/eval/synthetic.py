@@ -32,7 +32,7 @@ from .haystack import (ADJECTIVES, MAGIC_INTRO, NOUNS, TokenCounter, check_hayst
                        fact_question, haystack_sentences, hide_needles, magic_needle, magic_question, person_name,
                        random_code, random_key)
 from .plots import plot_scores_vs_budget
-from .prompts import Prompt, encode_prompt, make_prompt
+from .prompts import Prompt, make_prompt
 from .runs import Run, Setup, evaluate_items
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking",
@@ -236,7 +236,7 @@ def evaluate(setup: Setup, tasks: Sequence[str], lengths: Sequence[int], samples
             for i in range(samples):
                 sample = make_sample(task, setup.tokenizer, length, setup.seed * 100_003 + i, haystack=haystack,
                                      counter=counter)
-                encoded = encode_prompt(setup.tokenizer, sample.prompt(setup.tokenizer, setup.chat), setup.protocol)
+                encoded = setup.encode(sample.prompt(setup.tokenizer, setup.chat))
                 items.append((encoded, max_new_tokens or max_new_tokens_for(task), (length, i, sample)))
 
     def record(run, payload, gen):
