@@ -1,4 +1,4 @@
-"""The compressed KV cache: a transformers Cache whose layers hold different numbers of entries.
+"""The compressed KV cache (docs/cache.md): a transformers Cache whose layers hold different numbers of entries.
 
 Every stored entry carries its logical position (`pos`, -1 = empty slot). Visibility is one rule,
 `0 <= key position <= query position`, so padding, causality after compression and free slots need

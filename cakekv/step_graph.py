@@ -1,4 +1,4 @@
-"""One-token decode steps over a CompressedCache, replayed as CUDA graphs.
+"""One-token decode steps over a CompressedCache, replayed as CUDA graphs (docs/decode.md).
 
 An eager decode step launches hundreds of small kernels (the model's and cakekv's) and is bound by
 launch latency, not by the bytes it reads. After prefill, everything a step touches has a fixed address:

@@ -46,8 +46,8 @@ TORCH_LIBRARY(cakekv, m) {
   m.def("gather_kept(Tensor k, Tensor v, Tensor idx) -> (Tensor, Tensor)");
 
   // ---------------------------------------------------------------------------------------------
-  // Ragged layout of one layer (per-head budgets): the entries of every (row, kv head) pair are stored
-  // flat, segment s = b * Hkv + g holding entries offsets[s] .. offsets[s+1] - 1 of [T, D] tensors, so a
+  // Ragged layout of one layer (per-head budgets; docs/cache.md): the entries of every (row, kv head)
+  // pair are stored flat, segment s = b * Hkv + g holding entries offsets[s] .. offsets[s+1] - 1 of [T, D] tensors, so a
   // layer takes (sum of kept entries) rows instead of B * Hkv * (longest head). offsets is int64
   // [B * Hkv + 1], non-decreasing, offsets[0] = 0, offsets[S] = T. A segment may hold free slots
   // (position -1) as room for appends.

@@ -1,4 +1,4 @@
-"""Plain-PyTorch references of the math in methods.md, written independently of cakekv's code path:
+"""Plain-PyTorch references of the math in docs/methods.md, written independently of cakekv's code path:
 one prompt at a time, full window-attention matrices, Python loops for the allocation."""
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def pool(x: torch.Tensor, kernel: int, kind: str) -> torch.Tensor:
 
 
 def cake_layer(a: torch.Tensor, num_kv_heads: int, window: int, gamma: float, kernel: int):
-    """-> (S [Hkv, P] per-KV-head indicator, dispersion, shift) of one layer (methods.md §1.1-1.2)."""
+    """-> (S [Hkv, P] per-KV-head indicator, dispersion, shift) of one layer (docs/methods.md#cake)."""
     heads, _, n = a.shape
     prefix = n - window
     mean, var = a.mean(1), a.var(1)

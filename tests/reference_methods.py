@@ -1,4 +1,4 @@
-"""Plain-PyTorch references of issue 4's methods (methods.md §2-§4), one unpadded prompt at a time,
+"""Plain-PyTorch references of the methods beyond CAKE and SnapKV (docs/methods.md), one unpadded prompt at a time,
 with whole attention matrices and Python loops. Each returns (kept[layer][kv_head] -> sorted prefix
 positions, prefix budgets[layer][kv_head], scores[layer] [Hkv, P]) or None when not compressed."""
 from __future__ import annotations
@@ -91,7 +91,7 @@ def adakv_reference(layers, scale, budget, window, alpha=0.2):
 
 
 def defensive_layer(q, k, v, wo, scale, window, budget, kernel=5, threshold=0.9):
-    """DefensiveKV score [Hkv, P] of one layer (methods.md §2.1, decisions in defensivekv.py)."""
+    """DefensiveKV score [Hkv, P] of one layer (docs/methods.md#defensivekv, decisions in defensivekv.py)."""
     hkv, n, d = k.shape
     heads, p = q.shape[0], n - window
     g = heads // hkv
@@ -197,7 +197,7 @@ def flat_heads_held(held, budget, alpha):
     return out
 
 
-# ---- issue 13: the official code's rules (official=True), restated from reading the official code ----
+# ---- the official code's rules (official=True), restated from reading the official code ----
 
 def official_flat_heads(score, budget, alpha, floor=None):
     """AdaKV / LAVa head budgets: c_h = head h's share of the top (Hkv * budget) entries of the layer's

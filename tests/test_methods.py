@@ -1,4 +1,4 @@
-"""Issue 4's methods against their plain-PyTorch references (MHA and GQA), and the compress()
+"""The methods beyond CAKE and SnapKV against their plain-PyTorch references (MHA and GQA), and the compress()
 contract for every registered method."""
 from __future__ import annotations
 
@@ -182,6 +182,6 @@ def test_bad_options_raise_named_errors(method):
     assert model.config._attn_implementation == "sdpa"
 
 
-def test_all_issue4_methods_registered():
+def test_all_methods_registered():
     assert {"streamingllm", "h2o", "pyramidkv", "adakv", "defensivekv", "layer_defensivekv", "lava"} <= set(
         cakekv.available_methods())

@@ -1,4 +1,4 @@
-"""Issue 13: `official=True` reproduces the official repositories' selection rules, each against a
+"""`official=True` reproduces the official repositories' selection rules, each against a
 plain-PyTorch re-statement of the official formula (reference_methods.py), on real attention patterns of
 tiny models, with sizes that reach each quirk (a layer at its cap, n between budget and budget + window,
 a negative protected-set cap). The default (official=False) is covered, unchanged, by test_methods.py."""

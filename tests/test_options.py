@@ -95,7 +95,7 @@ def test_constraints_are_checked(method, name, value, message):
 
 
 def test_the_reported_messages():
-    """The exact lines users see for the cases of the issues."""
+    """The exact lines users see for common mistakes."""
     cases = [(dict(gamma="high"), "gamma: must be a real number, got str 'high'"),
              (dict(cascading="yes"), "cascading: must be True or False, got str 'yes'"),
              (dict(decode_evict="no"), "decode_evict: must be True or False, got str 'no'"),

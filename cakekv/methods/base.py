@@ -1,5 +1,6 @@
 """The method interface: a method turns a layer's window statistics into an eviction indicator and,
-across layers, into per-layer budgets. Storage, positions and masks are the cache's business."""
+across layers, into per-layer budgets (docs/methods.md; a new method: docs/adding_a_method.md). Storage,
+positions and masks are the cache's business."""
 from __future__ import annotations
 
 from dataclasses import dataclass

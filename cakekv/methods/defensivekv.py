@@ -1,4 +1,4 @@
-"""DefensiveKV (Feng et al., ICLR 2026; FFY0/DefensiveKV EfficientDefensiveKVPress), methods.md §2.
+"""DefensiveKV (Feng et al., ICLR 2026; FFY0/DefensiveKV EfficientDefensiveKVPress); docs/methods.md#defensivekv.
 
 Score per KV head and prefix entry: mass-preserving average pooling of every window-attention row,
 max over the GQA group and the window queries, floored at the head's mean of those maxima (defensive

@@ -1,4 +1,4 @@
-"""LAVa (MGDDestiny/Lava LavaKVCluster), methods.md §3: window-mean attention, max-pooled, times the
+"""LAVa (MGDDestiny/Lava LavaKVCluster), docs/methods.md#lava: window-mean attention, max-pooled, times the
 head's largest value L1 norm, max over the GQA group; head budgets by one flattened top-k with a
 floor; layer budgets by the normalised entropy of the layer's scores, cascading like CAKE.
 

@@ -1,4 +1,4 @@
-"""Layer-DefensiveKV (FFY0/DefensiveKV EfficientAdaGlobalScorerPress), methods.md §2.2: DefensiveKV
+"""Layer-DefensiveKV (FFY0/DefensiveKV EfficientAdaGlobalScorerPress), docs/methods.md#layer_defensivekv: DefensiveKV
 scores compared as they are across layers; one global top-k of the total prefix budget
 (budget - window) * layers * Hkv over every layer's (and head's) candidates gives each (layer, head)
 its budget.

@@ -2,7 +2,7 @@
 that shrink linearly with depth.
 
 Options: kernel_size = 7, pooling = "max" (KVCache-Factory's run_longbench), beta = 20.
-Budgets (methods.md §4.2, C = budget, P = C - window): uniform P when n < 2P; otherwise the linear
+Budgets (docs/methods.md#pyramidkv, C = budget, P = C - window): uniform P when n < 2P; otherwise the linear
 profile from max = 2P - floor(P / beta) down to min = floor(P / beta) (max clamped to n - window with
 min = 2P - max). Fixed quirk: the official integer step floor((max - min) / (NL - 1)) makes the layers
 sum to more than NL * P; we take the exact linear profile and round it with allocate_budgets so the
