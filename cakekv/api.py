@@ -6,7 +6,8 @@ from typing import Any
 from .cache import CompressedCache
 from .methods import get_method
 from .methods.options import as_int
-from .patch import Patch, check_supported, sliding_windows, warn_if_untested_transformers
+from .patch import (Patch, check_method, check_supported, decoder_config, sliding_windows,
+                    warn_if_untested_transformers)
 
 
 class CompressionHandle:
@@ -72,5 +73,6 @@ def compress(model, method: str = "cake", budget: int = 1024, window: int = 32, 
         raise ValueError(f"budget: must be >= window + 1 = {window + 1}, got {budget}")
     check_supported(model)
     warn_if_untested_transformers()
-    instance = method_cls(model.config, budget, window, **options)
+    instance = method_cls(decoder_config(model), budget, window, **options)  # a composite model's text config
+    check_method(model, instance)
     return CompressionHandle(model, instance, budget, window)

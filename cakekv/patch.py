@@ -32,7 +32,10 @@ from . import _ops
 from .cache import CompressedCache
 from .step_graph import StepGraph, graphs_enabled
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Families the test-suite runs every contract test on (tests/conftest.py FAMILIES and COMPOSITE, kept in step by
+# a test); another decoder whose attention layers look standard is accepted with a warning (check_supported).
+TESTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "gemma3", "mixtral",
+                      "qwen2_moe", "qwen3_moe")
 SUPPORTED_ATTENTION = ("sdpa", "eager", "flash_attention_2")
 _PREFIX = "cakekv_"
 # The decoder's cache argument and output field, newest name first (5.24 renamed past_key_values).
@@ -59,6 +62,8 @@ _CURRENT_STEP: contextvars.ContextVar[_Step | None] = contextvars.ContextVar("ca
 # Keyword arguments a captured decode step may receive besides the cache; anything else runs eagerly.
 _GRAPH_TENSORS = ("input_ids", "position_ids", "cache_position")
 _GRAPH_FLAGS = ("use_cache", "return_dict", "output_attentions", "output_hidden_states")
+# Arguments of a composite model's base forward that bring another modality's tokens (refused at prefill).
+_OTHER_MODALITIES = ("pixel_values", "mm_encoder_outputs", "image_", "video_", "audio_", "input_features")
 
 
 def _backend_function(backend: str, module: torch.nn.Module):
@@ -67,14 +72,85 @@ def _backend_function(backend: str, module: torch.nn.Module):
     return ALL_ATTENTION_FUNCTIONS[backend]
 
 
-def _compressed_attention(query, keys, values, visible, scale):
-    """Attention of the current queries over a compressed layer with a per-KV-head visibility mask."""
+def _compressed_attention(query, keys, values, visible, scale, softcap=None):
+    """Attention of the current queries over a compressed layer with a per-KV-head visibility mask; with
+    `softcap`, the logits are soft-capped first (Gemma 2)."""
     b, hkv, q, m = visible.shape
     groups = query.shape[1] // hkv
     # expand + reshape, not repeat_interleave (which reads its output size back from the device)
     mask = visible[:, :, None].expand(b, hkv, groups, q, m).reshape(b, hkv * groups, q, m)
-    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+    if softcap is None:
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+    else:
+        out = _softcapped_attention(query, keys, values, mask, scale, softcap)
     return out.transpose(1, 2).contiguous()
+
+
+def _softcapped_attention(query, keys, values, mask, scale, softcap):
+    """Attention with logit soft-capping in the order of transformers' eager kernel: logits = softcap *
+    tanh(scale * q.k / softcap), masked, softmax in fp32 cast back to the query dtype, times the values."""
+    b, hkv, m, d = keys.shape
+    groups = query.shape[1] // hkv
+    keys = keys[:, :, None].expand(b, hkv, groups, m, d).reshape(b, hkv * groups, m, d)
+    values = values[:, :, None].expand(b, hkv, groups, m, values.shape[-1]).reshape(b, hkv * groups, m, -1)
+    logits = torch.matmul(query, keys.transpose(2, 3)) * scale
+    logits = torch.tanh(logits / softcap) * softcap
+    logits = logits.masked_fill(~mask, float("-inf"))  # every query sees itself: no row is fully masked
+    weights = F.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(weights, values)
+
+
+def _scores_by_attention(method) -> bool:
+    """Whether `method` ranks entries by attention weights (at prefill or by decode-time eviction): every
+    method but `full` and a position-only `streamingllm` without decode eviction."""
+    if not method.compresses:
+        return False
+    scores = getattr(method, "scores_by_attention", method.name != "streamingllm")
+    return bool(scores or method.decode_evict)
+
+
+def _softcap_error(method, softcap) -> ValueError:
+    return ValueError(
+        f"model: its attention soft-caps the logits (softcap={softcap}, Gemma 2's attn_logit_softcapping) and "
+        f"method {method.name!r} ranks entries by attention weights, which cakekv computes without soft-capping "
+        "(it would select by attention the model does not compute); use method='full', or 'streamingllm' with "
+        "decode_evict=False (decode attention over the compressed cache does apply soft-capping)")
+
+
+def _check_attention_call(module, query, key, value, layer, method, kwargs) -> None:
+    """At prefill, once per layer: the call has the usual q/k/v shapes, no attention feature the decode
+    path would drop, and the sliding window the cache was built with."""
+    name = f"{type(module).__name__} (layer {module.layer_idx})"
+    if (query.dim() != 4 or key.dim() != 4 or key.shape != value.shape or query.shape[0] != key.shape[0]
+            or query.shape[2] != key.shape[2] or query.shape[3] != key.shape[3] or query.shape[1] % key.shape[1]):
+        raise ValueError(f"model: {name} calls attention with query {tuple(query.shape)}, key {tuple(key.shape)}, "
+                         f"value {tuple(value.shape)}; cakekv needs [batch, heads, tokens, head_dim] with as many "
+                         "query heads as a multiple of the key/value heads and keys and values of one shape")
+    for sink in ("s_aux", "sinks"):
+        if kwargs.get(sink) is not None:
+            raise ValueError(f"model: {name} passes attention sinks ({sink}), which cakekv's decode attention does "
+                             "not apply")
+    declared = kwargs["sliding_window"] if "sliding_window" in kwargs else getattr(module, "sliding_window", None)
+    if (declared or None) != layer.sliding_window:
+        raise ValueError(f"model: {name} attends over a sliding window of {declared}, but its config gives "
+                         f"{layer.sliding_window} (config.sliding_window / layer_types); cakekv cannot tell which "
+                         "positions this layer sees")
+    softcap = kwargs.get("softcap")
+    if softcap is not None and _scores_by_attention(method):
+        raise _softcap_error(method, softcap)
+
+
+def _skipped_layers_error(skipped: list[int]) -> ValueError:
+    return ValueError(f"model: layers {skipped} did not run their attention through transformers' attention "
+                      "interface with cakekv's cache; this architecture is not supported")
+
+
+def _check_layers_before(cache, layer_idx: int) -> None:
+    """Layers are scored in order, and cascading budgets re-cut every layer seen so far: each earlier
+    layer must have gone through this wrapper (the end of the forward checks the last ones)."""
+    skipped = [i for i in range(layer_idx) if cache.layers[i].prefilling or not cache.layers[i].is_initialized]
+    if skipped:
+        raise _skipped_layers_error(skipped)
 
 
 def _make_attention(backend: str):
@@ -90,16 +166,21 @@ def _make_attention(backend: str):
             raise unsupported_release(f"{type(module).__name__} ran without the cakekv cache: the model's forward "
                                       "did not hand the cache to its attention layers")
         if layer.prefilling:
+            _check_attention_call(module, query, key, value, layer, cache.method, kwargs)
+            _check_layers_before(cache, module.layer_idx)
             # The prompt attends over its full K/V with the model's own kernel and mask; only the
             # stored cache is compressed afterwards.
             out = original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
             cache.after_prefill(module.layer_idx, query, scale, module)
             return out
+        softcap = kwargs.get("softcap")
         if layer.ragged:
+            if softcap is not None:  # per-head budgets rank by attention: refused at prefill with soft-capping
+                raise _softcap_error(cache.method, softcap)
             out = _ops.ragged_attention(query, layer.keys, layer.values, layer.pos_flat, layer.offsets,
                                         layer.query_pos, scale).transpose(1, 2).contiguous()
         else:
-            out = _compressed_attention(query, layer.keys, layer.values, layer.visibility(), scale)
+            out = _compressed_attention(query, layer.keys, layer.values, layer.visibility(), scale, softcap)
         cache.after_decode(module.layer_idx, query, scale)
         return out, None
 
@@ -126,13 +207,44 @@ for _backend in SUPPORTED_ATTENTION:
     ALL_MASK_ATTENTION_FUNCTIONS.register(_PREFIX + _backend, _make_mask(_backend))
 
 
+def decoder_config(model):
+    """The config of the model's text decoder: the model's own, or the text config of a composite model."""
+    config = model.config
+    get_text_config = getattr(config, "get_text_config", None)
+    return get_text_config(decoder=True) if callable(get_text_config) else config
+
+
+def is_composite(model) -> bool:
+    """A model whose text decoder has a config of its own (multimodal: Gemma 3 with its vision tower)."""
+    return decoder_config(model) is not model.config
+
+
+def decoder_module(model) -> torch.nn.Module:
+    """The module whose forward cakekv wraps: it takes the cache and the 2-D padding mask and hands the cache
+    to the attention layers (the decoder of a text model; the base model of a composite one, which builds
+    the masks and merges the other modalities' embeddings before calling its text decoder)."""
+    if is_composite(model):
+        return model.base_model
+    return model.get_decoder() if hasattr(model, "get_decoder") else model
+
+
+def _is_attention(module: torch.nn.Module) -> bool:
+    """A decoder self-attention layer as transformers writes them: an `...Attention` module with its layer
+    index and softmax scale (its projections, separate q_proj/k_proj/v_proj or fused like Phi-3's qkv_proj,
+    are not looked at)."""
+    return (type(module).__name__.endswith("Attention") and isinstance(getattr(module, "layer_idx", None), int)
+            and isinstance(getattr(module, "scaling", None), (int, float)))
+
+
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
+    return [m for m in model.modules() if _is_attention(m)]
 
 
 def sliding_windows(config) -> list[int | None]:
-    """Per layer: the sliding-window size of its attention, or None for full attention."""
-    window = getattr(config, "sliding_window", None)
+    """Per layer: the sliding-window size of its attention, or None for full attention (`layer_types` where
+    the config has them, else `sliding_window` for every layer; 0 is none, as Qwen2-MoE writes it)."""
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None) or None
     types = getattr(config, "layer_types", None)
     if types is not None:
         return [window if t == "sliding_attention" else None for t in types]
@@ -227,20 +339,140 @@ def _graph_inputs(arguments: dict, cache: CompressedCache,
     return tensors, flags
 
 
+def _unsupported(model, why: str) -> ValueError:
+    kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+    return ValueError(f"model: unsupported architecture {kind!r}: {why}")
+
+
+def _config_refusal(config) -> str | None:
+    """Why a decoder config describes attention cakekv cannot hold, or None."""
+    if getattr(config, "use_bidirectional_attention", False):
+        return "bidirectional attention (use_bidirectional_attention): cakekv's visibility rule is causal"
+    if getattr(config, "num_kv_shared_layers", 0):
+        return "layers share another layer's KV cache (num_kv_shared_layers)"
+    if getattr(config, "attention_chunk_size", None):
+        return "chunked attention (attention_chunk_size): cakekv's visibility rule has no chunks"
+    if getattr(config, "kv_lora_rank", None) or getattr(config, "v_head_dim", None) not in (None, getattr(
+            config, "head_dim", None)):
+        return "multi-head latent attention / keys and values of different head sizes"
+    return None
+
+
 def check_supported(model) -> None:
+    """Refuse, with the reason, a model cakekv cannot compress exactly; warn on a family the tests do not cover.
+
+    Supported: a decoder whose every layer has a self-attention module (`_is_attention`) that calls
+    transformers' attention interface with the usual [batch, heads, tokens, head_dim] q/k/v, causal, optionally
+    over a sliding window (per layer: `sliding_windows`) and with soft-capped logits (applied by the decode
+    attention; methods ranking by attention are refused with it, see `check_method`). What cannot be seen
+    here is checked at the first prefill: the q/k/v shapes, sliding windows and features each layer's call
+    passes, and that every layer went through the interface."""
     config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if not isinstance(model, torch.nn.Module) or model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model: unsupported architecture {model_type or type(model).__name__!r}; "
-                         f"cakekv supports {list(SUPPORTED_MODEL_TYPES)}")
+    if not isinstance(model, torch.nn.Module) or config is None:
+        raise _unsupported(model, "not a transformers model")
+    if getattr(config, "is_encoder_decoder", False):
+        raise _unsupported(model, "an encoder-decoder model (cakekv compresses decoder-only self-attention)")
+    config = decoder_config(model)  # of a composite (multimodal) model: its text decoder's
+    why = _config_refusal(config)
+    if why:
+        raise _unsupported(model, why)
+    modules = attention_modules(model)
+    if not modules:
+        raise _unsupported(model, f"no self-attention layers cakekv recognises in {type(model).__name__} (modules "
+                                  "named ...Attention with layer_idx and scaling, calling transformers' attention "
+                                  "interface)")
+    layers = getattr(config, "num_hidden_layers", None)
+    found = sorted(m.layer_idx for m in modules)
+    if found != list(range(layers or 0)):
+        raise _unsupported(model, f"its attention layers have indices {found}, not one per decoder layer "
+                                  f"(0..{(layers or 0) - 1}): layers without attention (linear attention, "
+                                  "state-space) or cross-attention are not supported")
+    for module in modules:
+        if hasattr(module, "sinks"):
+            raise _unsupported(model, f"{type(module).__name__} has attention sinks, which cakekv's decode "
+                                      "attention does not apply")
+        if getattr(module, "is_causal", True) is False:
+            raise _unsupported(model, f"{type(module).__name__} is not causal")
     impl = config._attn_implementation
     if impl is not None and impl.startswith(_PREFIX):
         raise ValueError("model: already compressed by cakekv (nesting compress() on one model is not allowed)")
     if impl not in SUPPORTED_ATTENTION:
         raise ValueError(f"model: attention implementation {impl!r} is not supported; load the model with "
                          f"attn_implementation in {list(SUPPORTED_ATTENTION)}")
-    if not attention_modules(model):
-        raise ValueError(f"model: no attention layers found in {type(model).__name__}")
+    softcaps = _softcaps(model)
+    if softcaps and impl == "sdpa":
+        raise ValueError(f"model: attention implementation 'sdpa' drops the attention logit soft-capping "
+                         f"(softcap={softcaps[0]}) this model's layers declare (transformers applies it in 'eager' "
+                         "and 'flash_attention_2' only); load the model with attn_implementation='eager'")
+    if model.config.model_type not in TESTED_MODEL_TYPES:
+        warnings.warn(f"cakekv: model type {model.config.model_type!r} is not among the tested families "
+                      f"{list(TESTED_MODEL_TYPES)}; its attention layers look standard and are checked at the "
+                      "first prefill, results may still differ", UserWarning, stacklevel=3)
+
+
+def _softcaps(model) -> list:
+    return [m.attn_logit_softcapping for m in attention_modules(model)
+            if getattr(m, "attn_logit_softcapping", None) is not None]
+
+
+def check_method(model, method) -> None:
+    """Refuse a method the model's attention makes inexact or impossible: attention-ranked selection under
+    logit soft-capping (the scores would not be the model's), value norms through a missing `o_proj`.
+    Sliding-window layers are checked at prefill and per step (`_check_sliding_prefill`, `_check_sliding_step`)."""
+    caps = _softcaps(model)
+    if caps and _scores_by_attention(method):
+        raise _softcap_error(method, caps[0])
+    from .methods.defensivekv import DefensiveKV  # value norms through module.o_proj (CriticalKV)
+    if getattr(method, "uses_output_projection", isinstance(method, DefensiveKV)):
+        missing = {type(m).__name__ for m in attention_modules(model) if not hasattr(m, "o_proj")}
+        if missing:
+            raise ValueError(f"method: {method.name!r} weighs values through the attention output projection "
+                             f"`o_proj`, which {sorted(missing)} do not have")
+
+
+def _sliding(cache) -> list[tuple[int, int]]:
+    return [(layer.layer_idx, layer.sliding_window) for layer in cache.layers if layer.sliding_window is not None]
+
+
+def _check_text_only(arguments: dict) -> None:
+    """A composite model's prompt must be text: other modalities' tokens may attend bidirectionally (Gemma 3's
+    image tokens do), which cakekv's scores and visibility rule do not model."""
+    other = [k for k, v in _flat(arguments).items() if k.startswith(_OTHER_MODALITIES)
+             and v is not None and not (isinstance(v, (dict, list, tuple)) and not any(
+                 x is not None for x in (v.values() if isinstance(v, dict) else v)))]
+    if other:
+        raise ValueError(f"{other[0]}: cakekv compresses text prompts; image, video and audio inputs are not "
+                         "supported yet (their tokens may attend bidirectionally, which cakekv's scores and "
+                         "visibility rule do not model)")
+
+
+def _check_sliding_prefill(cache) -> None:
+    """Interim rule for sliding-window layers (until the cache keeps such a layer to its window, see README):
+    a compressed prompt row must fit in the smallest window, where every entry is still visible to every
+    query, so that attention-ranked scores are the model's and no kept entry is already out of sight."""
+    method, sliding = cache.method, _sliding(cache)
+    if not sliding or not method.compresses:
+        return
+    longest = max((n for n in cache.prompt.host_lengths if method.compresses_prompt(n)), default=0)
+    window = min(w for _, w in sliding)
+    if longest > window:
+        layers = [i for i, w in sliding if w < longest]
+        raise ValueError(f"prompt: {longest} tokens to compress, more than the sliding window ({window}) of layers "
+                         f"{layers}; cakekv does not yet hold a sliding-window layer to its window, so it would rank "
+                         "and keep entries those layers can no longer see. Compress prompts of at most "
+                         f"{window} tokens, give a budget of at least the prompt length, or use method='full'")
+
+
+def _check_sliding_step(cache, q: int) -> None:
+    """Interim rule for sliding-window layers: decode-time eviction ranks entries by attention over every
+    stored entry, so it is exact only while all of them are inside the window."""
+    for layer in cache.layers:
+        if layer.sliding_window is None or layer.head_caps is None or layer.seen + q <= layer.sliding_window:
+            continue
+        if any(c + q > cap for cs, caps in zip(layer.head_counts, layer.head_caps) for c, cap in zip(cs, caps)):
+            raise RuntimeError(f"cakekv: decode-time eviction on sliding-window layer {layer.layer_idx} past its "
+                               f"window ({layer.sliding_window} tokens) is not supported yet (it would rank entries "
+                               "the layer no longer sees); compress with decode_evict=False for this model")
 
 
 class Patch:
@@ -249,8 +481,8 @@ class Patch:
 
     def __init__(self, model, handle):
         self.model = model
-        self.decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-        self.config = model.config
+        self.config = decoder_config(model)  # what the attention layers read the implementation from
+        self.decoder = decoder_module(model)
         self.original_impl = self.config._attn_implementation
         self.original_forward = self.decoder.__dict__.get("forward", _MISSING)
         self.modules = attention_modules(model)
@@ -307,7 +539,9 @@ class Patch:
                 inputs = arguments["inputs_embeds"]
             fresh = cache.is_fresh
             if fresh:
+                _check_text_only(arguments)
                 cache.begin_prefill(arguments.get("attention_mask"), inputs.shape[0], inputs.shape[1], inputs.device)
+                _check_sliding_prefill(cache)
             if name in kwargs or past_index >= len(args):
                 kwargs[name] = cache
             else:
@@ -318,6 +552,7 @@ class Patch:
                     out = forward(*args, **kwargs)
                 else:
                     q = inputs.shape[1]
+                    _check_sliding_step(cache, q)
                     key = cache.prepare_step(q)
                     graph_inputs = _graph_inputs(arguments, cache, name) if graphs_enabled() else None
                     if graph_inputs is None:
@@ -330,9 +565,13 @@ class Patch:
                     cache.finish_step(q)
             finally:
                 _CURRENT_STEP.reset(token)
-            if fresh and inputs.shape[1] > 0 and cache.is_fresh:
-                raise unsupported_release(f"{type(self.decoder).__name__}.forward did not hand the cache to its "
-                                          "attention layers")
+            if fresh and inputs.shape[1] > 0:
+                if cache.is_fresh:
+                    raise unsupported_release(f"{type(self.decoder).__name__}.forward did not hand the cache to "
+                                              "its attention layers")
+                skipped = [layer.layer_idx for layer in cache.layers if not layer.is_initialized or layer.prefilling]
+                if skipped:
+                    raise _skipped_layers_error(skipped)
             return out
 
         return cakekv_forward

@@ -301,10 +301,10 @@ def test_bad_arguments_raise_named_errors(kwargs, error, name):
 
 
 def test_unsupported_models_and_attention():
-    from transformers import GPT2Config, GPT2LMHeadModel
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    from transformers import T5Config, T5ForConditionalGeneration  # (more cases: test_families.py)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
     with pytest.raises(ValueError, match="^model: unsupported architecture"):
-        cakekv.compress(gpt2, method="cake", budget=64)
+        cakekv.compress(t5, method="cake", budget=64)
     model = tiny_model("llama", attn="flex_attention")
     with pytest.raises(ValueError, match="^model: attention implementation"):
         cakekv.compress(model, method="cake", budget=64)
