@@ -1,4 +1,4 @@
-"""`cakekv.compress`: the public entry point (contract in the design brief)."""
+"""`cakekv.compress`: the public entry point (the budget contract: docs/methods.md#the-common-frame)."""
 from __future__ import annotations
 
 from typing import Any
@@ -58,6 +58,18 @@ class CompressionHandle:
         return f"CompressionHandle(method={self.method.name!r}, budget={self.budget}, window={self.window}, {state})"
 
 
+def check_arguments(method: str, budget: Any, window: Any) -> tuple[type, int, int]:
+    """What compress() checks before it touches the model (method known, integer budget and window,
+    window >= 1, budget >= window + 1); the command line calls it before loading a model."""
+    method_cls = get_method(method)
+    budget, window = as_int("budget", budget), as_int("window", window)
+    if window < 1:
+        raise ValueError(f"window: must be >= 1, got {window}")
+    if budget < window + 1:
+        raise ValueError(f"budget: must be >= window + 1 = {window + 1}, got {budget}")
+    return method_cls, budget, window
+
+
 def compress(model, method: str = "cake", budget: int = 1024, window: int = 32, **options: Any) -> CompressionHandle:
     """Compress `model`'s KV cache with `method` while the returned handle is active.
 
@@ -65,12 +77,7 @@ def compress(model, method: str = "cake", budget: int = 1024, window: int = 32, 
     prompt tokens, always kept and used as the observation window (both any integer type, numpy
     included). options: the method's keyword options, each checked against its declared type and
     constraints (`cakekv.describe_options(name)`)."""
-    method_cls = get_method(method)
-    budget, window = as_int("budget", budget), as_int("window", window)
-    if window < 1:
-        raise ValueError(f"window: must be >= 1, got {window}")
-    if budget < window + 1:
-        raise ValueError(f"budget: must be >= window + 1 = {window + 1}, got {budget}")
+    method_cls, budget, window = check_arguments(method, budget, window)
     check_supported(model)
     warn_if_untested_transformers()
     instance = method_cls(decoder_config(model), budget, window, **options)  # a composite model's text config

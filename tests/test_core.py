@@ -1,4 +1,4 @@
-"""The contract of cakekv.compress (design.md) on tiny models of every supported family."""
+"""The contract of cakekv.compress (docs/methods.md#the-common-frame) on tiny models of every supported family."""
 from __future__ import annotations
 
 import pytest

@@ -17,14 +17,8 @@ def check_compression(method: str, budget: int, window: int) -> None:
     """What ``cakekv.compress()`` checks before it touches the model -- the method is known, budget
     and window are integers, window >= 1, budget >= window + 1 -- with compress()'s own messages, so
     that a command stops in one line before it loads a model."""
-    from ..methods import get_method
-    from ..methods.options import as_int
-    get_method(method)
-    budget, window = as_int("budget", budget), as_int("window", window)
-    if window < 1:
-        raise ValueError(f"window: must be >= 1, got {window}")
-    if budget < window + 1:
-        raise ValueError(f"budget: must be >= window + 1 = {window + 1}, got {budget}")
+    from ..api import check_arguments
+    check_arguments(method, budget, window)
 
 
 @dataclasses.dataclass(frozen=True)
