@@ -150,6 +150,19 @@ def layer_defensivekv_reference(layers, scale, budget, window):
     return _per_head(scores, counts)
 
 
+def lava_layer_score(q, k, v, scale, window, p):
+    """One layer of LAVa: (per-KV-head scores [Hkv, p] = max over the group of max-pooled window attention
+    times the value-norm bound, normalised entropy of the layer's scores)."""
+    hkv, g = k.shape[0], q.shape[0] // k.shape[0]
+    a = window_attention(q[:, -window:], k, scale)
+    pooled = pool(a.mean(1)[:, :p], 7, "max").view(hkv, g, p)
+    nu = v[:, :p].float().abs().sum(-1).amax(-1)
+    s = (pooled * nu[:, None, None]).amax(1)
+    pr = (s / s.sum()).double().flatten()
+    rho = (-(pr * torch.log(pr + 1e-16)).sum() / torch.log(torch.tensor(float(hkv * p)))).item()
+    return s, rho
+
+
 def lava_reference(layers, scale, budget, window, alpha=0.2):
     """Cascading LAVa: after every layer, layer budgets by normalised entropy, head budgets by the
     flattened top-k with floor over the entries each layer still holds (nested re-trims)."""
@@ -159,13 +172,9 @@ def lava_reference(layers, scale, budget, window, alpha=0.2):
     p = n - window
     scores, rhos, kept, budgets = [], [], [], []
     for q, k, v, _ in layers:
-        hkv, g = k.shape[0], q.shape[0] // k.shape[0]
-        a = window_attention(q[:, -window:], k, scale)
-        pooled = pool(a.mean(1)[:, :p], 7, "max").view(hkv, g, p)
-        nu = v[:, :p].float().abs().sum(-1).amax(-1)
-        s = (pooled * nu[:, None, None]).amax(1)
-        pr = (s / s.sum()).double().flatten()
-        rhos.append((-(pr * torch.log(pr + 1e-16)).sum() / torch.log(torch.tensor(float(hkv * p)))).item())
+        s, rho = lava_layer_score(q, k, v, scale, window, p)
+        hkv = k.shape[0]
+        rhos.append(rho)
         scores.append(s)
         kept.append([list(range(p)) for _ in range(hkv)])
         budgets.append([p] * hkv)
@@ -238,13 +247,9 @@ def lava_official_reference(layers, scale, budget, window, alpha=0.2):
     floor = int(alpha * budget)
     scores, rhos, kept, applied, budgets = [], [], [], [], []
     for q, k, v, _ in layers:
-        hkv, g = k.shape[0], q.shape[0] // k.shape[0]
-        a = window_attention(q[:, -window:], k, scale)
-        pooled = pool(a.mean(1)[:, :p], 7, "max").view(hkv, g, p)
-        nu = v[:, :p].float().abs().sum(-1).amax(-1)
-        s = (pooled * nu[:, None, None]).amax(1)
-        pr = (s / s.sum()).double().flatten()
-        rhos.append((-(pr * torch.log(pr + 1e-16)).sum() / torch.log(torch.tensor(float(hkv * p)))).item())
+        s, rho = lava_layer_score(q, k, v, scale, window, p)
+        hkv = k.shape[0]
+        rhos.append(rho)
         scores.append(s)
         kept.append([list(range(p)) for _ in range(hkv)])
         applied.append(None)
