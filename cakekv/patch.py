@@ -105,8 +105,7 @@ def _scores_by_attention(method) -> bool:
     method but `full` and a position-only `streamingllm` without decode eviction."""
     if not method.compresses:
         return False
-    scores = getattr(method, "scores_by_attention", method.name != "streamingllm")
-    return bool(scores or method.decode_evict)
+    return method.scores_by_attention or method.decode_evict
 
 
 def _softcap_error(method, softcap) -> ValueError:
@@ -422,8 +421,7 @@ def check_method(model, method) -> None:
     caps = _softcaps(model)
     if caps and _scores_by_attention(method):
         raise _softcap_error(method, caps[0])
-    from .methods.defensivekv import DefensiveKV  # value norms through module.o_proj (CriticalKV)
-    if getattr(method, "uses_output_projection", isinstance(method, DefensiveKV)):
+    if method.uses_output_projection:
         missing = {type(m).__name__ for m in attention_modules(model) if not hasattr(m, "o_proj")}
         if missing:
             raise ValueError(f"method: {method.name!r} weighs values through the attention output projection "

@@ -106,6 +106,10 @@ class Method:
 
     name: ClassVar[str] = ""
     Options: ClassVar[type[Options]] = Options
+    # What a model must offer (checked by compress): attention weights to rank entries by (a soft-capping
+    # model's are not computed with its cap), and the attention output projection `o_proj` (value norms).
+    scores_by_attention: ClassVar[bool] = True
+    uses_output_projection: ClassVar[bool] = False
 
     def __init__(self, config, budget: int, window: int, **options: Any):
         self.budget = budget

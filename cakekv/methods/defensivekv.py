@@ -122,6 +122,7 @@ class DefensiveKVOptions(Options):
 @register
 class DefensiveKV(Method):
     name = "defensivekv"
+    uses_output_projection = True  # value norms through module.o_proj (CriticalKV)
     Options = DefensiveKVOptions
 
     @property
