@@ -12,7 +12,7 @@ import torch
 import cakekv
 from cakekv import cli
 from cakekv.eval import models
-from test_eval_longbench import byte_tokenizer, tiny_lm
+from helpers import byte_tokenizer, tiny_lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,31 +7,9 @@ import torch
 import cakekv
 from cakekv import cache_kwargs, cache_of
 from cakekv.patch import _HANDLE_OF_MODULE
-from conftest import FAMILIES, capture_qk, per_layer_masks, tiny_model
+from helpers import (BUDGET, WINDOW, FAMILIES, capture_qk, continuation_nll, kept_prefix, left_padded,
+                     masked_full_cache_logits, prefill, prompt, tiny_model)
 from reference import assert_same_selection, cake_reference, snapkv_reference
-
-BUDGET, WINDOW = 40, 8
-
-
-def prompt(n, seed=0, vocab=128, batch=1):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(1, vocab, (batch, n), generator=gen)
-
-
-def prefill(model, ids, method, **kw):
-    with cakekv.compress(model, method=method, budget=kw.pop("budget", BUDGET), window=kw.pop("window", WINDOW),
-                         **kw) as handle:
-        with torch.no_grad():
-            out = model(input_ids=ids, use_cache=True)
-    return out, handle
-
-
-def kept_prefix(layer, row=0):
-    """Per KV head: sorted positions of the kept entries before the window."""
-    window_start = layer.next_pos[row].item() - WINDOW
-    pos = layer.padded_pos()
-    return [sorted(p for p in pos[row, h].tolist() if 0 <= p < window_start)
-            for h in range(pos.shape[1])]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -112,20 +90,6 @@ def test_short_prompt_is_identical_to_no_compression(method, attn):
     torch.testing.assert_close(torch.stack(out.scores), torch.stack(ref.scores), rtol=1e-4, atol=1e-4)
 
 
-def continuation_nll(model, ids, cont, method, chunked, **kw):
-    out, _ = prefill(model, ids, method, decode_evict=False, **kw)
-    cache = cache_of(out)
-    with cakekv.compress(model, method=method, budget=BUDGET, window=WINDOW, decode_evict=False, **kw):
-        with torch.no_grad():
-            if chunked:
-                logits = model(input_ids=cont, **cache_kwargs(model, cache), use_cache=True).logits
-            else:
-                logits = torch.cat([model(input_ids=cont[:, t:t + 1], **cache_kwargs(model, cache), use_cache=True).logits
-                                    for t in range(cont.shape[1])], 1)
-    logp = torch.log_softmax(logits[:, :-1].float(), -1)
-    return -logp.gather(-1, cont[:, 1:, None]).mean().item(), out.logits
-
-
 @pytest.mark.parametrize("method", ["cake", "snapkv"])
 def test_chunked_continuation_equals_token_by_token(method):
     model = tiny_model("llama")
@@ -133,26 +97,6 @@ def test_chunked_continuation_equals_token_by_token(method):
     chunked, _ = continuation_nll(model, ids, cont, method, chunked=True)
     stepwise, _ = continuation_nll(model, ids, cont, method, chunked=False)
     assert abs(chunked - stepwise) < 1e-3
-
-
-def masked_full_cache_logits(model, ids, cont, cache):
-    """Reference for a compressed continuation: the uncompressed model run on `cont` after `ids`, with
-    exactly the entries `cache` evicted hidden, per layer and per KV head."""
-    n, q = ids.shape[1], cont.shape[1]
-    groups = model.config.num_attention_heads // model.config.num_key_value_heads
-    causal = torch.arange(n + q)[None, :] <= torch.arange(n, n + q)[:, None]
-    masks = {}
-    for i, layer in enumerate(cache.layers):
-        pos = layer.padded_pos()
-        kept = torch.zeros(pos.shape[1], n + q, dtype=torch.bool)
-        for h in range(pos.shape[1]):
-            kept[h, [p for p in pos[0, h].tolist() if p >= 0]] = True
-        kept[:, n:] = True
-        masks[i] = (kept[:, None, :] & causal[None]).repeat_interleave(groups, 0)[None]
-    with torch.no_grad():
-        full = model(input_ids=ids, use_cache=True)
-        with per_layer_masks(model, masks):
-            return model(input_ids=cont, **cache_kwargs(model, cache_of(full)), use_cache=True).logits
 
 
 def test_continuation_equals_full_cache_with_evicted_entries_hidden():
@@ -166,16 +110,6 @@ def test_continuation_equals_full_cache_with_evicted_entries_hidden():
         with torch.no_grad():
             got = model(input_ids=cont, **cache_kwargs(model, cache), use_cache=True).logits
     torch.testing.assert_close(got, masked_full_cache_logits(model, ids, cont, cache), rtol=1e-4, atol=1e-4)
-
-
-def left_padded(prompts, pad_id=0):
-    width = max(p.shape[1] for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, width - p.shape[1]:] = p[0]
-        mask[r, width - p.shape[1]:] = 1
-    return ids, mask
 
 
 @pytest.mark.parametrize("method,family", [("cake", "llama"), ("cake", "mistral"), ("snapkv", "qwen3"),

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import cakekv._ops as ops
 import reference as ref
-from conftest import capture_qk
+from helpers import capture_qk
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                  reason="needs a CUDA device"))]

@@ -3,7 +3,6 @@ on a fixture in LongBench's JSONL format, with a tiny random Llama and a byte-le
 offline."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -11,48 +10,7 @@ import pytest
 import torch
 
 from cakekv.eval import generation, longbench, metrics, prompts
-
-# ------------------------------------------------------------------------------------------------
-# shared helpers (also used by test_eval_tasks.py and test_cli.py)
-# ------------------------------------------------------------------------------------------------
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|user|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-
-
-def byte_tokenizer(chat_template: str | None = None):
-    """A byte-level tokenizer (one token per UTF-8 byte, exact round trip) with <pad>=0, <s>=1, </s>=2;
-    BOS is added in front."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", 1)])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                 clean_up_tokenization_spaces=False)
-    if chat_template:
-        hf.chat_template = chat_template
-    return hf
-
-
-def tiny_lm(vocab: int = 259, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=4096,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="sdpa")
-    return LlamaForCausalLM(config).eval()
-
-
-def eval_args(parser_fn, argv) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    parser_fn(parser)
-    return parser.parse_args(argv)
+from helpers import CHAT_TEMPLATE, byte_tokenizer, eval_args, tiny_lm
 
 
 # ------------------------------------------------------------------------------------------------

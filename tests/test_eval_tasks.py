@@ -15,7 +15,7 @@ import torch
 from cakekv.eval import generation, haystack, models, needle, plots, prompts, report, synthetic
 from cakekv.eval.args import parse_int_list, parse_options, setup_from_args, split_list
 from cakekv.eval.runs import Run, evaluate_items, expand_runs
-from test_eval_longbench import byte_tokenizer, eval_args, tiny_lm
+from helpers import byte_tokenizer, eval_args, tiny_lm
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Model families (issue 14): every family of conftest.FAMILIES passes the same contracts on tiny random
+"""Model families: every family of helpers.FAMILIES passes the same contracts on tiny random
 models; sliding-window layers, logit soft-capping, fused projections and untested-but-standard decoders
 behave as README's "Supported models" says; what cakekv cannot hold is refused with the reason;
 `transformers.pipeline("text-generation")` works inside `cakekv.compress`.
@@ -22,7 +22,7 @@ import cakekv
 from cakekv import cache_kwargs, cache_of
 from cakekv.patch import (SUPPORTED_ATTENTION, TESTED_MODEL_TYPES, TESTED_TRANSFORMERS, attention_modules,
                           decoder_config, sliding_windows)
-from conftest import COMPOSITE, FAMILIES, NO_SDPA, tiny_model
+from helpers import COMPOSITE, FAMILIES, NO_SDPA, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET, WINDOW = 40, 8

@@ -8,9 +8,8 @@ import torch
 import cakekv
 from cakekv import cache_kwargs, cache_of
 import reference_methods as R
-from conftest import capture_qkv, tiny_model
+from helpers import (BUDGET, WINDOW, capture_qkv, continuation_nll, kept_prefix, left_padded, prefill, prompt, tiny_model)
 from reference import assert_same_selection
-from test_core import BUDGET, WINDOW, continuation_nll, kept_prefix, left_padded, prefill, prompt
 
 METHODS = [m for m in cakekv.available_methods() if m != "full"]
 REFERENCES = {

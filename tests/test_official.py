@@ -17,9 +17,8 @@ from cakekv.methods.cake import official_cake_budgets
 from cakekv.methods.defensivekv import defensive_scores
 from cakekv.methods.layer_defensivekv import official_global_counts
 import reference_methods as R
-from conftest import capture_qk, capture_qkv, tiny_model
+from helpers import BUDGET, WINDOW, capture_qk, capture_qkv, kept_prefix, left_padded, prefill, prompt, tiny_model
 from reference import assert_same_selection
-from test_core import BUDGET, WINDOW, kept_prefix, left_padded, prefill, prompt
 
 OFFICIAL_METHODS = ["adakv", "cake", "defensivekv", "lava", "layer_defensivekv"]
 

@@ -16,7 +16,7 @@ import cakekv
 from cakekv import cli
 from cakekv.eval import common
 from cakekv.methods import Options, get_method, option
-from conftest import tiny_model
+from helpers import tiny_model
 
 CONFIG = SimpleNamespace(num_hidden_layers=2, _name_or_path="")
 

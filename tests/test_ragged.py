@@ -11,8 +11,7 @@ import cakekv
 from cakekv import cache_kwargs, cache_of
 import cakekv._ops as ops
 from cakekv.cache import CompressedCache, CompressedLayer
-from conftest import tiny_model
-from test_core import BUDGET, WINDOW, left_padded, masked_full_cache_logits, prefill, prompt
+from helpers import BUDGET, WINDOW, left_padded, masked_full_cache_logits, prefill, prompt, tiny_model
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                  reason="needs a CUDA device"))]

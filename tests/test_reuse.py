@@ -7,8 +7,7 @@ import torch
 
 import cakekv
 from cakekv import cache_kwargs, cache_of
-from conftest import tiny_model
-from test_core import BUDGET, WINDOW, prompt
+from helpers import BUDGET, WINDOW, prompt, tiny_model
 
 
 def answer(model, cache, question, steps=6):

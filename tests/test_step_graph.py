@@ -11,8 +11,7 @@ import torch
 import cakekv
 from cakekv import cache_kwargs, cache_of
 from cakekv.step_graph import ENV_SWITCH
-from conftest import tiny_model
-from test_core import BUDGET, WINDOW, prompt
+from helpers import BUDGET, WINDOW, prompt, tiny_model
 
 ASSET = Path(__file__).resolve().parents[1] / "cakekv" / "assets" / "tiny-llama"
 METHODS = [m for m in cakekv.available_methods() if m != "full"]

@@ -11,8 +11,7 @@ import transformers
 import cakekv
 from cakekv import cache_kwargs, cache_of
 from cakekv.patch import CACHE_NAMES, cache_argument
-from conftest import FAMILIES, tiny_model
-from test_core import BUDGET, WINDOW, prompt
+from helpers import BUDGET, FAMILIES, WINDOW, prompt, tiny_model
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

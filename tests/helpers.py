@@ -1,0 +1,263 @@
+"""Helpers shared by the test modules: tiny models of each supported family (built in code), a capture
+backend that records every layer's query/key states, prompts and compressed prefills, reference logits
+of a full cache with evicted entries hidden, and an offline byte tokenizer + tiny LM for the eval tests."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+import torch
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
+                          Gemma3ForConditionalGeneration, Gemma3TextConfig, LlamaConfig,
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM,
+                          Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig,
+                          Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+import cakekv
+from cakekv import cache_kwargs, cache_of
+
+# Every supported family: (config class, model class, what its tiny config sets beyond the common sizes).
+# The contract tests run on each; README's "Supported models" table is generated from this list
+# (tests/test_families.py). The model types must stay equal to cakekv.patch.TESTED_MODEL_TYPES.
+SLIDING_WINDOW = 160  # tiny sliding-window families: longer than the contract tests' compressed prompts
+MOE = dict(num_experts_per_tok=2)
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=None)),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {}),
+    # fused qkv_proj
+    "phi3": (Phi3Config, Phi3ForCausalLM, dict(bos_token_id=1, eos_token_id=2)),
+    # alternating sliding / global layers, query pre-attention scalar != head_dim (scale != 1/sqrt(head_dim));
+    # the tiny configs leave logit soft-capping off (tests/test_families.py covers it)
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM, dict(query_pre_attn_scalar=32, sliding_window=SLIDING_WINDOW,
+                                                     attn_logit_softcapping=None)),
+    "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM, dict(query_pre_attn_scalar=32,
+                                                              sliding_window=SLIDING_WINDOW)),
+    # mixture-of-experts MLPs, attention as their dense siblings
+    "mixtral": (MixtralConfig, MixtralForCausalLM, dict(num_local_experts=4, sliding_window=None, **MOE)),
+    "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM, dict(num_experts=4, moe_intermediate_size=64,
+                                                             shared_expert_intermediate_size=64, **MOE)),
+    "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM, dict(num_experts=4, moe_intermediate_size=64, **MOE)),
+}
+# Composite (multimodal) models: (config class, model class, the FAMILIES entry of their text decoder).
+COMPOSITE = {
+    "gemma3": (Gemma3Config, Gemma3ForConditionalGeneration, "gemma3_text"),  # SigLIP vision tower
+}
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                   patch_size=14)
+# Families whose transformers classes have no SDPA path (logit soft-capping): tiny_model gives them eager.
+NO_SDPA = ("gemma2",)
+
+
+def layer_types(family: str, layers: int) -> list[str] | None:
+    """Gemma's pattern at tiny size: Gemma 2 alternates sliding and global layers, Gemma 3 has three
+    sliding layers per global one (five in the real models)."""
+    if family == "gemma2":
+        return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    if family == "gemma3_text":
+        return ["full_attention" if i % 4 == 3 else "sliding_attention" for i in range(layers)]
+    return None
+
+
+def tiny_model(family: str = "llama", kv_heads: int = 2, dtype=torch.float32, layers: int = 4,
+               attn: str = "sdpa", seed: int = 0, vocab: int = 128, **overrides):
+    """A tiny random model of `family` (FAMILIES or COMPOSITE); `overrides` replace fields of its (text)
+    config, e.g. sliding_window."""
+    composite = COMPOSITE.get(family)
+    text_family = composite[2] if composite else family
+    config_cls, model_cls, extra = FAMILIES[text_family]
+    if attn == "sdpa" and text_family in NO_SDPA:
+        attn = "eager"
+    kwargs = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=1024,
+                  head_dim=16, pad_token_id=0, **extra)
+    if layer_types(text_family, layers) is not None:
+        kwargs["layer_types"] = layer_types(text_family, layers)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    if composite:
+        config_cls, model_cls, _ = composite
+        config = config_cls(text_config=kwargs, vision_config=TINY_VISION, mm_tokens_per_image=4)
+        config._attn_implementation = attn
+    else:
+        config = config_cls(attn_implementation=attn, **kwargs)
+    model = model_cls(config).eval()
+    # Sharper-than-random attention so that scores are far from ties.
+    text = config.get_text_config(decoder=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "vision" in name:
+                continue
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(4.0)
+            elif name.endswith("qkv_proj.weight"):  # Phi-3: the query and key rows of the fused projection
+                p[: (text.num_attention_heads + text.num_key_value_heads) * text.head_dim].mul_(4.0)
+    return model.to(dtype)
+
+
+_CAPTURED: dict = {}
+
+
+def _capture_attention(module, query, key, value, attention_mask, **kwargs):
+    _CAPTURED[module.layer_idx] = (query[0].detach().clone(), key[0].detach().clone(),
+                                   value[0].detach().clone(), module.o_proj.weight.detach())
+    return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
+
+
+ALL_ATTENTION_FUNCTIONS.register("test_capture", _capture_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register("test_capture", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def capture_qkv(model, input_ids) -> list[tuple[torch.Tensor, ...]]:
+    """Per layer (q [H, n, D], k [Hkv, n, D], v [Hkv, n, D], o_proj weight) of a single unpadded
+    prompt, after RoPE."""
+    original = model.config._attn_implementation
+    model.config._attn_implementation = "test_capture"
+    try:
+        _CAPTURED.clear()
+        with torch.no_grad():
+            model(input_ids=input_ids, use_cache=False)
+        return [_CAPTURED[i] for i in range(model.config.num_hidden_layers)]
+    finally:
+        model.config._attn_implementation = original
+
+
+def capture_qk(model, input_ids) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (q [H, n, D], k [Hkv, n, D]) of a single unpadded prompt, after RoPE."""
+    return [(q, k) for q, k, _, _ in capture_qkv(model, input_ids)]
+
+
+@contextlib.contextmanager
+def per_layer_masks(model, masks: dict[int, torch.Tensor]):
+    """Run `model` with attention restricted by a per-layer boolean mask [B, H, q, k] (reference for
+    compressed continuation: full cache, evicted entries hidden)."""
+    def masked(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        groups = query.shape[1] // key.shape[1]
+        k = key.repeat_interleave(groups, 1)
+        v = value.repeat_interleave(groups, 1)
+        out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=masks[module.layer_idx].to(query.device),
+                                                               scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    ALL_ATTENTION_FUNCTIONS.register("test_masked", masked)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("test_masked", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    original = model.config._attn_implementation
+    model.config._attn_implementation = "test_masked"
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = original
+
+
+BUDGET, WINDOW = 40, 8
+
+
+def prompt(n, seed=0, vocab=128, batch=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab, (batch, n), generator=gen)
+
+
+def prefill(model, ids, method, **kw):
+    with cakekv.compress(model, method=method, budget=kw.pop("budget", BUDGET), window=kw.pop("window", WINDOW),
+                         **kw) as handle:
+        with torch.no_grad():
+            out = model(input_ids=ids, use_cache=True)
+    return out, handle
+
+
+def kept_prefix(layer, row=0):
+    """Per KV head: sorted positions of the kept entries before the window."""
+    window_start = layer.next_pos[row].item() - WINDOW
+    pos = layer.padded_pos()
+    return [sorted(p for p in pos[row, h].tolist() if 0 <= p < window_start)
+            for h in range(pos.shape[1])]
+
+
+def continuation_nll(model, ids, cont, method, chunked, **kw):
+    out, _ = prefill(model, ids, method, decode_evict=False, **kw)
+    cache = cache_of(out)
+    with cakekv.compress(model, method=method, budget=BUDGET, window=WINDOW, decode_evict=False, **kw):
+        with torch.no_grad():
+            if chunked:
+                logits = model(input_ids=cont, **cache_kwargs(model, cache), use_cache=True).logits
+            else:
+                logits = torch.cat([model(input_ids=cont[:, t:t + 1], **cache_kwargs(model, cache), use_cache=True).logits
+                                    for t in range(cont.shape[1])], 1)
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)
+    return -logp.gather(-1, cont[:, 1:, None]).mean().item(), out.logits
+
+
+def masked_full_cache_logits(model, ids, cont, cache):
+    """Reference for a compressed continuation: the uncompressed model run on `cont` after `ids`, with
+    exactly the entries `cache` evicted hidden, per layer and per KV head."""
+    n, q = ids.shape[1], cont.shape[1]
+    groups = model.config.num_attention_heads // model.config.num_key_value_heads
+    causal = torch.arange(n + q)[None, :] <= torch.arange(n, n + q)[:, None]
+    masks = {}
+    for i, layer in enumerate(cache.layers):
+        pos = layer.padded_pos()
+        kept = torch.zeros(pos.shape[1], n + q, dtype=torch.bool)
+        for h in range(pos.shape[1]):
+            kept[h, [p for p in pos[0, h].tolist() if p >= 0]] = True
+        kept[:, n:] = True
+        masks[i] = (kept[:, None, :] & causal[None]).repeat_interleave(groups, 0)[None]
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=True)
+        with per_layer_masks(model, masks):
+            return model(input_ids=cont, **cache_kwargs(model, cache_of(full)), use_cache=True).logits
+
+
+def left_padded(prompts, pad_id=0):
+    width = max(p.shape[1] for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - p.shape[1]:] = p[0]
+        mask[r, width - p.shape[1]:] = 1
+    return ids, mask
+
+
+# ------------------------------------------------------------------------------------------------
+# the eval tests: an offline byte-level tokenizer and a tiny random Llama
+# ------------------------------------------------------------------------------------------------
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|user|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def byte_tokenizer(chat_template: str | None = None):
+    """A byte-level tokenizer (one token per UTF-8 byte, exact round trip) with <pad>=0, <s>=1, </s>=2;
+    BOS is added in front."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                 clean_up_tokenization_spaces=False)
+    if chat_template:
+        hf.chat_template = chat_template
+    return hf
+
+
+def tiny_lm(vocab: int = 259, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=4096,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="sdpa")
+    return LlamaForCausalLM(config).eval()
+
+
+def eval_args(parser_fn, argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser_fn(parser)
+    return parser.parse_args(argv)
