@@ -19,6 +19,7 @@ class CompressionHandle:
         self.window = window
         self.method = method
         self.last_cache: CompressedCache | None = None
+        self.warned_replaced_cache = False  # an empty non-dynamic cache given to the model was replaced (warned)
         self._patch: Patch | None = Patch(model, self)
 
     def new_cache(self) -> CompressedCache:

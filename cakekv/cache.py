@@ -248,21 +248,16 @@ class CompressedLayer(CacheLayerMixin):
         self.values = self.values.index_select(0, src)
         self.pos_flat = torch.where(valid, self.pos_flat.index_select(0, src), -1)
 
-    def _padded_index(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """([B, Hkv, Cmax] flat slot of each padded slot (0 where past the segment), [B, Hkv, Cmax] valid)."""
+    def padded_pos(self) -> torch.Tensor:
+        """[B, Hkv, M] positions of the stored slots (-1 = empty), whatever the storage."""
+        if not self.ragged:
+            return self.pos
         b, h = self.batch_heads
         cmax = max(self.seg_caps)
         ar = torch.arange(cmax, device=self.device)
         valid = ar < self.seg_caps_t[:, None]
         idx = torch.where(valid, self.offsets[:-1, None] + ar, 0)
-        return idx.view(b, h, cmax), valid.view(b, h, cmax)
-
-    def padded_pos(self) -> torch.Tensor:
-        """[B, Hkv, M] positions of the stored slots (-1 = empty), whatever the storage."""
-        if not self.ragged:
-            return self.pos
-        idx, valid = self._padded_index()
-        return torch.where(valid, self.pos_flat[idx], -1)
+        return torch.where(valid, self.pos_flat[idx], -1).view(b, h, cmax)
 
     def stored_bytes(self) -> int:
         if self.ragged:

@@ -297,9 +297,9 @@ def cache_of(output):
 def _warn_replaced_cache(handle, past: Cache) -> None:
     """Once per handle: an empty cache of another kind (`generate(cache_implementation="static")` gives a
     StaticCache) is replaced by the compressed cache, which says so rather than ignoring it silently."""
-    if type(past) is DynamicCache or getattr(handle, "_warned_replaced_cache", False):
+    if type(past) is DynamicCache or handle.warned_replaced_cache:
         return
-    handle._warned_replaced_cache = True
+    handle.warned_replaced_cache = True
     warnings.warn(f"cakekv: the empty {type(past).__name__} given to the model is replaced by cakekv's "
                   "compressed cache (fixed-size after compression; on CUDA its decode steps replay as CUDA "
                   "graphs, what a static cache is for)", UserWarning, stacklevel=4)

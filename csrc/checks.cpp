@@ -55,12 +55,13 @@ void check_indices_in_range(const char* op, const at::Tensor& idx, int64_t n) {
 
 void check_offsets(const char* op, const at::Tensor& offsets, int64_t total) {
   const int64_t segs = offsets.size(0) - 1;
-  const auto ends = at::stack({offsets[0], offsets[segs]}).cpu();  // a sync on CUDA: see checks.h
-  const bool ordered = segs == 0 || offsets.slice(0, 1).ge(offsets.slice(0, 0, segs)).all().item<bool>();
-  TORCH_CHECK(ends[0].item<int64_t>() == 0, op, ": offsets[0] must be 0, got ", ends[0].item<int64_t>());
-  TORCH_CHECK(ordered, op, ": offsets must be non-decreasing");
-  TORCH_CHECK(ends[1].item<int64_t>() == total, op, ": offsets[-1] = ", ends[1].item<int64_t>(),
-              " must equal T = ", total);
+  const auto ordered = segs == 0 ? at::ones({}, offsets.options())
+                                 : offsets.slice(0, 1).ge(offsets.slice(0, 0, segs)).all().to(at::kLong);
+  const auto read = at::stack({offsets[0], offsets[segs], ordered}).cpu();  // one sync on CUDA: see checks.h
+  const int64_t first = read[0].item<int64_t>(), last = read[1].item<int64_t>();
+  TORCH_CHECK(first == 0, op, ": offsets[0] must be 0, got ", first);
+  TORCH_CHECK(read[2].item<int64_t>() == 1, op, ": offsets must be non-decreasing");
+  TORCH_CHECK(last == total, op, ": offsets[-1] = ", last, " must equal T = ", total);
 }
 
 void check_gather_kept_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx) {
