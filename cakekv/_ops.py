@@ -56,12 +56,13 @@ def _ragged_attention_fake(q, k, v, pos, offsets, q_pos, scale):
 
 
 @torch.library.register_fake("cakekv::append_entries")
-def _append_entries_fake(k, v, pos, offsets, new_k, new_v, q_pos):
+def _append_entries_fake(k, v, pos, offsets, new_k, new_v, q_pos, order):
     return None
 
 
 @torch.library.register_fake("cakekv::evict_lowest")
-def _evict_lowest_fake(q, k, pos, offsets, q_pos, over, scale, var_weight, protect, kernel_size, max_pool, n_evict):
+def _evict_lowest_fake(q, k, pos, order, offsets, q_pos, over, scale, var_weight, protect, kernel_size, max_pool,
+                       n_evict):
     return None
 
 
@@ -96,19 +97,32 @@ def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
 
 
 def append_entries(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, offsets: torch.Tensor, new_k: torch.Tensor,
-                   new_v: torch.Tensor, q_pos: torch.Tensor) -> None:
+                   new_v: torch.Tensor, q_pos: torch.Tensor, order: torch.Tensor | None = None) -> None:
     """In place: token i of segment s = b * Hkv + g (``new_k[b, g, i]``) goes to the i-th free slot
-    (pos < 0) of the segment's slots offsets[s] .. offsets[s+1] - 1, with position ``q_pos[b, i]``."""
-    _ops.append_entries(k, v, pos, offsets, new_k, new_v, q_pos)
+    (pos < 0) of the segment's slots offsets[s] .. offsets[s+1] - 1, with position ``q_pos[b, i]``; given the
+    segments' position ``order`` (see `position_order`), the new entries are listed at its end."""
+    _ops.append_entries(k, v, pos, offsets, new_k, new_v, q_pos, order)
 
 
-def evict_lowest(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, offsets: torch.Tensor, q_pos: torch.Tensor,
-                 over: torch.Tensor, scale: float, var_weight: float, protect: int, kernel_size: int, pooling: str,
-                 n_evict: int) -> None:
+def evict_lowest(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
+                 q_pos: torch.Tensor, over: torch.Tensor, scale: float, var_weight: float, protect: int,
+                 kernel_size: int, pooling: str, n_evict: int) -> None:
     """In place: each segment over its cap frees (pos = -1) its min(n_evict, over) entries of lowest pooled
     score mean_heads(mean + var_weight * var) of the current queries' attention, among entries at least
-    ``protect`` positions older than the newest query; ``over`` decreases accordingly (contract in csrc/register.cpp)."""
+    ``protect`` positions older than the newest query; they leave the position ``order``, and ``over`` decreases
+    accordingly (contract in csrc/register.cpp)."""
     if pooling not in ("avg", "max"):
         raise ValueError(f"pooling: must be 'avg' or 'max', got {pooling!r}")
-    _ops.evict_lowest(q, k, pos, offsets, q_pos, over, float(scale), float(var_weight), int(protect),
+    _ops.evict_lowest(q, k, pos, order, offsets, q_pos, over, float(scale), float(var_weight), int(protect),
                       int(kernel_size), pooling == "max", int(n_evict))
+
+
+def position_order(pos: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """int32 [T]: per segment, the slots (counted from the segment start) of its stored entries (pos >= 0) by
+    position, then its free slots. The decode ops keep it up to date; built once when eviction starts."""
+    segments = offsets.shape[0] - 1
+    seg = torch.repeat_interleave(torch.arange(segments, device=pos.device), offsets.diff(), output_size=pos.shape[0])
+    key = torch.where(pos < 0, torch.iinfo(torch.int64).max, pos)
+    by_position = torch.sort(key, stable=True).indices
+    perm = by_position[torch.sort(seg[by_position], stable=True).indices]  # grouped by segment, position order
+    return (perm - offsets[seg]).to(torch.int32)

@@ -59,6 +59,9 @@ class CompressedLayer(CacheLayerMixin):
         self.head_caps: list[list[int]] | None = None  # decode-time cap (None: no eviction)
         self.head_budgets: list[list[int] | None] = []  # entries given (None: row not compressed)
         self.over_t: torch.Tensor | None = None       # device mirror of head_counts - head_caps (decode)
+        # Per segment, the slots of the stored entries by position (int32, the storage's shape; see
+        # _ops.position_order); kept by the decode ops while decode-time eviction needs it, else None.
+        self.order: torch.Tensor | None = None
         self.step_evict = 0                           # entries the current step evicts per head (host)
         self.seen = 0                                 # logical length (padded prompt + appended)
         self.prefilling = False
@@ -134,7 +137,7 @@ class CompressedLayer(CacheLayerMixin):
         """Write the step's tokens into free slots, on the device only: the room was made and the host
         counters are kept by `prepare_step` / `finish_step`, so a step can be captured as a CUDA graph."""
         self._advance_positions(keys.shape[2])
-        _ops.append_entries(*self._segments(), keys, values, self.query_pos)
+        _ops.append_entries(*self._segments(), keys, values, self.query_pos, self._flat_order())
         return self.keys, self.values
 
     def _segments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -144,6 +147,26 @@ class CompressedLayer(CacheLayerMixin):
             return self.keys, self.values, self.pos_flat, self.offsets
         d = self.keys.shape[-1]
         return self.keys.view(-1, d), self.values.view(-1, d), self.pos.view(-1), self.offsets
+
+    def _flat_order(self) -> torch.Tensor | None:
+        return None if self.order is None else self.order.view(-1)
+
+    def _padded_offsets(self) -> torch.Tensor:
+        """Segment starts of the padded storage viewed flat (rebuilt only when its shape changes)."""
+        b, h, m = self.pos.shape
+        if self.offsets is None or self.offsets.shape[0] != b * h + 1 or self._padded_slots != m:
+            self.offsets = torch.arange(b * h + 1, device=self.pos.device) * m
+            self._padded_slots = m
+        return self.offsets
+
+    def start_position_order(self):
+        """Decode-time eviction reads each segment's entries in position order: built once here, then kept
+        by the decode ops."""
+        if not self.ragged:
+            self._padded_offsets()
+        _, _, pos, offsets = self._segments()
+        order = _ops.position_order(pos, offsets)
+        self.order = order if self.ragged else order.view(self.pos.shape)
 
     def _advance_positions(self, q: int):
         """The step's query positions (written in place) and the rows' next positions."""
@@ -178,10 +201,7 @@ class CompressedLayer(CacheLayerMixin):
             else:
                 self._ensure_room(max(counts) + reserve)
         if not self.ragged:
-            b, h, m = self.pos.shape
-            if self.offsets is None or self.offsets.shape[0] != b * h + 1 or self._padded_slots != m:
-                self.offsets = torch.arange(b * h + 1, device=self.pos.device) * m
-                self._padded_slots = m
+            self._padded_offsets()
         if self.query_pos is None or self.query_pos.shape[1] != q or self.query_pos._base is not None:
             self.query_pos = self.next_pos.new_empty(self.next_pos.shape[0], q)
         self.step_evict = 0
@@ -208,6 +228,8 @@ class CompressedLayer(CacheLayerMixin):
         self.keys = torch.cat([self.keys, self.keys.new_zeros(b, h, grow, d)], 2)
         self.values = torch.cat([self.values, self.values.new_zeros(b, h, grow, d)], 2)
         self.pos = torch.cat([self.pos, self.pos.new_full((b, h, grow), -1)], 2)
+        if self.order is not None:  # slots keep their numbers: the order stays exact
+            self.order = torch.cat([self.order, self.order.new_zeros(b, h, grow)], 2)
 
     # ---- ragged storage ------------------------------------------------------------------------
     def _segment_ids(self, caps_t: torch.Tensor, total: int) -> torch.Tensor:
@@ -247,6 +269,8 @@ class CompressedLayer(CacheLayerMixin):
         self.keys = self.keys.index_select(0, src)
         self.values = self.values.index_select(0, src)
         self.pos_flat = torch.where(valid, self.pos_flat.index_select(0, src), -1)
+        if self.order is not None:  # slots keep their numbers within their segment
+            self.order = torch.where(valid, self.order.index_select(0, src), 0)
 
     def padded_pos(self) -> torch.Tensor:
         """[B, Hkv, M] positions of the stored slots (-1 = empty), whatever the storage."""
@@ -260,9 +284,10 @@ class CompressedLayer(CacheLayerMixin):
         return torch.where(valid, self.pos_flat[idx], -1).view(b, h, cmax)
 
     def stored_bytes(self) -> int:
+        order = 0 if self.order is None else self.order.nbytes
         if self.ragged:
-            return self.keys.nbytes + self.values.nbytes + self.pos_flat.nbytes + self.offsets.nbytes
-        return self.keys.nbytes + self.values.nbytes + self.pos.nbytes
+            return self.keys.nbytes + self.values.nbytes + self.pos_flat.nbytes + self.offsets.nbytes + order
+        return self.keys.nbytes + self.values.nbytes + self.pos.nbytes + order
 
     def visibility(self) -> torch.Tensor:
         """[B, Hkv, q, M] bool: which stored entries each current query may attend to."""
@@ -310,7 +335,7 @@ class CompressedLayer(CacheLayerMixin):
             return
         keys, _, pos, offsets = self._segments()
         kernel_size, pooling = method.pooling
-        _ops.evict_lowest(query, keys, pos, offsets, self.query_pos, self.over_t, scale,
+        _ops.evict_lowest(query, keys, pos, self._flat_order(), offsets, self.query_pos, self.over_t, scale,
                           method.decode_variance_weight, self.cache.window, kernel_size, pooling, self.step_evict)
 
 
@@ -426,6 +451,8 @@ class CompressedCache(Cache):
                     and layer.keys.device.type in self.ragged_devices
                     and any(len(set(row)) > 1 for row in layer.head_counts)):
                 layer.to_ragged()
+            if layer.head_caps is not None:
+                layer.start_position_order()
         self.preferences = []
 
     def after_decode(self, layer_idx: int, query: torch.Tensor, scale: float) -> None:

@@ -112,9 +112,22 @@ void check_ragged_attention_args(const at::Tensor& q, const at::Tensor& k, const
               "ragged_attention: all inputs must be on one device");
 }
 
+namespace {
+
+// The position order of a segmented layer: contiguous int32 [T] (written in place) on pos's device.
+void check_order(const char* op, const at::Tensor& order, const at::Tensor& pos) {
+  TORCH_CHECK(order.dim() == 1 && order.size(0) == pos.size(0) && order.scalar_type() == at::kInt &&
+                  order.is_contiguous(),
+              op, ": order must be contiguous int32 [T] (it is written in place), got ", order.scalar_type(), " ",
+              order.sizes());
+  TORCH_CHECK(order.device() == pos.device(), op, ": all inputs must be on one device");
+}
+
+}  // namespace
+
 void check_append_entries_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
                                const at::Tensor& offsets, const at::Tensor& new_k, const at::Tensor& new_v,
-                               const at::Tensor& q_pos) {
+                               const at::Tensor& q_pos, const std::optional<at::Tensor>& order) {
   TORCH_CHECK(k.dim() == 2 && v.sizes() == k.sizes() && v.scalar_type() == k.scalar_type(),
               "append_entries: k and v must be [T, D] of one dtype, got ", k.sizes(), " and ", v.sizes());
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && pos.is_contiguous(),
@@ -134,11 +147,12 @@ void check_append_entries_args(const at::Tensor& k, const at::Tensor& v, const a
   TORCH_CHECK(k.device() == v.device() && k.device() == pos.device() && k.device() == offsets.device() &&
                   k.device() == new_k.device() && k.device() == new_v.device() && k.device() == q_pos.device(),
               "append_entries: all inputs must be on one device");
+  if (order) check_order("append_entries", *order, pos);
 }
 
 void check_evict_lowest_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
-                             const at::Tensor& offsets, const at::Tensor& q_pos, const at::Tensor& over,
-                             int64_t kernel_size, int64_t n_evict) {
+                             const at::Tensor& order, const at::Tensor& offsets, const at::Tensor& q_pos,
+                             const at::Tensor& over, int64_t kernel_size, int64_t n_evict) {
   TORCH_CHECK(q.dim() == 4, "evict_lowest: q must be [B, H, Q, D], got ", q.sizes());
   TORCH_CHECK(k.dim() == 2 && k.size(1) == q.size(3) && k.scalar_type() == q.scalar_type(),
               "evict_lowest: k must be [T, D] with q's head dim and dtype, got ", k.sizes());
@@ -161,6 +175,7 @@ void check_evict_lowest_args(const at::Tensor& q, const at::Tensor& k, const at:
   TORCH_CHECK(q.device() == k.device() && q.device() == pos.device() && q.device() == offsets.device() &&
                   q.device() == q_pos.device() && q.device() == over.device(),
               "evict_lowest: all inputs must be on one device");
+  check_order("evict_lowest", order, pos);
 }
 
 }  // namespace cakekv

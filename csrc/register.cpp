@@ -76,6 +76,9 @@ TORCH_LIBRARY(cakekv, m) {
   // Decode-time ops over a layer seen as segments: segment s = b * Hkv + g (row b, kv head g) holds the
   // entries offsets[s] .. offsets[s+1] - 1 of flat k, v [T, D] and pos [T] (-1 = free slot). The ragged
   // layout is this; the padded layout [B, Hkv, M, D] is it too, viewed flat with offsets = M * arange(S + 1).
+  // The position order of a segment (`order`, int32 [T]): order[offsets[s] + r] for r < V_s, V_s the entries
+  // of s with pos >= 0, is the slot (counted from offsets[s]) of the entry of rank r by position; what follows
+  // is unspecified. Both ops keep it exact when it is exact on entry.
   //
   // append_entries — write the Q new tokens of every segment into its first Q free slots, in place
   //   k, v    [T, D]          (mutated)
@@ -83,14 +86,17 @@ TORCH_LIBRARY(cakekv, m) {
   //   offsets [B*Hkv + 1]     int64 segment starts
   //   new_k, new_v [B, Hkv, Q, D]  same dtype as k
   //   q_pos   [B, Q] int64    position of each new token
+  //   order   [T] int32 or None (mutated: the new entries are listed after the V_s stored ones)
   // Token i of segment s goes to the i-th free slot of s in slot order. A segment with fewer than Q free
-  // slots is an error (the caller makes room first): CPU raises, CUDA asserts on the device.
+  // slots is an error (the caller makes room first): CPU raises, CUDA asserts on the device. The new
+  // positions must follow every stored one (they do in decoding), so that they extend the position order.
   m.def("append_entries(Tensor(a!) k, Tensor(b!) v, Tensor(c!) pos, Tensor offsets, Tensor new_k, Tensor new_v, "
-        "Tensor q_pos) -> ()");
+        "Tensor q_pos, Tensor(d!)? order) -> ()");
 
   // evict_lowest — decode-time eviction: per segment, free the entries the current queries value least
   //   q        [B, H, Q, D]   current queries (after RoPE), same dtype as k; H % Hkv == 0
   //   k        [T, D], pos [T] int64 (mutated: evicted entries get -1), offsets [B*Hkv + 1] as above
+  //   order    [T] int32      the exact position order (mutated: evicted entries leave it)
   //   q_pos    [B, Q] int64   positions of the current queries
   //   over     [B, Hkv] int64 (mutated) entries each segment holds above its cap; decreases by what is evicted
   //   scale, var_weight (w), protect (P), kernel_size (K, odd >= 1), max_pool, n_evict (E >= 0)
@@ -100,6 +106,6 @@ TORCH_LIBRARY(cakekv, m) {
   // position order; pooled = the K-wide average (zero padded, divided by K) or maximum of the candidates'
   // scores, centred. The min(E, over[b,g]) candidates with the lowest pooled score (ties: earlier position)
   // get pos = -1, and over[b,g] decreases by their number.
-  m.def("evict_lowest(Tensor q, Tensor k, Tensor(a!) pos, Tensor offsets, Tensor q_pos, Tensor(b!) over, "
-        "float scale, float var_weight, int protect, int kernel_size, bool max_pool, int n_evict) -> ()");
+  m.def("evict_lowest(Tensor q, Tensor k, Tensor(a!) pos, Tensor(b!) order, Tensor offsets, Tensor q_pos, "
+        "Tensor(c!) over, float scale, float var_weight, int protect, int kernel_size, bool max_pool, int n_evict) -> ()");
 }

@@ -142,7 +142,9 @@ def test_memory_is_freed_and_stats_add_up():
     assert len(stats) == model.config.num_hidden_layers
     for layer, s in zip(cache_of(out).layers, stats):
         assert layer.keys.shape[2] == s["kept"][0] == s["budget"][0]
-        assert s["bytes_after"] == layer.keys.nbytes + layer.values.nbytes + layer.pos.nbytes
+        # K, V, positions and the position order decode-time eviction keeps (int32 per slot)
+        assert layer.order.shape == layer.pos.shape and layer.order.dtype == torch.int32
+        assert s["bytes_after"] == layer.keys.nbytes + layer.values.nbytes + layer.pos.nbytes + layer.order.nbytes
         assert s["bytes_before"] == 2 * 2 * 300 * 16 * 4
         assert s["bytes_after"] < s["bytes_before"] / 3
         assert s["bytes_kept"] == 2 * s["kept"][0] * 2 * 16 * 4  # kv heads x entries x K and V x D x fp32

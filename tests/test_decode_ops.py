@@ -1,7 +1,8 @@
 """The decode-time ops over a layer's segments (append_entries, evict_lowest) against the plain-PyTorch
 references in reference.py: random cases in both layouts (padded: equal segments; ragged: unequal ones),
 storage order shuffled so that slot order is not position order, free slots inside segments, several
-queries (the variance term), both poolings; attention of the shipped trained model; opcheck; errors."""
+queries (the variance term), both poolings; attention of the shipped trained model; the position order the
+ops keep (exact after every append and eviction of a long run); opcheck; errors."""
 from __future__ import annotations
 
 import math
@@ -64,6 +65,15 @@ def assert_same_eviction(got_pos, want_pos, pooled_by_slot, offsets, rel_tol=1e-
                 f"segment {s}: slot {t} differs from the reference eviction")
 
 
+def assert_exact_order(order, pos, offsets):
+    """`order` lists each segment's stored entries by position (its tail, past them, is unspecified)."""
+    order, pos = order.cpu(), pos.cpu()
+    for s in range(offsets.numel() - 1):
+        lo, hi = int(offsets[s]), int(offsets[s + 1])
+        stored = sorted((int(pos[t]), t - lo) for t in range(lo, hi) if pos[t] >= 0)
+        assert order[lo:lo + len(stored)].tolist() == [slot for _, slot in stored], f"segment {s}: order not exact"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("ragged", [False, True])
@@ -75,9 +85,11 @@ def test_append_entries_matches_reference(device, dtype, ragged, q_len):
     want = [k.clone(), v.clone(), pos.clone()]
     ref.append_entries(*want, offsets, new_k, new_v, q_pos)
     got = list(on(device, k, v, pos))
-    ops.append_entries(*got, *on(device, offsets, new_k, new_v, q_pos))
+    order = on(device, ops.position_order(pos, offsets))[0]
+    ops.append_entries(*got, *on(device, offsets, new_k, new_v, q_pos), order)
     for g, w in zip(got, want):
         assert torch.equal(g.cpu(), w)
+    assert_exact_order(order, got[2], offsets)
 
 
 def test_append_entries_refuses_a_full_segment():
@@ -99,10 +111,12 @@ def test_evict_lowest_matches_reference(device, dtype, ragged, q_len, var_weight
     pooled = ref.evict_lowest(q, k, want_pos, offsets, q_pos, want_over, 0.25, var_weight, 4, kernel, pooling,
                               n_evict)
     got_pos, got_over = on(device, pos.clone(), over.clone())
-    ops.evict_lowest(*on(device, q, k), got_pos, *on(device, offsets, q_pos), got_over, 0.25, var_weight, 4,
+    order = on(device, ops.position_order(pos, offsets))[0]
+    ops.evict_lowest(*on(device, q, k), got_pos, order, *on(device, offsets, q_pos), got_over, 0.25, var_weight, 4,
                      kernel, pooling, n_evict)
     assert torch.equal(got_over.cpu(), want_over) and want_over.tolist() == [[0, 0], [2, -1]]
     assert_same_eviction(got_pos, want_pos, pooled, offsets)
+    assert_exact_order(order, got_pos, offsets)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -110,7 +124,9 @@ def test_evict_lowest_protects_the_window_and_stops_at_the_candidates(device):
     q, k, v, pos, offsets, q_pos = segment_case(B=1, Hkv=1, ragged=False, length=10, free=0)
     over = torch.tensor([[50]])
     got_pos, got_over = on(device, pos.clone(), over)
-    ops.evict_lowest(*on(device, q, k), got_pos, *on(device, offsets, q_pos), got_over, 0.25, 0.0, 4, 5, "avg", 50)
+    order = on(device, ops.position_order(pos, offsets))[0]
+    ops.evict_lowest(*on(device, q, k), got_pos, order, *on(device, offsets, q_pos), got_over, 0.25, 0.0, 4, 5, "avg",
+                     50)
     # positions 0..9, queries at 10: candidates are positions <= 6; all go, the last 4 stay
     assert sorted(p for p in got_pos.tolist() if p >= 0) == [7, 8, 9]
     assert got_over.item() == 50 - 7
@@ -138,31 +154,73 @@ def test_evict_lowest_on_trained_model_attention(device, q_len):
         want_pos, want_over = pos.clone(), over.clone()
         pooled = ref.evict_lowest(q, k, want_pos, offsets, q_pos, want_over, scale, 200.0, 8, 5, "avg", 6)
         got_pos, got_over = on(device, pos.clone(), over.clone())
-        ops.evict_lowest(*on(device, q, k), got_pos, *on(device, offsets, q_pos), got_over, scale, 200.0, 8, 5,
-                         "avg", 6)
+        order = on(device, ops.position_order(pos, offsets))[0]
+        ops.evict_lowest(*on(device, q, k), got_pos, order, *on(device, offsets, q_pos), got_over, scale, 200.0, 8,
+                         5, "avg", 6)
         assert torch.equal(got_over.cpu(), want_over)
         assert_same_eviction(got_pos, want_pos, pooled, offsets)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ragged", [False, True])
+@pytest.mark.parametrize("q_len", [1, 2])
+def test_append_and_evict_over_many_steps_match_the_reference(device, ragged, q_len):
+    """A decode run: every step appends q_len tokens and evicts down to the cap (segments of 130+ entries, so
+    that the CUDA select kernel's chunked scans and the scoring blocks' pieces cross their boundaries). The
+    reference reads positions, the ops read the order they keep: the evictions must agree at every step."""
+    q, k, v, pos, offsets, q_pos = segment_case(B=2, Hkv=2, Q=q_len, ragged=ragged, length=1200, free=q_len,
+                                                seed=11)
+    g = torch.Generator().manual_seed(5)
+    over = torch.zeros(2, 2, dtype=torch.long)
+    want = [k.clone(), v.clone(), pos.clone(), over.clone()]
+    got = list(on(device, k, v, pos, over))
+    order = on(device, ops.position_order(pos, offsets))[0]
+    off_d = on(device, offsets)[0]
+    for step in range(12):
+        new_k, new_v = torch.randn(2, 2, q_len, 16, generator=g), torch.randn(2, 2, q_len, 16, generator=g)
+        q = 3 * torch.randn(2, 4, q_len, 16, generator=g)
+        step_pos = q_pos + step * q_len
+        ref.append_entries(want[0], want[1], want[2], offsets, new_k, new_v, step_pos)
+        ops.append_entries(got[0], got[1], got[2], off_d, *on(device, new_k, new_v, step_pos), order)
+        want[3] += q_len
+        got[3] += q_len
+        pooled = ref.evict_lowest(q, want[0], want[2], offsets, step_pos, want[3], 0.25, 200.0, 3, 5, "avg", q_len)
+        ops.evict_lowest(*on(device, q), got[0], got[2], order, off_d, *on(device, step_pos), got[3], 0.25, 200.0, 3,
+                         5, "avg", q_len)
+        assert torch.equal(got[3].cpu(), want[3])
+        assert_same_eviction(got[2], want[2], pooled, offsets)
+        assert_exact_order(order, got[2], offsets)
+        want = [t.cpu().clone() for t in got]  # a tie resolved otherwise within tolerance must not diverge later
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     q, k, v, pos, offsets, q_pos = segment_case(Q=2, seed=9)
     new = torch.randn(2, 2, 2, 16)
+    order = ops.position_order(pos, offsets)
     torch.library.opcheck(torch.ops.cakekv.append_entries.default,
-                          on(device, k, v, pos, offsets, new, new.clone(), q_pos))
+                          on(device, k, v, pos, offsets, new, new.clone(), q_pos, order))
+    torch.library.opcheck(torch.ops.cakekv.append_entries.default,
+                          (*on(device, k, v, pos, offsets, new, new.clone(), q_pos), None))
     torch.library.opcheck(torch.ops.cakekv.evict_lowest.default,
-                          (*on(device, q, k, pos, offsets, q_pos, torch.tensor([[1, 2], [0, 3]])),
+                          (*on(device, q, k, pos, order, offsets, q_pos, torch.tensor([[1, 2], [0, 3]])),
                            0.25, 200.0, 4, 5, False, 2))
 
 
 def test_evict_lowest_refuses_bad_arguments():
     q, k, v, pos, offsets, q_pos = segment_case()
     over = torch.ones(2, 2, dtype=torch.long)
+    order = ops.position_order(pos, offsets)
     with pytest.raises(RuntimeError, match="evict_lowest: kernel_size must be odd"):
-        ops.evict_lowest(q, k, pos, offsets, q_pos, over, 0.25, 0.0, 4, 4, "avg", 1)
+        ops.evict_lowest(q, k, pos, order, offsets, q_pos, over, 0.25, 0.0, 4, 4, "avg", 1)
     with pytest.raises(RuntimeError, match="evict_lowest: over must be contiguous int64"):
-        ops.evict_lowest(q, k, pos, offsets, q_pos, over.int(), 0.25, 0.0, 4, 5, "avg", 1)
+        ops.evict_lowest(q, k, pos, order, offsets, q_pos, over.int(), 0.25, 0.0, 4, 5, "avg", 1)
     with pytest.raises(RuntimeError, match="evict_lowest: k must be"):
-        ops.evict_lowest(q, k.double(), pos, offsets, q_pos, over, 0.25, 0.0, 4, 5, "avg", 1)
+        ops.evict_lowest(q, k.double(), pos, order, offsets, q_pos, over, 0.25, 0.0, 4, 5, "avg", 1)
+    with pytest.raises(RuntimeError, match="evict_lowest: order must be contiguous int32"):
+        ops.evict_lowest(q, k, pos, order.long(), offsets, q_pos, over, 0.25, 0.0, 4, 5, "avg", 1)
+    with pytest.raises(RuntimeError, match="append_entries: order must be contiguous int32"):
+        ops.append_entries(k, v, pos, offsets, torch.zeros(2, 2, 1, 16), torch.zeros(2, 2, 1, 16), q_pos[:, :1],
+                           order[:-1])
     with pytest.raises(ValueError, match="pooling"):
-        ops.evict_lowest(q, k, pos, offsets, q_pos, over, 0.25, 0.0, 4, 5, "median", 1)
+        ops.evict_lowest(q, k, pos, order, offsets, q_pos, over, 0.25, 0.0, 4, 5, "median", 1)

@@ -1,6 +1,7 @@
 // CPU kernels of the segment layout (contracts in register.cpp): gather_ragged (one copy per kept K and V row),
 // ragged_attention (per segment ATen math in fp32: the G*Q queries of one kv head against its entries),
-// append_entries (first free slots, one row copy per token) and evict_lowest (plain loops in fp32).
+// append_entries (first free slots, one row copy per token) and evict_lowest (plain loops in fp32; candidates
+// and pooling neighbours read from the position order, like the CUDA kernel).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -84,8 +85,9 @@ at::Tensor ragged_attention(const at::Tensor& q, const at::Tensor& k, const at::
 }
 
 void append_entries(const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos, const at::Tensor& offsets,
-                    const at::Tensor& new_k, const at::Tensor& new_v, const at::Tensor& q_pos) {
-  check_append_entries_args(k, v, pos, offsets, new_k, new_v, q_pos);
+                    const at::Tensor& new_k, const at::Tensor& new_v, const at::Tensor& q_pos,
+                    const std::optional<at::Tensor>& order) {
+  check_append_entries_args(k, v, pos, offsets, new_k, new_v, q_pos, order);
   const int64_t B = new_k.size(0), Hkv = new_k.size(1), Q = new_k.size(2), D = new_k.size(3);
   const auto oc = checked_offsets(offsets, k.size(0), "append_entries");
   const int64_t* o = oc.data_ptr<int64_t>();
@@ -97,24 +99,31 @@ void append_entries(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
   auto* vd = static_cast<char*>(v.data_ptr());
   const auto* ks = static_cast<const char*>(nk.data_ptr());
   const auto* vs = static_cast<const char*>(nv.data_ptr());
+  int32_t* ord = order ? order->data_ptr<int32_t>() : nullptr;
   for (int64_t s = 0; s < B * Hkv; ++s) {
     const int64_t b = s / Hkv;
-    int64_t taken = 0;
-    for (int64_t t = o[s]; t < o[s + 1] && taken < Q; ++t) {
-      if (p[t] >= 0) continue;
-      std::memcpy(kd + t * row_bytes, ks + (s * Q + taken) * row_bytes, row_bytes);
-      std::memcpy(vd + t * row_bytes, vs + (s * Q + taken) * row_bytes, row_bytes);
-      p[t] = qpp[b * Q + taken];
-      ++taken;
+    std::vector<int64_t> free;
+    int64_t valid = 0;
+    for (int64_t t = o[s]; t < o[s + 1]; ++t) {
+      if (p[t] >= 0) ++valid;
+      else if (static_cast<int64_t>(free.size()) < Q) free.push_back(t);
     }
-    TORCH_CHECK(taken == Q, "append_entries: segment ", s, " has ", taken, " free slots for ", Q, " tokens");
+    TORCH_CHECK(static_cast<int64_t>(free.size()) == Q, "append_entries: segment ", s, " has ", free.size(),
+                " free slots for ", Q, " tokens");
+    for (int64_t r = 0; r < Q; ++r) {
+      const int64_t t = free[r];
+      std::memcpy(kd + t * row_bytes, ks + (s * Q + r) * row_bytes, row_bytes);
+      std::memcpy(vd + t * row_bytes, vs + (s * Q + r) * row_bytes, row_bytes);
+      p[t] = qpp[b * Q + r];
+      if (ord != nullptr) ord[o[s] + valid + r] = static_cast<int32_t>(t - o[s]);  // newest positions last
+    }
   }
 }
 
-void evict_lowest(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos, const at::Tensor& offsets,
-                  const at::Tensor& q_pos, const at::Tensor& over, double scale, double var_weight, int64_t protect,
-                  int64_t kernel_size, bool max_pool, int64_t n_evict) {
-  check_evict_lowest_args(q, k, pos, offsets, q_pos, over, kernel_size, n_evict);
+void evict_lowest(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos, const at::Tensor& order,
+                  const at::Tensor& offsets, const at::Tensor& q_pos, const at::Tensor& over, double scale,
+                  double var_weight, int64_t protect, int64_t kernel_size, bool max_pool, int64_t n_evict) {
+  check_evict_lowest_args(q, k, pos, order, offsets, q_pos, over, kernel_size, n_evict);
   const int64_t B = q.size(0), H = q.size(1), Q = q.size(2), D = q.size(3);
   const int64_t segs = offsets.size(0) - 1, Hkv = segs / B, G = H / Hkv, half = kernel_size / 2;
   const auto oc = checked_offsets(offsets, k.size(0), "evict_lowest");
@@ -126,6 +135,7 @@ void evict_lowest(const at::Tensor& q, const at::Tensor& k, const at::Tensor& po
   const int64_t* qpp = qp.data_ptr<int64_t>();
   int64_t* p = pos.data_ptr<int64_t>();
   int64_t* ov = over.data_ptr<int64_t>();
+  int32_t* ord = order.data_ptr<int32_t>();
   at::parallel_for(0, segs, 1, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
       const int64_t b = s / Hkv, g = s % Hkv, lo = o[s], n = o[s + 1] - lo;
@@ -164,21 +174,21 @@ void evict_lowest(const at::Tensor& q, const at::Tensor& k, const at::Tensor& po
           score[t] += mean[t] + static_cast<float>(var_weight) * var;
         }
       }
-      // Candidates in position order, pooled, then the lowest pooled scores (ties: earlier position).
-      const int64_t newest = qpp[b * Q + Q - 1];
-      std::vector<int64_t> cand;
+      // Candidates: the first entries of the position order; pooled, then the lowest pooled scores go (ties:
+      // earlier position), and the freed entries leave the order.
+      const int64_t limit = qpp[b * Q + Q - 1] - protect;
+      int64_t valid = 0, nc = 0;
       for (int64_t t = 0; t < n; ++t) {
-        const int64_t pt = p[lo + t];
-        if (pt >= 0 && pt <= newest - protect) cand.push_back(t);
+        valid += p[lo + t] >= 0;
+        nc += p[lo + t] >= 0 && p[lo + t] <= limit;
       }
-      std::sort(cand.begin(), cand.end(), [&](int64_t a, int64_t c) { return p[lo + a] < p[lo + c]; });
-      const int64_t nc = static_cast<int64_t>(cand.size());
+      int32_t* seg_order = ord + lo;
       std::vector<float> pooled(nc);
       for (int64_t r = 0; r < nc; ++r) {
         float acc = max_pool ? -std::numeric_limits<float>::infinity() : 0.f;
         for (int64_t x = r - half; x <= r + half; ++x) {
           if (x < 0 || x >= nc) continue;
-          const float val = score[cand[x]] / static_cast<float>(G);
+          const float val = score[seg_order[x]] / static_cast<float>(G);
           acc = max_pool ? std::max(acc, val) : acc + val;
         }
         pooled[r] = max_pool ? acc : acc / static_cast<float>(kernel_size);
@@ -187,7 +197,13 @@ void evict_lowest(const at::Tensor& q, const at::Tensor& k, const at::Tensor& po
       std::iota(ranked.begin(), ranked.end(), 0);
       std::stable_sort(ranked.begin(), ranked.end(), [&](int64_t a, int64_t c) { return pooled[a] < pooled[c]; });
       const int64_t drop = std::min({n_evict, ov[s], nc});
-      for (int64_t r = 0; r < drop; ++r) p[lo + cand[ranked[r]]] = -1;
+      std::vector<bool> chosen(nc, false);
+      for (int64_t r = 0; r < drop; ++r) chosen[ranked[r]] = true;
+      int64_t kept = 0;
+      for (int64_t r = 0; r < valid; ++r) {
+        if (r < nc && chosen[r]) p[lo + seg_order[r]] = -1;
+        else seg_order[kept++] = seg_order[r];
+      }
       ov[s] -= drop;
     }
   });

@@ -12,13 +12,7 @@
 // the splits' (max, sum, accumulator) of every row.
 //
 // append_entries: one block per segment finds its first Q free slots (warp ballots, in slot order) and
-// copies the tokens there.
-//
-// evict_lowest: one block per segment. Scores: a warp per entry computes its logits against the rows
-// (query tile in shared memory): first the rows' softmax max and sum (block reductions), then the
-// probabilities, reduced per head (Welford over queries) into the entry's score. Position order and the
-// lowest pooled scores are ranks found by counting against tiles staged in shared memory (O(n^2 / threads),
-// no sort); per-entry intermediates live in a global workspace.
+// copies the tokens there; given the position order, it lists the new entries at its end.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -27,28 +21,15 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "segments.cuh"
 
 namespace cakekv::cuda {
 
 namespace {
-
-constexpr int kWarps = 4;
-constexpr int kMaxPerLane = 8;  // head dim up to 32 * 8 = 256
-
-__device__ __forceinline__ int64_t segment_of(const int64_t* __restrict__ offsets, int64_t segs, int64_t t) {
-  // Last s with offsets[s] <= t (empty segments share a start; the entry belongs to the non-empty one).
-  int64_t lo = 0, hi = segs - 1;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi + 1) / 2;
-    if (offsets[mid] <= t) lo = mid; else hi = mid - 1;
-  }
-  return lo;
-}
 
 template <typename scalar_t>
 __global__ void gather_ragged_kernel(const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
@@ -66,40 +47,10 @@ __global__ void gather_ragged_kernel(const scalar_t* __restrict__ k, const scala
   }
 }
 
-// One key row in registers, spread over the lanes of a warp (lane holds dims lane, lane + 32, ...): loads
-// are coalesced, a warp reads one row.
-template <typename scalar_t>
-__device__ __forceinline__ void load_row(const scalar_t* row, int64_t D, int lane, float (&out)[kMaxPerLane]) {
-#pragma unroll
-  for (int c = 0; c < kMaxPerLane; ++c) {
-    const int64_t d = lane + 32 * c;
-    out[c] = d < D ? static_cast<float>(row[d]) : 0.f;
-  }
-}
-
-// q_row · (the row in `kv`), summed over the warp: every lane returns the dot product.
-__device__ __forceinline__ float warp_dot(const float* q_row, const float (&kv)[kMaxPerLane], int64_t D, int lane) {
-  float dot = 0.f;
-#pragma unroll
-  for (int c = 0; c < kMaxPerLane; ++c) {
-    const int64_t d = lane + 32 * c;
-    if (d < D) dot += q_row[d] * kv[c];
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-  return dot;
-}
-
 constexpr int kAttnRows = 8;     // query rows per ragged_attention block
 constexpr int kChunk = 64;       // entries scored per step by a ragged_attention block
 constexpr int kAttnThreads = 128;
 constexpr int kMaxDimSlots = (32 * kMaxPerLane + kAttnThreads - 1) / kAttnThreads;  // head dims per thread
-
-// Query row r (of G*Q) of segment (b, g) is query i = r % Q of head h = g * G + r / Q.
-__device__ __forceinline__ int64_t query_row_offset(int64_t b, int64_t g, int64_t r, int64_t H, int64_t G,
-                                                    int64_t Q, int64_t D) {
-  return ((b * H + g * G + r / Q) * Q + r % Q) * D;
-}
 
 template <typename scalar_t>
 __global__ void ragged_attention_partial_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
@@ -237,8 +188,10 @@ template <typename scalar_t>
 __global__ void append_entries_kernel(scalar_t* __restrict__ k, scalar_t* __restrict__ v, int64_t* __restrict__ pos,
                                       const int64_t* __restrict__ offsets, const scalar_t* __restrict__ new_k,
                                       const scalar_t* __restrict__ new_v, const int64_t* __restrict__ q_pos,
-                                      int64_t* __restrict__ slots, int64_t Hkv, int64_t Q, int64_t D) {
+                                      int32_t* __restrict__ order, int64_t* __restrict__ slots, int64_t Hkv,
+                                      int64_t Q, int64_t D) {
   __shared__ int warp_free[kAppendThreads / 32];
+  __shared__ int scratch[33];
   __shared__ int64_t taken_s;
   const int64_t seg = blockIdx.x, b = seg / Hkv, lo = offsets[seg], hi = offsets[seg + 1];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -265,196 +218,22 @@ __global__ void append_entries_kernel(scalar_t* __restrict__ k, scalar_t* __rest
     __syncthreads();
   }
   CUDA_KERNEL_ASSERT(taken_s >= Q && "append_entries: a segment has fewer free slots than new tokens");
+  int valid = 0;  // entries stored before this append: the length of the position order
+  if (order != nullptr) {
+    int mine = 0;
+    for (int64_t t = lo + threadIdx.x; t < hi; t += kAppendThreads) mine += pos[t] >= 0;
+    block_exclusive_scan(mine, scratch, valid);  // ends with a barrier: pos is read before it is written
+  }
   __syncthreads();
   for (int64_t x = threadIdx.x; x < Q * D; x += kAppendThreads) {
     const int64_t r = x / D, d = x % D, t = seg_slots[r];
     k[t * D + d] = new_k[(seg * Q + r) * D + d];
     v[t * D + d] = new_v[(seg * Q + r) * D + d];
   }
-  for (int64_t r = threadIdx.x; r < Q; r += kAppendThreads) pos[seg_slots[r]] = q_pos[b * Q + r];
-}
-
-constexpr int kEvictThreads = 1024;
-constexpr int kEvictWarps = kEvictThreads / 32;
-constexpr int kEvictRows = 8;    // query rows staged at a time
-constexpr int kRankTile = 1024;  // entries staged per counting step
-
-// Online-softmax merge of (m, l) pairs.
-__device__ __forceinline__ void merge_max_sum(float& m, float& l, float m2, float l2) {
-  const float mx = fmaxf(m, m2);
-  if (mx == -INFINITY) return;
-  l = (m == -INFINITY ? 0.f : l * expf(m - mx)) + (m2 == -INFINITY ? 0.f : l2 * expf(m2 - mx));
-  m = mx;
-}
-
-// Exclusive count, for each of this thread's entries, of the entries u of the segment that come first in
-// `before(u, t)`: tiles of the segment's keys are staged in shared memory and compared by every thread.
-template <typename Key, typename Less>
-__device__ void count_before(int64_t lo, int64_t n, const Key* keys, Key* tile, int32_t* counts, Less before) {
-  constexpr int kMine = 2;  // entries per thread per round: one round for segments up to 2048 entries
-  for (int64_t round = 0; round < n; round += int64_t(kMine) * kEvictThreads) {
-    Key me[kMine];
-    int32_t count[kMine];
-#pragma unroll
-    for (int j = 0; j < kMine; ++j) {
-      const int64_t mine = round + j * kEvictThreads + threadIdx.x;
-      if (mine < n) me[j] = keys[lo + mine];
-      count[j] = 0;
-    }
-    for (int64_t base = 0; base < n; base += kRankTile) {
-      const int len = int(std::min<int64_t>(kRankTile, n - base));
-      __syncthreads();
-      for (int x = threadIdx.x; x < len; x += kEvictThreads) tile[x] = keys[lo + base + x];
-      __syncthreads();
-      for (int x = 0; x < len; ++x) {
-        const Key u = tile[x];
-#pragma unroll
-        for (int j = 0; j < kMine; ++j) count[j] += before(u, me[j]) ? 1 : 0;
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < kMine; ++j) {
-      const int64_t mine = round + j * kEvictThreads + threadIdx.x;
-      if (mine < n) counts[lo + mine] = count[j];
-    }
+  for (int64_t r = threadIdx.x; r < Q; r += kAppendThreads) {
+    pos[seg_slots[r]] = q_pos[b * Q + r];
+    if (order != nullptr) order[lo + valid + r] = int32_t(seg_slots[r] - lo);  // the newest positions come last
   }
-}
-
-// Position of a candidate (int64 max for the others, which never come before a candidate).
-struct PosKey {
-  int64_t pos;
-};
-// Pooled score of a candidate and its position (ties: earlier position); +inf for the others.
-struct PooledKey {
-  float pooled;
-  int64_t pos;
-};
-
-template <typename scalar_t>
-__global__ void __launch_bounds__(kEvictThreads) evict_lowest_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
-                                    int64_t* __restrict__ pos, const int64_t* __restrict__ offsets,
-                                    const int64_t* __restrict__ q_pos, int64_t* __restrict__ over,
-                                    float* __restrict__ score, float* __restrict__ mean, float* __restrict__ m2,
-                                    PosKey* __restrict__ pos_key, PooledKey* __restrict__ pooled_key,
-                                    int32_t* __restrict__ rank, int32_t* __restrict__ by_rank, int64_t H,
-                                    int64_t Q, int64_t D, int64_t Hkv, float scale, float var_weight,
-                                    int64_t protect, int half, bool max_pool, int64_t n_evict) {
-  extern __shared__ float smem[];
-  float* q_s = smem;                                   // [kEvictRows, D]
-  __shared__ float red_m[kEvictThreads / 32][kEvictRows], red_l[kEvictThreads / 32][kEvictRows];
-  __shared__ float row_m[kEvictRows], row_inv[kEvictRows];
-  __shared__ int ncand_s;
-  const int64_t seg = blockIdx.x, b = seg / Hkv, g = seg % Hkv, G = H / Hkv, rows = G * Q;
-  const int64_t lo = offsets[seg], n = offsets[seg + 1] - lo;
-  if (over[seg] <= 0 || n == 0) return;  // uniform over the block
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t newest = q_pos[b * Q + Q - 1];
-
-  // 1. score[t] = sum over heads j of (mean_i A + w * var_i A), Welford over the queries i of head j.
-  for (int64_t r0 = 0; r0 < rows; r0 += kEvictRows) {
-    const int R = int(std::min<int64_t>(kEvictRows, rows - r0));
-    __syncthreads();
-    for (int64_t x = threadIdx.x; x < int64_t(R) * D; x += kEvictThreads)
-      q_s[x] = static_cast<float>(q[query_row_offset(b, g, r0 + x / D, H, G, Q, D) + x % D]);
-    __syncthreads();
-    float m[kEvictRows], l[kEvictRows];
-#pragma unroll
-    for (int r = 0; r < kEvictRows; ++r) m[r] = -INFINITY, l[r] = 0.f;
-    for (int64_t e = warp; e < n; e += kEvictWarps) {  // a warp per entry; every lane ends with the same state
-      const int64_t p = pos[lo + e];
-      float kv[kMaxPerLane];
-      load_row(k + (lo + e) * D, D, lane, kv);
-#pragma unroll
-      for (int r = 0; r < kEvictRows; ++r) {
-        if (r >= R) break;
-        const float dot = warp_dot(q_s + r * D, kv, D, lane);
-        if (p >= 0 && p <= q_pos[b * Q + (r0 + r) % Q]) merge_max_sum(m[r], l[r], dot * scale, 1.f);
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < kEvictRows; ++r)
-      if (r < R && lane == 0) red_m[warp][r] = m[r], red_l[warp][r] = l[r];
-    __syncthreads();
-    if (threadIdx.x < R) {
-      float mm = -INFINITY, ll = 0.f;
-      for (int w = 0; w < kEvictThreads / 32; ++w) merge_max_sum(mm, ll, red_m[w][threadIdx.x], red_l[w][threadIdx.x]);
-      row_m[threadIdx.x] = mm;
-      row_inv[threadIdx.x] = ll > 0.f ? 1.f / ll : 0.f;
-    }
-    __syncthreads();
-    for (int64_t e = warp; e < n; e += kEvictWarps) {
-      const int64_t t = lo + e, p = pos[t];
-      float kv[kMaxPerLane];
-      load_row(k + t * D, D, lane, kv);
-      float s = r0 == 0 ? 0.f : score[t], mu = r0 == 0 ? 0.f : mean[t], sq = r0 == 0 ? 0.f : m2[t];
-#pragma unroll
-      for (int r = 0; r < kEvictRows; ++r) {
-        if (r >= R) break;
-        const int64_t row = r0 + r, i = row % Q;
-        const float dot = warp_dot(q_s + r * D, kv, D, lane);
-        float a = 0.f;
-        if (p >= 0 && p <= q_pos[b * Q + i]) a = expf(dot * scale - row_m[r]) * row_inv[r];
-        if (i == 0) mu = 0.f, sq = 0.f;  // a new head
-        const float delta = a - mu;
-        mu += delta / float(i + 1);
-        sq += delta * (a - mu);
-        if (i == Q - 1) s += mu + var_weight * (Q > 1 ? sq / float(Q - 1) : 0.f);
-      }
-      if (lane == 0) score[t] = s, mean[t] = mu, m2[t] = sq;
-    }
-  }
-  // 2. Rank of each candidate in position order; by_rank inverts it.
-  __shared__ int cand_count[kEvictThreads / 32];
-  int mine = 0;
-  for (int64_t e = threadIdx.x; e < n; e += kEvictThreads) {
-    const int64_t p = pos[lo + e];
-    const bool cand = p >= 0 && p <= newest - protect;
-    pos_key[lo + e] = PosKey{cand ? p : std::numeric_limits<int64_t>::max()};
-    mine += cand;
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) mine += __shfl_xor_sync(0xffffffffu, mine, off);
-  if (lane == 0) cand_count[warp] = mine;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int total = 0;
-    for (int w = 0; w < kEvictThreads / 32; ++w) total += cand_count[w];
-    ncand_s = total;
-  }
-  __shared__ PooledKey tile_mem[kRankTile];  // staging for both counts (PooledKey is the larger key)
-  count_before(lo, n, pos_key, reinterpret_cast<PosKey*>(tile_mem), rank,
-               [](const PosKey& u, const PosKey& t) { return u.pos < t.pos; });
-  __syncthreads();
-  const int ncand = ncand_s;
-  for (int64_t e = threadIdx.x; e < n; e += kEvictThreads)
-    if (pos_key[lo + e].pos != std::numeric_limits<int64_t>::max()) by_rank[lo + rank[lo + e]] = int32_t(e);
-  __syncthreads();
-  // 3. Pooled score of each candidate over its neighbours in position order (mean over heads: / G).
-  for (int64_t e = threadIdx.x; e < n; e += kEvictThreads) {
-    const PosKey key = pos_key[lo + e];
-    float pooled = INFINITY;
-    if (key.pos != std::numeric_limits<int64_t>::max()) {
-      const int rk = rank[lo + e];
-      float accum = max_pool ? -INFINITY : 0.f;
-      for (int x = rk - half; x <= rk + half; ++x) {
-        if (x < 0 || x >= ncand) continue;
-        const float val = score[lo + by_rank[lo + x]] / float(G);
-        accum = max_pool ? fmaxf(accum, val) : accum + val;
-      }
-      pooled = max_pool ? accum : accum / float(2 * half + 1);
-    }
-    pooled_key[lo + e] = PooledKey{pooled, key.pos};
-  }
-  // 4. The lowest pooled scores go.
-  count_before(lo, n, pooled_key, tile_mem, rank, [](const PooledKey& u, const PooledKey& t) {
-    return u.pooled < t.pooled || (u.pooled == t.pooled && u.pos < t.pos);
-  });
-  __syncthreads();
-  const int64_t drop = std::min<int64_t>(std::min<int64_t>(n_evict, over[seg]), ncand);
-  for (int64_t e = threadIdx.x; e < n; e += kEvictThreads)
-    if (pooled_key[lo + e].pos != std::numeric_limits<int64_t>::max() && rank[lo + e] < drop) pos[lo + e] = -1;
-  __syncthreads();
-  if (threadIdx.x == 0) over[seg] -= drop;
 }
 
 }  // namespace
@@ -521,8 +300,9 @@ at::Tensor ragged_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
 }
 
 void append_entries(const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos, const at::Tensor& offsets_in,
-                    const at::Tensor& new_k_in, const at::Tensor& new_v_in, const at::Tensor& q_pos_in) {
-  check_append_entries_args(k, v, pos, offsets_in, new_k_in, new_v_in, q_pos_in);
+                    const at::Tensor& new_k_in, const at::Tensor& new_v_in, const at::Tensor& q_pos_in,
+                    const std::optional<at::Tensor>& order) {
+  check_append_entries_args(k, v, pos, offsets_in, new_k_in, new_v_in, q_pos_in, order);
   const c10::cuda::CUDAGuard guard(k.device());
   const int64_t B = new_k_in.size(0), Hkv = new_k_in.size(1), Q = new_k_in.size(2), D = new_k_in.size(3);
   if (B * Hkv * Q == 0) return;
@@ -533,36 +313,8 @@ void append_entries(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
     append_entries_kernel<scalar_t><<<unsigned(B * Hkv), kAppendThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         k.mutable_data_ptr<scalar_t>(), v.mutable_data_ptr<scalar_t>(), pos.mutable_data_ptr<int64_t>(),
         offsets.const_data_ptr<int64_t>(), new_k.const_data_ptr<scalar_t>(), new_v.const_data_ptr<scalar_t>(),
-        q_pos.const_data_ptr<int64_t>(), slots.mutable_data_ptr<int64_t>(), Hkv, Q, D);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
-
-void evict_lowest(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& pos, const at::Tensor& offsets_in,
-                  const at::Tensor& q_pos_in, const at::Tensor& over, double scale, double var_weight,
-                  int64_t protect, int64_t kernel_size, bool max_pool, int64_t n_evict) {
-  check_evict_lowest_args(q_in, k_in, pos, offsets_in, q_pos_in, over, kernel_size, n_evict);
-  const c10::cuda::CUDAGuard guard(q_in.device());
-  const int64_t B = q_in.size(0), H = q_in.size(1), Q = q_in.size(2), D = q_in.size(3), T = k_in.size(0);
-  const int64_t segs = offsets_in.size(0) - 1, Hkv = segs / B;
-  TORCH_CHECK(D <= 32 * kMaxPerLane, "evict_lowest (CUDA): head dim ", D, " above ", 32 * kMaxPerLane);
-  if (n_evict == 0 || T == 0 || Q == 0) return;
-  const auto q = q_in.contiguous(), k = k_in.contiguous(), offsets = offsets_in.contiguous(),
-             q_pos = q_pos_in.contiguous();
-  const auto f32 = q.options().dtype(at::kFloat);
-  auto score = at::empty({T}, f32), mean = at::empty({T}, f32), m2 = at::empty({T}, f32);
-  auto pos_key = at::empty({T * int64_t(sizeof(PosKey))}, q.options().dtype(at::kByte));
-  auto pooled_key = at::empty({T * int64_t(sizeof(PooledKey))}, q.options().dtype(at::kByte));
-  auto rank = at::empty({T}, q.options().dtype(at::kInt)), by_rank = at::empty({T}, q.options().dtype(at::kInt));
-  const size_t smem = sizeof(float) * size_t(kEvictRows * D);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "evict_lowest_cuda", [&] {
-    evict_lowest_kernel<scalar_t><<<unsigned(segs), kEvictThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
-        q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), pos.mutable_data_ptr<int64_t>(),
-        offsets.const_data_ptr<int64_t>(), q_pos.const_data_ptr<int64_t>(), over.mutable_data_ptr<int64_t>(),
-        score.mutable_data_ptr<float>(), mean.mutable_data_ptr<float>(), m2.mutable_data_ptr<float>(),
-        reinterpret_cast<PosKey*>(pos_key.mutable_data_ptr()), reinterpret_cast<PooledKey*>(pooled_key.mutable_data_ptr()),
-        rank.mutable_data_ptr<int32_t>(), by_rank.mutable_data_ptr<int32_t>(), H, Q, D, Hkv,
-        static_cast<float>(scale), static_cast<float>(var_weight), protect, int(kernel_size / 2), max_pool, n_evict);
+        q_pos.const_data_ptr<int64_t>(), order ? order->mutable_data_ptr<int32_t>() : nullptr,
+        slots.mutable_data_ptr<int64_t>(), Hkv, Q, D);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -573,5 +325,4 @@ TORCH_LIBRARY_IMPL(cakekv, CUDA, m) {
   m.impl("gather_ragged", &cakekv::cuda::gather_ragged);
   m.impl("ragged_attention", &cakekv::cuda::ragged_attention);
   m.impl("append_entries", &cakekv::cuda::append_entries);
-  m.impl("evict_lowest", &cakekv::cuda::evict_lowest);
 }

@@ -1,0 +1,89 @@
+// Device helpers shared by the kernels of the segment layout (ragged.cu, evict.cu): segment s = b * Hkv + g
+// holds the flat entries offsets[s] .. offsets[s+1] - 1 (contracts in register.cpp).
+#pragma once
+#include <cstdint>
+
+namespace cakekv::cuda {
+
+constexpr int kMaxPerLane = 8;  // head dim up to 32 * 8 = 256
+
+// Last s with offsets[s] <= t (empty segments share a start; the entry belongs to the non-empty one).
+__device__ __forceinline__ int64_t segment_of(const int64_t* __restrict__ offsets, int64_t segs, int64_t t) {
+  int64_t lo = 0, hi = segs - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (offsets[mid] <= t) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+// Query row r (of G*Q) of segment (b, g) is query i = r % Q of head h = g * G + r / Q.
+__device__ __forceinline__ int64_t query_row_offset(int64_t b, int64_t g, int64_t r, int64_t H, int64_t G,
+                                                    int64_t Q, int64_t D) {
+  return ((b * H + g * G + r / Q) * Q + r % Q) * D;
+}
+
+// One key row in registers, spread over the lanes of a warp (lane holds dims lane, lane + 32, ...): loads
+// are coalesced, a warp reads one row.
+template <typename scalar_t>
+__device__ __forceinline__ void load_row(const scalar_t* row, int64_t D, int lane, float (&out)[kMaxPerLane]) {
+#pragma unroll
+  for (int c = 0; c < kMaxPerLane; ++c) {
+    const int64_t d = lane + 32 * c;
+    out[c] = d < D ? static_cast<float>(row[d]) : 0.f;
+  }
+}
+
+// q_row · (the row in `kv`), summed over the warp: every lane returns the dot product.
+__device__ __forceinline__ float warp_dot(const float* q_row, const float (&kv)[kMaxPerLane], int64_t D, int lane) {
+  float dot = 0.f;
+#pragma unroll
+  for (int c = 0; c < kMaxPerLane; ++c) {
+    const int64_t d = lane + 32 * c;
+    if (d < D) dot += q_row[d] * kv[c];
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+  return dot;
+}
+
+// Online-softmax merge of (m, l) pairs: (m, l) becomes the max and rescaled sum of both.
+__device__ __forceinline__ void merge_max_sum(float& m, float& l, float m2, float l2) {
+  const float mx = fmaxf(m, m2);
+  if (mx == -INFINITY) return;
+  l = (m == -INFINITY ? 0.f : l * expf(m - mx)) + (m2 == -INFINITY ? 0.f : l2 * expf(m2 - mx));
+  m = mx;
+}
+
+// Block-wide exclusive prefix sum of one int per thread (blockDim.x a multiple of 32, at most 1024).
+// `scratch` is 33 ints of shared memory; every thread gets its prefix and the block total. Contains barriers:
+// all threads of the block must call it.
+__device__ __forceinline__ int block_exclusive_scan(int value, int* scratch, int& total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  int incl = value;
+#pragma unroll
+  for (int off = 1; off < 32; off *= 2) {
+    const int up = __shfl_up_sync(0xffffffffu, incl, off);
+    if (lane >= off) incl += up;
+  }
+  if (lane == 31) scratch[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    const int mine = lane < warps ? scratch[lane] : 0;
+    int w_incl = mine;
+#pragma unroll
+    for (int off = 1; off < 32; off *= 2) {
+      const int up = __shfl_up_sync(0xffffffffu, w_incl, off);
+      if (lane >= off) w_incl += up;
+    }
+    if (lane < warps) scratch[lane] = w_incl - mine;
+    if (lane == 31) scratch[32] = w_incl;
+  }
+  __syncthreads();
+  const int prefix = scratch[warp] + incl - value;
+  total = scratch[32];
+  __syncthreads();  // scratch may be reused right away
+  return prefix;
+}
+
+}  // namespace cakekv::cuda
