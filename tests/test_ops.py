@@ -25,6 +25,22 @@ def positions(batch, kv_heads, n, pad, holes=0, seed=0):
     return pos
 
 
+OP_NAMES = ["window_stats", "allocate_budgets", "gather_kept", "gather_ragged", "ragged_attention", "append_entries",
+            "evict_lowest"]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_every_op_has_a_kernel_for_the_device(device):
+    """Each op of the library has a CPU kernel, and a CUDA kernel in a CUDA build (a kernel file left out of
+    the build would otherwise only show as a dispatch error at run time)."""
+    key = "CPU" if device == "cpu" else "CUDA"
+    declared = sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("cakekv::"))
+    assert declared == sorted(OP_NAMES)
+    missing = [op for op in OP_NAMES if not torch._C._dispatch_has_kernel_for_dispatch_key(f"cakekv::{op}", key)]
+    assert not missing, f"no {key} kernel for {missing}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
 @pytest.mark.parametrize("q_len", [1, 6])
