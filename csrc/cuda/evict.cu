@@ -30,20 +30,23 @@ namespace cakekv::cuda {
 
 namespace {
 
-constexpr int kScoreThreads = 128;
+constexpr int kScoreThreads = 256;
 constexpr int kScoreWarps = kScoreThreads / 32;
-constexpr int kScoreRows = 8;         // query rows staged in shared memory at a time
-constexpr int64_t kMinChunk = 64;     // fewest entries per scoring block
+constexpr int kScoreRows = 8;   // query rows staged in shared memory at a time
+constexpr int64_t kMinChunk = int64_t(kScoreWarps) * kUnroll;  // fewest entries per scoring block
 constexpr int kSelectThreads = 1024;
 
-// Stage query rows r0 .. r0 + R - 1 of segment (b, g) in shared memory as fp32.
+// Stage query rows r0 .. r0 + R - 1 of segment (b, g) in shared memory as fp32, with their positions.
 template <typename scalar_t>
-__device__ __forceinline__ void stage_rows(float* q_s, const scalar_t* __restrict__ q, int64_t b, int64_t g, int64_t r0,
+__device__ __forceinline__ void stage_rows(float* q_s, int64_t* qp_s, const scalar_t* __restrict__ q,
+                                           const int64_t* __restrict__ q_pos, int64_t b, int64_t g, int64_t r0,
                                            int R, int64_t H, int64_t G, int64_t Q, int64_t D) {
   for (int64_t x = threadIdx.x; x < int64_t(R) * D; x += blockDim.x)
     q_s[x] = static_cast<float>(q[query_row_offset(b, g, r0 + x / D, H, G, Q, D) + x % D]);
+  if (threadIdx.x < R) qp_s[threadIdx.x] = q_pos[b * Q + (r0 + threadIdx.x) % Q];
 }
 
+// Pass 1: per piece and staged row, the max and sum of exp over the piece's visible entries.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kScoreThreads) evict_partial_kernel(
     const scalar_t* __restrict__ q, const scalar_t* __restrict__ k, const int64_t* __restrict__ pos,
@@ -51,6 +54,7 @@ __global__ void __launch_bounds__(kScoreThreads) evict_partial_kernel(
     float2* __restrict__ part_ml, int64_t T, int64_t segs, int64_t chunk, int64_t H, int64_t Q, int64_t D,
     int64_t Hkv, float scale) {
   extern __shared__ float q_s[];  // [kScoreRows, D]
+  __shared__ int64_t qp_s[kScoreRows];
   __shared__ float red_m[kScoreWarps][kScoreRows], red_l[kScoreWarps][kScoreRows];
   const int64_t G = H / Hkv, rows = G * Q, start = int64_t(blockIdx.x) * chunk, end = std::min(T, start + chunk);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -61,23 +65,16 @@ __global__ void __launch_bounds__(kScoreThreads) evict_partial_kernel(
     for (int64_t r0 = 0; r0 < rows; r0 += kScoreRows) {
       const int R = int(std::min<int64_t>(kScoreRows, rows - r0));
       __syncthreads();
-      stage_rows(q_s, q, b, g, r0, R, H, G, Q, D);
+      stage_rows(q_s, qp_s, q, q_pos, b, g, r0, R, H, G, Q, D);
       __syncthreads();
       float m[kScoreRows], l[kScoreRows];
 #pragma unroll
       for (int r = 0; r < kScoreRows; ++r) m[r] = -INFINITY, l[r] = 0.f;
-      for (int64_t t = lo + warp; t < hi; t += kScoreWarps) {  // a warp per entry; all lanes share the state
-        const int64_t p = pos[t];
-        if (p < 0) continue;
-        float kv[kMaxPerLane];
-        load_row(k + t * D, D, lane, kv);
+      for_warp_entries<kScoreRows>(k, pos, lo, hi, q_s, R, D, [&](int64_t, int64_t p, const float (&dot)[kScoreRows]) {
 #pragma unroll
-        for (int r = 0; r < kScoreRows; ++r) {
-          if (r >= R) break;
-          const float dot = warp_dot(q_s + r * D, kv, D, lane);
-          if (p <= q_pos[b * Q + (r0 + r) % Q]) merge_max_sum(m[r], l[r], dot * scale, 1.f);
-        }
-      }
+        for (int r = 0; r < kScoreRows; ++r)
+          if (r < R && p >= 0 && p <= qp_s[r]) merge_max_sum(m[r], l[r], dot[r] * scale, 1.f);
+      });
       if (lane == 0)
 #pragma unroll
         for (int r = 0; r < kScoreRows; ++r) red_m[warp][r] = m[r], red_l[warp][r] = l[r];
@@ -91,6 +88,7 @@ __global__ void __launch_bounds__(kScoreThreads) evict_partial_kernel(
   }
 }
 
+// Pass 2: per entry, sum over heads of (mean + w * var) over the queries of each head of its probabilities.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kScoreThreads) evict_score_kernel(
     const scalar_t* __restrict__ q, const scalar_t* __restrict__ k, const int64_t* __restrict__ pos,
@@ -99,9 +97,10 @@ __global__ void __launch_bounds__(kScoreThreads) evict_score_kernel(
     int64_t T, int64_t segs, int64_t chunk, int64_t H, int64_t Q, int64_t D, int64_t Hkv, float scale,
     float var_weight) {
   extern __shared__ float q_s[];  // [kScoreRows, D]
+  __shared__ int64_t qp_s[kScoreRows];
   __shared__ float row_m[kScoreRows], row_inv[kScoreRows];
   const int64_t G = H / Hkv, rows = G * Q, start = int64_t(blockIdx.x) * chunk, end = std::min(T, start + chunk);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int lane = threadIdx.x % 32;
   for (int64_t s = segment_of(offsets, segs, start); s < segs && offsets[s] < end; ++s) {
     const int64_t lo = std::max(offsets[s], start), hi = std::min(offsets[s + 1], end);
     if (lo >= hi || over[s] <= 0) continue;
@@ -110,7 +109,7 @@ __global__ void __launch_bounds__(kScoreThreads) evict_score_kernel(
     for (int64_t r0 = 0; r0 < rows; r0 += kScoreRows) {
       const int R = int(std::min<int64_t>(kScoreRows, rows - r0));
       __syncthreads();
-      stage_rows(q_s, q, b, g, r0, R, H, G, Q, D);
+      stage_rows(q_s, qp_s, q, q_pos, b, g, r0, R, H, G, Q, D);
       if (threadIdx.x < R) {
         float mm = -INFINITY, ll = 0.f;
         for (int64_t j = first; j <= last; ++j) {
@@ -121,17 +120,13 @@ __global__ void __launch_bounds__(kScoreThreads) evict_score_kernel(
         row_inv[threadIdx.x] = ll > 0.f ? 1.f / ll : 0.f;
       }
       __syncthreads();
-      for (int64_t t = lo + warp; t < hi; t += kScoreWarps) {
-        const int64_t p = pos[t];
-        float kv[kMaxPerLane];
-        load_row(k + t * D, D, lane, kv);
+      for_warp_entries<kScoreRows>(k, pos, lo, hi, q_s, R, D, [&](int64_t t, int64_t p, const float (&dot)[kScoreRows]) {
         float sc = r0 == 0 ? 0.f : score[t], mu = r0 == 0 ? 0.f : mean[t], sq = r0 == 0 ? 0.f : m2[t];
 #pragma unroll
         for (int r = 0; r < kScoreRows; ++r) {
           if (r >= R) break;
           const int64_t i = (r0 + r) % Q;
-          const float dot = warp_dot(q_s + r * D, kv, D, lane);
-          const float a = (p >= 0 && p <= q_pos[b * Q + i]) ? expf(dot * scale - row_m[r]) * row_inv[r] : 0.f;
+          const float a = (p >= 0 && p <= qp_s[r]) ? expf(dot[r] * scale - row_m[r]) * row_inv[r] : 0.f;
           if (i == 0) mu = 0.f, sq = 0.f;  // a new head
           const float delta = a - mu;
           mu += delta / float(i + 1);
@@ -139,7 +134,7 @@ __global__ void __launch_bounds__(kScoreThreads) evict_score_kernel(
           if (i == Q - 1) sc += mu + var_weight * (Q > 1 ? sq / float(Q - 1) : 0.f);
         }
         if (lane == 0) score[t] = sc, mean[t] = mu, m2[t] = sq;
-      }
+      });
     }
   }
 }
@@ -150,54 +145,22 @@ __device__ __forceinline__ uint32_t ordered_bits(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-__global__ void __launch_bounds__(kSelectThreads) evict_select_kernel(
-    int64_t* __restrict__ pos, int32_t* __restrict__ order, const int64_t* __restrict__ offsets,
-    const int64_t* __restrict__ q_pos, int64_t* __restrict__ over, const float* __restrict__ score,
-    uint32_t* __restrict__ keys, int64_t Q, int64_t Hkv, int64_t G, int64_t protect, int half, int kernel_size,
-    bool max_pool, int64_t n_evict) {
-  __shared__ int scratch[33];
-  __shared__ int hist[256];
-  __shared__ int digit_s, remaining_s;
-  const int64_t seg = blockIdx.x, b = seg / Hkv, lo = offsets[seg], n = offsets[seg + 1] - lo;
-  if (over[seg] <= 0 || n == 0) return;  // uniform over the block
-  const int64_t limit = q_pos[b * Q + Q - 1] - protect;
+using u64 = unsigned long long;
+constexpr int kHalfBits = 32;  // two counts packed in one uint64 scan
+
+// Radix select over keys[0, n): the key `threshold` and the number `remaining` of the keys equal to it such
+// that {keys < threshold} plus the first `remaining` keys == threshold are the `want` lowest (1 <= want <= n).
+__device__ void radix_select(const uint32_t* __restrict__ keys, int n, int want, int* hist, int* digit_s,
+                             int* remaining_s, uint32_t& threshold, int& remaining) {
   const int lane = threadIdx.x % 32;
-
-  // Valid entries and candidates; the candidates are the first ncand entries of the position order.
-  int valid = 0, cand = 0;
-  for (int64_t e = threadIdx.x; e < n; e += kSelectThreads) {
-    const int64_t p = pos[lo + e];
-    valid += p >= 0;
-    cand += p >= 0 && p <= limit;
-  }
-  int nvalid, ncand;
-  block_exclusive_scan(valid, scratch, nvalid);
-  block_exclusive_scan(cand, scratch, ncand);
-  const int drop = int(std::min<int64_t>(std::min<int64_t>(n_evict, over[seg]), ncand));
-  if (drop == 0) return;
-
-  // Pooled score of each candidate over its neighbours in position order (mean over heads: / G).
-  for (int i = threadIdx.x; i < ncand; i += kSelectThreads) {
-    float acc = max_pool ? -INFINITY : 0.f;
-    for (int x = i - half; x <= i + half; ++x) {
-      if (x < 0 || x >= ncand) continue;
-      const int32_t slot = order[lo + x];
-      CUDA_KERNEL_ASSERT(slot >= 0 && slot < n && "evict_lowest: order holds a slot outside its segment");
-      const float val = score[lo + slot] / float(G);
-      acc = max_pool ? fmaxf(acc, val) : acc + val;
-    }
-    keys[lo + i] = ordered_bits(max_pool ? acc : acc / float(kernel_size));
-  }
-  __syncthreads();
-
-  // Radix select: `threshold` is the drop-th lowest key; `remaining` of the keys equal to it go.
-  uint32_t threshold = 0, mask = 0;
-  int remaining = drop;
+  uint32_t mask = 0;
+  threshold = 0;
+  remaining = want;
   for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int x = threadIdx.x; x < 256; x += kSelectThreads) hist[x] = 0;
+    for (int x = threadIdx.x; x < 256; x += blockDim.x) hist[x] = 0;
     __syncthreads();
-    for (int i = threadIdx.x; i < ncand; i += kSelectThreads) {
-      const uint32_t u = keys[lo + i];
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      const uint32_t u = keys[i];
       if ((u & mask) == threshold) atomicAdd(&hist[(u >> shift) & 0xFFu], 1);
     }
     __syncthreads();
@@ -216,8 +179,8 @@ __global__ void __launch_bounds__(kSelectThreads) evict_select_kernel(
         for (int c = 0; c < 8; ++c) {
           const int h = hist[lane * 8 + c];
           if (before + h >= remaining) {
-            digit_s = lane * 8 + c;
-            remaining_s = remaining - before;
+            *digit_s = lane * 8 + c;
+            *remaining_s = remaining - before;
             break;
           }
           before += h;
@@ -225,29 +188,93 @@ __global__ void __launch_bounds__(kSelectThreads) evict_select_kernel(
       }
     }
     __syncthreads();
-    threshold |= uint32_t(digit_s) << shift;
+    threshold |= uint32_t(*digit_s) << shift;
     mask |= 0xFFu << shift;
-    remaining = remaining_s;
+    remaining = *remaining_s;
     __syncthreads();
   }
+}
 
-  // Free the chosen slots and compact `order` in place (stable: writes land at or before what was read).
-  int eq_before = 0, kept_before = 0;
+// Smallest of one key per thread over the block (a barrier inside).
+__device__ uint32_t block_min(uint32_t v, uint32_t* scratch) {
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) v = min(v, __shfl_xor_sync(0xffffffffu, v, off));
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  uint32_t out = scratch[0];
+  for (int w = 1; w < int(blockDim.x / 32); ++w) out = min(out, scratch[w]);
+  __syncthreads();
+  return out;
+}
+
+__global__ void __launch_bounds__(kSelectThreads) evict_select_kernel(
+    int64_t* __restrict__ pos, int32_t* __restrict__ order, const int64_t* __restrict__ offsets,
+    const int64_t* __restrict__ q_pos, int64_t* __restrict__ over, const float* __restrict__ score,
+    uint32_t* __restrict__ keys, int64_t Q, int64_t Hkv, int64_t G, int64_t protect, int half, int kernel_size,
+    bool max_pool, int64_t n_evict) {
+  __shared__ u64 scratch[33];
+  __shared__ int hist[256];
+  __shared__ int digit_s, remaining_s;
+  const int64_t seg = blockIdx.x, b = seg / Hkv, lo = offsets[seg], n = offsets[seg + 1] - lo;
+  if (over[seg] <= 0 || n == 0) return;  // uniform over the block
+  const int64_t limit = q_pos[b * Q + Q - 1] - protect;
+  uint32_t* seg_keys = keys + lo;
+  int32_t* seg_order = order + lo;
+
+  // Stored entries and candidates (the first ncand entries of the position order), in one packed scan.
+  u64 counts = 0;
+  for (int64_t e = threadIdx.x; e < n; e += kSelectThreads) {
+    const int64_t p = pos[lo + e];
+    counts += (u64(p >= 0) << kHalfBits) | u64(p >= 0 && p <= limit);
+  }
+  u64 totals;
+  block_exclusive_scan<u64>(counts, scratch, totals);
+  const int nvalid = int(totals >> kHalfBits), ncand = int(totals & 0xFFFFFFFFu);
+  const int drop = int(std::min<int64_t>(std::min<int64_t>(n_evict, over[seg]), ncand));
+  if (drop == 0) return;
+
+  // Pooled score of each candidate over its neighbours in position order (mean over heads: / G).
+  uint32_t lowest = 0xFFFFFFFFu;
+  for (int i = threadIdx.x; i < ncand; i += kSelectThreads) {
+    float acc = max_pool ? -INFINITY : 0.f;
+    for (int x = i - half; x <= i + half; ++x) {
+      if (x < 0 || x >= ncand) continue;
+      const int32_t slot = seg_order[x];
+      CUDA_KERNEL_ASSERT(slot >= 0 && slot < n && "evict_lowest: order holds a slot outside its segment");
+      const float val = score[lo + slot] / float(G);
+      acc = max_pool ? fmaxf(acc, val) : acc + val;
+    }
+    const uint32_t key = ordered_bits(max_pool ? acc : acc / float(kernel_size));
+    seg_keys[i] = key;
+    lowest = min(lowest, key);
+  }
+  // The drop lowest: keys below `threshold`, then the first `remaining` equal to it (earlier positions).
+  uint32_t threshold;
+  int remaining;
+  if (drop == 1) {  // one token per step: the minimum is enough
+    threshold = block_min(lowest, reinterpret_cast<uint32_t*>(scratch));
+    remaining = 1;
+  } else {
+    __syncthreads();
+    radix_select(seg_keys, ncand, drop, hist, &digit_s, &remaining_s, threshold, remaining);
+  }
+
+  // Free the chosen slots and compact `order` in place: entry i moves to i - (chosen before it); writes land
+  // at or before what this chunk read, and the scan's barriers order them after every read.
+  u64 before = 0;  // (keys < threshold, keys == threshold) among candidates of earlier chunks
   for (int base = 0; base < nvalid; base += kSelectThreads) {
     const int i = base + threadIdx.x;
     const bool in = i < nvalid, is_cand = i < ncand;
-    const int32_t slot = in ? order[lo + i] : 0;
-    const uint32_t u = is_cand ? keys[lo + i] : 0u;
-    const bool eq = is_cand && u == threshold;
-    int eq_total, kept_total;
-    const int eq_rank = eq_before + block_exclusive_scan(eq, scratch, eq_total);
-    const bool chosen = is_cand && (u < threshold || (eq && eq_rank < remaining));
-    const bool keep = in && !chosen;
-    const int kept_rank = kept_before + block_exclusive_scan(keep, scratch, kept_total);
+    const int32_t slot = in ? seg_order[i] : 0;
+    const uint32_t u = is_cand ? seg_keys[i] : 0u;
+    const bool lt = is_cand && u < threshold, eq = is_cand && u == threshold;
+    u64 chunk_total;
+    const u64 prefix = before + block_exclusive_scan<u64>((u64(lt) << kHalfBits) | u64(eq), scratch, chunk_total);
+    const int lt_before = int(prefix >> kHalfBits), eq_before = int(prefix & 0xFFFFFFFFu);
+    const bool chosen = lt || (eq && eq_before < remaining);
     if (chosen) pos[lo + slot] = -1;
-    if (keep) order[lo + kept_rank] = slot;
-    eq_before += eq_total;
-    kept_before += kept_total;
+    else if (in) seg_order[i - lt_before - min(eq_before, remaining)] = slot;
+    before += chunk_total;
   }
   if (threadIdx.x == 0) over[seg] -= drop;
 }
@@ -265,9 +292,9 @@ void evict_lowest(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
   if (n_evict == 0 || T == 0 || Q == 0) return;
   const auto q = q_in.contiguous(), k = k_in.contiguous(), offsets = offsets_in.contiguous(),
              q_pos = q_pos_in.contiguous();
-  // About two scoring blocks per SM, at least kMinChunk entries each (the host never reads the offsets).
+  // About four scoring blocks per SM, at least kMinChunk entries each (the host never reads the offsets).
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t chunk = std::max(kMinChunk, (T + 2 * sms - 1) / (2 * sms)), blocks = (T + chunk - 1) / chunk;
+  const int64_t chunk = std::max(kMinChunk, (T + 4 * sms - 1) / (4 * sms)), blocks = (T + chunk - 1) / chunk;
   const auto f32 = q.options().dtype(at::kFloat);
   auto part_ml = at::empty({(blocks + segs) * rows, 2}, f32);
   auto score = at::empty({T}, f32), mean = at::empty({T}, f32), m2 = at::empty({T}, f32);

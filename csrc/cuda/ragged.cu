@@ -5,11 +5,13 @@
 // offsets (B * Hkv + 1 values) and copies its K and V rows. Offsets and indices are checked on the host
 // before the launch (a prefill-time op: one sync), indices asserted again on the device.
 //
-// ragged_attention: split-K (flash-decoding). The G*Q query rows of one kv head share every K/V load: a
-// block takes up to kAttnRows rows of one segment and one of `splits` equal parts of its entries, in
-// chunks of kChunk: warps score entries (lanes split the head dim, shuffle reduction), each row's online
-// softmax is updated per chunk, and threads accumulate P·V for their head dims. A second kernel merges
-// the splits' (max, sum, accumulator) of every row.
+// ragged_attention: split-K (flash-decoding), balanced by entries: the layer's T entries are cut into equal
+// chunks, one block each, whatever the segment sizes (per-head budgets make them very unequal: one long head
+// must not serialise the step). A piece is the part of segment s inside block j; its partial results live at
+// index j + s (one-to-one: segments are contiguous and ordered). The G*Q query rows of one kv head share every
+// K/V load: a block takes up to kAttnRows rows and walks its pieces in steps of kChunk entries: warps score
+// entries (lanes split the head dim, shuffle reduction), each row's online softmax is updated per step, and
+// threads accumulate P·V for their head dims. A second kernel merges the pieces of every (segment, row).
 //
 // append_entries: one block per segment finds its first Q free slots (warp ballots, in slot order) and
 // copies the tokens there; given the position order, it lists the new entries at its end.
@@ -57,126 +59,131 @@ __global__ void ragged_attention_partial_kernel(const scalar_t* __restrict__ q, 
                                                 const scalar_t* __restrict__ v, const int64_t* __restrict__ pos,
                                                 const int64_t* __restrict__ offsets,
                                                 const int64_t* __restrict__ q_pos, float* __restrict__ part_acc,
-                                                float* __restrict__ part_ml, int64_t H, int64_t Q, int64_t D,
-                                                int64_t Hkv, int splits, float scale) {
+                                                float* __restrict__ part_ml, int64_t T, int64_t segs, int64_t chunk,
+                                                int64_t H, int64_t Q, int64_t D, int64_t Hkv, float scale) {
   extern __shared__ float smem[];
   float* q_s = smem;                              // [kAttnRows, D]
   float* p_s = q_s + kAttnRows * D;               // [kAttnRows, kChunk] scores, then probabilities
   float* m_s = p_s + kAttnRows * kChunk;          // [kAttnRows] running max
   float* l_s = m_s + kAttnRows;                   // [kAttnRows] running sum
-  float* corr_s = l_s + kAttnRows;                // [kAttnRows] rescale of this chunk
+  float* corr_s = l_s + kAttnRows;                // [kAttnRows] rescale of this step
   __shared__ int64_t qp_s[kAttnRows];
-  const int64_t seg = blockIdx.x, G = H / Hkv, rows = G * Q, r0 = int64_t(blockIdx.z) * kAttnRows;
-  const int64_t b = seg / Hkv, g = seg % Hkv;
+  const int64_t G = H / Hkv, rows = G * Q, r0 = int64_t(blockIdx.y) * kAttnRows;
+  const int64_t start = int64_t(blockIdx.x) * chunk, end = std::min(T, start + chunk);
   const int R = int(std::min<int64_t>(kAttnRows, rows - r0));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = kAttnThreads / 32;
-  for (int64_t x = threadIdx.x; x < int64_t(R) * D; x += kAttnThreads) {
-    const int64_t r = x / D, d = x % D;
-    q_s[r * D + d] = static_cast<float>(q[query_row_offset(b, g, r0 + r, H, G, Q, D) + d]);
-  }
-  if (threadIdx.x < R) {
-    qp_s[threadIdx.x] = q_pos[b * Q + (r0 + threadIdx.x) % Q];
-    m_s[threadIdx.x] = -INFINITY;
-    l_s[threadIdx.x] = 0.f;
-  }
-  const int64_t lo = offsets[seg], hi = offsets[seg + 1];
-  const int64_t per = (hi - lo + splits - 1) / splits;
-  const int64_t start = lo + per * blockIdx.y, end = std::min<int64_t>(hi, start + per);
-  float acc[kAttnRows][kMaxDimSlots];
+  for (int64_t seg = segment_of(offsets, segs, start); seg < segs && offsets[seg] < end; ++seg) {
+    const int64_t lo = std::max(offsets[seg], start), hi = std::min(offsets[seg + 1], end);
+    if (lo >= hi) continue;  // an empty segment: its rows get zeros from the merge
+    const int64_t b = seg / Hkv, g = seg % Hkv, piece = int64_t(blockIdx.x) + seg;
+    __syncthreads();  // the previous piece is done with shared memory
+    for (int64_t x = threadIdx.x; x < int64_t(R) * D; x += kAttnThreads) {
+      const int64_t r = x / D, d = x % D;
+      q_s[r * D + d] = static_cast<float>(q[query_row_offset(b, g, r0 + r, H, G, Q, D) + d]);
+    }
+    if (threadIdx.x < R) {
+      qp_s[threadIdx.x] = q_pos[b * Q + (r0 + threadIdx.x) % Q];
+      m_s[threadIdx.x] = -INFINITY;
+      l_s[threadIdx.x] = 0.f;
+    }
+    float acc[kAttnRows][kMaxDimSlots];
 #pragma unroll
-  for (int r = 0; r < kAttnRows; ++r)
+    for (int r = 0; r < kAttnRows; ++r)
 #pragma unroll
-    for (int c = 0; c < kMaxDimSlots; ++c) acc[r][c] = 0.f;
-  __syncthreads();
+      for (int c = 0; c < kMaxDimSlots; ++c) acc[r][c] = 0.f;
+    __syncthreads();
 
-  for (int64_t c0 = start; c0 < end; c0 += kChunk) {
-    const int n = int(std::min<int64_t>(kChunk, end - c0));
-    for (int e = warp; e < n; e += warps) {  // scores of entry c0 + e against every row
-      const int64_t t = c0 + e, p = pos[t];
-      float kv[kMaxPerLane];
-      load_row(k + t * D, D, lane, kv);
-      for (int r = 0; r < R; ++r) {
-        const float dot = warp_dot(q_s + r * D, kv, D, lane);
-        if (lane == 0) p_s[r * kChunk + e] = (p >= 0 && p <= qp_s[r]) ? dot * scale : -INFINITY;
+    for (int64_t c0 = lo; c0 < hi; c0 += kChunk) {
+      const int n = int(std::min<int64_t>(kChunk, hi - c0));
+      for_warp_entries<kAttnRows>(k, pos, c0, c0 + n, q_s, R, D,  // scores of the entries against every row
+                                  [&](int64_t t, int64_t p, const float (&dot)[kAttnRows]) {
+        if (lane == 0)
+          for (int r = 0; r < R; ++r)
+            p_s[r * kChunk + (t - c0)] = (p >= 0 && p <= qp_s[r]) ? dot[r] * scale : -INFINITY;
+      });
+      __syncthreads();
+      for (int r = warp; r < R; r += warps) {  // online softmax of row r over this step
+        float mx = -INFINITY;
+        for (int e = lane; e < n; e += 32) mx = fmaxf(mx, p_s[r * kChunk + e]);
+#pragma unroll
+        for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        const float m_old = m_s[r], m_new = fmaxf(m_old, mx);
+        float sum = 0.f;
+        for (int e = lane; e < n; e += 32) {
+          const float sc = p_s[r * kChunk + e];
+          const float w = sc == -INFINITY ? 0.f : expf(sc - m_new);
+          p_s[r * kChunk + e] = w;
+          sum += w;
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        if (lane == 0) {
+          const float corr = m_old == -INFINITY ? 0.f : expf(m_old - m_new);  // nothing before: acc is 0
+          corr_s[r] = corr;
+          l_s[r] = l_s[r] * corr + sum;
+          m_s[r] = m_new;
+        }
       }
-    }
-    __syncthreads();
-    for (int r = warp; r < R; r += warps) {  // online softmax of row r over this chunk
-      float mx = -INFINITY;
-      for (int e = lane; e < n; e += 32) mx = fmaxf(mx, p_s[r * kChunk + e]);
+      __syncthreads();
 #pragma unroll
-      for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-      const float m_old = m_s[r], m_new = fmaxf(m_old, mx);
-      float sum = 0.f;
-      for (int e = lane; e < n; e += 32) {
-        const float sc = p_s[r * kChunk + e];
-        const float w = sc == -INFINITY ? 0.f : expf(sc - m_new);
-        p_s[r * kChunk + e] = w;
-        sum += w;
-      }
-#pragma unroll
-      for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-      if (lane == 0) {
-        const float corr = m_old == -INFINITY ? 0.f : expf(m_old - m_new);  // nothing before: acc is 0
-        corr_s[r] = corr;
-        l_s[r] = l_s[r] * corr + sum;
-        m_s[r] = m_new;
-      }
-    }
-    __syncthreads();
-#pragma unroll
-    for (int c = 0; c < kMaxDimSlots; ++c) {
-      const int64_t d = threadIdx.x + int64_t(kAttnThreads) * c;
-      if (d >= D) continue;
-#pragma unroll
-      for (int r = 0; r < kAttnRows; ++r)
-        if (r < R) acc[r][c] *= corr_s[r];
-#pragma unroll 8
-      for (int e = 0; e < n; ++e) {  // unrolled: several V loads in flight per thread
-        const float val = static_cast<float>(v[(c0 + e) * D + d]);
+      for (int c = 0; c < kMaxDimSlots; ++c) {
+        const int64_t d = threadIdx.x + int64_t(kAttnThreads) * c;
+        if (d >= D) continue;
 #pragma unroll
         for (int r = 0; r < kAttnRows; ++r)
-          if (r < R) acc[r][c] += p_s[r * kChunk + e] * val;
+          if (r < R) acc[r][c] *= corr_s[r];
+#pragma unroll 8
+        for (int e = 0; e < n; ++e) {  // unrolled: several V loads in flight per thread
+          const float val = static_cast<float>(v[(c0 + e) * D + d]);
+#pragma unroll
+          for (int r = 0; r < kAttnRows; ++r)
+            if (r < R) acc[r][c] += p_s[r * kChunk + e] * val;
+        }
       }
+      __syncthreads();
     }
-    __syncthreads();
-  }
 #pragma unroll
-  for (int r = 0; r < kAttnRows; ++r) {
-    if (r >= R) break;
-    const int64_t slot = (seg * rows + r0 + r) * splits + blockIdx.y;
+    for (int r = 0; r < kAttnRows; ++r) {
+      if (r >= R) break;
+      const int64_t slot = piece * rows + r0 + r;
 #pragma unroll
-    for (int c = 0; c < kMaxDimSlots; ++c) {
-      const int64_t d = threadIdx.x + int64_t(kAttnThreads) * c;
-      if (d < D) part_acc[slot * D + d] = acc[r][c];
-    }
-    if (threadIdx.x == 0) {
-      part_ml[2 * slot] = m_s[r];
-      part_ml[2 * slot + 1] = l_s[r];
+      for (int c = 0; c < kMaxDimSlots; ++c) {
+        const int64_t d = threadIdx.x + int64_t(kAttnThreads) * c;
+        if (d < D) part_acc[slot * D + d] = acc[r][c];
+      }
+      if (threadIdx.x == 0) {
+        part_ml[2 * slot] = m_s[r];
+        part_ml[2 * slot + 1] = l_s[r];
+      }
     }
   }
 }
 
 template <typename scalar_t>
 __global__ void ragged_attention_merge_kernel(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
-                                              scalar_t* __restrict__ out, int64_t H, int64_t Q, int64_t D,
-                                              int64_t Hkv, int splits) {
-  const int64_t G = H / Hkv, rows = G * Q, row = blockIdx.x;  // row of (segment, r)
-  const int64_t seg = row / rows, r = row % rows, b = seg / Hkv, g = seg % Hkv;
+                                              const int64_t* __restrict__ offsets, scalar_t* __restrict__ out,
+                                              int64_t chunk, int64_t H, int64_t Q, int64_t D, int64_t Hkv) {
+  const int64_t G = H / Hkv, rows = G * Q;
+  const int64_t seg = blockIdx.x / rows, r = blockIdx.x % rows, b = seg / Hkv, g = seg % Hkv;
+  const int64_t lo = offsets[seg], hi = offsets[seg + 1];
+  // The segment's pieces: blocks first .. last (none when it is empty).
+  const int64_t first = lo / chunk, last = hi > lo ? (hi - 1) / chunk : first - 1;
   float mx = -INFINITY;
-  for (int sp = 0; sp < splits; ++sp) mx = fmaxf(mx, part_ml[2 * (row * splits + sp)]);
+  for (int64_t j = first; j <= last; ++j) mx = fmaxf(mx, part_ml[2 * ((j + seg) * rows + r)]);
   float denom = 0.f;
-  for (int sp = 0; sp < splits; ++sp) {
-    const float m = part_ml[2 * (row * splits + sp)];
-    denom += (m == -INFINITY ? 0.f : expf(m - mx)) * part_ml[2 * (row * splits + sp) + 1];
+  for (int64_t j = first; j <= last; ++j) {
+    const int64_t slot = (j + seg) * rows + r;
+    const float m = part_ml[2 * slot];
+    denom += (m == -INFINITY ? 0.f : expf(m - mx)) * part_ml[2 * slot + 1];
   }
   const float inv = denom > 0.f ? 1.f / denom : 0.f;  // a query that sees no entry gets zeros
   scalar_t* o = out + query_row_offset(b, g, r, H, G, Q, D);
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     float sum = 0.f;
-    for (int sp = 0; sp < splits; ++sp) {
-      const float m = part_ml[2 * (row * splits + sp)];
-      if (m != -INFINITY) sum += expf(m - mx) * part_acc[(row * splits + sp) * D + d];
+    for (int64_t j = first; j <= last; ++j) {
+      const int64_t slot = (j + seg) * rows + r;
+      const float m = part_ml[2 * slot];
+      if (m != -INFINITY) sum += expf(m - mx) * part_acc[slot * D + d];
     }
     o[d] = static_cast<scalar_t>(sum * inv);
   }
@@ -222,7 +229,7 @@ __global__ void append_entries_kernel(scalar_t* __restrict__ k, scalar_t* __rest
   if (order != nullptr) {
     int mine = 0;
     for (int64_t t = lo + threadIdx.x; t < hi; t += kAppendThreads) mine += pos[t] >= 0;
-    block_exclusive_scan(mine, scratch, valid);  // ends with a barrier: pos is read before it is written
+    block_exclusive_scan<int>(mine, scratch, valid);  // ends with a barrier: pos is read before it is written
   }
   __syncthreads();
   for (int64_t x = threadIdx.x; x < Q * D; x += kAppendThreads) {
@@ -275,25 +282,28 @@ at::Tensor ragged_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   if (out.numel() == 0) return out;
   const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), pos = pos_in.contiguous(),
              offsets = offsets_in.contiguous(), q_pos = q_pos_in.contiguous();
-  // Splits from the average segment (the host does not read the offsets): about kChunk entries per block,
-  // at most 64 splits.
-  const int splits = int(std::clamp<int64_t>((T / segs + kChunk - 1) / kChunk, 1, 64));
+  // About two blocks per SM, at least kChunk entries each (the host does not read the offsets).
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t chunk = std::max<int64_t>(kChunk, (T + 2 * sms - 1) / (2 * sms));
+  const int64_t blocks = std::max<int64_t>(1, (T + chunk - 1) / chunk), pieces = blocks + segs;
   const int64_t tiles = (rows + kAttnRows - 1) / kAttnRows;
-  auto part_acc = at::empty({segs * rows, splits, D}, q_in.options().dtype(at::kFloat));
-  auto part_ml = at::empty({segs * rows, splits, 2}, q_in.options().dtype(at::kFloat));
+  auto part_acc = at::empty({pieces * rows, D}, q_in.options().dtype(at::kFloat));
+  auto part_ml = at::empty({pieces * rows, 2}, q_in.options().dtype(at::kFloat));
   const size_t smem = sizeof(float) * size_t(kAttnRows * D + kAttnRows * kChunk + 3 * kAttnRows);
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "ragged_attention_cuda", [&] {
-    ragged_attention_partial_kernel<scalar_t><<<dim3(unsigned(segs), unsigned(splits), unsigned(tiles)),
-                                                kAttnThreads, smem, stream>>>(
-        q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-        pos.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), q_pos.const_data_ptr<int64_t>(),
-        part_acc.mutable_data_ptr<float>(), part_ml.mutable_data_ptr<float>(), H, Q, D, Hkv, splits,
-        static_cast<float>(scale));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (T > 0) {
+      ragged_attention_partial_kernel<scalar_t><<<dim3(unsigned(blocks), unsigned(tiles)), kAttnThreads, smem,
+                                                  stream>>>(
+          q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+          pos.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), q_pos.const_data_ptr<int64_t>(),
+          part_acc.mutable_data_ptr<float>(), part_ml.mutable_data_ptr<float>(), T, segs, chunk, H, Q, D, Hkv,
+          static_cast<float>(scale));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     ragged_attention_merge_kernel<scalar_t><<<unsigned(segs * rows), 128, 0, stream>>>(
-        part_acc.const_data_ptr<float>(), part_ml.const_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(), H, Q,
-        D, Hkv, splits);
+        part_acc.const_data_ptr<float>(), part_ml.const_data_ptr<float>(), offsets.const_data_ptr<int64_t>(),
+        out.mutable_data_ptr<scalar_t>(), chunk, H, Q, D, Hkv);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -1,6 +1,7 @@
 // Device helpers shared by the kernels of the segment layout (ragged.cu, evict.cu): segment s = b * Hkv + g
 // holds the flat entries offsets[s] .. offsets[s+1] - 1 (contracts in register.cpp).
 #pragma once
+#include <algorithm>
 #include <cstdint>
 
 namespace cakekv::cuda {
@@ -47,6 +48,36 @@ __device__ __forceinline__ float warp_dot(const float* q_row, const float (&kv)[
   return dot;
 }
 
+constexpr int kUnroll = 4;  // entries a warp loads at once in for_warp_entries
+
+// visit(t, p, dot) for each entry t of [lo, hi) this warp takes, p = pos[t], dot[r] = q_s[r] · k[t] for the
+// R (<= kRows) rows staged in q_s. A warp loads kUnroll entries (positions and rows) before using any: these
+// short loops are bound by load latency, not bandwidth.
+template <int kRows, typename scalar_t, typename Visit>
+__device__ __forceinline__ void for_warp_entries(const scalar_t* __restrict__ k, const int64_t* __restrict__ pos,
+                                                 int64_t lo, int64_t hi, const float* q_s, int R, int64_t D,
+                                                 Visit&& visit) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  for (int64_t t0 = lo + int64_t(warp) * kUnroll; t0 < hi; t0 += int64_t(warps) * kUnroll) {
+    int64_t p[kUnroll];
+    float kv[kUnroll][kMaxPerLane];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t t = std::min(t0 + u, hi - 1);  // past the end: a repeat, never visited
+      p[u] = pos[t];
+      load_row(k + t * D, D, lane, kv[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (t0 + u >= hi) break;
+      float dot[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) dot[r] = r < R ? warp_dot(q_s + r * D, kv[u], D, lane) : 0.f;
+      visit(t0 + u, p[u], dot);
+    }
+  }
+}
+
 // Online-softmax merge of (m, l) pairs: (m, l) becomes the max and rescaled sum of both.
 __device__ __forceinline__ void merge_max_sum(float& m, float& l, float m2, float l2) {
   const float mx = fmaxf(m, m2);
@@ -55,32 +86,33 @@ __device__ __forceinline__ void merge_max_sum(float& m, float& l, float m2, floa
   m = mx;
 }
 
-// Block-wide exclusive prefix sum of one int per thread (blockDim.x a multiple of 32, at most 1024).
-// `scratch` is 33 ints of shared memory; every thread gets its prefix and the block total. Contains barriers:
-// all threads of the block must call it.
-__device__ __forceinline__ int block_exclusive_scan(int value, int* scratch, int& total) {
+// Block-wide exclusive prefix sum of one value per thread (blockDim.x a multiple of 32, at most 1024).
+// `scratch` is 33 values of shared memory; every thread gets its prefix and the block total. Contains barriers:
+// all threads of the block must call it. Two counts can share one scan packed in the halves of a uint64.
+template <typename T>
+__device__ __forceinline__ T block_exclusive_scan(T value, T* scratch, T& total) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  int incl = value;
+  T incl = value;
 #pragma unroll
   for (int off = 1; off < 32; off *= 2) {
-    const int up = __shfl_up_sync(0xffffffffu, incl, off);
+    const T up = __shfl_up_sync(0xffffffffu, incl, off);
     if (lane >= off) incl += up;
   }
   if (lane == 31) scratch[warp] = incl;
   __syncthreads();
   if (warp == 0) {
-    const int mine = lane < warps ? scratch[lane] : 0;
-    int w_incl = mine;
+    const T mine = lane < warps ? scratch[lane] : T(0);
+    T w_incl = mine;
 #pragma unroll
     for (int off = 1; off < 32; off *= 2) {
-      const int up = __shfl_up_sync(0xffffffffu, w_incl, off);
+      const T up = __shfl_up_sync(0xffffffffu, w_incl, off);
       if (lane >= off) w_incl += up;
     }
     if (lane < warps) scratch[lane] = w_incl - mine;
     if (lane == 31) scratch[32] = w_incl;
   }
   __syncthreads();
-  const int prefix = scratch[warp] + incl - value;
+  const T prefix = scratch[warp] + incl - value;
   total = scratch[32];
   __syncthreads();  // scratch may be reused right away
   return prefix;
