@@ -35,6 +35,7 @@ constexpr int kScoreWarps = kScoreThreads / 32;
 constexpr int kScoreRows = 8;   // query rows staged in shared memory at a time
 constexpr int64_t kMinChunk = int64_t(kScoreWarps) * kUnroll;  // fewest entries per scoring block
 constexpr int kSelectThreads = 1024;
+static_assert(kScoreRows <= kScoreWarps, "a warp merges each staged row");
 
 // Stage query rows r0 .. r0 + R - 1 of segment (b, g) in shared memory as fp32, with their positions.
 template <typename scalar_t>
@@ -47,7 +48,7 @@ __device__ __forceinline__ void stage_rows(float* q_s, int64_t* qp_s, const scal
 }
 
 // Pass 1: per piece and staged row, the max and sum of exp over the piece's visible entries.
-template <typename scalar_t>
+template <typename scalar_t, int kPerLane>
 __global__ void __launch_bounds__(kScoreThreads) evict_partial_kernel(
     const scalar_t* __restrict__ q, const scalar_t* __restrict__ k, const int64_t* __restrict__ pos,
     const int64_t* __restrict__ offsets, const int64_t* __restrict__ q_pos, const int64_t* __restrict__ over,
@@ -70,7 +71,7 @@ __global__ void __launch_bounds__(kScoreThreads) evict_partial_kernel(
       float m[kScoreRows], l[kScoreRows];
 #pragma unroll
       for (int r = 0; r < kScoreRows; ++r) m[r] = -INFINITY, l[r] = 0.f;
-      for_warp_entries<kScoreRows>(k, pos, lo, hi, q_s, R, D, [&](int64_t, int64_t p, const float (&dot)[kScoreRows]) {
+      for_warp_entries<kScoreRows, kPerLane>(k, pos, lo, hi, q_s, R, int(D), [&](int64_t, int64_t p, const float (&dot)[kScoreRows]) {
 #pragma unroll
         for (int r = 0; r < kScoreRows; ++r)
           if (r < R && p >= 0 && p <= qp_s[r]) merge_max_sum(m[r], l[r], dot[r] * scale, 1.f);
@@ -89,7 +90,7 @@ __global__ void __launch_bounds__(kScoreThreads) evict_partial_kernel(
 }
 
 // Pass 2: per entry, sum over heads of (mean + w * var) over the queries of each head of its probabilities.
-template <typename scalar_t>
+template <typename scalar_t, int kPerLane>
 __global__ void __launch_bounds__(kScoreThreads) evict_score_kernel(
     const scalar_t* __restrict__ q, const scalar_t* __restrict__ k, const int64_t* __restrict__ pos,
     const int64_t* __restrict__ offsets, const int64_t* __restrict__ q_pos, const int64_t* __restrict__ over,
@@ -100,7 +101,7 @@ __global__ void __launch_bounds__(kScoreThreads) evict_score_kernel(
   __shared__ int64_t qp_s[kScoreRows];
   __shared__ float row_m[kScoreRows], row_inv[kScoreRows];
   const int64_t G = H / Hkv, rows = G * Q, start = int64_t(blockIdx.x) * chunk, end = std::min(T, start + chunk);
-  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int64_t s = segment_of(offsets, segs, start); s < segs && offsets[s] < end; ++s) {
     const int64_t lo = std::max(offsets[s], start), hi = std::min(offsets[s + 1], end);
     if (lo >= hi || over[s] <= 0) continue;
@@ -110,17 +111,24 @@ __global__ void __launch_bounds__(kScoreThreads) evict_score_kernel(
       const int R = int(std::min<int64_t>(kScoreRows, rows - r0));
       __syncthreads();
       stage_rows(q_s, qp_s, q, q_pos, b, g, r0, R, H, G, Q, D);
-      if (threadIdx.x < R) {
+      if (warp < R) {  // warp r merges row r over the segment's pieces, lanes striding over them
         float mm = -INFINITY, ll = 0.f;
-        for (int64_t j = first; j <= last; ++j) {
-          const float2 ml = part_ml[(j + s) * rows + r0 + threadIdx.x];
+        for (int64_t j = first + lane; j <= last; j += 32) {
+          const float2 ml = part_ml[(j + s) * rows + r0 + warp];
           merge_max_sum(mm, ll, ml.x, ml.y);
         }
-        row_m[threadIdx.x] = mm;
-        row_inv[threadIdx.x] = ll > 0.f ? 1.f / ll : 0.f;
+#pragma unroll
+        for (int off = 16; off > 0; off /= 2) {
+          const float m_other = __shfl_xor_sync(0xffffffffu, mm, off), l_other = __shfl_xor_sync(0xffffffffu, ll, off);
+          merge_max_sum(mm, ll, m_other, l_other);
+        }
+        if (lane == 0) {
+          row_m[warp] = mm;
+          row_inv[warp] = ll > 0.f ? 1.f / ll : 0.f;
+        }
       }
       __syncthreads();
-      for_warp_entries<kScoreRows>(k, pos, lo, hi, q_s, R, D, [&](int64_t t, int64_t p, const float (&dot)[kScoreRows]) {
+      for_warp_entries<kScoreRows, kPerLane>(k, pos, lo, hi, q_s, R, int(D), [&](int64_t t, int64_t p, const float (&dot)[kScoreRows]) {
         float sc = r0 == 0 ? 0.f : score[t], mu = r0 == 0 ? 0.f : mean[t], sq = r0 == 0 ? 0.f : m2[t];
 #pragma unroll
         for (int r = 0; r < kScoreRows; ++r) {
@@ -302,19 +310,22 @@ void evict_lowest(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
   const size_t smem = sizeof(float) * size_t(kScoreRows * D);
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "evict_lowest_cuda", [&] {
-    evict_partial_kernel<scalar_t><<<unsigned(blocks), kScoreThreads, smem, stream>>>(
-        q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), pos.const_data_ptr<int64_t>(),
-        offsets.const_data_ptr<int64_t>(), q_pos.const_data_ptr<int64_t>(), over.const_data_ptr<int64_t>(),
-        reinterpret_cast<float2*>(part_ml.mutable_data_ptr<float>()), T, segs, chunk, H, Q, D, Hkv,
-        static_cast<float>(scale));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    evict_score_kernel<scalar_t><<<unsigned(blocks), kScoreThreads, smem, stream>>>(
-        q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), pos.const_data_ptr<int64_t>(),
-        offsets.const_data_ptr<int64_t>(), q_pos.const_data_ptr<int64_t>(), over.const_data_ptr<int64_t>(),
-        reinterpret_cast<const float2*>(part_ml.const_data_ptr<float>()), score.mutable_data_ptr<float>(),
-        mean.mutable_data_ptr<float>(), m2.mutable_data_ptr<float>(), T, segs, chunk, H, Q, D, Hkv,
-        static_cast<float>(scale), static_cast<float>(var_weight));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_dims_per_lane(D, [&](auto per_lane) {
+      constexpr int P = decltype(per_lane)::value;
+      evict_partial_kernel<scalar_t, P><<<unsigned(blocks), kScoreThreads, smem, stream>>>(
+          q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), pos.const_data_ptr<int64_t>(),
+          offsets.const_data_ptr<int64_t>(), q_pos.const_data_ptr<int64_t>(), over.const_data_ptr<int64_t>(),
+          reinterpret_cast<float2*>(part_ml.mutable_data_ptr<float>()), T, segs, chunk, H, Q, D, Hkv,
+          static_cast<float>(scale));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      evict_score_kernel<scalar_t, P><<<unsigned(blocks), kScoreThreads, smem, stream>>>(
+          q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), pos.const_data_ptr<int64_t>(),
+          offsets.const_data_ptr<int64_t>(), q_pos.const_data_ptr<int64_t>(), over.const_data_ptr<int64_t>(),
+          reinterpret_cast<const float2*>(part_ml.const_data_ptr<float>()), score.mutable_data_ptr<float>(),
+          mean.mutable_data_ptr<float>(), m2.mutable_data_ptr<float>(), T, segs, chunk, H, Q, D, Hkv,
+          static_cast<float>(scale), static_cast<float>(var_weight));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   evict_select_kernel<<<unsigned(segs), kSelectThreads, 0, stream>>>(
       pos.mutable_data_ptr<int64_t>(), order.mutable_data_ptr<int32_t>(), offsets.const_data_ptr<int64_t>(),

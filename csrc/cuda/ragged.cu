@@ -54,7 +54,7 @@ constexpr int kChunk = 64;       // entries scored per step by a ragged_attentio
 constexpr int kAttnThreads = 128;
 constexpr int kMaxDimSlots = (32 * kMaxPerLane + kAttnThreads - 1) / kAttnThreads;  // head dims per thread
 
-template <typename scalar_t>
+template <typename scalar_t, int kPerLane>
 __global__ void ragged_attention_partial_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
                                                 const scalar_t* __restrict__ v, const int64_t* __restrict__ pos,
                                                 const int64_t* __restrict__ offsets,
@@ -95,7 +95,7 @@ __global__ void ragged_attention_partial_kernel(const scalar_t* __restrict__ q, 
 
     for (int64_t c0 = lo; c0 < hi; c0 += kChunk) {
       const int n = int(std::min<int64_t>(kChunk, hi - c0));
-      for_warp_entries<kAttnRows>(k, pos, c0, c0 + n, q_s, R, D,  // scores of the entries against every row
+      for_warp_entries<kAttnRows, kPerLane>(k, pos, c0, c0 + n, q_s, R, int(D),  // scores of the entries against every row
                                   [&](int64_t t, int64_t p, const float (&dot)[kAttnRows]) {
         if (lane == 0)
           for (int r = 0; r < R; ++r)
@@ -292,15 +292,15 @@ at::Tensor ragged_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   const size_t smem = sizeof(float) * size_t(kAttnRows * D + kAttnRows * kChunk + 3 * kAttnRows);
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "ragged_attention_cuda", [&] {
-    if (T > 0) {
-      ragged_attention_partial_kernel<scalar_t><<<dim3(unsigned(blocks), unsigned(tiles)), kAttnThreads, smem,
-                                                  stream>>>(
+    if (T > 0) with_dims_per_lane(D, [&](auto per_lane) {
+      ragged_attention_partial_kernel<scalar_t, decltype(per_lane)::value>
+          <<<dim3(unsigned(blocks), unsigned(tiles)), kAttnThreads, smem, stream>>>(
           q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
           pos.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), q_pos.const_data_ptr<int64_t>(),
           part_acc.mutable_data_ptr<float>(), part_ml.mutable_data_ptr<float>(), T, segs, chunk, H, Q, D, Hkv,
           static_cast<float>(scale));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    });
     ragged_attention_merge_kernel<scalar_t><<<unsigned(segs * rows), 128, 0, stream>>>(
         part_acc.const_data_ptr<float>(), part_ml.const_data_ptr<float>(), offsets.const_data_ptr<int64_t>(),
         out.mutable_data_ptr<scalar_t>(), chunk, H, Q, D, Hkv);
