@@ -7,8 +7,9 @@
     qa(context=document, questions=["Who ...?", "When ...?"], max_new_tokens=32)
     # -> [{"question": "Who ...?", "answer": "..."}, ...]
 
-The context is read and compressed by one prefill; each question continues from its own copy of the
-compressed cache (`CompressedCache.clone`), so questions neither re-read the context nor see each other.
+The context is read and compressed by one prefill (`prefill_context`); each question continues from its
+own copy of the compressed cache (`question_caches`), so questions neither re-read the context nor see
+each other. `cakekv eval --protocol context-only` answers the questions sharing a context the same way.
 Questions are answered one after another (a batch would need padding between context and question).
 Generation keywords (`max_new_tokens`, `do_sample`, `temperature`, ...) go to `model.generate`.
 """
@@ -24,6 +25,21 @@ from .api import compress
 from .patch import cache_kwargs, cache_of
 
 TASK = "cakekv-text-generation"
+
+
+def prefill_context(model, context_ids: torch.Tensor):
+    """The compressed cache of ``context_ids`` ([1, n]) after one forward under the active
+    ``cakekv.compress``; logits of the last position only (a long context's full logits would not fit
+    in memory)."""
+    return cache_of(model(input_ids=context_ids, use_cache=True, logits_to_keep=1))
+
+
+def question_caches(cache, questions: int):
+    """One independent cache per question, made as each is taken: clones of ``cache``, then ``cache``
+    itself for the last question (nothing reads it afterwards), so a lone question costs no copy."""
+    for _ in range(questions - 1):
+        yield cache.clone()
+    yield cache
 
 
 class CompressedContextPipeline(Pipeline):
@@ -60,13 +76,14 @@ class CompressedContextPipeline(Pipeline):
         device = model.device
         context = model_inputs["context_ids"].to(device)
         kwargs = {"pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **generate_kwargs}
+        questions = model_inputs["question_ids"]
         answers = []
         with torch.no_grad(), compress(model, method=method, budget=budget, window=window, **options):
-            compressed = cache_of(model(input_ids=context, use_cache=True, logits_to_keep=1))
-            for question in model_inputs["question_ids"]:
+            caches = question_caches(prefill_context(model, context), len(questions))
+            for question, cache in zip(questions, caches):
                 ids = torch.cat([context, question.to(device)], 1)
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                     **cache_kwargs(model, compressed.clone()), **kwargs)
+                                     **cache_kwargs(model, cache), **kwargs)
                 answers.append(out[0, ids.shape[1]:])
         return {"answers": answers, "questions": model_inputs["questions"]}
 

@@ -113,13 +113,14 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_out: str,
     g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="method option passed to cakekv.compress (repeatable), e.g. --option gamma=200")
     g.add_argument("--protocol", choices=PROTOCOLS, default="question-aware",
-                   help="question-aware: compress the whole prompt; context-only: compress the context, "
-                        "then append the question (default: %(default)s)")
+                   help="question-aware: compress the whole prompt; context-only: compress the context "
+                        "once, then append each of its questions to a copy (default: %(default)s)")
     g.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
                    help="wrap prompts with the tokenizer's chat template (auto: when it has one)")
     g.add_argument("--batch-size", type=int, default=1,
                    help="prompts generated together, left-padded (question-aware protocol; context-only "
-                        "runs them one at a time) (default: %(default)s)")
+                        "answers the prompts of one context together, from one prefill of it) "
+                        "(default: %(default)s)")
     g = parser.add_argument_group("output")
     g.add_argument("--out", default=default_out, help="results folder (default: %(default)s)")
     g.add_argument("--seed", type=int, default=42, help="random seed (default: %(default)s)")

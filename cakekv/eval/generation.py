@@ -1,5 +1,6 @@
 """Compressed greedy generation: one prompt or a left-padded batch, under either protocol
-(:mod:`.prompts`), with the cache's memory per row from the handle's stats."""
+(:mod:`.prompts`), with the cache's memory per row from the cache's stats. Under context-only, the
+prompts sharing a context are answered from one compressed prefill of it."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from .prompts import Encoded, check_protocol
+from .prompts import Encoded, check_protocol, context_groups
 
 
 @dataclasses.dataclass
@@ -22,6 +23,7 @@ class Generation:
     bytes_after: int | None   # memory held by the cache (spare slots and positions included)
     bytes_kept: int | None    # K/V bytes of the entries kept
     kept_per_layer: list[float] | None
+    questions_per_prefill: int = 1  # context-only: the questions answered from this row's context prefill
 
     @property
     def kv_fraction(self) -> float | None:
@@ -85,46 +87,78 @@ def generate(model, tokenizer, encoded: Encoded, **kwargs) -> Generation:
 def generate_batch(model, tokenizer, encoded_list: Sequence[Encoded], *, method: str, budget: int | None,
                    window: int, protocol: str, max_new_tokens: int, options: dict | None = None,
                    extra_eos: Sequence[int] = (), min_new_tokens: int = 0) -> list[Generation]:
-    """Greedy answers to several prompts with ``method``/``budget`` under ``protocol``, one per prompt.
+    """Greedy answers to several prompts with ``method``/``budget`` under ``protocol``, one per prompt,
+    each what that prompt alone would give.
 
-    ``question-aware``: one left-padded batch, one ``model.generate`` under one ``cakekv.compress``;
-    each row's answer is what that row alone would give. ``context-only``: one prompt at a time,
-    because cakekv's cache takes padding only at the left of the prefill: the questions (of
-    different lengths) appended to a batch of contexts would need padding between a row's context
-    and its question, which the cache would store and attend to as real tokens.
+    ``question-aware``: one left-padded batch, one ``model.generate``; a row's ``seconds`` is the
+    batch's wall time divided by its rows (rows share every forward). ``context-only``: one context
+    at a time (a batch would need padding between a row's context and its question, which the cache
+    would store and attend to as real tokens); the prompts with the same context ids share one
+    compressed prefill of it, each question continuing from its own copy of the cache, and a row's
+    ``seconds`` is its share of that prefill plus its own continuation.
 
-    A row's ``seconds`` is the batch's wall time divided by its rows (rows share every forward);
-    bytes are per row as :func:`summarize_stats` says."""
+    Bytes are per row as :func:`summarize_stats` says."""
     check_protocol(protocol)
-    if protocol == "context-only" and len(encoded_list) > 1:
-        one = dict(method=method, budget=budget, window=window, protocol=protocol, max_new_tokens=max_new_tokens,
-                   options=options, extra_eos=extra_eos, min_new_tokens=min_new_tokens)
-        return [generate(model, tokenizer, encoded, **one) for encoded in encoded_list]
+    eos = _eos_ids(tokenizer, model, extra_eos)
+    with compress_context(model, method, budget, window, options) as handle:
+        if protocol == "question-aware":
+            return _generate_padded(model, tokenizer, encoded_list, handle, eos, max_new_tokens, min_new_tokens)
+        return _generate_by_context(model, tokenizer, encoded_list, eos, max_new_tokens, min_new_tokens)
+
+
+def _generate_padded(model, tokenizer, encoded_list, handle, eos, max_new_tokens, min_new_tokens):
+    """Question-aware: the whole prompts in one left-padded ``model.generate``."""
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
-    eos = _eos_ids(tokenizer, model, extra_eos)
     start = time.perf_counter()
-    with compress_context(model, method, budget, window, options) as handle:
-        if protocol == "question-aware":
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-            ids, mask = left_pad([e.full for e in encoded_list], pad, device)
-            config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                      eos_token_id=eos or None, pad_token_id=pad,
-                                      min_new_tokens=min_new_tokens or None)
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-            answers = [cut_at_eos(row, eos) for row in out[:, ids.shape[1]:].tolist()]
-        else:
-            (encoded,) = encoded_list
-            answers = [_greedy_continue(model, encoded.context.to(device)[None], encoded.question.to(device)[None],
-                                        max_new_tokens, eos, min_new_tokens)]
-        stats = handle.stats
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    ids, mask = left_pad([e.full for e in encoded_list], pad, device)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              eos_token_id=eos or None, pad_token_id=pad, min_new_tokens=min_new_tokens or None)
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    answers = [cut_at_eos(row, eos) for row in out[:, ids.shape[1]:].tolist()]
+    seconds = _since(start, device) / len(encoded_list)
+    return [_generation(tokenizer, encoded, tokens, seconds, row_stats)
+            for encoded, tokens, row_stats in zip(encoded_list, answers,
+                                                  summarize_stats(handle.stats, len(answers)))]
+
+
+def _generate_by_context(model, tokenizer, encoded_list, eos, max_new_tokens, min_new_tokens):
+    """Context-only: per group of prompts sharing a context, one compressed prefill of the context
+    (:func:`cakekv.pipeline.prefill_context`), then each question from its own copy of the cache
+    (:func:`cakekv.pipeline.question_caches`), decoded greedily."""
+    from ..pipeline import prefill_context, question_caches
+
+    device = next(model.parameters()).device
+    out: list[Generation | None] = [None] * len(encoded_list)
+    for group in context_groups(encoded_list):
+        start = time.perf_counter()
+        cache = prefill_context(model, encoded_list[group[0]].context.to(device)[None])
+        prefill_share = _since(start, device) / len(group)
+        caches = question_caches(cache, len(group))
+        for i in group:
+            start = time.perf_counter()
+            own = next(caches)  # its copy is part of its time
+            tokens = _greedy_answer(model, own, encoded_list[i].question.to(device)[None], max_new_tokens, eos,
+                                    min_new_tokens)
+            seconds = prefill_share + _since(start, device)
+            (row_stats,) = summarize_stats(own.layer_stats())
+            out[i] = _generation(tokenizer, encoded_list[i], tokens, seconds, row_stats, len(group))
+    return out
+
+
+def _since(start: float, device) -> float:
+    """Seconds since ``start``, once the device's queued work is done."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = (time.perf_counter() - start) / len(encoded_list)
-    return [Generation(tokenizer.decode(tokens, skip_special_tokens=True), tokens, int(encoded.full.numel()),
-                       seconds, *row_stats)
-            for encoded, tokens, row_stats in zip(encoded_list, answers, summarize_stats(stats, len(answers)))]
+    return time.perf_counter() - start
+
+
+def _generation(tokenizer, encoded: Encoded, tokens: list[int], seconds: float, row_stats: tuple,
+                questions_per_prefill: int = 1) -> Generation:
+    return Generation(tokenizer.decode(tokens, skip_special_tokens=True), tokens, int(encoded.full.numel()),
+                      seconds, *row_stats, questions_per_prefill)
 
 
 def left_pad(rows: Sequence[torch.Tensor], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,12 +181,10 @@ def cut_at_eos(tokens: list[int], eos: Sequence[int]) -> list[int]:
     return tokens
 
 
-def _greedy_continue(model, context_ids, question_ids, max_new_tokens, eos, min_new_tokens):
-    """Prefill the context (compressed by the active handle), append the question, decode greedily."""
-    from ..patch import cache_kwargs, cache_of
-    # logits of the last position only: a long context's full logits would not fit in memory
-    out = model(input_ids=context_ids, use_cache=True, logits_to_keep=1)
-    out = model(input_ids=question_ids, **cache_kwargs(model, cache_of(out)), use_cache=True, logits_to_keep=1)
+def _greedy_answer(model, cache, question_ids, max_new_tokens, eos, min_new_tokens):
+    """Append the question to ``cache`` (a compressed context), decode greedily."""
+    from ..patch import cache_kwargs
+    out = model(input_ids=question_ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     tokens: list[int] = []
     eos_set = set(eos)
     for step in range(max_new_tokens):
@@ -163,6 +195,6 @@ def _greedy_continue(model, context_ids, question_ids, max_new_tokens, eos, min_
         tokens.append(nxt)
         if nxt in eos_set or step + 1 == max_new_tokens:
             break
-        out = model(input_ids=torch.tensor([[nxt]], device=context_ids.device),
-                    **cache_kwargs(model, cache_of(out)), use_cache=True)
+        out = model(input_ids=torch.tensor([[nxt]], device=question_ids.device),
+                    **cache_kwargs(model, cache), use_cache=True)
     return tokens

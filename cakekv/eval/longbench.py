@@ -37,7 +37,7 @@ from typing import Any, Sequence
 from . import metrics, report
 from .args import add_common_arguments, script_main, setup_from_args, split_list
 from .plots import plot_scores_vs_budget
-from .prompts import Prompt, make_prompt
+from .prompts import Encoded, Prompt, context_groups, make_prompt
 from .runs import Run, Setup, progress_bar
 
 DATASETS_EN = ("narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "musique",
@@ -249,40 +249,59 @@ def predict(setup: Setup, data_dir: str, datasets: Sequence[str], *, max_length:
                 bar.update(min(done, len(data[name])))
                 mode = "a" if done else "w"
                 samsum = name == "samsum"
-                # Consecutive examples in each batch (not sorted by length): the file grows in the
-                # data's order, which --resume relies on.
+                examples = data[name][done:]
+                prompts = [build_prompt(tok, ex, name, max_length=max_length, chat=setup.chat,
+                                        double_bos=double_bos) for ex in examples]
+                encoded = [setup.encode(p) for p, _ in prompts]
+                ready: dict[int, dict] = {}
+                written = 0
                 with open(path, mode, encoding="utf-8") as f:
-                    for start in range(done, len(data[name]), setup.batch_size):
+                    for batch in example_batches(encoded, setup):
                         bar.set_postfix_str(f"{run.label} {name}", refresh=False)
-                        examples = data[name][start:start + setup.batch_size]
-                        prompts = [build_prompt(tok, ex, name, max_length=max_length, chat=setup.chat,
-                                                double_bos=double_bos) for ex in examples]
                         gens = generation.generate_batch(
-                            setup.model, tok, [setup.encode(p) for p, _ in prompts],
+                            setup.model, tok, [encoded[i] for i in batch],
                             method=run.method, budget=run.budget, window=setup.window, protocol=setup.protocol,
                             options=setup.options, max_new_tokens=max_new_tokens or DATASET2MAXLEN[name],
                             extra_eos=[newline] if samsum and newline is not None else (),
                             min_new_tokens=1 if samsum else 0)
-                        for ex, (_, truncated), gen in zip(examples, prompts, gens):
-                            record = {"pred": gen.text, "answers": ex["answers"],
-                                      "all_classes": ex.get("all_classes"), "length": ex.get("length"),
-                                      "_id": ex.get("_id"), "prompt_tokens": gen.prompt_tokens,
-                                      "truncated": truncated, "new_tokens": len(gen.tokens),
-                                      "time_s": round(gen.seconds, 4), "kv_bytes_before": gen.bytes_before,
-                                      "kv_bytes_after": gen.bytes_after, "kv_bytes_kept": gen.bytes_kept}
-                            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                        for i, gen in zip(batch, gens):
+                            ready[i] = prediction_record(examples[i], prompts[i][1], gen)
                             bar.update(1)
+                        # in the data's order, which --resume relies on
+                        while written in ready:
+                            f.write(json.dumps(ready.pop(written), ensure_ascii=False) + "\n")
+                            written += 1
                         f.flush()
     finally:
         bar.close()
     return paths
 
 
+def prediction_record(example: dict, truncated: bool, gen) -> dict:
+    """One line of a predictions file: the answer, what scores it, and what it cost."""
+    return {"pred": gen.text, "answers": example["answers"], "all_classes": example.get("all_classes"),
+            "length": example.get("length"), "_id": example.get("_id"), "prompt_tokens": gen.prompt_tokens,
+            "truncated": truncated, "new_tokens": len(gen.tokens), "time_s": round(gen.seconds, 4),
+            "questions_per_prefill": gen.questions_per_prefill, "kv_bytes_before": gen.bytes_before,
+            "kv_bytes_after": gen.bytes_after, "kv_bytes_kept": gen.bytes_kept}
+
+
+def example_batches(encoded: Sequence[Encoded], setup: Setup) -> list[list[int]]:
+    """Indices of a dataset's prompts per ``generate_batch`` call. Question-aware: ``batch_size``
+    consecutive examples (not sorted by length: a batch's predictions are written at once, and the
+    file grows in the data's order). Context-only: the examples of one context, wherever they are in
+    the file (they share its compressed prefill)."""
+    if setup.protocol == "context-only":
+        return context_groups(encoded)
+    return [list(range(start, min(start + setup.batch_size, len(encoded))))
+            for start in range(0, len(encoded), setup.batch_size)]
+
+
 # ----------------------------------------------------------------------------------------------
 # scores
 # ----------------------------------------------------------------------------------------------
 def score_file(path: str, dataset: str, **options) -> dict[str, Any]:
-    """Score one predictions file: {'score', 'n', 'time_s', 'kv_fraction'}."""
+    """Score one predictions file: {'score', 'n', 'prefills', 'time_s', 'kv_fraction'}."""
     records = read_jsonl(path)
     score = metrics.dataset_score(dataset, [r["pred"] for r in records], [r["answers"] for r in records],
                                   [r.get("all_classes") for r in records], **options)
@@ -290,6 +309,7 @@ def score_file(path: str, dataset: str, **options) -> dict[str, Any]:
     kept = sum(r.get("kv_bytes_kept") or 0 for r in records)
     times = [r["time_s"] for r in records if r.get("time_s") is not None]
     return {"score": score, "n": len(records),
+            "prefills": report.prefill_count(r.get("questions_per_prefill", 1) for r in records),
             "time_s": round(sum(times) / len(times), 4) if times else None,
             "kv_fraction": round(kept / before, 4) if before else None}
 
@@ -338,11 +358,16 @@ def write_report(out: str, table: dict[str, Any], info: dict[str, Any]) -> dict[
             entry = table[r]["datasets"].get(d)
             if entry:
                 kept = entry["kv_fraction"]
-                cost.append([*dataclasses.astuple(Run.from_label(r)), d, entry["n"], entry["time_s"],
-                             f"{100 * kept:.1f}%" if kept is not None else None])
-    md += ["## Cost per dataset", "", "KV bytes kept: cache bytes after the run / bytes of a full cache of the "
-           "same tokens (handle.stats)", "",
-           report.markdown_table(["method", "budget", "dataset", "examples", "mean time (s)", "KV bytes kept"], cost),
+                cost.append([*dataclasses.astuple(Run.from_label(r)), d, entry["n"], entry["prefills"],
+                             entry["time_s"], f"{100 * kept:.1f}%" if kept is not None else None])
+    examples, prefills = sum(row[3] for row in cost), sum(row[4] for row in cost)
+    md += ["## Cost per dataset", "",
+           f"{prefills} prefills for {examples} examples ({examples / max(prefills, 1):.2f} examples per prefill: "
+           "under context-only, the examples of one context share its compressed prefill). Mean time per "
+           "example, its share of a shared prefill included. KV bytes kept: cache bytes after the run / bytes "
+           "of a full cache of the same tokens (cache stats)", "",
+           report.markdown_table(["method", "budget", "dataset", "examples", "prefills", "mean time (s)",
+                                  "KV bytes kept"], cost),
            ""]
     report.write_text(paths["markdown"], "\n".join(md))
     plot_scores_vs_budget({Run.from_label(r): table[r]["avg"] for r in runs}, paths["png"],

@@ -6,14 +6,16 @@
 * ``context-only`` -- the context alone is prefilled under ``cakekv.compress`` (one forward), then
   the question is appended to the compressed cache in one forward and the answer is decoded
   greedily token by token from that cache (what DefensiveKV / kvpress do: the compression does not
-  know the question).
+  know the question). Prompts with the same context ids (:func:`context_groups`) share one prefill,
+  each question continuing from its own copy of the compressed cache.
 
 Torch is imported only when a prompt is tokenized.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+import hashlib
+from typing import TYPE_CHECKING, Hashable, Iterable, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -88,6 +90,26 @@ class Encoded:
     full: torch.Tensor
     context: torch.Tensor
     question: torch.Tensor
+
+    @property
+    def context_key(self) -> bytes:
+        """A digest of the context ids: prompts with equal keys have the same context (a digest, so
+        that grouping many long contexts holds no copy of them)."""
+        return hashlib.sha256(self.context.cpu().numpy().tobytes()).digest()
+
+
+def group_indices(keys: Iterable[Hashable]) -> list[list[int]]:
+    """Indices of equal keys grouped, groups in the order of their first index."""
+    groups: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def context_groups(encoded_list: Sequence[Encoded]) -> list[list[int]]:
+    """Indices of the prompts grouped by context ids: under context-only, the questions of a group
+    are answered from one compressed prefill of their context."""
+    return group_indices(e.context_key for e in encoded_list)
 
 
 def check_protocol(protocol: str) -> None:

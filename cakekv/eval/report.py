@@ -31,6 +31,12 @@ def environment_info(setup: Setup | None = None, **extra: Any) -> dict[str, Any]
     return info
 
 
+def prefill_count(questions_per_prefill: Iterable[int]) -> int:
+    """The prefills behind a list of answers, from each answer's count of the questions that shared
+    its prefill (a prefill shared by n questions counts 1/n for each)."""
+    return round(sum(1 / n for n in questions_per_prefill))
+
+
 def _parent(path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Sequence
 
-from .prompts import Encoded, Prompt, encode_prompt
+from .prompts import Encoded, Prompt, encode_prompt, group_indices
 
 DEFAULT_METHODS = ("full", "cake", "snapkv")
 FULL = "full"
@@ -90,7 +90,8 @@ def evaluate_items(setup: Setup, items: Sequence[tuple[Any, int, Any]], *, desc:
                    record: Callable[[Run, Any, Any], dict]) -> list[dict]:
     """Every run x item, items being (encoded prompt, max_new_tokens, payload); one
     ``record(run, payload, generation)`` per generation, run by run in the items' order, with a
-    progress bar. Items go through :func:`.generation.generate_batch` ``setup.batch_size`` at a time."""
+    progress bar. Items go through :func:`.generation.generate_batch` in the batches of
+    :func:`item_batches`."""
     from . import generation
     records: list[dict] = []
     bar = progress_bar(total=len(items) * len(setup.runs), desc=desc, disable=not setup.progress)
@@ -98,7 +99,7 @@ def evaluate_items(setup: Setup, items: Sequence[tuple[Any, int, Any]], *, desc:
         for run in setup.runs:
             bar.set_postfix_str(run.label)
             by_item: dict[int, dict] = {}
-            for batch in item_batches(items, setup.batch_size):
+            for batch in item_batches(items, setup.batch_size, setup.protocol):
                 gens = generation.generate_batch(
                     setup.model, setup.tokenizer, [items[i][0] for i in batch], method=run.method,
                     budget=run.budget, window=setup.window, protocol=setup.protocol, options=setup.options,
@@ -112,9 +113,13 @@ def evaluate_items(setup: Setup, items: Sequence[tuple[Any, int, Any]], *, desc:
     return records
 
 
-def item_batches(items: Sequence[tuple[Any, int, Any]], batch_size: int) -> list[list[int]]:
-    """Indices of ``items`` in batches of at most ``batch_size`` sharing one max_new_tokens, each
-    batch of prompts of similar lengths (sorted by length) so that little of it is padding."""
+def item_batches(items: Sequence[tuple[Any, int, Any]], batch_size: int,
+                 protocol: str = "question-aware") -> list[list[int]]:
+    """Indices of ``items`` in batches sharing one max_new_tokens. Question-aware: at most
+    ``batch_size`` prompts of similar lengths (sorted by length) so that little of a batch is padding.
+    Context-only: the prompts of one context, whatever their number (they share its prefill)."""
+    if protocol == "context-only":
+        return group_indices((encoded.context_key, max_new) for encoded, max_new, _ in items)
     order = sorted(range(len(items)), key=lambda i: (items[i][1], items[i][0].full.numel()))
     batches: list[list[int]] = []
     for i in order:
