@@ -8,6 +8,11 @@ no other bookkeeping. Layouts:
     eviction frees a slot by setting its position to -1, so a layer stays at a fixed capacity.
 Host-side counters (`counts`, `caps`) are plain ints, so the decode step never syncs with the device.
 
+Sliding-window layers are not compressed by the method (its budgets cover the global layers): such a
+layer holds what its queries can still attend to. At the end of prefill it keeps its last
+`sliding_window - 1` tokens; a step first frees the entries out of the window of its first query, then
+appends, so the layer stores at most `sliding_window - 1 + q` entries.
+
 Ragged layers: after prefill, a layer whose KV heads hold different numbers of entries (per-head budgets)
 switches from the padded [B, Hkv, M, D] storage to a ragged one, so that it stores only what it keeps:
   * `keys`, `values` [C, D] and `pos_flat` [C] hold the segments of every (row, KV head) pair back to back,
@@ -137,8 +142,29 @@ class CompressedLayer(CacheLayerMixin):
         """Write the step's tokens into free slots, on the device only: the room was made and the host
         counters are kept by `prepare_step` / `finish_step`, so a step can be captured as a CUDA graph."""
         self._advance_positions(keys.shape[2])
+        if self.sliding_window is not None:
+            self._free_out_of_window()
         _ops.append_entries(*self._segments(), keys, values, self.query_pos, self._flat_order())
         return self.keys, self.values
+
+    def _free_out_of_window(self):
+        """Free (pos = -1) the entries the step's first query can no longer attend to, nor any later one:
+        a sliding layer keeps its last `sliding_window - 1` entries, and its freed slots take the step."""
+        oldest_hidden = self.query_pos[:, :1, None] - self.sliding_window
+        self.pos.masked_fill_(self.pos <= oldest_hidden, -1)
+
+    def hold_window(self):
+        """End of prefill on a sliding layer: keep only its last `sliding_window - 1` slots, all that the
+        next query can attend to (the method does not compress it)."""
+        size = self.pos.shape[-1]
+        keep = min(size, self.sliding_window - 1)
+        if keep < size:  # copies, so that the prompt's storage is released
+            self.keys = self.keys[:, :, size - keep:].clone()
+            self.values = self.values[:, :, size - keep:].clone()
+            self.pos = self.pos[:, :, size - keep:].clone()
+        self.query_pos = None
+        self.head_counts = [[min(c, keep) for c in row] for row in self.head_counts]
+        self.head_prefix = [[max(c - self.cache.window, 0) for c in row] for row in self.head_counts]
 
     def _segments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(keys [T, D], values [T, D], positions [T], offsets [B*Hkv + 1]): the layer as segments, one per
@@ -176,6 +202,11 @@ class CompressedLayer(CacheLayerMixin):
             self.over_t += q
 
     # ---- host side of a step (outside any captured graph) ---------------------------------------
+    @property
+    def grows(self) -> bool:
+        """Whether the storage grows with the sequence: no decode-time cap and no sliding window."""
+        return self.head_caps is None and self.sliding_window is None
+
     def room(self) -> int:
         """Free slots of the fullest (row, head) of this layer (host counters)."""
         counts = [c for row in self.head_counts for c in row]
@@ -186,20 +217,23 @@ class CompressedLayer(CacheLayerMixin):
         """Before a step of `q` tokens: make room for them (the only reallocation), size the query
         positions and decide how many entries eviction drops. A layer without decode caps grows when it
         cannot hold the step, by `spare` more slots (default: 1/8 of its size, see `grown_capacity`); given
-        `spare` by the cache, it also grows when it could not hold `spare` more. Returns what a captured
-        step depends on."""
+        `spare` by the cache, it also grows when it could not hold `spare` more. A sliding layer is
+        bounded by its window instead (`_make_sliding_room`). Returns what a captured step depends on."""
         counts = [c for row in self.head_counts for c in row]
-        needed = q  # free slots below which this layer grows
-        if spare is None:
-            spare = grown_capacity(max(counts) + q) - max(counts) - q
-        elif self.head_caps is None:
-            needed = q + spare  # the cache grows its layers together
-        reserve = q if self.head_caps is not None else q + spare  # capped layers evict a slot per token
-        if self.room() < needed:
-            if self.ragged:
-                self._repack([max(cap, c + reserve) for cap, c in zip(self.seg_caps, counts)])
-            else:
-                self._ensure_room(max(counts) + reserve)
+        if self.sliding_window is not None:
+            self._make_sliding_room(q, counts)
+        else:
+            needed = q  # free slots below which this layer grows
+            if spare is None:
+                spare = grown_capacity(max(counts) + q) - max(counts) - q
+            elif self.head_caps is None:
+                needed = q + spare  # the cache grows its layers together
+            reserve = q if self.head_caps is not None else q + spare  # capped layers evict a slot per token
+            if self.room() < needed:
+                if self.ragged:
+                    self._repack([max(cap, c + reserve) for cap, c in zip(self.seg_caps, counts)])
+                else:
+                    self._ensure_room(max(counts) + reserve)
         if not self.ragged:
             self._padded_offsets()
         if self.query_pos is None or self.query_pos.shape[1] != q or self.query_pos._base is not None:
@@ -210,9 +244,20 @@ class CompressedLayer(CacheLayerMixin):
             self.step_evict = max(c + q - cap for c, cap in zip(counts, caps))
         return (self.ragged, self.keys.data_ptr(), tuple(self.keys.shape), self.step_evict)
 
+    def _make_sliding_room(self, q: int, counts: list[int]):
+        """A sliding layer's step frees all but its last `sliding_window - 1` entries before it appends, so
+        `sliding_window - 1 + q` slots always suffice: it grows with spare room up to that, never past it."""
+        held = max(min(c, self.sliding_window - 1) for c in counts)
+        if self.pos.shape[-1] < held + q:
+            self._ensure_room(min(grown_capacity(held + q), self.sliding_window - 1 + q))
+
     def finish_step(self, q: int):
-        """After a step: the host counters follow what the device did."""
-        self.head_counts = [[c + q for c in row] for row in self.head_counts]
+        """After a step: the host counters follow what the device did (a sliding layer kept its last
+        `sliding_window - 1` entries, then appended: its entries are always the row's latest tokens)."""
+        if self.sliding_window is not None:
+            self.head_counts = [[min(c, self.sliding_window - 1) + q for c in row] for row in self.head_counts]
+        else:
+            self.head_counts = [[c + q for c in row] for row in self.head_counts]
         if self.step_evict > 0:
             self.head_counts = [[min(c, cap) for c, cap in zip(cs, caps)]
                                 for cs, caps in zip(self.head_counts, self.head_caps)]
@@ -367,10 +412,17 @@ class CompressedCache(Cache):
     def __init__(self, method: Method, window: int, sliding_windows: list[int | None]):
         super().__init__(layers=[CompressedLayer(self, i, sw) for i, sw in enumerate(sliding_windows)])
         self.method = method
+        method.num_layers = len(self.global_layers)  # the method's budgets cover the layers it compresses
         self.window = window
         self.prompt: PromptInfo | None = None
         self.preferences: list[torch.Tensor] = []
         self.step_graph = None  # the captured decode step (step_graph.StepGraph), on CUDA
+
+    @property
+    def global_layers(self) -> list[CompressedLayer]:
+        """The layers the method scores, budgets and compresses: those without a sliding window (a sliding
+        layer holds its window, see `CompressedLayer.hold_window`)."""
+        return [layer for layer in self.layers if layer.sliding_window is None]
 
     @property
     def is_fresh(self) -> bool:
@@ -386,10 +438,12 @@ class CompressedCache(Cache):
         """Host side of a step of `q` tokens over the compressed layers, before it runs; the result keys
         a captured step (it changes when storage is reallocated or eviction counts change). When one
         growing layer is full, every growing layer short of the same spare grows with it, so that they
-        fill up together again and a captured step is re-captured rarely."""
+        fill up together again and a captured step is re-captured rarely (sliding and capped layers are
+        bounded: they do not take part)."""
         spare = 0  # nobody must grow: nobody does
-        if any(layer.head_caps is None and layer.room() < q for layer in self.layers):
-            largest = max(max(c for row in layer.head_counts for c in row) for layer in self.layers)
+        growing = [layer for layer in self.layers if layer.grows]
+        if any(layer.room() < q for layer in growing):
+            largest = max(max(c for row in layer.head_counts for c in row) for layer in growing)
             spare = grown_capacity(largest + q) - largest - q
         return tuple(layer.prepare_step(q, spare) for layer in self.layers)
 
@@ -399,17 +453,23 @@ class CompressedCache(Cache):
 
     # ---- called by the attention hook ----------------------------------------------------------
     def after_prefill(self, layer_idx: int, query: torch.Tensor, scale: float, module) -> None:
-        """Score layer `layer_idx` from its window queries and re-cut the layers seen so far."""
+        """Score layer `layer_idx` from its window queries and re-cut the global layers seen so far; a
+        sliding layer is not scored: it drops what its window no longer reaches. The method sees the
+        global layers only, numbered in order (its budgets and `LayerView.layer_idx` count them)."""
         layer = self.layers[layer_idx]
         layer.prefilling = False
         method, window, prompt = self.method, self.window, self.prompt
-        is_last = layer_idx == len(self.layers) - 1
         compress_rows = [method.compresses_prompt(n) for n in prompt.host_lengths]
-        if method.compresses and any(compress_rows):
+        if layer.sliding_window is not None:
+            layer.hold_window()
+        elif method.compresses and any(compress_rows):
+            budgeted = self.global_layers
+            rank = budgeted.index(layer)
+            is_last = rank == len(budgeted) - 1
             lengths = layer.next_pos
             window_start = (lengths - window).clamp(min=0)
             view = LayerView(query[:, :, -window:], layer.keys, layer.values, layer.pos,
-                             layer.pos[:, 0, -window:], window_start, scale, layer_idx, module,
+                             layer.pos[:, 0, -window:], window_start, scale, rank, module,
                              queries=query, query_positions=layer.pos[:, 0, :])
             layer.indicator, preference = method.score_layer(view)
             if preference is None:
@@ -418,7 +478,8 @@ class CompressedCache(Cache):
             # Layers may live on different devices (accelerate device_map): allocate on this layer's.
             prefs = torch.stack([p.to(query.device) for p in self.preferences], 1)
             caps = window_start[:, None].expand_as(prefs).contiguous()
-            indicators = [self.layers[i].indicator for i in range(prefs.shape[1])]
+            seen = budgeted[:prefs.shape[1]]
+            indicators = [scored.indicator for scored in seen]
             budgets = method.layer_budgets(prefs, caps, is_last, indicators=indicators)
             if budgets is not None:
                 rows = torch.tensor(compress_rows, device=caps.device)[:, None]
@@ -426,14 +487,14 @@ class CompressedCache(Cache):
                     budgets = torch.where(rows[..., None], budgets, caps[..., None])
                 else:
                     budgets = torch.where(rows, budgets, caps)
-                for i in range(prefs.shape[1]):
+                for i, scored in enumerate(seen):
                     per_head = budgets[:, i] if budgets.dim() == 3 else method.head_budgets(indicators[i], budgets[:, i])
                     if per_head is None:
-                        self.layers[i].keep_top(budgets[:, i].tolist())
+                        scored.keep_top(budgets[:, i].tolist())
                     else:
                         per_head = torch.where(rows, per_head.to(caps.device), caps[:, i, None])
-                        self.layers[i].keep_top(per_head.tolist())
-        if is_last:
+                        scored.keep_top(per_head.tolist())
+        if layer_idx == len(self.layers) - 1:
             self._finish_prefill(compress_rows)
 
     def _finish_prefill(self, compress_rows: list[bool]):
@@ -443,7 +504,7 @@ class CompressedCache(Cache):
             heads = layer.pos.shape[1]
             layer.head_budgets = [b if c and method.compresses else None
                                   for b, c in zip(layer.head_budgets, compress_rows)]
-            if method.decode_evict and method.compresses:
+            if method.decode_evict and method.compresses and layer.sliding_window is None:
                 layer.head_caps = [b if b is not None else [method.budget] * heads for b in layer.head_budgets]
                 layer.over_t = torch.tensor([[c - cap for c, cap in zip(cs, caps)] for cs, caps
                                              in zip(layer.head_counts, layer.head_caps)], device=layer.keys.device)

@@ -416,8 +416,7 @@ def _softcaps(model) -> list:
 
 def check_method(model, method) -> None:
     """Refuse a method the model's attention makes inexact or impossible: attention-ranked selection under
-    logit soft-capping (the scores would not be the model's), value norms through a missing `o_proj`.
-    Sliding-window layers are checked at prefill and per step (`_check_sliding_prefill`, `_check_sliding_step`)."""
+    logit soft-capping (the scores would not be the model's), value norms through a missing `o_proj`."""
     caps = _softcaps(model)
     if caps and _scores_by_attention(method):
         raise _softcap_error(method, caps[0])
@@ -426,10 +425,6 @@ def check_method(model, method) -> None:
         if missing:
             raise ValueError(f"method: {method.name!r} weighs values through the attention output projection "
                              f"`o_proj`, which {sorted(missing)} do not have")
-
-
-def _sliding(cache) -> list[tuple[int, int]]:
-    return [(layer.layer_idx, layer.sliding_window) for layer in cache.layers if layer.sliding_window is not None]
 
 
 def _check_text_only(arguments: dict) -> None:
@@ -442,35 +437,6 @@ def _check_text_only(arguments: dict) -> None:
         raise ValueError(f"{other[0]}: cakekv compresses text prompts; image, video and audio inputs are not "
                          "supported yet (their tokens may attend bidirectionally, which cakekv's scores and "
                          "visibility rule do not model)")
-
-
-def _check_sliding_prefill(cache) -> None:
-    """Interim rule for sliding-window layers (until the cache keeps such a layer to its window, see README):
-    a compressed prompt row must fit in the smallest window, where every entry is still visible to every
-    query, so that attention-ranked scores are the model's and no kept entry is already out of sight."""
-    method, sliding = cache.method, _sliding(cache)
-    if not sliding or not method.compresses:
-        return
-    longest = max((n for n in cache.prompt.host_lengths if method.compresses_prompt(n)), default=0)
-    window = min(w for _, w in sliding)
-    if longest > window:
-        layers = [i for i, w in sliding if w < longest]
-        raise ValueError(f"prompt: {longest} tokens to compress, more than the sliding window ({window}) of layers "
-                         f"{layers}; cakekv does not yet hold a sliding-window layer to its window, so it would rank "
-                         "and keep entries those layers can no longer see. Compress prompts of at most "
-                         f"{window} tokens, give a budget of at least the prompt length, or use method='full'")
-
-
-def _check_sliding_step(cache, q: int) -> None:
-    """Interim rule for sliding-window layers: decode-time eviction ranks entries by attention over every
-    stored entry, so it is exact only while all of them are inside the window."""
-    for layer in cache.layers:
-        if layer.sliding_window is None or layer.head_caps is None or layer.seen + q <= layer.sliding_window:
-            continue
-        if any(c + q > cap for cs, caps in zip(layer.head_counts, layer.head_caps) for c, cap in zip(cs, caps)):
-            raise RuntimeError(f"cakekv: decode-time eviction on sliding-window layer {layer.layer_idx} past its "
-                               f"window ({layer.sliding_window} tokens) is not supported yet (it would rank entries "
-                               "the layer no longer sees); compress with decode_evict=False for this model")
 
 
 class Patch:
@@ -539,7 +505,6 @@ class Patch:
             if fresh:
                 _check_text_only(arguments)
                 cache.begin_prefill(arguments.get("attention_mask"), inputs.shape[0], inputs.shape[1], inputs.device)
-                _check_sliding_prefill(cache)
             if name in kwargs or past_index >= len(args):
                 kwargs[name] = cache
             else:
@@ -550,7 +515,6 @@ class Patch:
                     out = forward(*args, **kwargs)
                 else:
                     q = inputs.shape[1]
-                    _check_sliding_step(cache, q)
                     key = cache.prepare_step(q)
                     graph_inputs = _graph_inputs(arguments, cache, name) if graphs_enabled() else None
                     if graph_inputs is None:

@@ -132,9 +132,9 @@ def test_identity_when_budget_covers_the_length(family):
 
 @pytest.mark.parametrize("family", ALL)
 def test_continuation_equals_full_cache_with_evicted_entries_hidden(family):
-    """Positions, causality and sliding windows after compression: the continuation runs past the window of
-    the sliding layers (prompt 44, window 48, 12 more tokens)."""
-    model = tiny_model(family, **window_overrides(family, 48))
+    """Positions, causality and sliding windows after compression: the prompt (44) is longer than the window
+    of the sliding layers (32), which hold its last 31 tokens, and the continuation (12 more) slides on."""
+    model = tiny_model(family, **window_overrides(family, 32))
     ids, cont = prompt(44, seed=11), prompt(12, seed=12)
     got, cache = compressed_continuation(model, ids, cont, budget=24)
     assert any(s < 44 for layer in cache.layers for s in layer.head_counts[0])  # something was evicted
@@ -152,8 +152,9 @@ def left_padded(prompts):
 
 @pytest.mark.parametrize("family", ALL)
 def test_batch_equals_each_row_alone(family):
-    """Left-padded rows (one too short to compress) generate what each generates alone, decode eviction on."""
-    model = tiny_model(family)
+    """Left-padded rows (one too short to compress) generate what each generates alone, decode eviction on;
+    the longer rows pass the window of the sliding layers (48)."""
+    model = tiny_model(family, **window_overrides(family, 48))
     prompts = [prompt(n, seed=20 + n) for n in (30, 70, 100)]
     ids, mask = left_padded(prompts)
     with cakekv.compress(model, method="cake", budget=BUDGET, window=WINDOW):
@@ -165,16 +166,21 @@ def test_batch_equals_each_row_alone(family):
 
 @pytest.mark.parametrize("family", ALL)
 def test_memory_is_freed(family):
-    model = tiny_model(family)
+    """The storage holds the kept entries only: `budget` per global layer on average, the last `window - 1`
+    tokens in a sliding layer (window 100)."""
+    model = tiny_model(family, **window_overrides(family, 100))
     with cakekv.compress(model, method="cake", budget=BUDGET, window=WINDOW) as handle, torch.no_grad():
         cache = cache_of(model(input_ids=prompt(150, seed=1), use_cache=True))
     config = decoder_config(model)
     entry = 2 * config.num_key_value_heads * 16 * 4  # K and V, heads, head_dim 16, fp32
     for layer, s in zip(cache.layers, handle.stats):
-        assert layer.keys.shape[2] == s["kept"][0] < 150  # the storage holds the kept entries only
+        assert layer.keys.shape[2] == s["kept"][0] < 150
         assert s["bytes_before"] == 150 * entry
         assert s["bytes_kept"] == s["kept"][0] * entry
-    assert sum(s["kept"][0] for s in handle.stats) == BUDGET * config.num_hidden_layers
+        if layer.sliding_window is not None:
+            assert s["kept"][0] == 99 and s["budget"] == [None]
+    glob = [s for layer, s in zip(cache.layers, handle.stats) if layer.sliding_window is None]
+    assert sum(s["kept"][0] for s in glob) == BUDGET * len(glob)
 
 
 @pytest.mark.parametrize("family", list(COMPOSITE))
@@ -224,35 +230,40 @@ def test_qwen2_moe_window_zero_means_none():
 
 
 @pytest.mark.parametrize("family", ["gemma3_text", "mistral"])
-def test_sliding_layers_interim_rules(family):
-    """Until the cache holds a sliding-window layer to its window (README), a compressed prompt longer than
-    the window and decode-time eviction past the window are refused with the reason, not run inexactly."""
-    model = tiny_model(family, sliding_window=48)
-    with cakekv.compress(model, method="cake", budget=24, window=WINDOW):
-        with pytest.raises(ValueError, match=r"^prompt: 60 tokens to compress, more than the sliding window \(48\)"):
-            model(input_ids=prompt(60), use_cache=True)
-        # compressed within the window, then generating past it while holding the budget
-        with pytest.raises(RuntimeError, match="decode-time eviction on sliding-window layer 0 past its window"):
-            model.generate(prompt(44), max_new_tokens=10, do_sample=False, pad_token_id=0)
-    with cakekv.compress(model, method="cake", budget=24, window=WINDOW, decode_evict=False):
-        model.generate(prompt(44), max_new_tokens=10, do_sample=False, pad_token_id=0)  # exact: visibility only
-        model.generate(prompt(20), max_new_tokens=40, do_sample=False, pad_token_id=0)  # never compressed
+def test_sliding_layers_slide_while_generating(family):
+    """Generating past the window with decode-time eviction: a sliding layer frees what leaves its window
+    before each step, so it stays in `window` slots holding the last `window` tokens; the global layers hold
+    their budget. With a window on every layer (Mistral) nothing is left to compress: the model's own output."""
+    model = tiny_model(family, sliding_window=16)
+    ids = prompt(60, seed=9)
+    ref = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    with cakekv.compress(model, method="cake", budget=24, window=WINDOW) as handle:
+        out = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    cache = handle.last_cache
+    glob = [layer for layer in cache.layers if layer.sliding_window is None]
+    for layer in cache.layers:
+        if layer.sliding_window is not None:
+            end = int(layer.next_pos[0])
+            assert layer.pos.shape[-1] == 16 and layer.head_counts[0] == [16] * layer.pos.shape[1]
+            for h in range(layer.pos.shape[1]):
+                assert sorted(p for p in layer.pos[0, h].tolist() if p >= 0) == list(range(end - 16, end))
+    assert sum(sum(layer.head_counts[0]) for layer in glob) == 24 * len(glob) * 2  # 2 KV heads
+    if not glob:
+        assert torch.equal(out, ref)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="the decision for sliding-window layers (README) is not "
-                   "implemented by the cache yet: the interim rule refuses the prompt; remove this mark with the rule")
 def test_sliding_layers_hold_their_window_and_global_layers_the_budget():
-    """The decision, as a test: a sliding layer is not compressed but holds its last `window - 1` tokens;
-    the global layers keep `budget` entries per KV head on average; the continuation is the model's with
-    exactly the held entries visible."""
+    """The decision, as a test: a sliding layer is not compressed but holds its last `window - 1` tokens
+    (what the next query can see) and a step's tokens; the global layers keep `budget` entries per KV head
+    on average; the continuation is the model's with exactly the held entries visible."""
     model = tiny_model("gemma3_text", sliding_window=48)
     ids, cont = prompt(100, seed=7), prompt(6, seed=8)
     got, cache = compressed_continuation(model, ids, cont, budget=24)
     glob = [layer for layer in cache.layers if layer.sliding_window is None]
     for layer in cache.layers:
         if layer.sliding_window is not None:
-            for h in range(layer.padded_pos().shape[1]):  # after the 6 continuation tokens
-                assert sorted(p for p in layer.padded_pos()[0, h].tolist() if p >= 0) == list(range(106 - 47, 106))
+            for h in range(layer.padded_pos().shape[1]):  # after the 6 continuation tokens, one step
+                assert sorted(p for p in layer.padded_pos()[0, h].tolist() if p >= 0) == list(range(100 - 47, 106))
     assert sum(sum(layer.head_counts[0]) for layer in glob) == (24 + 6) * len(glob) * len(glob[0].head_counts[0])
     torch.testing.assert_close(got, reference_logits(model, ids, cont, cache), rtol=1e-4, atol=1e-4)
 
@@ -478,7 +489,7 @@ def _attention(family: str) -> str:
 
 
 EXTRAS = {  # family-specific tests beyond the contracts, by the lists that parametrize them
-    "sliding windows exercised (identity and continuation past the window)": SLIDING,
+    "sliding windows exercised (identity, continuation, batch and memory past the window)": SLIDING,
     "soft-capped decode attention; attention-ranked methods refused": SOFTCAP,
     "fused projection found": ("phi3",),
 }
