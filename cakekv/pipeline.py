@@ -85,6 +85,7 @@ class CompressedContextPipeline(Pipeline):
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                      **cache_kwargs(model, cache), **kwargs)
                 answers.append(out[0, ids.shape[1]:])
+                del cache  # freed before the next copy is made: the context and one copy at a time
         return {"answers": answers, "questions": model_inputs["questions"]}
 
     def postprocess(self, model_outputs):

@@ -125,26 +125,38 @@ def _generate_padded(model, tokenizer, encoded_list, handle, eos, max_new_tokens
 
 
 def _generate_by_context(model, tokenizer, encoded_list, eos, max_new_tokens, min_new_tokens):
-    """Context-only: per group of prompts sharing a context, one compressed prefill of the context
+    """Context-only: the prompts grouped by context (:func:`.prompts.context_groups`), each group
+    answered by :func:`_answer_context`; answers in the prompts' order."""
+    out: list[Generation | None] = [None] * len(encoded_list)
+    for group in context_groups(encoded_list):
+        answers = _answer_context(model, tokenizer, [encoded_list[i] for i in group], eos, max_new_tokens,
+                                  min_new_tokens)
+        for i, gen in zip(group, answers):
+            out[i] = gen
+    return out
+
+
+def _answer_context(model, tokenizer, encoded_list, eos, max_new_tokens, min_new_tokens) -> list[Generation]:
+    """The prompts of one context: one compressed prefill of the context
     (:func:`cakekv.pipeline.prefill_context`), then each question from its own copy of the cache
-    (:func:`cakekv.pipeline.question_caches`), decoded greedily."""
+    (:func:`cakekv.pipeline.question_caches`), decoded greedily. The compressed context and one copy
+    are held at a time, and freed on return."""
     from ..pipeline import prefill_context, question_caches
 
     device = next(model.parameters()).device
-    out: list[Generation | None] = [None] * len(encoded_list)
-    for group in context_groups(encoded_list):
+    start = time.perf_counter()
+    cache = prefill_context(model, encoded_list[0].context.to(device)[None])
+    prefill_share = _since(start, device) / len(encoded_list)
+    caches = question_caches(cache, len(encoded_list))
+    out = []
+    for encoded in encoded_list:
         start = time.perf_counter()
-        cache = prefill_context(model, encoded_list[group[0]].context.to(device)[None])
-        prefill_share = _since(start, device) / len(group)
-        caches = question_caches(cache, len(group))
-        for i in group:
-            start = time.perf_counter()
-            own = next(caches)  # its copy is part of its time
-            tokens = _greedy_answer(model, own, encoded_list[i].question.to(device)[None], max_new_tokens, eos,
-                                    min_new_tokens)
-            seconds = prefill_share + _since(start, device)
-            (row_stats,) = summarize_stats(own.layer_stats())
-            out[i] = _generation(tokenizer, encoded_list[i], tokens, seconds, row_stats, len(group))
+        own = next(caches)  # its copy is part of its time
+        tokens = _greedy_answer(model, own, encoded.question.to(device)[None], max_new_tokens, eos, min_new_tokens)
+        seconds = prefill_share + _since(start, device)
+        (row_stats,) = summarize_stats(own.layer_stats())
+        out.append(_generation(tokenizer, encoded, tokens, seconds, row_stats, len(encoded_list)))
+        del own  # freed before the next copy is made
     return out
 
 
