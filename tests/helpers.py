@@ -220,6 +220,21 @@ def left_padded(prompts, pad_id=0):
     return ids, mask
 
 
+def is_unpatched(model, attn: str = "sdpa") -> bool:
+    """Whether `model` is back to itself after compress(): its attention implementation (`attn`, what it
+    was built with), no wrapped decoder forward, no attention module registered with a handle."""
+    from cakekv.patch import _HANDLE_OF_MODULE
+    return (model.config._attn_implementation == attn and "forward" not in model.model.__dict__
+            and not any(m in _HANDLE_OF_MODULE for m in model.modules()))
+
+
+def method_compresses(method: str) -> bool:
+    """Whether `method` evicts anything (prompt or decode-time); `full` does not."""
+    from cakekv.methods import get_method
+    from types import SimpleNamespace
+    return get_method(method)(SimpleNamespace(num_hidden_layers=2, _name_or_path=""), BUDGET, WINDOW).compresses
+
+
 # ------------------------------------------------------------------------------------------------
 # the eval tests: an offline byte-level tokenizer and a tiny random Llama
 # ------------------------------------------------------------------------------------------------
