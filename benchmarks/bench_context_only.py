@@ -112,7 +112,9 @@ def main():
     table = report.markdown_table(HEADER, [table_row(r) for r in rows])
     report.write_text(os.path.join(args.out, "bench_context_only.md"),
                       f"# Context-only: one prefill per question (old) vs per context (new)\n\n`{info['command']}`\n\n"
-                      f"{table}\n")
+                      f"{table}\n\n{args.threads} thread(s) on a machine of {os.cpu_count()} CPUs, load average "
+                      f"{info['load_average'][0]:.1f} at the end (other jobs share the CPUs: absolute times vary, "
+                      "the two paths are interleaved so that both see the same load)\n")
 
 
 if __name__ == "__main__":

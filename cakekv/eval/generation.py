@@ -35,7 +35,7 @@ class Generation:
 
 def summarize_stats(stats: list[dict], rows: int = 1) -> list[tuple]:
     """Per row of a batch: (bytes of a full cache of the row's tokens, bytes held, bytes kept, kept
-    entries per layer) from ``handle.stats``.
+    entries per layer) from ``handle.stats`` (or a cache's ``layer_stats()``).
 
     Bytes held are the batch's allocation shared equally by its rows; the others are the row's own.
     A row that ended early is fed (and stores) tokens until the batch's last row ends: they count in

@@ -12,6 +12,10 @@ Per example (``pred.py`` of LongBench, and the CAKE / SnapKV / AdaKV / LAVa scri
 4. decode greedily ``DATASET2MAXLEN[name]`` new tokens (samsum: at least one new token, and ``"\\n"``
    is an extra EOS), decode the new tokens with ``skip_special_tokens=True``.
 
+Under ``--protocol context-only``, the examples of a dataset with the same context ids (after
+truncation) share one compressed prefill of it (:func:`.generation.generate_batch`); the report
+counts prefills against examples.
+
 Scores (:mod:`cakekv.eval.metrics`): the dataset's metric, max over the gold answers, the first line
 only for trec/triviaqa/samsum/lsht; dataset score ``round(100 * mean, 2)``; ``avg`` = mean of the
 rounded dataset scores, rounded.
