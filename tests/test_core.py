@@ -19,14 +19,22 @@ def test_cake_matches_reference(family, kv_heads, dtype):
     ids = prompt(120, seed=3)
     layers_qk = capture_qk(model, ids)
     scale = model.model.layers[0].self_attn.scaling
-    kept, budgets, scores = cake_reference(layers_qk, scale, BUDGET, WINDOW, tau1=1.0, tau2=1.0)
     out, _ = prefill(model, ids, "cake")
     cache = cache_of(out)
-    assert [layer.prefix_counts[0] for layer in cache.layers] == budgets
+    # The method compresses the global layers; a sliding-window layer holds its last window - 1 tokens
+    # (all of this prompt: the tiny sliding windows are longer), docs/cache.md.
+    sliding = [layer for layer in cache.layers if layer.sliding_window is not None]
+    assert all(layer.prefix_counts[0] == min(120, layer.sliding_window - 1) - WINDOW for layer in sliding)
+    layers = [layer for layer in cache.layers if layer.sliding_window is None]
+    layers_qk = [qk for qk, layer in zip(layers_qk, cache.layers) if layer.sliding_window is None]
+    kept, budgets, scores = cake_reference(layers_qk, scale, BUDGET, WINDOW, tau1=1.0, tau2=1.0)
+    assert [layer.prefix_counts[0] for layer in layers] == budgets
     assert sum(budgets) == (BUDGET - WINDOW) * len(budgets)
-    for i, layer in enumerate(cache.layers):
+    # bf16: near-ties within half a bf16 ulp (2**-8) of the cut-off may go either way
+    rel_tol = 2 ** -8 if dtype == torch.bfloat16 else 1e-4
+    for i, layer in enumerate(layers):
         for h, got in enumerate(kept_prefix(layer)):
-            assert_same_selection(got, kept[i][h], scores[i][h], rel_tol=1e-3 if dtype == torch.bfloat16 else 1e-4)
+            assert_same_selection(got, kept[i][h], scores[i][h], rel_tol=rel_tol)
 
 
 @pytest.mark.parametrize("cascading", [True, False])
