@@ -125,12 +125,12 @@ def defensive_layer(q, k, v, wo, scale, window, budget, kernel=5, threshold=0.9)
     return out
 
 
-def defensivekv_reference(layers, scale, budget, window, head_adaptive=True):
+def defensivekv_reference(layers, scale, budget, window, head_budgets=True):
     n = layers[0][1].shape[1]
     if n <= budget:
         return None
     scores = [defensive_layer(q, k, v, wo, scale, window, budget) for q, k, v, wo in layers]
-    if not head_adaptive:
+    if not head_budgets:
         return _uniform(scores, [budget - window] * len(layers))
     return _per_head(scores, [flat_heads(s, budget - window, 0.0) for s in scores])
 

@@ -257,8 +257,8 @@ WRONG_TYPE = {"int": "7", "float": "high", "bool": "yes"}
 WRONG_CHOICE = 3
 BAD_OPTIONS = {  # values of the right type a method refuses (ValueError), names it does not take (TypeError)
     "streamingllm": [("sinks", -1, ValueError)], "h2o": [], "pyramidkv": [("beta", 0, ValueError)],
-    "adakv": [("floor_alpha", 1.5, ValueError)], "defensivekv": [("threshold", 2.0, ValueError)],
-    "layer_defensivekv": [("cascading", "yes", TypeError)], "lava": [("floor_alpha", -0.1, ValueError)],
+    "adakv": [("head_floor", 1.5, ValueError)], "defensivekv": [("threshold", 2.0, ValueError)],
+    "layer_defensivekv": [("cascading", "yes", TypeError)], "lava": [("head_floor", -0.1, ValueError)],
     "cake": [("head_floor", 2.0, ValueError), ("tau3", 1.0, TypeError), ("tau1", -1.0, ValueError)],
     "snapkv": [("kernel_size", 4, ValueError), ("pooling", "median", ValueError), ("gamma", 1.0, TypeError)],
 }

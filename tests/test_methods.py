@@ -68,8 +68,8 @@ def test_cake_head_budgets_and_uniform_defensivekv(captured):
     uniform, _ = prefill(model, ids, "cake")
     for a, b in zip(cache_of(out).layers, cache_of(uniform).layers):
         assert sum(a.head_prefix[0]) == b.head_prefix[0][0] * hkv  # same layer budgets, split by score
-    kept, budgets, scores = R.defensivekv_reference(layers, scale, BUDGET, WINDOW, head_adaptive=False)
-    out, _ = prefill(model, ids, "defensivekv", head_adaptive=False)
+    kept, budgets, scores = R.defensivekv_reference(layers, scale, BUDGET, WINDOW, head_budgets=False)
+    out, _ = prefill(model, ids, "defensivekv", head_budgets=False)
     for i, layer in enumerate(cache_of(out).layers):
         assert layer.head_prefix[0] == budgets[i]
         for h, got in enumerate(kept_prefix(layer)):

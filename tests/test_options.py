@@ -22,17 +22,17 @@ CONFIG = SimpleNamespace(num_hidden_layers=2, _name_or_path="")
 
 # The public option names and defaults, written out: a rename or a changed default shows up here.
 EXPECTED = {
-    "adakv": {"kernel_size": 7, "pooling": "max", "floor_alpha": 0.2, "gqa": "mean", "official": False,
+    "adakv": {"kernel_size": 7, "pooling": "max", "head_floor": 0.2, "gqa": "mean", "official": False,
               "decode_evict": False},
     "cake": {"tau1": 1.0, "tau2": 1.0, "gamma": 200.0, "kernel_size": 5, "cascading": True,
              "head_budgets": False, "head_floor": 0.2, "decode_evict": True, "official": False},
-    "defensivekv": {"kernel_size": 5, "threshold": 0.9, "head_adaptive": True, "official": False,
+    "defensivekv": {"kernel_size": 5, "threshold": 0.9, "head_budgets": True, "official": False,
                     "decode_evict": False},
     "full": {"decode_evict": False},
     "h2o": {"decode_evict": False},
-    "lava": {"kernel_size": 7, "pooling": "max", "floor_alpha": 0.2, "cascading": True, "official": False,
+    "lava": {"kernel_size": 7, "pooling": "max", "head_floor": 0.2, "cascading": True, "official": False,
              "decode_evict": False},
-    "layer_defensivekv": {"kernel_size": 5, "threshold": 0.9, "head_adaptive": True, "official": False,
+    "layer_defensivekv": {"kernel_size": 5, "threshold": 0.9, "head_budgets": True, "official": False,
                           "cascading": False, "decode_evict": False},
     "pyramidkv": {"kernel_size": 7, "pooling": "max", "beta": 20, "decode_evict": False},
     "snapkv": {"kernel_size": 7, "pooling": "max", "decode_evict": False},
@@ -85,7 +85,7 @@ def test_every_option_refuses_bad_values_by_name(method, name, value, error):
     ("cake", "kernel_size", 4, "odd and >= 1"), ("cake", "kernel_size", -1, "odd and >= 1"),
     ("snapkv", "kernel_size", 0, "odd and >= 1"), ("cake", "tau1", 0.0, "> 0"), ("cake", "tau2", -1, "> 0"),
     ("cake", "gamma", -0.5, ">= 0"), ("cake", "head_floor", 1.5, r"in \[0, 1\]"),
-    ("adakv", "floor_alpha", -0.1, r"in \[0, 1\]"), ("lava", "floor_alpha", 2, r"in \[0, 1\]"),
+    ("adakv", "head_floor", -0.1, r"in \[0, 1\]"), ("lava", "head_floor", 2, r"in \[0, 1\]"),
     ("defensivekv", "threshold", 1.01, r"in \[0, 1\]"), ("pyramidkv", "beta", 0, ">= 1"),
     ("streamingllm", "sinks", -1, ">= 0"), ("adakv", "gqa", "sum", "one of 'mean', 'max'"),
 ])
@@ -266,3 +266,11 @@ def test_import_is_lazy():
     subprocess.run([sys.executable, "-c", code], check=True)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         cakekv.nope  # noqa: B018
+
+
+@pytest.mark.parametrize("method,old,new,value", [("defensivekv", "head_adaptive", "head_budgets", False),
+                                                  ("adakv", "floor_alpha", "head_floor", 0.3)])
+def test_renamed_option_is_read_under_its_new_name_with_a_warning(method, old, new, value):
+    with pytest.warns(FutureWarning, match=f"{old}: renamed {new}"):
+        built = build(method, **{old: value})
+    assert getattr(built.options, new) == value

@@ -1,7 +1,7 @@
 """Ada-KV (Feng et al., 2024; FFY0/AdaKV AdaptiveSnapKVCluster): SnapKV-style scores, head budgets by
 one top-k over the flattened per-head scores of a layer with a per-head floor.
 
-Options: kernel_size = 7, pooling = "max" (config_compress), floor_alpha = 0.2 (the LongBench / GQA
+Options: kernel_size = 7, pooling = "max" (config_compress), head_floor = 0.2 (the LongBench / GQA
 scripts; config_compress says 0.5), gqa = "mean" (group reduction before pooling, official default).
 Decisions: scores are the mean over window queries (as official). The head budgets sum exactly to
 Hkv * (budget - window) (see base.flat_head_budgets for the one deliberate difference in rounding).
@@ -28,7 +28,7 @@ from .snapkv import SnapKVOptions
 
 @dataclass(frozen=True, kw_only=True)
 class AdaKVOptions(SnapKVOptions):
-    floor_alpha: float = head_floor_option(0.2)
+    head_floor: float = head_floor_option(0.2)
     gqa: Literal["mean", "max"] = option("mean", "how a KV head's query heads are reduced, before pooling")
     official: bool = official_option()
 
@@ -58,10 +58,10 @@ class AdaKV(Method):
         rows, seen = caps.shape
         out = caps[..., None].expand(rows, seen, indicators[-1].shape[1]).clone()
         budgets = caps[:, -1].clamp(max=self.budget - self.window)
-        out[:, -1] = official_head_budgets(indicators[-1], budgets, self.options.floor_alpha).to(out.device)
+        out[:, -1] = official_head_budgets(indicators[-1], budgets, self.options.head_floor).to(out.device)
         return out
 
     def head_budgets(self, indicator, budgets):
         if self.options.official:
-            return official_head_budgets(indicator, budgets, self.options.floor_alpha)
-        return flat_head_budgets(indicator, budgets, self.options.floor_alpha)
+            return official_head_budgets(indicator, budgets, self.options.head_floor)
+        return flat_head_budgets(indicator, budgets, self.options.head_floor)

@@ -4,9 +4,9 @@ Score per KV head and prefix entry: mass-preserving average pooling of every win
 max over the GQA group and the window queries, floored at the head's mean of those maxima (defensive
 aggregation), times the value-norm factor through o_proj (CriticalKV), with CriticalKV's protected set
 lifted to the layer's top score. Budgets: head-adaptive (one top-k over the flattened heads of a layer,
-no floor), or uniform per head with head_adaptive=False.
+no floor), or uniform per head with head_budgets=False.
 
-Options: kernel_size = 5, threshold = 0.9 (protected-set mass), head_adaptive = True.
+Options: kernel_size = 5, threshold = 0.9 (protected-set mass), head_budgets = True.
 Decisions where the code/paper are silent or quirky:
   * the compression ratio r of the protected-set cap int((n-W)(1-r) - W) is read as 1 - r = budget / n;
   * window_bias is the intended mean attention mass on the window keys (per KV head, averaged over the
@@ -115,7 +115,7 @@ def defensive_scores(view: LayerView, budget: int, kernel: int, threshold: float
 class DefensiveKVOptions(Options):
     kernel_size: int = kernel_size_option(5)
     threshold: float = option(0.9, "attention mass of each head's protected set (CriticalKV)", ge=0, le=1)
-    head_adaptive: bool = per_head_option(True)
+    head_budgets: bool = per_head_option(True)
     official: bool = official_option()
 
 
@@ -134,4 +134,4 @@ class DefensiveKV(Method):
                                 self.options.official), None
 
     def head_budgets(self, indicator, budgets):
-        return flat_head_budgets(indicator, budgets, 0.0) if self.options.head_adaptive else None
+        return flat_head_budgets(indicator, budgets, 0.0) if self.options.head_budgets else None

@@ -2,7 +2,7 @@
 head's largest value L1 norm, max over the GQA group; head budgets by one flattened top-k with a
 floor; layer budgets by the normalised entropy of the layer's scores, cascading like CAKE.
 
-Options: kernel_size = 7, pooling = "max", floor_alpha = 0.2, cascading = True.
+Options: kernel_size = 7, pooling = "max", head_floor = 0.2, cascading = True.
 Fixed quirks / decisions: the floor is alpha times the layer's own (dynamic) budget, not of the global
 capacity, and head budgets sum exactly to the layer's total (base.flat_head_budgets); layer budgets are
 rounded with allocate_budgets so the total is exactly (budget - window) * layers per head; a layer whose
@@ -34,7 +34,7 @@ from .snapkv import SnapKVOptions
 
 @dataclass(frozen=True, kw_only=True)
 class LAVaOptions(SnapKVOptions):
-    floor_alpha: float = head_floor_option(0.2)
+    head_floor: float = head_floor_option(0.2)
     cascading: bool = cascading_option(True)
     official: bool = official_option()
 
@@ -86,8 +86,8 @@ class LAVa(AdaKV):
         """Per-(row, layer, head) prefix budgets [B, l, Hkv] of the official cascade, layers 0..l-1."""
         rows, seen = preferences.shape
         total = (self.budget - self.window) * self.num_layers
-        floor = int(self.budget * self.options.floor_alpha)
-        alpha = self.options.floor_alpha
+        floor = int(self.budget * self.options.head_floor)
+        alpha = self.options.head_floor
         hkv = self._original[0].shape[1]
         out = caps[..., None].expand(rows, seen, hkv).clone()  # caps keep everything (nested re-cuts)
         rho, cap = preferences.tolist(), caps.tolist()

@@ -3,11 +3,11 @@ scores compared as they are across layers; one global top-k of the total prefix 
 (budget - window) * layers * Hkv over every layer's (and head's) candidates gives each (layer, head)
 its budget.
 
-Options: kernel_size = 5, threshold = 0.9, head_adaptive = True (per-(layer, head) winner counts, as
+Options: kernel_size = 5, threshold = 0.9, head_budgets = True (per-(layer, head) winner counts, as
 official; False: per-layer counts spread uniformly over the layer's heads, rounded by allocate_budgets),
 cascading = False (official: one top-k at the last layer, full KV held until then). cascading=True
 re-runs the global top-k over the retained entries after every layer (peak memory like CAKE's
-cascade); with head_adaptive=True it selects exactly the same entries as the global top-k, because a
+cascade); with head_budgets=True it selects exactly the same entries as the global top-k, because a
 top-T over a superset's survivors is nested (an entry dropped early already had T better ones).
 
 official=True: DefensiveKV's official protected set and window_bias (see defensivekv.py), and the
@@ -88,7 +88,7 @@ class LayerDefensiveKV(DefensiveKV):
                                             self.budget * self.num_layers * hkv)
         else:
             counts = global_counts([x.cpu() for x in indicators], per_head_total * hkv)
-        if self.options.head_adaptive:
+        if self.options.head_budgets:
             return counts.to(caps.device)
         total = torch.full((caps.shape[0],), per_head_total, dtype=torch.long)
         return _ops.allocate_budgets(counts.sum(-1).double(), caps.cpu(), total).to(caps.device)

@@ -14,9 +14,12 @@ import functools
 import math
 import numbers
 import typing
+import warnings
 from typing import Any, Callable, Literal
 
 _META = "cakekv"  # the key of an option's Constraint in its field's metadata
+# Options renamed so that one idea has one name in every method (old name -> new name).
+RENAMED = {"head_adaptive": "head_budgets", "floor_alpha": "head_floor"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,8 +166,15 @@ class Options:
 
     @classmethod
     def build(cls, method: str, values: dict[str, Any]) -> "Options":
-        """Options from keyword values; an unknown name is refused with the method's valid names."""
+        """Options from keyword values; an unknown name is refused with the method's valid names, a renamed
+        one is read under its new name with a FutureWarning."""
         allowed = [d.info.name for d in declarations(cls)]
+        values = dict(values)
+        for old, new in RENAMED.items():
+            if old in values and new in allowed and new not in values:
+                warnings.warn(f"{old}: renamed {new} (one name for the option across methods); {old} will be "
+                              "removed", FutureWarning, stacklevel=4)
+                values[new] = values.pop(old)
         unknown = sorted(set(values) - set(allowed))
         if unknown:
             raise TypeError(f"{unknown[0]}: method {method!r} takes no option {unknown[0]!r}; "
