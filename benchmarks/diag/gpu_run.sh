@@ -11,7 +11,7 @@ lib=$(python3 -c "import cakekv._ops, glob, os, sys; print([f for p in sys.path 
 echo "lib: $lib"; readelf -d $lib | grep NEEDED
 
 ${EXTRA:-true}
-timeout 240 python3 -m pytest -q tests/test_ops.py tests/test_step_graph.py -p no:cacheprovider -W "default::RuntimeWarning" 2>&1 | tee $OUT/tests.log | tail -25
+timeout 240 python3 -m pytest -q tests/ops/test_ops.py tests/test_step_graph.py -p no:cacheprovider -W "default::RuntimeWarning" 2>&1 | tee $OUT/tests.log | tail -25
 for ctx in 32768 131072; do
   [ $ctx = 131072 ] && METHODS="snapkv cake cake:decode_evict=false adakv"
   timeout ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_generate.py --contexts $ctx --methods ${METHODS:-full snapkv pyramidkv streamingllm adakv lava cake cake:decode_evict=false} \

@@ -1,6 +1,6 @@
 """CAKE and SnapKV against their plain-PyTorch references (tests/reference.py): the kept entries and layer
 budgets, on tiny models of every supported family. The compress() contract, for every registered method:
-tests/test_contract.py."""
+tests/methods/test_contract.py."""
 from __future__ import annotations
 
 import pytest

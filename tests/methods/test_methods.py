@@ -1,6 +1,6 @@
 """The methods beyond CAKE and SnapKV against their plain-PyTorch references (tests/reference_methods.py), MHA
 and GQA: kept entries, per-head and per-layer budgets, storage. The compress() contract, for every registered
-method: tests/test_contract.py."""
+method: tests/methods/test_contract.py."""
 from __future__ import annotations
 
 import pytest

@@ -6,8 +6,8 @@ uncompressed model with exactly the evicted entries hidden, chunked or token by 
 equals each row alone; the memory is really freed and the stats add up; decode-time eviction holds every
 row at its caps (methods that evict; `full` keeps everything); bad arguments and options raise errors
 naming them; the model is never left patched, also after an exception. Per-family runs of the contracts:
-tests/test_families.py; each method's selection against its plain-PyTorch reference: tests/test_core.py
-(CAKE, SnapKV) and tests/test_methods.py (the others)."""
+tests/test_families.py; each method's selection against its plain-PyTorch reference: tests/methods/test_core.py
+(CAKE, SnapKV) and tests/methods/test_methods.py (the others)."""
 from __future__ import annotations
 
 import pytest
@@ -252,7 +252,7 @@ def test_generate_keeps_each_layer_at_its_budget(method):
 # ---- arguments and options -----------------------------------------------------------------------
 BAD_ARGUMENTS = [(dict(budget=8, window=8), ValueError, "budget"), (dict(window=0), ValueError, "window"),
                  (dict(budget=64.0), TypeError, "budget"), (dict(bogus=1), TypeError, "bogus")]
-# Per declared option type, a value of the wrong type (every value of every type: tests/test_options.py).
+# Per declared option type, a value of the wrong type (every value of every type: tests/methods/test_options.py).
 WRONG_TYPE = {"int": "7", "float": "high", "bool": "yes"}
 WRONG_CHOICE = 3
 BAD_OPTIONS = {  # values of the right type a method refuses (ValueError), names it does not take (TypeError)

@@ -152,7 +152,7 @@ def test_method_interface_reads_the_options():
 
 
 def test_cake_decode_score_weighs_the_variance_by_gamma():
-    """The decode-time score itself is the evict_lowest op's (tests/test_decode_ops.py)."""
+    """The decode-time score itself is the evict_lowest op's (tests/ops/test_decode_ops.py)."""
     assert build("cake", gamma=30.0).decode_variance_weight == 30.0
 
 

@@ -627,7 +627,8 @@ def cuda_value_report(op: str, name: str) -> dict:
     each child pays CUDA's start-up."""
     if not _CHILD_REPORTS:
         here = os.path.dirname(os.path.abspath(__file__))
-        code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import test_op_properties as t; "
+        code = ("import json, os, sys; sys.path[:0] = [sys.argv[1], os.path.dirname(sys.argv[1])]; "  # + tests/
+                "import test_op_properties as t; "
                 "print(json.dumps(t.refusal(sys.argv[2], sys.argv[3], 'cuda')))")
         children = {(o, n): subprocess.Popen([sys.executable, "-c", code, here, o, n], stdout=subprocess.PIPE,
                                              stderr=subprocess.PIPE, text=True)

@@ -14,7 +14,7 @@ from cakekv import cli
 from cakekv.eval import models
 from helpers import byte_tokenizer, tiny_lm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 
 @pytest.fixture(scope="module")
