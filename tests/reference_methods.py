@@ -163,13 +163,10 @@ def lava_layer_score(q, k, v, scale, window, p):
     return s, rho
 
 
-def lava_reference(layers, scale, budget, window, alpha=0.2):
-    """Cascading LAVa: after every layer, layer budgets by normalised entropy, head budgets by the
-    flattened top-k with floor over the entries each layer still holds (nested re-trims)."""
-    n, nl = layers[0][1].shape[1], len(layers)
-    if n <= budget:
-        return None
-    p = n - window
+def lava_cascade(layers, scale, window, p, recut):
+    """The LAVa cascade both references share: each layer scored as it comes (every head holding the prefix
+    p), then every layer seen so far re-cut: `recut(i, rhos, scores_i, kept_i)` gives (b_h to keep per
+    head, budgets to record), or None to leave layer i as it is. Returns (kept, budgets, scores)."""
     scores, rhos, kept, budgets = [], [], [], []
     for q, k, v, _ in layers:
         s, rho = lava_layer_score(q, k, v, scale, window, p)
@@ -178,16 +175,31 @@ def lava_reference(layers, scale, budget, window, alpha=0.2):
         scores.append(s)
         kept.append([list(range(p)) for _ in range(hkv)])
         budgets.append([p] * hkv)
-        alloc = allocate(rhos, [p] * len(rhos), (budget - window) * nl)
         for i in range(len(rhos)):
-            held = torch.full_like(scores[i], float("-inf"))
-            for h, ks in enumerate(kept[i]):
-                held[h, ks] = scores[i][h, ks]
-            hb = flat_heads_held(held, alloc[i], alpha)
-            hb = [min(b, len(kept[i][h])) for h, b in enumerate(hb)]
-            kept[i] = [top_set(scores[i][h], kept[i][h], hb[h]) for h in range(hkv)]
-            budgets[i] = hb
+            cut = recut(i, rhos, scores[i], kept[i])
+            if cut is not None:
+                hb, budgets[i] = cut
+                kept[i] = [top_set(scores[i][h], kept[i][h], hb[h]) for h in range(hkv)]
     return kept, budgets, scores
+
+
+def lava_reference(layers, scale, budget, window, alpha=0.2):
+    """Cascading LAVa: after every layer, layer budgets by normalised entropy, head budgets by the
+    flattened top-k with floor over the entries each layer still holds (nested re-trims)."""
+    n, nl = layers[0][1].shape[1], len(layers)
+    if n <= budget:
+        return None
+    p = n - window
+
+    def recut(i, rhos, scores_i, kept_i):
+        alloc = allocate(rhos, [p] * len(rhos), (budget - window) * nl)
+        held = torch.full_like(scores_i, float("-inf"))
+        for h, ks in enumerate(kept_i):
+            held[h, ks] = scores_i[h, ks]
+        hb = [min(b, len(kept_i[h])) for h, b in enumerate(flat_heads_held(held, alloc[i], alpha))]
+        return hb, hb
+
+    return lava_cascade(layers, scale, window, p, recut)
 
 
 def flat_heads_held(held, budget, alpha):
@@ -245,24 +257,17 @@ def lava_official_reference(layers, scale, budget, window, alpha=0.2):
     p = n - window
     total = (budget - window) * nl
     floor = int(alpha * budget)
-    scores, rhos, kept, applied, budgets = [], [], [], [], []
-    for q, k, v, _ in layers:
-        s, rho = lava_layer_score(q, k, v, scale, window, p)
-        hkv = k.shape[0]
-        rhos.append(rho)
-        scores.append(s)
-        kept.append([list(range(p)) for _ in range(hkv)])
-        applied.append(None)
-        budgets.append([p] * hkv)
-        for i in range(len(rhos)):
-            b = int(rhos[i] / sum(rhos) * total)
-            if (applied[i] is None and b > p) or (applied[i] is not None and b > applied[i]):
-                continue
-            applied[i] = b
-            hb = official_flat_heads(scores[i], b, alpha, floor)
-            kept[i] = [top_set(scores[i][h], kept[i][h], hb[h]) for h in range(hkv)]
-            budgets[i] = [min(x, p) for x in hb]
-    return kept, budgets, scores
+    applied = [None] * nl  # the last B_i applied to each layer
+
+    def recut(i, rhos, scores_i, kept_i):
+        b = int(rhos[i] / sum(rhos) * total)
+        if (applied[i] is None and b > p) or (applied[i] is not None and b > applied[i]):
+            return None
+        applied[i] = b
+        hb = official_flat_heads(scores_i, b, alpha, floor)
+        return hb, [min(x, p) for x in hb]
+
+    return lava_cascade(layers, scale, window, p, recut)
 
 
 def official_adjust_budgets(budgets, total, prefix):
