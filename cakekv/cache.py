@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import _ops
@@ -41,6 +42,34 @@ def grown_capacity(needed: int) -> int:
     """Capacity of an uncapped layer (or segment) that needs `needed` slots: spare room for the next
     appends so that growing copies the cache rarely, while the spare stays a small fraction of it."""
     return needed + min(_GROW_MAX, max(_GROW_MIN, needed // 8))
+
+
+def masked_attention(query, keys, values, visible, scale, softcap=None):
+    """Attention [B, q, H, D] of the current queries over padded storage with a per-KV-head visibility mask
+    [B, Hkv, q, M]; with `softcap`, the logits are soft-capped first (Gemma 2)."""
+    b, hkv, q, m = visible.shape
+    groups = query.shape[1] // hkv
+    # expand + reshape, not repeat_interleave (which reads its output size back from the device)
+    mask = visible[:, :, None].expand(b, hkv, groups, q, m).reshape(b, hkv * groups, q, m)
+    if softcap is None:
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+    else:
+        out = softcapped_attention(query, keys, values, mask, scale, softcap)
+    return out.transpose(1, 2).contiguous()
+
+
+def softcapped_attention(query, keys, values, mask, scale, softcap):
+    """Attention with logit soft-capping in the order of transformers' eager kernel: logits = softcap *
+    tanh(scale * q.k / softcap), masked, softmax in fp32 cast back to the query dtype, times the values."""
+    b, hkv, m, d = keys.shape
+    groups = query.shape[1] // hkv
+    keys = keys[:, :, None].expand(b, hkv, groups, m, d).reshape(b, hkv * groups, m, d)
+    values = values[:, :, None].expand(b, hkv, groups, m, values.shape[-1]).reshape(b, hkv * groups, m, -1)
+    logits = torch.matmul(query, keys.transpose(2, 3)) * scale
+    logits = torch.tanh(logits / softcap) * softcap
+    logits = logits.masked_fill(~mask, float("-inf"))  # every query sees itself: no row is fully masked
+    weights = F.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(weights, values)
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -68,6 +97,7 @@ class CompressedLayer(CacheLayerMixin):
         # _ops.position_order); kept by the decode ops while decode-time eviction needs it, else None.
         self.order: torch.Tensor | None = None
         self.step_evict = 0                           # entries the current step evicts per head (host)
+        self.step_weights: torch.Tensor | None = None  # attention weights of an evicting step, attend -> evict
         self.seen = 0                                 # logical length (padded prompt + appended)
         self.prefilling = False
         # Ragged storage (see the module docstring); `keys`/`values` are then [C, D].
@@ -373,14 +403,30 @@ class CompressedLayer(CacheLayerMixin):
                             for cs, ps, ns in zip(self.head_counts, self.head_prefix, new)]
         self.head_prefix = new
 
-    def evict_to_caps(self, query: torch.Tensor, scale: float, method: Method):
-        """Decode-time eviction: rows above their cap drop their lowest-scoring entries (the last `window`
-        positions are protected), in place; the freed slots take the next tokens."""
-        if self.step_evict <= 0:  # decided on the host by prepare_step
+    def attend(self, query: torch.Tensor, scale: float, softcap: float | None = None) -> torch.Tensor:
+        """Decode attention [B, q, H, D] of the step's queries over the stored entries. A step that evicts
+        (decided on the host by `prepare_step`) runs the segment kernel for both layouts and keeps its
+        attention weights for `evict_to_caps`, so that the keys are read once; a padded layer that does not
+        evict uses SDPA with a visibility mask (soft-capped logits too)."""
+        if self.ragged or self.step_evict > 0:
+            keys, values, pos, offsets = self._segments()
+            if self.step_evict > 0:
+                out, self.step_weights = _ops.ragged_attention_with_weights(query, keys, values, pos, offsets,
+                                                                            self.query_pos, scale)
+            else:
+                out = _ops.ragged_attention(query, keys, values, pos, offsets, self.query_pos, scale)
+            return out.transpose(1, 2).contiguous()
+        return masked_attention(query, self.keys, self.values, self.visibility(), scale, softcap)
+
+    def evict_to_caps(self, method: Method):
+        """Decode-time eviction after `attend`: rows above their cap drop their lowest-scoring entries (the
+        last `window` positions are protected), in place; the freed slots take the next tokens."""
+        if self.step_evict <= 0:
             return
-        keys, _, pos, offsets = self._segments()
+        _, _, pos, offsets = self._segments()
         kernel_size, pooling = method.pooling
-        _ops.evict_lowest(query, keys, pos, self._flat_order(), offsets, self.query_pos, self.over_t, scale,
+        weights, self.step_weights = self.step_weights, None
+        _ops.evict_lowest(weights, pos, self._flat_order(), offsets, self.query_pos, self.over_t,
                           method.decode_variance_weight, self.cache.window, kernel_size, pooling, self.step_evict)
 
 
@@ -516,10 +562,10 @@ class CompressedCache(Cache):
                 layer.start_position_order()
         self.preferences = []
 
-    def after_decode(self, layer_idx: int, query: torch.Tensor, scale: float) -> None:
+    def after_decode(self, layer_idx: int) -> None:
         layer = self.layers[layer_idx]
         if layer.head_caps is not None:
-            layer.evict_to_caps(query, scale, self.method)
+            layer.evict_to_caps(self.method)
 
     def clone(self) -> "CompressedCache":
         """An independent copy (no tensor shared): several questions can continue from one compressed

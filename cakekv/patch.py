@@ -22,13 +22,11 @@ import warnings
 import weakref
 
 import torch
-import torch.nn.functional as F
 import transformers
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from . import _ops
 from .cache import CompressedCache
 from .step_graph import StepGraph, graphs_enabled
 
@@ -70,34 +68,6 @@ def _backend_function(backend: str, module: torch.nn.Module):
     if backend == "eager":
         return sys.modules[type(module).__module__].eager_attention_forward
     return ALL_ATTENTION_FUNCTIONS[backend]
-
-
-def _compressed_attention(query, keys, values, visible, scale, softcap=None):
-    """Attention of the current queries over a compressed layer with a per-KV-head visibility mask; with
-    `softcap`, the logits are soft-capped first (Gemma 2)."""
-    b, hkv, q, m = visible.shape
-    groups = query.shape[1] // hkv
-    # expand + reshape, not repeat_interleave (which reads its output size back from the device)
-    mask = visible[:, :, None].expand(b, hkv, groups, q, m).reshape(b, hkv * groups, q, m)
-    if softcap is None:
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
-    else:
-        out = _softcapped_attention(query, keys, values, mask, scale, softcap)
-    return out.transpose(1, 2).contiguous()
-
-
-def _softcapped_attention(query, keys, values, mask, scale, softcap):
-    """Attention with logit soft-capping in the order of transformers' eager kernel: logits = softcap *
-    tanh(scale * q.k / softcap), masked, softmax in fp32 cast back to the query dtype, times the values."""
-    b, hkv, m, d = keys.shape
-    groups = query.shape[1] // hkv
-    keys = keys[:, :, None].expand(b, hkv, groups, m, d).reshape(b, hkv * groups, m, d)
-    values = values[:, :, None].expand(b, hkv, groups, m, values.shape[-1]).reshape(b, hkv * groups, m, -1)
-    logits = torch.matmul(query, keys.transpose(2, 3)) * scale
-    logits = torch.tanh(logits / softcap) * softcap
-    logits = logits.masked_fill(~mask, float("-inf"))  # every query sees itself: no row is fully masked
-    weights = F.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(weights, values)
 
 
 def _scores_by_attention(method) -> bool:
@@ -173,14 +143,10 @@ def _make_attention(backend: str):
             cache.after_prefill(module.layer_idx, query, scale, module)
             return out
         softcap = kwargs.get("softcap")
-        if layer.ragged:
-            if softcap is not None:  # per-head budgets rank by attention: refused at prefill with soft-capping
-                raise _softcap_error(cache.method, softcap)
-            out = _ops.ragged_attention(query, layer.keys, layer.values, layer.pos_flat, layer.offsets,
-                                        layer.query_pos, scale).transpose(1, 2).contiguous()
-        else:
-            out = _compressed_attention(query, layer.keys, layer.values, layer.visibility(), scale, softcap)
-        cache.after_decode(module.layer_idx, query, scale)
+        if softcap is not None and (layer.ragged or layer.head_caps is not None):
+            raise _softcap_error(cache.method, softcap)  # ranking by attention: refused at prefill already
+        out = layer.attend(query, scale, softcap)
+        cache.after_decode(module.layer_idx)
         return out, None
 
     attention.__name__ = f"{_PREFIX}{backend}_attention"

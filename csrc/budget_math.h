@@ -2,11 +2,7 @@
 #pragma once
 #include <cstdint>
 
-#ifdef __CUDACC__
-#define CAKEKV_HD __host__ __device__
-#else
-#define CAKEKV_HD
-#endif
+#include "host_device.h"
 
 namespace cakekv {
 

@@ -150,30 +150,31 @@ void check_append_entries_args(const at::Tensor& k, const at::Tensor& v, const a
   if (order) check_order("append_entries", *order, pos);
 }
 
-void check_evict_lowest_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
-                             const at::Tensor& order, const at::Tensor& offsets, const at::Tensor& q_pos,
-                             const at::Tensor& over, int64_t kernel_size, int64_t n_evict) {
-  TORCH_CHECK(q.dim() == 4, "evict_lowest: q must be [B, H, Q, D], got ", q.sizes());
-  TORCH_CHECK(k.dim() == 2 && k.size(1) == q.size(3) && k.scalar_type() == q.scalar_type(),
-              "evict_lowest: k must be [T, D] with q's head dim and dtype, got ", k.sizes());
-  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == k.size(0) && pos.scalar_type() == at::kLong && pos.is_contiguous(),
+void check_evict_lowest_args(const at::Tensor& weights, const at::Tensor& pos, const at::Tensor& order,
+                             const at::Tensor& offsets, const at::Tensor& q_pos, const at::Tensor& over,
+                             int64_t kernel_size, int64_t n_evict) {
+  TORCH_CHECK(pos.dim() == 1 && pos.scalar_type() == at::kLong && pos.is_contiguous(),
               "evict_lowest: pos must be contiguous int64 [T] (it is written in place)");
-  const int64_t B = q.size(0);
+  TORCH_CHECK(q_pos.dim() == 2 && q_pos.size(0) > 0 && q_pos.scalar_type() == at::kLong,
+              "evict_lowest: q_pos must be int64 [B, Q] with B > 0");
+  const int64_t B = q_pos.size(0), Q = q_pos.size(1);
+  TORCH_CHECK(weights.dim() == 2 && weights.size(1) == pos.size(0) && weights.scalar_type() == at::kFloat &&
+                  weights.is_contiguous() && (Q == 0 || weights.size(0) % Q == 0),
+              "evict_lowest: weights must be contiguous fp32 [G * Q, T] (ragged_attention's weights), got ",
+              weights.scalar_type(), " ", weights.sizes(), " for Q=", Q, " and T=", pos.size(0));
   TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong && offsets.size(0) >= 1,
               "evict_lowest: offsets must be int64 [B * Hkv + 1]");
   const int64_t segs = offsets.size(0) - 1;
-  TORCH_CHECK(B > 0 && segs % B == 0 && segs / B > 0 && q.size(1) % (segs / B) == 0, "evict_lowest: offsets has ",
-              segs, " segments, not B * Hkv with Hkv dividing H=", q.size(1));
-  TORCH_CHECK(q_pos.dim() == 2 && q_pos.size(0) == B && q_pos.size(1) == q.size(2) && q_pos.scalar_type() == at::kLong,
-              "evict_lowest: q_pos must be int64 [B, Q]");
+  TORCH_CHECK(segs % B == 0 && segs / B > 0, "evict_lowest: offsets has ", segs, " segments, not a positive multiple "
+              "of B=", B);
   TORCH_CHECK(over.dim() == 2 && over.size(0) == B && over.size(1) == segs / B && over.scalar_type() == at::kLong &&
                   over.is_contiguous(),
               "evict_lowest: over must be contiguous int64 [B, Hkv] (it is written in place)");
   TORCH_CHECK(kernel_size >= 1 && kernel_size % 2 == 1, "evict_lowest: kernel_size must be odd and >= 1, got ",
               kernel_size);
   TORCH_CHECK(n_evict >= 0, "evict_lowest: n_evict must be >= 0, got ", n_evict);
-  TORCH_CHECK(q.device() == k.device() && q.device() == pos.device() && q.device() == offsets.device() &&
-                  q.device() == q_pos.device() && q.device() == over.device(),
+  TORCH_CHECK(weights.device() == pos.device() && weights.device() == offsets.device() &&
+                  weights.device() == q_pos.device() && weights.device() == over.device(),
               "evict_lowest: all inputs must be on one device");
   check_order("evict_lowest", order, pos);
 }

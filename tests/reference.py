@@ -34,11 +34,13 @@ def masked_window_stats(q, k, q_pos, k_pos, scale):
 def ragged_attention(q, k, v, pos, offsets, q_pos, scale):
     """Reference of the ragged_attention op: for each segment s = b * Hkv + g, the G query heads of kv head g
     attend over entries offsets[s]..offsets[s+1]-1 with a plain fp32 softmax over the visible ones
-    (0 <= pos <= q_pos); a query that sees no entry gets zeros. Returns fp32 [B, H, Q, D]."""
+    (0 <= pos <= q_pos); a query that sees no entry gets zeros. Returns fp32 out [B, H, Q, D] and the
+    attention weights [G * Q, T] (row j * Q + i: query i of the segment's j-th query head)."""
     batch, heads, q_len, _ = q.shape
     kv_heads = (offsets.numel() - 1) // batch
     group = heads // kv_heads
     out = torch.zeros(batch, heads, q_len, v.shape[1])
+    weights = torch.zeros(group * q_len, k.shape[0])
     for s in range(batch * kv_heads):
         b, g = divmod(s, kv_heads)
         lo, hi = int(offsets[s]), int(offsets[s + 1])
@@ -48,7 +50,8 @@ def ragged_attention(q, k, v, pos, offsets, q_pos, scale):
         logits = (qs @ ks.T * scale).masked_fill(~visible, float("-inf"))
         att = torch.nan_to_num(logits.softmax(-1), nan=0.0)                 # all -inf rows -> zeros
         out[b, g * group:(g + 1) * group] = att @ vs
-    return out
+        weights[:, lo:hi] = att.reshape(group * q_len, hi - lo)
+    return out, weights
 
 
 def allocate(scores: list[float], caps: list[int], total: int) -> list[int]:

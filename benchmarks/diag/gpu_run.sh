@@ -1,19 +1,38 @@
 #!/usr/bin/env bash
-# One device session: build with CUDA, inspect how libstdc++ is linked, run the CUDA tests that cover the
-# decode path, then the generate benchmark at 32K and 128K. Results under $OUT.
+# One device call: build with CUDA, run the CUDA tests, profile decode steps, then generate benchmarks.
+# Results under $OUT. Each part is optional and bounded by its own timeout:
+#   TESTS="tests/ops/test_decode_ops.py ..."   pytest arguments (8 workers, 2 CPU threads each)
+#   PROFILE="cake snapkv" PROFILE_CONTEXT=8192  benchmarks/diag/profile_decode.py methods
+#   BENCH="--contexts 32768 --methods cake ...; --contexts 131072 ..."   bench_generate.py runs, ';'-separated,
+#                                               each written to $OUT/bench<i> (--budgets 1024 --new-tokens 32 added)
 set -u
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1
-env | grep -E "^(CXXFLAGS|CFLAGS|LDFLAGS|CPPFLAGS|CMAKE_[A-Z_]*|CXX|CC)=" || echo "no compiler flags in env"
-CAKEKV_CUDA_ARCHS=90 CMAKE_BUILD_PARALLEL_LEVEL=16 python3 -m pip install --no-build-isolation --no-deps -C build-dir=/tmp/skb . > /tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }
-grep -m1 -o "LINK_FLAGS = .*\|LINK_LIBRARIES = .*" /tmp/skb/build.ninja | head -3
-lib=$(python3 -c "import cakekv._ops, glob, os, sys; print([f for p in sys.path if p for f in glob.glob(os.path.join(p, 'cakekv', 'libcakekv_ops*.so'))][0])")
-echo "lib: $lib"; readelf -d $lib | grep NEEDED
-
-${EXTRA:-true}
-timeout 240 python3 -m pytest -q tests/ops/test_ops.py tests/test_step_graph.py -p no:cacheprovider -W "default::RuntimeWarning" 2>&1 | tee $OUT/tests.log | tail -25
-for ctx in 32768 131072; do
-  [ $ctx = 131072 ] && METHODS="snapkv cake cake:decode_evict=false adakv"
-  timeout ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_generate.py --contexts $ctx --methods ${METHODS:-full snapkv pyramidkv streamingllm adakv lava cake cake:decode_evict=false} \
-    --budgets 1024 --new-tokens 32 ${STATIC:+} $([ $ctx = 131072 ] && echo --no-static-baseline) --out $OUT/g$((ctx / 1024)) 2>&1 | grep "^|" 
+CAKEKV_CUDA_ARCHS=90 CMAKE_BUILD_PARALLEL_LEVEL=16 python3 -m pip install --no-build-isolation --no-deps \
+  -C build-dir=/tmp/skb . > /tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+git log -1 --format="commit %h %s" 2>/dev/null || true
+if [ -n "${TESTS:-}" ]; then
+  start=$(date +%s)
+  # shellcheck disable=SC2086
+  OMP_NUM_THREADS=2 timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -n 8 -p no:cacheprovider \
+    -o faulthandler_timeout=100 $TESTS > $OUT/gpu_tests.log 2>&1
+  echo "pytest exit $? after $(( $(date +%s) - start )) s" | tee -a $OUT/gpu_tests.log
+  tail -15 $OUT/gpu_tests.log
+fi
+if [ -n "${PROFILE:-}" ]; then
+  # shellcheck disable=SC2086
+  timeout ${PROFILE_TIMEOUT:-150} python3 benchmarks/diag/profile_decode.py --context ${PROFILE_CONTEXT:-8192} \
+    --methods $PROFILE > $OUT/profile.log 2>&1
+  grep -v Warning $OUT/profile.log | tail -60
+fi
+i=0
+IFS=';' read -ra RUNS <<< "${BENCH:-}"
+for run in "${RUNS[@]}"; do
+  i=$((i + 1))
+  # shellcheck disable=SC2086
+  timeout ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_generate.py $run --budgets 1024 --new-tokens 32 \
+    --out $OUT/bench$i > $OUT/bench$i.log 2>&1
+  echo "bench$i ($run): exit $?"; grep "^|" $OUT/bench$i.log
 done

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "../decode_score.h"
 
 namespace cakekv::cpu {
 
@@ -54,16 +55,18 @@ std::tuple<at::Tensor, at::Tensor> gather_ragged(const at::Tensor& k, const at::
   return {k_out, v_out};
 }
 
-at::Tensor ragged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
-                            const at::Tensor& offsets, const at::Tensor& q_pos, double scale) {
+std::tuple<at::Tensor, at::Tensor> ragged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                    const at::Tensor& pos, const at::Tensor& offsets,
+                                                    const at::Tensor& q_pos, double scale, bool return_weights) {
   check_ragged_attention_args(q, k, v, pos, offsets, q_pos);
-  const int64_t B = q.size(0), H = q.size(1), Q = q.size(2), D = q.size(3);
+  const int64_t B = q.size(0), H = q.size(1), Q = q.size(2), D = q.size(3), T = k.size(0);
   const int64_t segs = offsets.size(0) - 1, Hkv = segs / B, G = H / Hkv;
-  const auto oc = checked_offsets(offsets, k.size(0), "ragged_attention");
+  const auto oc = checked_offsets(offsets, T, "ragged_attention");
   const int64_t* o = oc.data_ptr<int64_t>();
   // [B, Hkv, G*Q, D]: the rows of one kv head are contiguous (h = g * G + j).
   const auto qf = q.to(at::kFloat).reshape({B, Hkv, G * Q, D});
   auto out = at::zeros({B, Hkv, G * Q, D}, q.options().dtype(at::kFloat));
+  auto weights = at::zeros({return_weights ? G * Q : 0, T}, q.options().dtype(at::kFloat));
   const auto qp = q_pos.repeat({1, G});  // [B, G*Q]: row r of a kv head is query r % Q
   for (int64_t s = 0; s < segs; ++s) {
     const int64_t b = s / Hkv, g = s % Hkv, lo = o[s], hi = o[s + 1];
@@ -80,8 +83,9 @@ at::Tensor ragged_attention(const at::Tensor& q, const at::Tensor& k, const at::
     const auto denom = p.sum(1, true);
     const auto att = p / at::where(denom.eq(0), at::ones_like(denom), denom);
     out[b][g].copy_(at::matmul(att, vs));
+    if (return_weights) weights.slice(1, lo, hi).copy_(att);
   }
-  return out.view({B, H, Q, D}).to(q.scalar_type());
+  return {out.view({B, H, Q, D}).to(q.scalar_type()), weights};
 }
 
 void append_entries(const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos, const at::Tensor& offsets,
@@ -120,62 +124,29 @@ void append_entries(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
   }
 }
 
-void evict_lowest(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos, const at::Tensor& order,
-                  const at::Tensor& offsets, const at::Tensor& q_pos, const at::Tensor& over, double scale,
-                  double var_weight, int64_t protect, int64_t kernel_size, bool max_pool, int64_t n_evict) {
-  check_evict_lowest_args(q, k, pos, order, offsets, q_pos, over, kernel_size, n_evict);
-  const int64_t B = q.size(0), H = q.size(1), Q = q.size(2), D = q.size(3);
-  const int64_t segs = offsets.size(0) - 1, Hkv = segs / B, G = H / Hkv, half = kernel_size / 2;
-  const auto oc = checked_offsets(offsets, k.size(0), "evict_lowest");
-  if (n_evict == 0 || k.size(0) == 0) return;
+void evict_lowest(const at::Tensor& weights, const at::Tensor& pos, const at::Tensor& order,
+                  const at::Tensor& offsets, const at::Tensor& q_pos, const at::Tensor& over, double var_weight,
+                  int64_t protect, int64_t kernel_size, bool max_pool, int64_t n_evict) {
+  check_evict_lowest_args(weights, pos, order, offsets, q_pos, over, kernel_size, n_evict);
+  const int64_t B = q_pos.size(0), Q = q_pos.size(1), T = pos.size(0);
+  const int64_t segs = offsets.size(0) - 1, Hkv = segs / B, half = kernel_size / 2;
+  const auto oc = checked_offsets(offsets, T, "evict_lowest");
+  if (n_evict == 0 || T == 0 || Q == 0) return;
+  const int64_t G = weights.size(0) / Q;
   const int64_t* o = oc.data_ptr<int64_t>();
-  const auto qf = q.to(at::kFloat).contiguous(), kf = k.to(at::kFloat).contiguous(), qp = q_pos.contiguous();
-  const float* qd = qf.data_ptr<float>();
-  const float* kd = kf.data_ptr<float>();
+  const auto qp = q_pos.contiguous();
+  const float* w = weights.data_ptr<float>();
   const int64_t* qpp = qp.data_ptr<int64_t>();
   int64_t* p = pos.data_ptr<int64_t>();
   int64_t* ov = over.data_ptr<int64_t>();
   int32_t* ord = order.data_ptr<int32_t>();
   at::parallel_for(0, segs, 1, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
-      const int64_t b = s / Hkv, g = s % Hkv, lo = o[s], n = o[s + 1] - lo;
+      const int64_t b = s / Hkv, lo = o[s], n = o[s + 1] - lo;
       if (ov[s] <= 0 || n == 0) continue;
-      // Attention of each (head j, query i) row over the segment, then Welford mean/variance over i.
-      std::vector<float> logits(n), score(n, 0.f), mean(n), m2(n);
-      for (int64_t j = 0; j < G; ++j) {
-        std::fill(mean.begin(), mean.end(), 0.f);
-        std::fill(m2.begin(), m2.end(), 0.f);
-        for (int64_t i = 0; i < Q; ++i) {
-          const float* qr = qd + (((b * H) + g * G + j) * Q + i) * D;
-          const int64_t limit = qpp[b * Q + i];
-          float mx = -std::numeric_limits<float>::infinity();
-          for (int64_t t = 0; t < n; ++t) {
-            const int64_t pt = p[lo + t];
-            if (pt < 0 || pt > limit) { logits[t] = -std::numeric_limits<float>::infinity(); continue; }
-            float dot = 0.f;
-            for (int64_t d = 0; d < D; ++d) dot += qr[d] * kd[(lo + t) * D + d];
-            logits[t] = dot * static_cast<float>(scale);
-            mx = std::max(mx, logits[t]);
-          }
-          float sum = 0.f;
-          for (int64_t t = 0; t < n; ++t) {
-            logits[t] = std::isinf(logits[t]) ? 0.f : std::exp(logits[t] - mx);
-            sum += logits[t];
-          }
-          const float inv = sum > 0.f ? 1.f / sum : 0.f;
-          for (int64_t t = 0; t < n; ++t) {
-            const float a = logits[t] * inv, delta = a - mean[t];
-            mean[t] += delta / static_cast<float>(i + 1);
-            m2[t] += delta * (a - mean[t]);
-          }
-        }
-        for (int64_t t = 0; t < n; ++t) {
-          const float var = Q > 1 ? m2[t] / static_cast<float>(Q - 1) : 0.f;
-          score[t] += mean[t] + static_cast<float>(var_weight) * var;
-        }
-      }
-      // Candidates: the first entries of the position order; pooled, then the lowest pooled scores go (ties:
-      // earlier position), and the freed entries leave the order.
+      // Candidates: the first entries of the position order; their scores (Welford mean / variance over the
+      // queries of each head, averaged over heads) pooled, then the lowest pooled scores go (ties: earlier
+      // position), and the freed entries leave the order.
       const int64_t limit = qpp[b * Q + Q - 1] - protect;
       int64_t valid = 0, nc = 0;
       for (int64_t t = 0; t < n; ++t) {
@@ -183,13 +154,14 @@ void evict_lowest(const at::Tensor& q, const at::Tensor& k, const at::Tensor& po
         nc += p[lo + t] >= 0 && p[lo + t] <= limit;
       }
       int32_t* seg_order = ord + lo;
+      std::vector<float> score(nc);
+      for (int64_t r = 0; r < nc; ++r) score[r] = decode_score(w, T, lo + seg_order[r], G, Q, static_cast<float>(var_weight));
       std::vector<float> pooled(nc);
       for (int64_t r = 0; r < nc; ++r) {
         float acc = max_pool ? -std::numeric_limits<float>::infinity() : 0.f;
         for (int64_t x = r - half; x <= r + half; ++x) {
           if (x < 0 || x >= nc) continue;
-          const float val = score[seg_order[x]] / static_cast<float>(G);
-          acc = max_pool ? std::max(acc, val) : acc + val;
+          acc = max_pool ? std::max(acc, score[x]) : acc + score[x];
         }
         pooled[r] = max_pool ? acc : acc / static_cast<float>(kernel_size);
       }

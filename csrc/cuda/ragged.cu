@@ -12,6 +12,9 @@
 // K/V load: a block takes up to kAttnRows rows and walks its pieces in steps of kChunk entries: warps score
 // entries (lanes split the head dim, shuffle reduction), each row's online softmax is updated per step, and
 // threads accumulate P·V for their head dims. A second kernel merges the pieces of every (segment, row).
+// Asked for the attention weights (what decode-time eviction scores), the first kernel also writes each
+// entry's logit per row and the merge turns the segment's logits into weights with the row's max and sum: the
+// keys are read once per step for both attention and eviction.
 //
 // append_entries: one block per segment finds its first Q free slots (warp ballots, in slot order) and
 // copies the tokens there; given the position order, it lists the new entries at its end.
@@ -59,7 +62,8 @@ __global__ void ragged_attention_partial_kernel(const scalar_t* __restrict__ q, 
                                                 const scalar_t* __restrict__ v, const int64_t* __restrict__ pos,
                                                 const int64_t* __restrict__ offsets,
                                                 const int64_t* __restrict__ q_pos, float* __restrict__ part_acc,
-                                                float* __restrict__ part_ml, int64_t T, int64_t segs, int64_t chunk,
+                                                float* __restrict__ part_ml, float* __restrict__ weights,
+                                                int64_t T, int64_t segs, int64_t chunk,
                                                 int64_t H, int64_t Q, int64_t D, int64_t Hkv, float scale) {
   extern __shared__ float smem[];
   float* q_s = smem;                              // [kAttnRows, D]
@@ -111,6 +115,7 @@ __global__ void ragged_attention_partial_kernel(const scalar_t* __restrict__ q, 
         float sum = 0.f;
         for (int e = lane; e < n; e += 32) {
           const float sc = p_s[r * kChunk + e];
+          if (weights != nullptr) weights[(r0 + r) * T + c0 + e] = sc;  // the logit; the merge normalises it
           const float w = sc == -INFINITY ? 0.f : expf(sc - m_new);
           p_s[r * kChunk + e] = w;
           sum += w;
@@ -162,7 +167,8 @@ __global__ void ragged_attention_partial_kernel(const scalar_t* __restrict__ q, 
 template <typename scalar_t>
 __global__ void ragged_attention_merge_kernel(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
                                               const int64_t* __restrict__ offsets, scalar_t* __restrict__ out,
-                                              int64_t chunk, int64_t H, int64_t Q, int64_t D, int64_t Hkv) {
+                                              float* __restrict__ weights, int64_t T, int64_t chunk, int64_t H,
+                                              int64_t Q, int64_t D, int64_t Hkv) {
   const int64_t G = H / Hkv, rows = G * Q;
   const int64_t seg = blockIdx.x / rows, r = blockIdx.x % rows, b = seg / Hkv, g = seg % Hkv;
   const int64_t lo = offsets[seg], hi = offsets[seg + 1];
@@ -187,6 +193,11 @@ __global__ void ragged_attention_merge_kernel(const float* __restrict__ part_acc
     }
     o[d] = static_cast<scalar_t>(sum * inv);
   }
+  if (weights != nullptr)
+    for (int64_t t = lo + threadIdx.x; t < hi; t += blockDim.x) {
+      const float logit = weights[r * T + t];
+      weights[r * T + t] = logit == -INFINITY ? 0.f : expf(logit - mx) * inv;
+    }
 }
 
 constexpr int kAppendThreads = 512;
@@ -270,16 +281,18 @@ std::tuple<at::Tensor, at::Tensor> gather_ragged(const at::Tensor& k_in, const a
   return {k_out, v_out};
 }
 
-at::Tensor ragged_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                            const at::Tensor& pos_in, const at::Tensor& offsets_in, const at::Tensor& q_pos_in,
-                            double scale) {
+std::tuple<at::Tensor, at::Tensor> ragged_attention(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                    const at::Tensor& v_in, const at::Tensor& pos_in,
+                                                    const at::Tensor& offsets_in, const at::Tensor& q_pos_in,
+                                                    double scale, bool return_weights) {
   check_ragged_attention_args(q_in, k_in, v_in, pos_in, offsets_in, q_pos_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t B = q_in.size(0), H = q_in.size(1), Q = q_in.size(2), D = q_in.size(3), T = k_in.size(0);
   const int64_t segs = offsets_in.size(0) - 1, Hkv = segs / B, rows = (H / Hkv) * Q;
   TORCH_CHECK(D <= 32 * kMaxPerLane, "ragged_attention (CUDA): head dim ", D, " above ", 32 * kMaxPerLane);
   auto out = at::empty({B, H, Q, D}, q_in.options());
-  if (out.numel() == 0) return out;
+  auto weights = at::empty({return_weights ? rows : 0, T}, q_in.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, weights.zero_()};
   const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), pos = pos_in.contiguous(),
              offsets = offsets_in.contiguous(), q_pos = q_pos_in.contiguous();
   // About two blocks per SM, at least kChunk entries each (the host does not read the offsets).
@@ -289,6 +302,7 @@ at::Tensor ragged_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   const int64_t tiles = (rows + kAttnRows - 1) / kAttnRows;
   auto part_acc = at::empty({pieces * rows, D}, q_in.options().dtype(at::kFloat));
   auto part_ml = at::empty({pieces * rows, 2}, q_in.options().dtype(at::kFloat));
+  float* weights_ptr = return_weights ? weights.mutable_data_ptr<float>() : nullptr;
   const size_t smem = sizeof(float) * size_t(kAttnRows * D + kAttnRows * kChunk + 3 * kAttnRows);
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "ragged_attention_cuda", [&] {
@@ -297,16 +311,16 @@ at::Tensor ragged_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
           <<<dim3(unsigned(blocks), unsigned(tiles)), kAttnThreads, smem, stream>>>(
           q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
           pos.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), q_pos.const_data_ptr<int64_t>(),
-          part_acc.mutable_data_ptr<float>(), part_ml.mutable_data_ptr<float>(), T, segs, chunk, H, Q, D, Hkv,
-          static_cast<float>(scale));
+          part_acc.mutable_data_ptr<float>(), part_ml.mutable_data_ptr<float>(), weights_ptr, T, segs, chunk, H, Q,
+          D, Hkv, static_cast<float>(scale));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     ragged_attention_merge_kernel<scalar_t><<<unsigned(segs * rows), 128, 0, stream>>>(
         part_acc.const_data_ptr<float>(), part_ml.const_data_ptr<float>(), offsets.const_data_ptr<int64_t>(),
-        out.mutable_data_ptr<scalar_t>(), chunk, H, Q, D, Hkv);
+        out.mutable_data_ptr<scalar_t>(), weights_ptr, T, chunk, H, Q, D, Hkv);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
+  return {out, weights};
 }
 
 void append_entries(const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos, const at::Tensor& offsets_in,

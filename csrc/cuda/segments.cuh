@@ -89,14 +89,6 @@ __device__ __forceinline__ void for_warp_entries(const scalar_t* __restrict__ k,
   }
 }
 
-// Online-softmax merge of (m, l) pairs: (m, l) becomes the max and rescaled sum of both.
-__device__ __forceinline__ void merge_max_sum(float& m, float& l, float m2, float l2) {
-  const float mx = fmaxf(m, m2);
-  if (mx == -INFINITY) return;
-  l = (m == -INFINITY ? 0.f : l * expf(m - mx)) + (m2 == -INFINITY ? 0.f : l2 * expf(m2 - mx));
-  m = mx;
-}
-
 // Block-wide exclusive prefix sum of one value per thread (blockDim.x a multiple of 32, at most 1024).
 // `scratch` is 33 values of shared memory; every thread gets its prefix and the block total. Contains barriers:
 // all threads of the block must call it. Two counts can share one scan packed in the halves of a uint64.

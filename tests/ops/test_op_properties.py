@@ -425,12 +425,15 @@ def ragged_attention_inputs(c, dtype, magnitude: float = 1.0):
 def test_ragged_attention_equals_reference(device, dtype, c, scale_factor):
     q, k, v, pos, offsets, q_pos = ragged_attention_inputs(c, dtype)
     scale = scale_factor * c["D"] ** -0.5
-    got = ops.ragged_attention(*(t.to(device) for t in (q, k, v, pos, offsets, q_pos)), scale)
+    inputs = [t.to(device) for t in (q, k, v, pos, offsets, q_pos)]
+    got, weights = ops.ragged_attention_with_weights(*inputs, scale)
     assert got.shape == q.shape and got.dtype == dtype and got.device.type == device
-    want = ragged_attention_ref(q, k, v, pos, offsets, q_pos, scale)
+    want, want_weights = ragged_attention_ref(q, k, v, pos, offsets, q_pos, scale)
     # fp32 math on both sides; fp16/bf16 outputs are rounded once to their dtype (half an ulp, relative)
     rtol = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
     torch.testing.assert_close(got.cpu().float(), want, rtol=rtol, atol=1e-5)
+    torch.testing.assert_close(weights.cpu(), want_weights, rtol=1e-5, atol=1e-6)  # fp32 weights in any dtype
+    assert torch.equal(ops.ragged_attention(*inputs, scale), got)  # asking for the weights changes nothing
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
