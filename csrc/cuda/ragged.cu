@@ -52,77 +52,130 @@ __global__ void gather_ragged_kernel(const scalar_t* __restrict__ k, const scala
   }
 }
 
-constexpr int kAttnRows = 8;     // query rows per ragged_attention block
-constexpr int kChunk = 64;       // entries scored per step by a ragged_attention block
+constexpr int kAttnRows = 4;         // query rows per ragged_attention block (more rows: more blocks in y)
 constexpr int kAttnThreads = 128;
-constexpr int kMaxDimSlots = (32 * kMaxPerLane + kAttnThreads - 1) / kAttnThreads;  // head dims per thread
+constexpr int kEntriesPerGroup = 8;  // entries a lane group takes per step, loaded kBatch at a time
+constexpr int kBatch = 4;
+constexpr int kMaxHeadDim = 256;
 
-template <typename scalar_t, int kPerLane>
-__global__ void ragged_attention_partial_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
-                                                const scalar_t* __restrict__ v, const int64_t* __restrict__ pos,
-                                                const int64_t* __restrict__ offsets,
-                                                const int64_t* __restrict__ q_pos, float* __restrict__ part_acc,
-                                                float* __restrict__ part_ml, float* __restrict__ weights,
-                                                int64_t T, int64_t segs, int64_t chunk,
-                                                int64_t H, int64_t Q, int64_t D, int64_t Hkv, float scale) {
-  extern __shared__ float smem[];
-  float* q_s = smem;                              // [kAttnRows, D]
-  float* p_s = q_s + kAttnRows * D;               // [kAttnRows, kChunk] scores, then probabilities
-  float* m_s = p_s + kAttnRows * kChunk;          // [kAttnRows] running max
-  float* l_s = m_s + kAttnRows;                   // [kAttnRows] running sum
-  float* corr_s = l_s + kAttnRows;                // [kAttnRows] rescale of this step
+// A lane group of kLanes lanes holds one row of a head (a query, key or value): lane l the kVec elements from
+// l * kVec. With `vector` (rows 16-byte aligned, D a multiple of kVec) that is one or two 16-byte loads.
+template <int kVec, typename scalar_t>
+__device__ __forceinline__ void load_slice(const scalar_t* __restrict__ row, int first, int D, bool vector,
+                                           float (&out)[kVec]) {
+  static_assert(kVec * sizeof(scalar_t) % 16 == 0, "a slice is whole 16-byte words");
+  if (vector) {
+    if (first < D) {
+      constexpr int kWords = kVec * sizeof(scalar_t) / 16;
+      uint4 words[kWords];
+#pragma unroll
+      for (int i = 0; i < kWords; ++i) words[i] = reinterpret_cast<const uint4*>(row + first)[i];
+      const scalar_t* e = reinterpret_cast<const scalar_t*>(words);
+#pragma unroll
+      for (int c = 0; c < kVec; ++c) out[c] = static_cast<float>(e[c]);
+    } else {
+#pragma unroll
+      for (int c = 0; c < kVec; ++c) out[c] = 0.f;
+    }
+  } else {
+#pragma unroll
+    for (int c = 0; c < kVec; ++c) out[c] = first + c < D ? static_cast<float>(row[first + c]) : 0.f;
+  }
+}
+
+// Calls f(kVec, kLanes) (integral constants) for a head dim D <= kMaxHeadDim: kVec elements of at least 16 bytes
+// per lane, kLanes = 8, 16 or 32 lanes per row.
+template <typename scalar_t, typename F>
+void with_row_layout(int64_t D, F&& f) {
+  using std::integral_constant;
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  if (D <= 8 * kVec) f(integral_constant<int, kVec>{}, integral_constant<int, 8>{});
+  else if (D <= 16 * kVec) f(integral_constant<int, kVec>{}, integral_constant<int, 16>{});
+  else if (D <= 32 * kVec) f(integral_constant<int, kVec>{}, integral_constant<int, 32>{});
+  else if constexpr (32 * kVec < kMaxHeadDim)  // fp32 rows of 129..256 (fp64 of 65..256): wider slices
+    f(integral_constant<int, kMaxHeadDim / 32>{}, integral_constant<int, 32>{});
+}
+
+template <typename scalar_t, int kVec, int kLanes>
+__global__ void __launch_bounds__(kAttnThreads) ragged_attention_partial_kernel(
+    const scalar_t* __restrict__ q, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
+    const int64_t* __restrict__ pos, const int64_t* __restrict__ offsets, const int64_t* __restrict__ q_pos,
+    float* __restrict__ part_acc, float* __restrict__ part_ml, float* __restrict__ weights, int64_t T, int64_t segs,
+    int64_t chunk, int64_t H, int64_t Q, int64_t D, int64_t Hkv, float scale, bool vector) {
+  constexpr int kGroups = kAttnThreads / kLanes, kStep = kGroups * kEntriesPerGroup, kWidth = kLanes * kVec;
+  __shared__ float p_s[kAttnRows][kStep];                  // logits of a step, then their exp
+  __shared__ float red_s[kGroups * kAttnRows * kWidth];    // the groups' P·V, summed at the piece's end
+  __shared__ float m_s[kAttnRows], l_s[kAttnRows], corr_s[kAttnRows];  // running max, sum, this step's rescale
   __shared__ int64_t qp_s[kAttnRows];
   const int64_t G = H / Hkv, rows = G * Q, r0 = int64_t(blockIdx.y) * kAttnRows;
   const int64_t start = int64_t(blockIdx.x) * chunk, end = std::min(T, start + chunk);
   const int R = int(std::min<int64_t>(kAttnRows, rows - r0));
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = kAttnThreads / 32;
+  const int group = threadIdx.x / kLanes, lane = threadIdx.x % kLanes, first = lane * kVec;
+  const int warp = threadIdx.x / 32, wlane = threadIdx.x % 32;
   for (int64_t seg = segment_of(offsets, segs, start); seg < segs && offsets[seg] < end; ++seg) {
     const int64_t lo = std::max(offsets[seg], start), hi = std::min(offsets[seg + 1], end);
     if (lo >= hi) continue;  // an empty segment: its rows get zeros from the merge
     const int64_t b = seg / Hkv, g = seg % Hkv, piece = int64_t(blockIdx.x) + seg;
-    __syncthreads();  // the previous piece is done with shared memory
-    for (int64_t x = threadIdx.x; x < int64_t(R) * D; x += kAttnThreads) {
-      const int64_t r = x / D, d = x % D;
-      q_s[r * D + d] = static_cast<float>(q[query_row_offset(b, g, r0 + r, H, G, Q, D) + d]);
+    float qv[kAttnRows][kVec], acc[kAttnRows][kVec];
+#pragma unroll
+    for (int r = 0; r < kAttnRows; ++r) {
+      if (r < R) load_slice<kVec>(q + query_row_offset(b, g, r0 + r, H, G, Q, D), first, int(D), vector, qv[r]);
+#pragma unroll
+      for (int c = 0; c < kVec; ++c) acc[r][c] = 0.f;
     }
+    __syncthreads();  // the previous piece is done with shared memory
     if (threadIdx.x < R) {
       qp_s[threadIdx.x] = q_pos[b * Q + (r0 + threadIdx.x) % Q];
       m_s[threadIdx.x] = -INFINITY;
       l_s[threadIdx.x] = 0.f;
     }
-    float acc[kAttnRows][kMaxDimSlots];
-#pragma unroll
-    for (int r = 0; r < kAttnRows; ++r)
-#pragma unroll
-      for (int c = 0; c < kMaxDimSlots; ++c) acc[r][c] = 0.f;
     __syncthreads();
-
-    for (int64_t c0 = lo; c0 < hi; c0 += kChunk) {
-      const int n = int(std::min<int64_t>(kChunk, hi - c0));
-      for_warp_entries<kAttnRows, kPerLane>(k, pos, c0, c0 + n, q_s, R, int(D),  // scores of the entries against every row
-                                  [&](int64_t t, int64_t p, const float (&dot)[kAttnRows]) {
-        if (lane == 0)
-          for (int r = 0; r < R; ++r)
-            p_s[r * kChunk + (t - c0)] = (p >= 0 && p <= qp_s[r]) ? dot[r] * scale : -INFINITY;
-      });
+    for (int64_t c0 = lo; c0 < hi; c0 += kStep) {
+      const int n = int(std::min<int64_t>(kStep, hi - c0));
+      // Scores: group takes entries group + kGroups * u, a batch of rows loaded before any is used.
+#pragma unroll
+      for (int u0 = 0; u0 < kEntriesPerGroup; u0 += kBatch) {
+        float kv[kBatch][kVec];
+        int64_t p[kBatch];
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          const int64_t t = c0 + std::min(group + kGroups * (u0 + u), n - 1);  // past the end: a repeat, unused
+          p[u] = pos[t];
+          load_slice<kVec>(k + t * D, first, int(D), vector, kv[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          const int e = group + kGroups * (u0 + u);
+#pragma unroll
+          for (int r = 0; r < kAttnRows; ++r) {
+            if (r >= R) break;  // uniform: every lane of the warp takes part in the shuffles
+            float dot = 0.f;
+#pragma unroll
+            for (int c = 0; c < kVec; ++c) dot += qv[r][c] * kv[u][c];
+#pragma unroll
+            for (int off = kLanes / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+            if (lane == 0 && e < n) p_s[r][e] = (p[u] >= 0 && p[u] <= qp_s[r]) ? dot * scale : -INFINITY;
+          }
+        }
+      }
       __syncthreads();
-      for (int r = warp; r < R; r += warps) {  // online softmax of row r over this step
+      for (int r = warp; r < R; r += kAttnThreads / 32) {  // online softmax of row r over this step
         float mx = -INFINITY;
-        for (int e = lane; e < n; e += 32) mx = fmaxf(mx, p_s[r * kChunk + e]);
+        for (int e = wlane; e < n; e += 32) mx = fmaxf(mx, p_s[r][e]);
 #pragma unroll
         for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
         const float m_old = m_s[r], m_new = fmaxf(m_old, mx);
         float sum = 0.f;
-        for (int e = lane; e < n; e += 32) {
-          const float sc = p_s[r * kChunk + e];
+        for (int e = wlane; e < n; e += 32) {
+          const float sc = p_s[r][e];
           if (weights != nullptr) weights[(r0 + r) * T + c0 + e] = sc;  // the logit; the merge normalises it
           const float w = sc == -INFINITY ? 0.f : expf(sc - m_new);
-          p_s[r * kChunk + e] = w;
+          p_s[r][e] = w;
           sum += w;
         }
 #pragma unroll
         for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-        if (lane == 0) {
+        if (wlane == 0) {
           const float corr = m_old == -INFINITY ? 0.f : expf(m_old - m_new);  // nothing before: acc is 0
           corr_s[r] = corr;
           l_s[r] = l_s[r] * corr + sum;
@@ -130,36 +183,49 @@ __global__ void ragged_attention_partial_kernel(const scalar_t* __restrict__ q, 
         }
       }
       __syncthreads();
+      // P·V: each group over its entries, for its lanes' slices of the head dim.
 #pragma unroll
-      for (int c = 0; c < kMaxDimSlots; ++c) {
-        const int64_t d = threadIdx.x + int64_t(kAttnThreads) * c;
-        if (d >= D) continue;
+      for (int r = 0; r < kAttnRows; ++r)
 #pragma unroll
-        for (int r = 0; r < kAttnRows; ++r)
-          if (r < R) acc[r][c] *= corr_s[r];
-#pragma unroll 8
-        for (int e = 0; e < n; ++e) {  // unrolled: several V loads in flight per thread
-          const float val = static_cast<float>(v[(c0 + e) * D + d]);
+        for (int c = 0; c < kVec; ++c) acc[r][c] *= r < R ? corr_s[r] : 0.f;
 #pragma unroll
-          for (int r = 0; r < kAttnRows; ++r)
-            if (r < R) acc[r][c] += p_s[r * kChunk + e] * val;
+      for (int u0 = 0; u0 < kEntriesPerGroup; u0 += kBatch) {
+        float vv[kBatch][kVec];
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u)
+          load_slice<kVec>(v + (c0 + std::min(group + kGroups * (u0 + u), n - 1)) * D, first, int(D), vector, vv[u]);
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          const int e = group + kGroups * (u0 + u);
+          if (e >= n) break;
+#pragma unroll
+          for (int r = 0; r < kAttnRows; ++r) {
+            if (r >= R) break;
+            const float w = p_s[r][e];
+#pragma unroll
+            for (int c = 0; c < kVec; ++c) acc[r][c] += w * vv[u][c];
+          }
         }
       }
-      __syncthreads();
+      __syncthreads();  // p_s is rewritten by the next step
     }
+    // The piece's P·V: the groups' partial sums added up.
 #pragma unroll
-    for (int r = 0; r < kAttnRows; ++r) {
-      if (r >= R) break;
-      const int64_t slot = piece * rows + r0 + r;
+    for (int r = 0; r < kAttnRows; ++r)
 #pragma unroll
-      for (int c = 0; c < kMaxDimSlots; ++c) {
-        const int64_t d = threadIdx.x + int64_t(kAttnThreads) * c;
-        if (d < D) part_acc[slot * D + d] = acc[r][c];
-      }
-      if (threadIdx.x == 0) {
-        part_ml[2 * slot] = m_s[r];
-        part_ml[2 * slot + 1] = l_s[r];
-      }
+      for (int c = 0; c < kVec; ++c) red_s[(group * kAttnRows + r) * kWidth + first + c] = acc[r][c];
+    __syncthreads();
+    for (int64_t x = threadIdx.x; x < int64_t(R) * D; x += kAttnThreads) {
+      const int r = int(x / D), d = int(x % D);
+      float sum = 0.f;
+#pragma unroll 4
+      for (int gr = 0; gr < kGroups; ++gr) sum += red_s[(gr * kAttnRows + r) * kWidth + d];
+      part_acc[(piece * rows + r0 + r) * D + d] = sum;
+    }
+    if (threadIdx.x < R) {
+      const int64_t slot = piece * rows + r0 + threadIdx.x;
+      part_ml[2 * slot] = m_s[threadIdx.x];
+      part_ml[2 * slot + 1] = l_s[threadIdx.x];
     }
   }
 }
@@ -193,11 +259,23 @@ __global__ void ragged_attention_merge_kernel(const float* __restrict__ part_acc
     }
     o[d] = static_cast<scalar_t>(sum * inv);
   }
-  if (weights != nullptr)
-    for (int64_t t = lo + threadIdx.x; t < hi; t += blockDim.x) {
-      const float logit = weights[r * T + t];
-      weights[r * T + t] = logit == -INFINITY ? 0.f : expf(logit - mx) * inv;
+  if (weights != nullptr) {  // the row's logits over the segment become weights; loads batched before stores
+    constexpr int kLoads = 4;
+    float* w = weights + r * T;
+    for (int64_t t0 = lo + threadIdx.x; t0 < hi; t0 += kLoads * int64_t(blockDim.x)) {
+      float logit[kLoads];
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u) {
+        const int64_t t = t0 + u * int64_t(blockDim.x);
+        logit[u] = t < hi ? w[t] : -INFINITY;
+      }
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u) {
+        const int64_t t = t0 + u * int64_t(blockDim.x);
+        if (t < hi) w[t] = logit[u] == -INFINITY ? 0.f : expf(logit[u] - mx) * inv;
+      }
     }
+  }
 }
 
 constexpr int kAppendThreads = 512;
@@ -289,36 +367,41 @@ std::tuple<at::Tensor, at::Tensor> ragged_attention(const at::Tensor& q_in, cons
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t B = q_in.size(0), H = q_in.size(1), Q = q_in.size(2), D = q_in.size(3), T = k_in.size(0);
   const int64_t segs = offsets_in.size(0) - 1, Hkv = segs / B, rows = (H / Hkv) * Q;
-  TORCH_CHECK(D <= 32 * kMaxPerLane, "ragged_attention (CUDA): head dim ", D, " above ", 32 * kMaxPerLane);
+  TORCH_CHECK(D <= kMaxHeadDim, "ragged_attention (CUDA): head dim ", D, " above ", kMaxHeadDim);
   auto out = at::empty({B, H, Q, D}, q_in.options());
   auto weights = at::empty({return_weights ? rows : 0, T}, q_in.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, weights.zero_()};
   const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), pos = pos_in.contiguous(),
              offsets = offsets_in.contiguous(), q_pos = q_pos_in.contiguous();
-  // About two blocks per SM, at least kChunk entries each (the host does not read the offsets).
+  // About four blocks per SM, at least half a step of entries each (the host does not read the offsets).
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t chunk = std::max<int64_t>(kChunk, (T + 2 * sms - 1) / (2 * sms));
-  const int64_t blocks = std::max<int64_t>(1, (T + chunk - 1) / chunk), pieces = blocks + segs;
   const int64_t tiles = (rows + kAttnRows - 1) / kAttnRows;
-  auto part_acc = at::empty({pieces * rows, D}, q_in.options().dtype(at::kFloat));
-  auto part_ml = at::empty({pieces * rows, 2}, q_in.options().dtype(at::kFloat));
+  auto f32 = q_in.options().dtype(at::kFloat);
   float* weights_ptr = return_weights ? weights.mutable_data_ptr<float>() : nullptr;
-  const size_t smem = sizeof(float) * size_t(kAttnRows * D + kAttnRows * kChunk + 3 * kAttnRows);
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "ragged_attention_cuda", [&] {
-    if (T > 0) with_dims_per_lane(D, [&](auto per_lane) {
-      ragged_attention_partial_kernel<scalar_t, decltype(per_lane)::value>
-          <<<dim3(unsigned(blocks), unsigned(tiles)), kAttnThreads, smem, stream>>>(
-          q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-          pos.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), q_pos.const_data_ptr<int64_t>(),
-          part_acc.mutable_data_ptr<float>(), part_ml.mutable_data_ptr<float>(), weights_ptr, T, segs, chunk, H, Q,
-          D, Hkv, static_cast<float>(scale));
+    with_row_layout<scalar_t>(D, [&](auto vec, auto lanes) {
+      constexpr int kVec = decltype(vec)::value, kLanes = decltype(lanes)::value;
+      constexpr int64_t kStep = kAttnThreads / kLanes * kEntriesPerGroup;
+      const int64_t chunk = std::max<int64_t>(kStep / 2, (T + 4 * sms - 1) / (4 * sms));
+      const int64_t blocks = std::max<int64_t>(1, (T + chunk - 1) / chunk), pieces = blocks + segs;
+      auto part_acc = at::empty({pieces * rows, D}, f32), part_ml = at::empty({pieces * rows, 2}, f32);
+      const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; };
+      const bool vector = D % kVec == 0 && aligned(q) && aligned(k) && aligned(v);
+      if (T > 0) {
+        ragged_attention_partial_kernel<scalar_t, kVec, kLanes>
+            <<<dim3(unsigned(blocks), unsigned(tiles)), kAttnThreads, 0, stream>>>(
+            q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+            pos.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), q_pos.const_data_ptr<int64_t>(),
+            part_acc.mutable_data_ptr<float>(), part_ml.mutable_data_ptr<float>(), weights_ptr, T, segs, chunk, H,
+            Q, D, Hkv, static_cast<float>(scale), vector);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      ragged_attention_merge_kernel<scalar_t><<<unsigned(segs * rows), 128, 0, stream>>>(
+          part_acc.const_data_ptr<float>(), part_ml.const_data_ptr<float>(), offsets.const_data_ptr<int64_t>(),
+          out.mutable_data_ptr<scalar_t>(), weights_ptr, T, chunk, H, Q, D, Hkv);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    ragged_attention_merge_kernel<scalar_t><<<unsigned(segs * rows), 128, 0, stream>>>(
-        part_acc.const_data_ptr<float>(), part_ml.const_data_ptr<float>(), offsets.const_data_ptr<int64_t>(),
-        out.mutable_data_ptr<scalar_t>(), weights_ptr, T, chunk, H, Q, D, Hkv);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, weights};
 }
