@@ -135,6 +135,7 @@ __global__ void __launch_bounds__(kAttnThreads) ragged_attention_partial_kernel(
       // Scores: group takes entries group + kGroups * u, a batch of rows loaded before any is used.
 #pragma unroll
       for (int u0 = 0; u0 < kEntriesPerGroup; u0 += kBatch) {
+        if (kGroups * u0 >= n) break;  // uniform: a short step skips the batch
         float kv[kBatch][kVec];
         int64_t p[kBatch];
 #pragma unroll
@@ -190,6 +191,7 @@ __global__ void __launch_bounds__(kAttnThreads) ragged_attention_partial_kernel(
         for (int c = 0; c < kVec; ++c) acc[r][c] *= r < R ? corr_s[r] : 0.f;
 #pragma unroll
       for (int u0 = 0; u0 < kEntriesPerGroup; u0 += kBatch) {
+        if (kGroups * u0 >= n) break;
         float vv[kBatch][kVec];
 #pragma unroll
         for (int u = 0; u < kBatch; ++u)
@@ -238,29 +240,40 @@ __global__ void ragged_attention_merge_kernel(const float* __restrict__ part_acc
   const int64_t G = H / Hkv, rows = G * Q;
   const int64_t seg = blockIdx.x / rows, r = blockIdx.x % rows, b = seg / Hkv, g = seg % Hkv;
   const int64_t lo = offsets[seg], hi = offsets[seg + 1];
-  // The segment's pieces: blocks first .. last (none when it is empty).
+  // The segment's pieces: blocks first .. last (none when it is empty), merged online, kLoads at a time.
+  constexpr int kLoads = 8;
   const int64_t first = lo / chunk, last = hi > lo ? (hi - 1) / chunk : first - 1;
-  float mx = -INFINITY;
-  for (int64_t j = first; j <= last; ++j) mx = fmaxf(mx, part_ml[2 * ((j + seg) * rows + r)]);
-  float denom = 0.f;
-  for (int64_t j = first; j <= last; ++j) {
-    const int64_t slot = (j + seg) * rows + r;
-    const float m = part_ml[2 * slot];
-    denom += (m == -INFINITY ? 0.f : expf(m - mx)) * part_ml[2 * slot + 1];
-  }
-  const float inv = denom > 0.f ? 1.f / denom : 0.f;  // a query that sees no entry gets zeros
   scalar_t* o = out + query_row_offset(b, g, r, H, G, Q, D);
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    float sum = 0.f;
-    for (int64_t j = first; j <= last; ++j) {
-      const int64_t slot = (j + seg) * rows + r;
-      const float m = part_ml[2 * slot];
-      if (m != -INFINITY) sum += expf(m - mx) * part_acc[slot * D + d];
+  float mx = -INFINITY, denom = 0.f;
+  for (int64_t d0 = 0; d0 < D; d0 += blockDim.x) {  // one pass for head dims up to blockDim.x
+    const int64_t d = d0 + threadIdx.x;
+    float m_run = -INFINITY, l_run = 0.f, sum = 0.f;
+    for (int64_t j0 = first; j0 <= last; j0 += kLoads) {
+      float m[kLoads], l[kLoads], a[kLoads];
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u) {
+        const int64_t slot = (j0 + u + seg) * rows + r;
+        const bool in = j0 + u <= last;
+        m[u] = in ? part_ml[2 * slot] : -INFINITY;
+        l[u] = in ? part_ml[2 * slot + 1] : 0.f;
+        a[u] = in && d < D ? part_acc[slot * D + d] : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u) {
+        if (m[u] == -INFINITY) continue;  // a piece that sees nothing
+        const float m_new = fmaxf(m_run, m[u]);
+        const float old = m_run == -INFINITY ? 0.f : expf(m_run - m_new), fresh = expf(m[u] - m_new);
+        l_run = l_run * old + l[u] * fresh;
+        sum = sum * old + a[u] * fresh;
+        m_run = m_new;
+      }
     }
-    o[d] = static_cast<scalar_t>(sum * inv);
+    if (d < D) o[d] = static_cast<scalar_t>(l_run > 0.f ? sum / l_run : 0.f);  // sees no entry: zeros
+    mx = m_run;
+    denom = l_run;
   }
+  const float inv = denom > 0.f ? 1.f / denom : 0.f;
   if (weights != nullptr) {  // the row's logits over the segment become weights; loads batched before stores
-    constexpr int kLoads = 4;
     float* w = weights + r * T;
     for (int64_t t0 = lo + threadIdx.x; t0 < hi; t0 += kLoads * int64_t(blockDim.x)) {
       float logit[kLoads];
@@ -373,7 +386,7 @@ std::tuple<at::Tensor, at::Tensor> ragged_attention(const at::Tensor& q_in, cons
   if (out.numel() == 0) return {out, weights.zero_()};
   const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), pos = pos_in.contiguous(),
              offsets = offsets_in.contiguous(), q_pos = q_pos_in.contiguous();
-  // About four blocks per SM, at least half a step of entries each (the host does not read the offsets).
+  // About two blocks per SM, at least a step of entries each (the host does not read the offsets).
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t tiles = (rows + kAttnRows - 1) / kAttnRows;
   auto f32 = q_in.options().dtype(at::kFloat);
@@ -383,7 +396,7 @@ std::tuple<at::Tensor, at::Tensor> ragged_attention(const at::Tensor& q_in, cons
     with_row_layout<scalar_t>(D, [&](auto vec, auto lanes) {
       constexpr int kVec = decltype(vec)::value, kLanes = decltype(lanes)::value;
       constexpr int64_t kStep = kAttnThreads / kLanes * kEntriesPerGroup;
-      const int64_t chunk = std::max<int64_t>(kStep / 2, (T + 4 * sms - 1) / (4 * sms));
+      const int64_t chunk = std::max<int64_t>(kStep, (T + 2 * sms - 1) / (2 * sms));
       const int64_t blocks = std::max<int64_t>(1, (T + chunk - 1) / chunk), pieces = blocks + segs;
       auto part_acc = at::empty({pieces * rows, D}, f32), part_ml = at::empty({pieces * rows, 2}, f32);
       const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; };
