@@ -5,6 +5,8 @@
 #   PROFILE="cake snapkv" PROFILE_CONTEXT=8192  benchmarks/diag/profile_decode.py methods
 #   BENCH="--contexts 32768 --methods cake ...; --contexts 131072 ..."   bench_generate.py runs, ';'-separated,
 #                                               each written to $OUT/bench<i> (--budgets 1024 --new-tokens 32 added)
+#   SANITIZE="racecheck memcheck" SANITIZE_TESTS="tests/ops/test_decode_ops.py -k cuda"   compute-sanitizer tools
+#                                               over those tests (one process each, after the benchmarks)
 set -u
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1
@@ -35,4 +37,11 @@ for run in "${RUNS[@]}"; do
   timeout ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_generate.py $run --budgets 1024 --new-tokens 32 \
     --out $OUT/bench$i > $OUT/bench$i.log 2>&1
   echo "bench$i ($run): exit $?"; grep "^|" $OUT/bench$i.log
+done
+for tool in ${SANITIZE:-}; do
+  start=$(date +%s)
+  # shellcheck disable=SC2086
+  timeout ${SANITIZE_TIMEOUT:-120} compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q -x \
+    -p no:cacheprovider $SANITIZE_TESTS > $OUT/sanitizer_$tool.log 2>&1
+  echo "compute-sanitizer $tool: exit $? after $(( $(date +%s) - start )) s"; tail -4 $OUT/sanitizer_$tool.log
 done
