@@ -176,6 +176,7 @@ __global__ void __launch_bounds__(kAttnThreads) ragged_attention_partial_kernel(
         }
 #pragma unroll
         for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        __syncwarp();  // every lane has read m_s[r] before lane 0 rewrites it
         if (wlane == 0) {
           const float corr = m_old == -INFINITY ? 0.f : expf(m_old - m_new);  // nothing before: acc is 0
           corr_s[r] = corr;
