@@ -12,3 +12,8 @@ for m in ${methods[@]}; do
   python -m cakekv.cli eval needle "${grid[@]}" --methods "$m" --out "$out/$m-default"
   python -m cakekv.cli eval needle "${grid[@]}" --methods "$m" --option official=True --out "$out/$m-official"
 done
+# the DefensiveKV protected-set count alone (official=False, the official count)
+if [[ " ${methods[*]} " == *" defensivekv "* ]]; then
+  python -m cakekv.cli eval needle "${grid[@]}" --methods defensivekv --option protected_set=below \
+    --out "$out/defensivekv-below"
+fi
