@@ -1,7 +1,8 @@
 """`official=True` reproduces the official repositories' selection rules, each against a
 plain-PyTorch re-statement of the official formula (reference_methods.py), on real attention patterns of
 tiny models, with sizes that reach each quirk (a layer at its cap, n between budget and budget + window,
-a negative protected-set cap). The default (official=False) is covered, unchanged, by test_methods.py."""
+a negative protected-set cap, PyramidKV's integer step on a shallow model). The default (official=False)
+is covered, unchanged, by test_methods.py."""
 from __future__ import annotations
 
 import random
