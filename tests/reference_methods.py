@@ -67,6 +67,29 @@ def pyramidkv_reference(layers, scale, budget, window, beta=20):
     return _uniform(snap_scores(layers, scale, window), allocate(prof, [n - window] * nl, p * nl))
 
 
+def pyramidkv_official_budgets(n, layers, budget, window, beta=20):
+    """PyramidKVCluster's per-layer prefix budgets: all layers P below 2P tokens, else max_num - l * steps
+    with min_num = P // beta, max_num = 2P - min_num (max_num >= n - W: n - W, min_num = 2P - max_num)
+    and the integer steps = (max_num - min_num) // (layers - 1)."""
+    p = budget - window
+    if n < 2 * p:
+        return [p] * layers
+    min_num = p // beta
+    max_num = p * 2 - min_num
+    if max_num >= n - window:
+        max_num = n - window
+        min_num = p * 2 - max_num
+    steps = (max_num - min_num) // (layers - 1)
+    return [max_num - i * steps for i in range(layers)]
+
+
+def pyramidkv_official_reference(layers, scale, budget, window):
+    n = layers[0][1].shape[1]
+    if n <= budget:
+        return None
+    return _uniform(snap_scores(layers, scale, window), pyramidkv_official_budgets(n, len(layers), budget, window))
+
+
 def flat_heads(score, budget, alpha):
     """Floor floor(alpha*budget) per head, the rest by one top-k over the heads' remaining entries."""
     hkv, p = score.shape
@@ -90,8 +113,10 @@ def adakv_reference(layers, scale, budget, window, alpha=0.2):
     return _per_head(scores, [flat_heads(s, budget - window, alpha) for s in scores])
 
 
-def defensive_layer(q, k, v, wo, scale, window, budget, kernel=5, threshold=0.9):
-    """DefensiveKV score [Hkv, P] of one layer (docs/methods.md#defensivekv, decisions in defensivekv.py)."""
+def defensive_layer(q, k, v, wo, scale, window, budget, kernel=5, threshold=0.9, protected_set="reach"):
+    """DefensiveKV score [Hkv, P] of one layer (docs/methods.md#defensivekv, decisions in defensivekv.py);
+    protected_set "reach": the top entries until their mass reaches the target, "below": those before the
+    one that reaches it (none if it is never reached)."""
     hkv, n, d = k.shape
     heads, p = q.shape[0], n - window
     g = heads // hkv
@@ -113,23 +138,27 @@ def defensive_layer(q, k, v, wo, scale, window, budget, kernel=5, threshold=0.9)
     out = s.clone()
     for h in range(hkv):
         vals, order = torch.sort(mean[h], descending=True, stable=True)
-        cum, need = 0.0, 0
+        cum, need, reached = 0.0, 0, False
         target = threshold - bias[h].item()
         if target > 0:
             for x in vals.tolist():
                 need += 1
                 cum += x
                 if cum >= target:
+                    reached = True
                     break
+        if protected_set == "below":
+            need = need - 1 if reached else 0
         out[h, order[: min(need, cap)]] = top
     return out
 
 
-def defensivekv_reference(layers, scale, budget, window, head_budgets=True):
+def defensivekv_reference(layers, scale, budget, window, head_budgets=True, protected_set="reach"):
     n = layers[0][1].shape[1]
     if n <= budget:
         return None
-    scores = [defensive_layer(q, k, v, wo, scale, window, budget) for q, k, v, wo in layers]
+    scores = [defensive_layer(q, k, v, wo, scale, window, budget, protected_set=protected_set)
+              for q, k, v, wo in layers]
     if not head_budgets:
         return _uniform(scores, [budget - window] * len(layers))
     return _per_head(scores, [flat_heads(s, budget - window, 0.0) for s in scores])

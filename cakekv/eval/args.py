@@ -12,6 +12,7 @@ import re
 from typing import Any, Callable, Iterable, Sequence
 
 from .errors import report_user_errors
+from .plots import figure_class
 from .prompts import PROTOCOLS, use_chat
 from .runs import DEFAULT_METHODS, Setup, expand_runs
 
@@ -150,6 +151,7 @@ def setup_from_args(args: argparse.Namespace, model=None, tokenizer=None) -> Set
     batch_size = getattr(args, "batch_size", 1)
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    figure_class()  # every report has a plot: a missing matplotlib fails now, not after the run
     import torch
 
     from .models import load_model

@@ -19,7 +19,7 @@ from .errors import ModelLoadError
 from .generation import (Generation, compress_context, cut_at_eos, generate, generate_batch, left_pad,
                          newline_token_id, summarize_stats)
 from .models import load_model, resolve_device, resolve_dtype, resolve_model_path, tiny_model_path
-from .plots import NEEDLE_COLORS, plot_heatmaps, plot_scores_vs_budget, write_png_grid
+from .plots import NEEDLE_COLORS, figure_class, plot_heatmaps, plot_scores_vs_budget
 from .prompts import PROTOCOLS, Encoded, Prompt, chat_wrap, encode_prompt, has_chat_template, make_prompt, use_chat
 from .report import environment_info, fmt_bytes, markdown_table, write_json, write_text
 from .runs import DEFAULT_METHODS, FULL, Run, Setup, evaluate_items, expand_runs, item_batches, progress_bar
@@ -27,10 +27,10 @@ from .runs import DEFAULT_METHODS, FULL, Run, Setup, evaluate_items, expand_runs
 __all__ = [
     "DEFAULT_METHODS", "FULL", "NEEDLE_COLORS", "PROTOCOLS", "Encoded", "Generation", "ModelLoadError", "Prompt",
     "Run", "Setup", "add_common_arguments", "chat_wrap", "compress_context", "cut_at_eos", "encode_prompt",
-    "environment_info", "evaluate_items", "expand_runs", "fmt_bytes", "generate", "generate_batch",
-    "has_chat_template", "item_batches", "left_pad", "load_model", "make_prompt", "markdown_table",
-    "newline_token_id", "parse_float_list", "parse_int_list", "parse_options", "parse_value", "plot_heatmaps",
-    "plot_scores_vs_budget", "progress_bar", "resolve_device", "resolve_dtype", "resolve_model_path",
-    "script_main", "setup_from_args", "split_list", "summarize_stats", "tiny_model_path", "use_chat",
-    "write_json", "write_png_grid", "write_text",
+    "environment_info", "evaluate_items", "expand_runs", "figure_class", "fmt_bytes", "generate",
+    "generate_batch", "has_chat_template", "item_batches", "left_pad", "load_model", "make_prompt",
+    "markdown_table", "newline_token_id", "parse_float_list", "parse_int_list", "parse_options", "parse_value",
+    "plot_heatmaps", "plot_scores_vs_budget", "progress_bar", "resolve_device", "resolve_dtype",
+    "resolve_model_path", "script_main", "setup_from_args", "split_list", "summarize_stats", "tiny_model_path",
+    "use_chat", "write_json", "write_text",
 ]

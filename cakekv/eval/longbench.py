@@ -400,19 +400,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--score-only", action="store_true", help="only score the predictions under --out")
     parser.add_argument("--zh-tokenizer", choices=("jieba", "char"), default="jieba",
                         help="Chinese word segmentation for qa_f1_zh / rouge_zh (official: jieba)")
-    parser.add_argument("--fuzz-backend", choices=("difflib", "indel"), default="difflib",
-                        help="code_sim ratio: difflib (fuzzywuzzy without python-Levenshtein) or indel "
-                             "(fuzzywuzzy with python-Levenshtein)")
-    parser.add_argument("--rouge-recursion-limit", type=int, default=None, metavar="N",
-                        help="score 0 when a ROUGE-L backtrack is longer than N steps, as the rouge package "
-                             "does when Python's recursion limit is hit (about 1000; official vcsum numbers "
-                             "include such zeros); default: no limit")
+    parser.add_argument("--fuzz-backend", choices=metrics.FUZZ_BACKENDS, default="difflib",
+                        help="code_sim ratio (lcc, repobench-p): difflib (LongBench's environment: fuzzywuzzy "
+                             "without python-Levenshtein) or indel (fuzzywuzzy with python-Levenshtein, "
+                             "thefuzz; computed with rapidfuzz)")
     add_common_arguments(parser, default_out="results/longbench")
 
 
 def metric_options(args) -> dict[str, Any]:
-    return {"zh_tokenizer": args.zh_tokenizer, "fuzz_backend": args.fuzz_backend,
-            "rouge_recursion_limit": args.rouge_recursion_limit}
+    return {"zh_tokenizer": args.zh_tokenizer, "fuzz_backend": args.fuzz_backend}
 
 
 def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, str]:
@@ -433,8 +429,7 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, str]:
     for name in datasets:  # check the data and the scorer before loading the model
         if not os.path.isfile(data_path(args.data_dir, name)):
             load_data(args.data_dir, name)
-        if metrics.DATASET2METRIC[name] in ("qa_f1_zh", "rouge_zh"):
-            metrics.zh_segment("测试", args.zh_tokenizer)
+        metrics.check_scorer(name, **metric_options(args))
     setup = setup_from_args(args, model, tokenizer)
     max_length = args.max_length
     if max_length is None:

@@ -1,42 +1,37 @@
-"""LongBench metrics, written from the description of the official THUDM LongBench scorer.
+"""LongBench metrics: the official THUDM LongBench scorer (``metrics.py``, ``eval.py``), with the
+packages it uses for ROUGE-L and word segmentation.
 
 Every function takes ``(prediction, ground_truth, **kwargs)`` and returns a float in [0, 1], like the
 official ``metrics.py``; :func:`score_example` applies the per-dataset rules (first-line rule, max over
 the gold answers) and :func:`dataset_score` the ``round(100 * mean, 2)`` aggregation.
+``tests/eval/data/longbench_official_*.json`` holds scores computed by LongBench's own code, which the
+tests compare with.
 
-No third-party package is needed:
+* **ROUGE-L** (:func:`rouge_l`; gov_report, qmsum, multi_news, samsum, dureader, vcsum) is the
+  ``rouge`` package's, as LongBench calls it: ``Rouge().get_scores([pred], [ref], avg=True)["rouge-l"]["f"]``,
+  0 whenever the package raises (an empty text; a sentence pair whose LCS backtrack is deeper than
+  Python's recursion limit, which long Chinese summaries without a ``"."`` reach: the package recurses,
+  and where exactly it gives up depends on the caller's stack depth, in LongBench as here).
+  ``rouge-score`` is not a substitute: it tokenises differently and gives other numbers.
+* **fuzz ratio** (:func:`fuzz_ratio`; lcc, repobench-p) is ``fuzzywuzzy.fuzz.ratio``: 0 when an argument is
+  ``None``, 100 when both strings are equal, 0 when one is empty, else ``int(round(100 * r))``. LongBench
+  lists ``fuzzywuzzy`` without ``python-Levenshtein`` (its requirements.txt), so its published numbers take
+  ``r = difflib.SequenceMatcher(None, a, b).ratio()`` (backend ``"difflib"``, the default; the standard
+  library's, which fuzzywuzzy falls back to). With ``python-Levenshtein`` installed, fuzzywuzzy (and
+  thefuzz, its successor, always) takes the InDel ratio ``1 - indel_distance / (len(a) + len(b))``
+  instead: backend ``"indel"``, from ``rapidfuzz``. The two differ on some lines (difflib's matcher is a
+  heuristic, with a "popular character" junk rule from 200 characters on).
+* **Chinese word segmentation** (``qa_f1_zh``, ``rouge_zh``) is ``jieba.cut(text, cut_all=False)``, like
+  the official scorer; ``zh_tokenizer="char"`` segments CJK text into single characters instead (scores
+  are then not comparable with published numbers).
 
-* **ROUGE-L** (:func:`rouge_l`) reimplements what the ``rouge`` package (pltrdy, the one LongBench
-  uses) computes for ``Rouge().get_scores([pred], [ref], avg=True)["rouge-l"]["f"]``: the text is
-  split into sentences on ``"."``, each sentence's whitespace is collapsed and it is split into
-  words on ``" "``; for every (reference sentence, prediction sentence) pair a longest common
-  subsequence is recovered by the package's backtrack (diagonal on a match, else up when the
-  cell above is strictly larger, else left) and the *set* of its words is kept; ``llcs`` is the
-  size of the union of those sets, ``m`` / ``n`` the numbers of *distinct* words of reference /
-  prediction; ``F = 2PR / (P + R + 1e-8)`` with ``R = llcs/m``, ``P = llcs/n``. An empty
-  prediction or reference (no sentence) scores 0, as the package raises and LongBench returns 0.
-  The one behaviour not reproduced by default: the package backtracks recursively, so a sentence
-  pair whose backtrack path is longer than Python's recursion limit (about 1,000 steps; this
-  happens on long Chinese summaries, which contain no ``"."``) raises ``RecursionError`` and
-  LongBench scores that example 0. ``rouge_l(..., recursion_limit=N)`` reproduces that with an
-  explicit bound (``N`` = 1000 minus the caller's stack depth in the original; the exact value is
-  environment dependent).
-* **fuzz ratio** (:func:`fuzz_ratio`) reimplements ``fuzzywuzzy.fuzz.ratio``: 0 when an argument is
-  ``None``, 100 when both strings are equal, 0 when one is empty, else
-  ``int(round(100 * r))`` where ``r`` is ``difflib.SequenceMatcher(None, a, b).ratio()`` (what
-  fuzzywuzzy uses without python-Levenshtein; backend ``"difflib"``, the default) or the
-  Levenshtein (InDel) ratio ``2 * LCS(a, b) / (len(a) + len(b))`` (what it uses with
-  python-Levenshtein installed; backend ``"indel"``). Both agree on most code lines; difflib's
-  matcher is a heuristic (and applies its "popular character" junk rule to strings of 200+
-  characters), so they can differ.
-* **Chinese word segmentation** (``qa_f1_zh``, ``rouge_zh``) uses ``jieba`` like the official
-  scorer; it is imported lazily and a clear ``ImportError`` says how to install it. Passing
-  ``zh_tokenizer="char"`` segments CJK text into single characters instead (scores are then not
-  comparable with published numbers).
+The packages are imported when a metric needs them; a missing one raises an ImportError saying what
+to install (``pip install 'cakekv[eval]'`` brings them all).
 """
 from __future__ import annotations
 
 import difflib
+import importlib
 import re
 import string
 from collections import Counter
@@ -45,8 +40,8 @@ from typing import Callable, Iterable, Sequence
 __all__ = [
     "normalize_answer", "normalize_zh_answer", "token_f1", "qa_f1_score", "qa_f1_zh_score",
     "rouge_l", "rouge_score", "rouge_zh_score", "classification_score", "retrieval_score",
-    "retrieval_zh_score", "count_score", "fuzz_ratio", "code_sim_score", "first_code_line",
-    "zh_segment", "METRICS", "DATASET2METRIC", "FIRST_LINE_DATASETS", "score_example",
+    "retrieval_zh_score", "count_score", "FUZZ_BACKENDS", "fuzz_ratio", "code_sim_score", "first_code_line",
+    "zh_segment", "METRICS", "DATASET2METRIC", "FIRST_LINE_DATASETS", "check_scorer", "score_example",
     "dataset_score", "average_score",
 ]
 
@@ -77,20 +72,24 @@ _CJK_CHAR = r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3000-\u303f\uff00-\uffef
 _CHAR_SEGMENT = re.compile(_CJK_CHAR + r"|[A-Za-z0-9_]+|\s+|\S")
 
 
+def _package(module: str, pip_name: str, needed_for: str):
+    """Import an optional package, or raise an ImportError saying what needs it and how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"{needed_for} uses the {pip_name} package, like LongBench's scorer: "
+                          f"`pip install {pip_name}` (or `pip install 'cakekv[eval]'`)") from e
+
+
 def zh_segment(text: str, zh_tokenizer: str = "jieba") -> list[str]:
     """Segment Chinese text into words: ``jieba.cut(text, cut_all=False)`` (official) or by character."""
     if zh_tokenizer == "char":
         return _CHAR_SEGMENT.findall(text)
     if zh_tokenizer != "jieba":
         raise ValueError(f"zh_tokenizer must be 'jieba' or 'char', got {zh_tokenizer!r}")
-    try:
-        import jieba  # noqa: PLC0415  (optional dependency)
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "the Chinese LongBench metrics (qa_f1_zh for multifieldqa_zh, rouge_zh for dureader/vcsum) "
-            "segment words with jieba, like the official scorer: `pip install jieba` (or "
-            "`pip install 'cakekv[eval]'`); or pass zh_tokenizer='char' (--zh-tokenizer char) to "
-            "segment by character, which is not comparable with published numbers") from e
+    jieba = _package("jieba", "jieba", "the Chinese LongBench metrics (qa_f1_zh for multifieldqa_zh, rouge_zh "
+                                      "for dureader/vcsum; or --zh-tokenizer char, not comparable with "
+                                      "published numbers)")
     import logging
     jieba.setLogLevel(logging.WARNING)
     return list(jieba.cut(text, cut_all=False))
@@ -120,75 +119,23 @@ def qa_f1_zh_score(prediction: str, ground_truth: str, zh_tokenizer: str = "jieb
 
 
 # --------------------------------------------------------------------------- ROUGE-L
-class _TooDeep(Exception):
-    pass
-
-
-def _rouge_sentences(text: str) -> list[str]:
-    return [" ".join(part.split()) for part in text.split(".") if len(part) > 0]
-
-
-def _lcs_word_set(x: list[str], y: list[str], recursion_limit: int | None) -> set[str]:
-    """Words of the LCS of x (reference) and y (prediction), recovered like the rouge package does."""
-    nx, ny = len(x), len(y)
-    table = [[0] * (ny + 1) for _ in range(nx + 1)]
-    for i in range(1, nx + 1):
-        xi, row, prev = x[i - 1], table[i], table[i - 1]
-        for j in range(1, ny + 1):
-            if xi == y[j - 1]:
-                row[j] = prev[j - 1] + 1
-            else:
-                a, b = prev[j], row[j - 1]
-                row[j] = a if a > b else b
-    words: set[str] = set()
-    i, j, depth = nx, ny, 1
-    while i > 0 and j > 0:
-        if x[i - 1] == y[j - 1]:
-            words.add(x[i - 1])
-            i -= 1
-            j -= 1
-        elif table[i - 1][j] > table[i][j - 1]:
-            i -= 1
-        else:
-            j -= 1
-        depth += 1
-    if recursion_limit is not None and depth > recursion_limit:
-        raise _TooDeep
-    return words
-
-
-def rouge_l(prediction: str, reference: str, recursion_limit: int | None = None) -> float:
-    """Summary-level ROUGE-L F of the ``rouge`` package (see the module docstring)."""
-    hyp = _rouge_sentences(prediction)
-    ref = _rouge_sentences(reference)
-    if not hyp or not ref:
-        return 0.0
-    hyp_words = [s.split(" ") for s in hyp]
-    ref_words = [s.split(" ") for s in ref]
-    m = len({w for s in ref_words for w in s})
-    n = len({w for s in hyp_words for w in s})
-    union: set[str] = set()
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F of the ``rouge`` package, 0 where it raises (see the module docstring)."""
+    rouge = _package("rouge", "rouge", "ROUGE-L (gov_report, qmsum, multi_news, samsum, dureader, vcsum)")
     try:
-        for r in ref_words:
-            for h in hyp_words:
-                union |= _lcs_word_set(r, h, recursion_limit)
-    except _TooDeep:
+        return float(rouge.Rouge().get_scores([prediction], [reference], avg=True)["rouge-l"]["f"])
+    except Exception:  # as LongBench: empty text, RecursionError on a long sentence pair, ...
         return 0.0
-    llcs = len(union)
-    recall, precision = llcs / m, llcs / n
-    return 2.0 * (precision * recall) / (precision + recall + 1e-8)
 
 
-def rouge_score(prediction: str, ground_truth: str, rouge_recursion_limit: int | None = None,
-                **kwargs) -> float:
-    return rouge_l(prediction, ground_truth, rouge_recursion_limit)
+def rouge_score(prediction: str, ground_truth: str, **kwargs) -> float:
+    return rouge_l(prediction, ground_truth)
 
 
-def rouge_zh_score(prediction: str, ground_truth: str, zh_tokenizer: str = "jieba",
-                   rouge_recursion_limit: int | None = None, **kwargs) -> float:
+def rouge_zh_score(prediction: str, ground_truth: str, zh_tokenizer: str = "jieba", **kwargs) -> float:
     prediction = " ".join(zh_segment(prediction, zh_tokenizer))
     ground_truth = " ".join(zh_segment(ground_truth, zh_tokenizer))
-    return rouge_l(prediction, ground_truth, rouge_recursion_limit)
+    return rouge_l(prediction, ground_truth)
 
 
 # --------------------------------------------------------------------------- classification
@@ -252,20 +199,14 @@ def count_score(prediction: str, ground_truth, **kwargs) -> float:
 
 
 # --------------------------------------------------------------------------- code similarity
-def _indel_ratio(a: str, b: str) -> float:
-    if len(a) < len(b):
-        a, b = b, a
-    prev = [0] * (len(b) + 1)
-    for ca in a:
-        cur = [0]
-        for j, cb in enumerate(b, 1):
-            cur.append(prev[j - 1] + 1 if ca == cb else max(prev[j], cur[j - 1]))
-        prev = cur
-    return 2.0 * prev[-1] / (len(a) + len(b))
+FUZZ_BACKENDS = ("difflib", "indel")
 
 
 def fuzz_ratio(s1: str | None, s2: str | None, backend: str = "difflib") -> int:
-    """``fuzzywuzzy.fuzz.ratio``: an integer similarity in [0, 100] (see the module docstring)."""
+    """``fuzzywuzzy.fuzz.ratio``: an integer similarity in [0, 100]; ``backend`` "difflib" (LongBench's
+    environment) or "indel" (fuzzywuzzy with python-Levenshtein), see the module docstring."""
+    if backend not in FUZZ_BACKENDS:
+        raise ValueError(f"fuzz_backend must be one of {FUZZ_BACKENDS}, got {backend!r}")
     if s1 is None or s2 is None:
         return 0
     if s1 == s2:
@@ -274,10 +215,9 @@ def fuzz_ratio(s1: str | None, s2: str | None, backend: str = "difflib") -> int:
         return 0
     if backend == "difflib":
         r = difflib.SequenceMatcher(None, s1, s2).ratio()
-    elif backend == "indel":
-        r = _indel_ratio(s1, s2)
     else:
-        raise ValueError(f"backend must be 'difflib' or 'indel', got {backend!r}")
+        rapidfuzz = _package("rapidfuzz.distance", "rapidfuzz", "fuzz_backend='indel' (lcc, repobench-p)")
+        r = rapidfuzz.Indel.normalized_similarity(s1, s2)
     return int(round(100 * r))
 
 
@@ -334,12 +274,23 @@ DATASET2METRIC: dict[str, str] = {
 FIRST_LINE_DATASETS = frozenset({"trec", "triviaqa", "samsum", "lsht"})
 
 
+def check_scorer(dataset: str, zh_tokenizer: str = "jieba", fuzz_backend: str = "difflib") -> None:
+    """Import the packages the dataset's metric needs now: a missing one fails before a long run, not
+    at its end."""
+    metric = DATASET2METRIC[dataset]
+    if metric in ("qa_f1_zh", "rouge_zh"):
+        zh_segment("测试", zh_tokenizer)
+    if metric in ("rouge", "rouge_zh"):
+        rouge_l("a", "a")
+    if metric == "code_sim":
+        fuzz_ratio("ab", "ac", fuzz_backend)
+
+
 def score_example(dataset: str, prediction: str, answers: Sequence[str],
                   all_classes: Sequence[str] | None = None, **options) -> float:
     """Score of one prediction: the dataset's metric, max over the gold answers.
 
-    ``options`` go to the metric: ``zh_tokenizer``, ``fuzz_backend``, ``classification_quirk``,
-    ``rouge_recursion_limit``.
+    ``options`` go to the metric: ``zh_tokenizer``, ``fuzz_backend``, ``classification_quirk``.
     """
     if dataset not in DATASET2METRIC:
         raise ValueError(f"unknown LongBench dataset {dataset!r}; known: {sorted(DATASET2METRIC)}")

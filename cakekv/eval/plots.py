@@ -1,11 +1,12 @@
-"""The report's plots: scores against budget, and needle heatmaps. With matplotlib they are labelled
-figures; without it, a plain PNG grid of coloured cells written with zlib alone (and a warning)."""
+"""The report's plots through matplotlib: scores against budget, and needle heatmaps.
+
+matplotlib (in the ``eval`` extra) is imported when a plot is made; :func:`figure_class` raises an
+ImportError saying how to install it, which the evaluations call before loading a model so that a missing
+package fails at the start of a run, not after it. Figures are built with ``matplotlib.figure.Figure``
+(no pyplot), so the caller's matplotlib backend and open figures are left alone."""
 from __future__ import annotations
 
 import os
-import struct
-import warnings
-import zlib
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 if TYPE_CHECKING:
@@ -14,24 +15,25 @@ if TYPE_CHECKING:
 NEEDLE_COLORS = ("#F0496E", "#EBB839", "#0CD79F")  # red (miss) -> yellow -> green (hit)
 
 
-def _matplotlib():
+def figure_class():
+    """``matplotlib.figure.Figure``, or an ImportError naming the package to install."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
-    except ImportError:
-        return None
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError("the evaluation reports plot with matplotlib (needle heatmaps, scores against "
+                          "budget): `pip install matplotlib` (or `pip install 'cakekv[eval]'`)") from e
+    return Figure
 
 
-def _warn_no_matplotlib(path: str) -> None:
-    warnings.warn(f"matplotlib is not installed: {path} is a plain colour grid without labels "
-                  "(`pip install matplotlib` or `pip install 'cakekv[eval]'` for labelled plots)",
-                  stacklevel=3)
+def _save(fig, path: str, **kwargs) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120, **kwargs)
+    return path
 
 
 def plot_scores_vs_budget(scores: dict[Run, float], path: str, *, title: str, ylabel: str = "score") -> str:
     """One line per method (score against budget), the full cache as a dashed line."""
+    Figure = figure_class()
     series: dict[str, dict[int, float]] = {}
     full = None
     for run in sorted(scores, key=lambda r: r.order):
@@ -39,16 +41,8 @@ def plot_scores_vs_budget(scores: dict[Run, float], path: str, *, title: str, yl
             full = scores[run]
         else:
             series.setdefault(run.method, {})[run.budget] = scores[run]
-    plt = _matplotlib()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if plt is None:
-        budgets = sorted({b for s in series.values() for b in s})
-        grid = [[s.get(b, float("nan")) for b in budgets] for s in series.values()] or [[full or 0.0]]
-        write_png_grid(grid, path, vmin=0.0, vmax=max([full or 0.0] + [v for r in grid for v in r
-                                                                       if v == v]) or 1.0)
-        _warn_no_matplotlib(path)
-        return path
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig = Figure(figsize=(6.4, 4.2), layout="tight")
+    ax = fig.subplots()
     for name, points in series.items():
         xs = sorted(points)
         ax.plot(xs, [points[x] for x in xs], marker="o", label=name)
@@ -64,26 +58,13 @@ def plot_scores_vs_budget(scores: dict[Run, float], path: str, *, title: str, yl
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_heatmaps(grids: dict[str, list[list[float]]], xs: Sequence[Any], ys: Sequence[Any], path: str, *,
                   title: str, xlabel: str, ylabel: str) -> str:
     """Heatmaps (one panel per key) of values in [0, 1]: rows = ys (top to bottom), columns = xs."""
-    plt = _matplotlib()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if plt is None:
-        # panels side by side, separated by one blank column
-        rows = [[] for _ in ys]
-        for k, grid in enumerate(grids.values()):
-            for i, row in enumerate(grid):
-                rows[i].extend(([float("nan")] if k else []) + list(row))
-        write_png_grid(rows, path, vmin=0.0, vmax=1.0)
-        _warn_no_matplotlib(path)
-        return path
+    Figure = figure_class()
     from matplotlib.colors import LinearSegmentedColormap
     cmap = LinearSegmentedColormap.from_list("needle", list(NEEDLE_COLORS))
     n = len(grids)
@@ -91,8 +72,8 @@ def plot_heatmaps(grids: dict[str, list[list[float]]], xs: Sequence[Any], ys: Se
     nrows = (n + cols - 1) // cols
     panel_w = max(3.2, 0.55 * len(xs) + 1.6)
     panel_h = max(2.4, 0.4 * len(ys) + 1.6)
-    fig, axes = plt.subplots(nrows, cols, figsize=(panel_w * cols + 0.8, panel_h * nrows + 0.6), squeeze=False,
-                             layout="constrained")
+    fig = Figure(figsize=(panel_w * cols + 0.8, panel_h * nrows + 0.6), layout="constrained")
+    axes = fig.subplots(nrows, cols, squeeze=False)
     image = None
     for k, (ax, (name, grid)) in enumerate(zip(axes.flat, grids.items())):
         image = ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, aspect="auto", interpolation="nearest")
@@ -114,50 +95,9 @@ def plot_heatmaps(grids: dict[str, list[list[float]]], xs: Sequence[Any], ys: Se
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), fraction=0.03, pad=0.02, label="fraction found")
     fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path, bbox_inches="tight")
 
 
 def _nanmean(values: Iterable[float]) -> float:
     vals = [v for v in values if v == v]
     return sum(vals) / len(vals) if vals else float("nan")
-
-
-def write_png_grid(grid: Sequence[Sequence[float]], path: str, *, vmin: float = 0.0, vmax: float = 1.0,
-                   cell: int = 24) -> str:
-    """A PNG of coloured cells (red -> yellow -> green, NaN = white) with no dependency beyond zlib."""
-    stops = [tuple(int(c[i:i + 2], 16) for i in (1, 3, 5)) for c in NEEDLE_COLORS]
-
-    def colour(v):
-        if v != v:
-            return (255, 255, 255)
-        t = 0.0 if vmax <= vmin else min(max((v - vmin) / (vmax - vmin), 0.0), 1.0)
-        seg = min(int(t * 2), 1)
-        u = t * 2 - seg
-        a, b = stops[seg], stops[seg + 1]
-        return tuple(round(a[k] + (b[k] - a[k]) * u) for k in range(3))
-
-    nrows = max(len(grid), 1)
-    ncols = max((len(r) for r in grid), default=1) or 1
-    width, height = ncols * cell, nrows * cell
-    raw = bytearray()
-    for i in range(nrows):
-        row = list(grid[i]) if i < len(grid) else []
-        row += [float("nan")] * (ncols - len(row))
-        line = bytearray()
-        for v in row:
-            r, g, b = colour(v)
-            line += bytes((r, g, b)) * (cell - 1) + b"\xff\xff\xff"  # 1-pixel white separator
-        for y in range(cell):
-            raw += b"\x00" + (line if y < cell - 1 else b"\xff" * (3 * width))
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(bytes(raw), 9)) + chunk(b"IEND", b""))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(png)
-    return path

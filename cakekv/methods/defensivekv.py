@@ -6,7 +6,7 @@ aggregation), times the value-norm factor through o_proj (CriticalKV), with Crit
 lifted to the layer's top score. Budgets: head-adaptive (one top-k over the flattened heads of a layer,
 no floor), or uniform per head with head_budgets=False.
 
-Options: kernel_size = 5, threshold = 0.9 (protected-set mass), head_budgets = True.
+Options: kernel_size = 5, threshold = 0.9 (protected-set mass), protected_set = "reach", head_budgets = True.
 Decisions where the code/paper are silent or quirky:
   * the compression ratio r of the protected-set cap int((n-W)(1-r) - W) is read as 1 - r = budget / n;
   * window_bias is the intended mean attention mass on the window keys (per KV head, averaged over the
@@ -14,21 +14,25 @@ Decisions where the code/paper are silent or quirky:
   * the value-norm factor keeps the official per-token normalisation across KV heads (it makes the
     factor scale-free, which the cross-layer comparison of Layer-DefensiveKV relies on);
   * probabilities in fp32 throughout (the official casts attention to the model dtype);
-  * the protected set is the smallest top set *reaching* the mass, the crossing token included (the
-    official count argmax(cumsum >= mass) leaves it out).
+  * the protected set (option protected_set) is by default the paper's: the top entries "selected until
+    the cumulative attention mass reaches" threshold - window_bias (the authors' description of stage 1
+    in the official code), so the entry whose mass crosses the threshold is in; "below" takes the
+    official code's count argmax(cumsum >= mass), which leaves that entry out (0 when never reached).
 
 official=True switches back to the official code's choices (EfficientDefensiveKVPress.vwl1norm):
-  * protected count = argmax(cumsum >= threshold - window_bias) (the crossing token is not protected;
-    0 when the mass is never reached), clamped above by int((n - W) * budget / n - W) without a floor at
-    0, and the set is sorted_indices[:count] with Python slicing, so a negative cap protects all but the
-    last |cap| entries (short prompts with a budget barely above the window);
+  * protected_set defaults to "below" (the official count argmax(cumsum >= threshold - window_bias); an
+    explicit protected_set="reach" is kept), clamped above by int((n - W) * budget / n - W) without a
+    floor at 0, and the set is sorted_indices[:count] with Python slicing, so a negative cap protects
+    all but the last |cap| entries (short prompts with a budget barely above the window);
   * window_bias is one scalar per row and layer: the attention mass on the last W *prefix* keys, summed
     per window query and averaged over every query head and window query.
 Not switched: probabilities and scores in fp32 (official: the model dtype); ties (many among the
 protected entries, all at the top score) keep the earlier position where torch.topk is unspecified."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +44,10 @@ from .registry import register
 _VNORM_CHUNK = 1024  # tokens per block of the value-through-o_proj norms
 
 
-def defensive_scores(view: LayerView, budget: int, kernel: int, threshold: float,
-                     official: bool = False) -> torch.Tensor:
-    """[B, Hkv, N] fp32 DefensiveKV score, -inf on non-candidates (`official`: the official protected
-    set and window_bias, see the module docstring).
+def defensive_scores(view: LayerView, budget: int, kernel: int, threshold: float, official: bool = False,
+                     protected_set: str = "reach") -> torch.Tensor:
+    """[B, Hkv, N] fp32 DefensiveKV score, -inf on non-candidates (`official`: the official protected-set
+    cap and window_bias; `protected_set`: "reach" or "below", see the module docstring).
 
     Plain torch over one KV head's [B, G, W, N] window-attention block at a time (O(H*W*N) work; the
     pooled per-row max needs whole rows, so the fused window_stats op does not cover it). Candidate for a
@@ -94,15 +98,18 @@ def defensive_scores(view: LayerView, budget: int, kernel: int, threshold: float
     target = (threshold - bias)[..., None]
     lengths = view.window_start.float() + w
     rank = torch.arange(n, device=k.device)[None, None]
+    reached = sorted_p.cumsum(-1) >= target
+    below = (~reached).sum(-1)                                          # the entries before the crossing one
+    if protected_set == "reach":
+        need = below + (target[..., 0] > 0).long()                      # and the crossing one
+    else:
+        need = torch.where(reached.any(-1), below, 0)                   # argmax of the first True
     if official:
-        reached = sorted_p.cumsum(-1) >= target
-        need = torch.where(reached.any(-1), (~reached).sum(-1), 0)       # argmax of the first True
         cap = [int(x * budget / (x + w) - w) for x in view.window_start.tolist()]
         need = torch.minimum(need, torch.tensor(cap, device=k.device)[:, None])
         # sorted_indices[:need] over the row's candidates (sorted first): negative need counts from the end
         need = torch.where(need < 0, (cand.sum(-1) + need).clamp(min=0), need)
     else:
-        need = (sorted_p.cumsum(-1) < target).sum(-1) + (target[..., 0] > 0).long()
         cap = ((view.window_start.float() * budget / lengths).floor() - w).clamp(min=0).long()
         need = torch.minimum(need, cap[:, None])
     need = torch.minimum(need, cand.sum(-1))
@@ -115,6 +122,10 @@ def defensive_scores(view: LayerView, budget: int, kernel: int, threshold: float
 class DefensiveKVOptions(Options):
     kernel_size: int = kernel_size_option(5)
     threshold: float = option(0.9, "attention mass of each head's protected set (CriticalKV)", ge=0, le=1)
+    protected_set: Literal["reach", "below"] = option(
+        "reach", "protected entries of a head: the top ones until their attention mass reaches threshold - "
+                 "window_bias, the crossing one included (reach, the paper's), or those before it (below, the "
+                 "official code's count; the default under official=True)")
     head_budgets: bool = per_head_option(True)
     official: bool = official_option()
 
@@ -125,13 +136,18 @@ class DefensiveKV(Method):
     uses_output_projection = True  # value norms through module.o_proj (CriticalKV)
     Options = DefensiveKVOptions
 
+    def __init__(self, config, budget, window, **options):
+        super().__init__(config, budget, window, **options)
+        if self.options.official and "protected_set" not in options:  # official=True: the official count
+            self.options = dataclasses.replace(self.options, protected_set="below")
+
     @property
     def pooling(self):
         return self.options.kernel_size, "avg"
 
     def score_layer(self, view: LayerView):
         return defensive_scores(view, self.budget, self.options.kernel_size, self.options.threshold,
-                                self.options.official), None
+                                self.options.official, self.options.protected_set), None
 
     def head_budgets(self, indicator, budgets):
         return flat_head_budgets(indicator, budgets, 0.0) if self.options.head_budgets else None

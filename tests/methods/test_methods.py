@@ -82,3 +82,21 @@ def test_layer_defensivekv_cascading_equals_global(captured):
     casc, _ = prefill(model, ids, "layer_defensivekv", cascading=True)
     for a, b in zip(cache_of(glob).layers, cache_of(casc).layers):
         assert kept_prefix(a) == kept_prefix(b)
+
+
+@pytest.mark.parametrize("protected_set", ["reach", "below"])
+def test_defensivekv_protected_set(captured, protected_set):
+    """Both counts against the reference; "below" protects exactly one entry less per head (the one whose
+    mass reaches the target) wherever the cap does not bind."""
+    model, ids, layers, scale = captured
+    kept, budgets, scores = R.defensivekv_reference(layers, scale, BUDGET, WINDOW, protected_set=protected_set)
+    out, _ = prefill(model, ids, "defensivekv", protected_set=protected_set)
+    for i, layer in enumerate(cache_of(out).layers):
+        assert layer.head_prefix[0] == list(budgets[i])
+        for h, got in enumerate(kept_prefix(layer)):
+            assert_same_selection(got, kept[i][h], scores[i][h])
+    q, k, v, wo = layers[0]
+    counts = {which: (R.defensive_layer(q, k, v, wo, scale, WINDOW, 300, protected_set=which)
+                      == R.defensive_layer(q, k, v, wo, scale, WINDOW, 300, protected_set=which).max()).sum(-1)
+              for which in ("reach", "below")}                  # budget 300 > n: the cap does not bind
+    assert (counts["reach"] == counts["below"] + 1).all(), counts

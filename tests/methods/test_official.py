@@ -1,7 +1,8 @@
 """`official=True` reproduces the official repositories' selection rules, each against a
 plain-PyTorch re-statement of the official formula (reference_methods.py), on real attention patterns of
 tiny models, with sizes that reach each quirk (a layer at its cap, n between budget and budget + window,
-a negative protected-set cap). The default (official=False) is covered, unchanged, by test_methods.py."""
+a negative protected-set cap, PyramidKV's integer step on a shallow model). The default (official=False)
+is covered, unchanged, by test_methods.py."""
 from __future__ import annotations
 
 import random
@@ -20,7 +21,7 @@ import reference_methods as R
 from helpers import BUDGET, WINDOW, capture_qk, capture_qkv, kept_prefix, left_padded, prefill, prompt, tiny_model
 from reference import assert_same_selection
 
-OFFICIAL_METHODS = ["adakv", "cake", "defensivekv", "lava", "layer_defensivekv"]
+OFFICIAL_METHODS = ["adakv", "cake", "defensivekv", "lava", "layer_defensivekv", "pyramidkv"]
 
 
 def view_of(model, layers, i, window):
@@ -225,7 +226,7 @@ def test_defensivekv_official_scores_match_reference(captured, n, budget, thresh
     differs = False
     for i, (q, k, v, wo) in enumerate(layers):
         view = view_of(model, layers, i, WINDOW)
-        got = defensive_scores(view, budget, 5, threshold, official=True)[0, :, : n - WINDOW]
+        got = defensive_scores(view, budget, 5, threshold, official=True, protected_set="below")[0, :, : n - WINDOW]
         want = R.defensive_layer_official(q, k, v, wo, scale, WINDOW, budget, threshold=threshold)
         top = want.max()
         assert torch.equal(got == got.max(), want == top), f"layer {i}: protected sets differ"
@@ -234,6 +235,14 @@ def test_defensivekv_official_scores_match_reference(captured, n, budget, thresh
         differs |= not torch.equal(ours == ours.max(), got == got.max())
     # under the cap, the crossing token; with the negative cap, almost the whole prefix is protected
     assert differs or threshold == 0.9 and n == 150
+
+
+def test_defensivekv_official_takes_the_official_count_unless_told():
+    config = tiny_model().config
+    assert get_method("defensivekv")(config, 64, 8).options.protected_set == "reach"
+    assert get_method("defensivekv")(config, 64, 8, official=True).options.protected_set == "below"
+    assert get_method("layer_defensivekv")(config, 64, 8, official=True).options.protected_set == "below"
+    assert get_method("defensivekv")(config, 64, 8, official=True, protected_set="reach").options.protected_set == "reach"
 
 
 def test_defensivekv_official_selection(captured):
@@ -299,3 +308,35 @@ def test_official_batch_rows_equal_each_row_alone(method, options):
             assert batch_kept[r] == [kept_prefix(layer) for layer in cache_of(alone).layers], f"row {r}"
             single = model.generate(input_ids=p, max_new_tokens=12, do_sample=False, pad_token_id=0)
             assert torch.equal(batch[r, ids.shape[1]:], single[0, p.shape[1]:]), f"row {r} continues differently"
+
+
+# ---- PyramidKV -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [150, 60, 75], ids=["profile", "uniform-below-2P", "top-clamped"])
+def test_pyramidkv_official_matches_reference(captured, n):
+    model = captured[0]
+    ids = prompt(n, seed=8)
+    layers = capture_qkv(model, ids)
+    scale = model.model.layers[0].self_attn.scaling
+    kept, budgets, scores = R.pyramidkv_official_reference(layers, scale, BUDGET, WINDOW)
+    out, handle = prefill(model, ids, "pyramidkv", official=True)
+    check_selection(cache_of(out), kept, budgets, scores)
+    assert [s["budget"] for s in handle.stats] == [[b[0] + WINDOW] for b in budgets]
+
+
+def test_pyramidkv_profile_of_a_shallow_model():
+    """8 layers (as the shipped model): the official integer step against our exact profile, both shown
+    per layer in handle.stats; ours keeps the total NL * P, the official one exceeds it."""
+    model = tiny_model("llama", kv_heads=2, layers=8)
+    ids = prompt(300, seed=9)
+    p = BUDGET - WINDOW
+    official = R.pyramidkv_official_budgets(300, 8, BUDGET, WINDOW)
+    assert official == [63, 55, 47, 39, 31, 23, 15, 7]                 # steps = (63 - 1) // 7 = 8
+    _, handle = prefill(model, ids, "pyramidkv", official=True)
+    assert [s["budget"][0] - WINDOW for s in handle.stats] == official
+    _, handle = prefill(model, ids, "pyramidkv")
+    ours = [s["budget"][0] - WINDOW for s in handle.stats]
+    exact = [63 - i * 62 / 7 for i in range(8)]
+    assert sum(ours) == 8 * p < sum(official) and all(int(b) <= a <= int(b) + 1 for a, b in zip(ours, exact))
+    _, handle = prefill(model, ids, "pyramidkv", beta=1)             # beta = 1: uniform
+    assert all(s["budget"] == [BUDGET] for s in handle.stats)
