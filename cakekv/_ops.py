@@ -28,7 +28,7 @@ _ops = torch.ops.cakekv
 
 
 @torch.library.register_fake("cakekv::window_stats")
-def _window_stats_fake(q, k, q_pos, k_pos, scale):
+def _window_stats_fake(q, k, q_pos, k_pos, scale, softcap=0.0):
     shape = (q.shape[0], q.shape[1], k.shape[2])
     return tuple(q.new_empty(shape, dtype=torch.float32) for _ in range(3))
 
@@ -51,7 +51,7 @@ def _gather_ragged_fake(k, v, idx, offsets):
 
 
 @torch.library.register_fake("cakekv::ragged_attention")
-def _ragged_attention_fake(q, k, v, pos, offsets, q_pos, scale, return_weights=False):
+def _ragged_attention_fake(q, k, v, pos, offsets, q_pos, scale, softcap=0.0, return_weights=False):
     rows = q.shape[1] // ((offsets.shape[0] - 1) // q.shape[0]) * q.shape[2] if return_weights else 0
     return q.new_empty(q.shape), q.new_empty((rows, k.shape[0]), dtype=torch.float32)
 
@@ -66,10 +66,11 @@ def _evict_lowest_fake(weights, pos, order, offsets, q_pos, over, var_weight, pr
     return None
 
 
-def window_stats(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-key (mean, unbiased variance, entropy) of the window queries' attention, each [B, H, N] fp32."""
-    return _ops.window_stats(q, k, q_pos, k_pos, float(scale))
+def window_stats(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float,
+                 softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-key (mean, unbiased variance, entropy) of the window queries' attention, each [B, H, N] fp32; with
+    ``softcap``, of the soft-capped logits (Gemma 2)."""
+    return _ops.window_stats(q, k, q_pos, k_pos, float(scale), float(softcap or 0.0))
 
 
 def allocate_budgets(scores: torch.Tensor, caps: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
@@ -90,18 +91,18 @@ def gather_ragged(k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
 
 
 def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, offsets: torch.Tensor,
-                     q_pos: torch.Tensor, scale: float) -> torch.Tensor:
+                     q_pos: torch.Tensor, scale: float, softcap: float | None = None) -> torch.Tensor:
     """Attention [B, H, Q, D] of ``q`` over a ragged layer: head h of row b reads segment b * Hkv + h // (H // Hkv);
-    entry t is visible to query i iff 0 <= pos[t] <= q_pos[b, i]."""
-    return _ops.ragged_attention(q, k, v, pos, offsets, q_pos, float(scale))[0]
+    entry t is visible to query i iff 0 <= pos[t] <= q_pos[b, i]; with ``softcap``, over soft-capped logits."""
+    return _ops.ragged_attention(q, k, v, pos, offsets, q_pos, float(scale), float(softcap or 0.0))[0]
 
 
 def ragged_attention_with_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
-                                  offsets: torch.Tensor, q_pos: torch.Tensor,
-                                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                                  offsets: torch.Tensor, q_pos: torch.Tensor, scale: float,
+                                  softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`ragged_attention` and its attention weights, fp32 [G * Q, T] (row j * Q + i: query i of the j-th query
     head of the entry's segment), what `evict_lowest` scores: one read of the keys serves both."""
-    return _ops.ragged_attention(q, k, v, pos, offsets, q_pos, float(scale), True)
+    return _ops.ragged_attention(q, k, v, pos, offsets, q_pos, float(scale), float(softcap or 0.0), True)
 
 
 def append_entries(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, offsets: torch.Tensor, new_k: torch.Tensor,

@@ -407,14 +407,14 @@ class CompressedLayer(CacheLayerMixin):
         """Decode attention [B, q, H, D] of the step's queries over the stored entries. A step that evicts
         (decided on the host by `prepare_step`) runs the segment kernel for both layouts and keeps its
         attention weights for `evict_to_caps`, so that the keys are read once; a padded layer that does not
-        evict uses SDPA with a visibility mask (soft-capped logits too)."""
+        evict uses SDPA with a visibility mask. `softcap`: the model's logit soft-capping, applied by both."""
         if self.ragged or self.step_evict > 0:
             keys, values, pos, offsets = self._segments()
             if self.step_evict > 0:
                 out, self.step_weights = _ops.ragged_attention_with_weights(query, keys, values, pos, offsets,
-                                                                            self.query_pos, scale)
+                                                                            self.query_pos, scale, softcap)
             else:
-                out = _ops.ragged_attention(query, keys, values, pos, offsets, self.query_pos, scale)
+                out = _ops.ragged_attention(query, keys, values, pos, offsets, self.query_pos, scale, softcap)
             return out.transpose(1, 2).contiguous()
         return masked_attention(query, self.keys, self.values, self.visibility(), scale, softcap)
 
@@ -498,8 +498,9 @@ class CompressedCache(Cache):
             layer.finish_step(q)
 
     # ---- called by the attention hook ----------------------------------------------------------
-    def after_prefill(self, layer_idx: int, query: torch.Tensor, scale: float, module) -> None:
-        """Score layer `layer_idx` from its window queries and re-cut the global layers seen so far; a
+    def after_prefill(self, layer_idx: int, query: torch.Tensor, scale: float, module,
+                      softcap: float | None = None) -> None:
+        """Score layer `layer_idx` from its window queries (over logits soft-capped by `softcap`, as the model's) and re-cut the global layers seen so far; a
         sliding layer is not scored: it drops what its window no longer reaches. The method sees the
         global layers only, numbered in order (its budgets and `LayerView.layer_idx` count them)."""
         layer = self.layers[layer_idx]
@@ -516,7 +517,7 @@ class CompressedCache(Cache):
             window_start = (lengths - window).clamp(min=0)
             view = LayerView(query[:, :, -window:], layer.keys, layer.values, layer.pos,
                              layer.pos[:, 0, -window:], window_start, scale, rank, module,
-                             queries=query, query_positions=layer.pos[:, 0, :])
+                             queries=query, query_positions=layer.pos[:, 0, :], softcap=softcap or 0.0)
             layer.indicator, preference = method.score_layer(view)
             if preference is None:
                 preference = torch.zeros(query.shape[0], dtype=torch.float64, device=query.device)

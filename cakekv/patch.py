@@ -70,23 +70,7 @@ def _backend_function(backend: str, module: torch.nn.Module):
     return ALL_ATTENTION_FUNCTIONS[backend]
 
 
-def _scores_by_attention(method) -> bool:
-    """Whether `method` ranks entries by attention weights (at prefill or by decode-time eviction): every
-    method but `full` and a position-only `streamingllm` without decode eviction."""
-    if not method.compresses:
-        return False
-    return method.scores_by_attention or method.decode_evict
-
-
-def _softcap_error(method, softcap) -> ValueError:
-    return ValueError(
-        f"model: its attention soft-caps the logits (softcap={softcap}, Gemma 2's attn_logit_softcapping) and "
-        f"method {method.name!r} ranks entries by attention weights, which cakekv computes without soft-capping "
-        "(it would select by attention the model does not compute); use method='full', or 'streamingllm' with "
-        "decode_evict=False (decode attention over the compressed cache does apply soft-capping)")
-
-
-def _check_attention_call(module, query, key, value, layer, method, kwargs) -> None:
+def _check_attention_call(module, query, key, value, layer, kwargs) -> None:
     """At prefill, once per layer: the call has the usual q/k/v shapes, no attention feature the decode
     path would drop, and the sliding window the cache was built with."""
     name = f"{type(module).__name__} (layer {module.layer_idx})"
@@ -104,9 +88,6 @@ def _check_attention_call(module, query, key, value, layer, method, kwargs) -> N
         raise ValueError(f"model: {name} attends over a sliding window of {declared}, but its config gives "
                          f"{layer.sliding_window} (config.sliding_window / layer_types); cakekv cannot tell which "
                          "positions this layer sees")
-    softcap = kwargs.get("softcap")
-    if softcap is not None and _scores_by_attention(method):
-        raise _softcap_error(method, softcap)
 
 
 def _skipped_layers_error(skipped: list[int]) -> ValueError:
@@ -135,17 +116,14 @@ def _make_attention(backend: str):
             raise unsupported_release(f"{type(module).__name__} ran without the cakekv cache: the model's forward "
                                       "did not hand the cache to its attention layers")
         if layer.prefilling:
-            _check_attention_call(module, query, key, value, layer, cache.method, kwargs)
+            _check_attention_call(module, query, key, value, layer, kwargs)
             _check_layers_before(cache, module.layer_idx)
             # The prompt attends over its full K/V with the model's own kernel and mask; only the
             # stored cache is compressed afterwards.
             out = original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-            cache.after_prefill(module.layer_idx, query, scale, module)
+            cache.after_prefill(module.layer_idx, query, scale, module, kwargs.get("softcap"))
             return out
-        softcap = kwargs.get("softcap")
-        if softcap is not None and (layer.ragged or layer.head_caps is not None):
-            raise _softcap_error(cache.method, softcap)  # ranking by attention: refused at prefill already
-        out = layer.attend(query, scale, softcap)
+        out = layer.attend(query, scale, kwargs.get("softcap"))
         cache.after_decode(module.layer_idx)
         return out, None
 
@@ -328,8 +306,8 @@ def check_supported(model) -> None:
 
     Supported: a decoder whose every layer has a self-attention module (`_is_attention`) that calls
     transformers' attention interface with the usual [batch, heads, tokens, head_dim] q/k/v, causal, optionally
-    over a sliding window (per layer: `sliding_windows`) and with soft-capped logits (applied by the decode
-    attention; methods ranking by attention are refused with it, see `check_method`). What cannot be seen
+    over a sliding window (per layer: `sliding_windows`) and with soft-capped logits (applied by every score
+    and attention cakekv computes; not under `sdpa`, which drops them). What cannot be seen
     here is checked at the first prefill: the q/k/v shapes, sliding windows and features each layer's call
     passes, and that every layer went through the interface."""
     config = getattr(model, "config", None)
@@ -381,11 +359,7 @@ def _softcaps(model) -> list:
 
 
 def check_method(model, method) -> None:
-    """Refuse a method the model's attention makes inexact or impossible: attention-ranked selection under
-    logit soft-capping (the scores would not be the model's), value norms through a missing `o_proj`."""
-    caps = _softcaps(model)
-    if caps and _scores_by_attention(method):
-        raise _softcap_error(method, caps[0])
+    """Refuse a method the model's attention makes impossible: value norms through a missing `o_proj`."""
     if method.uses_output_projection:
         missing = {type(m).__name__ for m in attention_modules(model) if not hasattr(m, "o_proj")}
         if missing:

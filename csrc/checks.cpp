@@ -1,10 +1,18 @@
 // Argument checks shared by the CPU and CUDA kernels of every op (contracts in register.cpp).
 #include "checks.h"
 
+#include <cmath>
+
 namespace cakekv {
 
+void check_softcap(const char* op, double softcap) {
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, op, ": softcap must be a finite number >= 0 (0 = no "
+              "soft-capping), got ", softcap);
+}
+
 void check_window_stats_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_pos,
-                             const at::Tensor& k_pos) {
+                             const at::Tensor& k_pos, double softcap) {
+  check_softcap("window_stats", softcap);
   TORCH_CHECK(q.dim() == 4, "window_stats: q must be [B, H, Q, D], got ", q.sizes());
   TORCH_CHECK(k.dim() == 4, "window_stats: k must be [B, Hkv, N, D], got ", k.sizes());
   TORCH_CHECK(q.scalar_type() == k.scalar_type(), "window_stats: q and k dtypes differ");
@@ -89,7 +97,9 @@ void check_gather_ragged_args(const at::Tensor& k, const at::Tensor& v, const at
 }
 
 void check_ragged_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& pos, const at::Tensor& offsets, const at::Tensor& q_pos) {
+                                 const at::Tensor& pos, const at::Tensor& offsets, const at::Tensor& q_pos,
+                                 double softcap) {
+  check_softcap("ragged_attention", softcap);
   TORCH_CHECK(q.dim() == 4, "ragged_attention: q must be [B, H, Q, D], got ", q.sizes());
   TORCH_CHECK(at::isFloatingType(q.scalar_type()), "ragged_attention: q must be floating point");
   TORCH_CHECK(k.dim() == 2 && k.size(1) == q.size(3), "ragged_attention: k must be [T, D], got ", k.sizes());

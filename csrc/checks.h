@@ -12,14 +12,16 @@ namespace cakekv {
 void check_indices_in_range(const char* op, const at::Tensor& idx, int64_t n);
 void check_offsets(const char* op, const at::Tensor& offsets, int64_t total);
 void check_window_stats_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_pos,
-                             const at::Tensor& k_pos);
+                             const at::Tensor& k_pos, double softcap);
+void check_softcap(const char* op, double softcap);
 void check_allocate_budgets_args(const at::Tensor& scores, const at::Tensor& caps, const at::Tensor& total);
 void check_allocate_budgets_values(const at::Tensor& scores, const at::Tensor& caps, const at::Tensor& total);
 void check_gather_kept_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx);
 void check_gather_ragged_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx,
                               const at::Tensor& offsets);
 void check_ragged_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& pos, const at::Tensor& offsets, const at::Tensor& q_pos);
+                                 const at::Tensor& pos, const at::Tensor& offsets, const at::Tensor& q_pos,
+                                 double softcap);
 void check_append_entries_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
                                const at::Tensor& offsets, const at::Tensor& new_k, const at::Tensor& new_v,
                                const at::Tensor& q_pos, const std::optional<at::Tensor>& order);

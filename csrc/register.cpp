@@ -12,16 +12,19 @@ TORCH_LIBRARY(cakekv, m) {
   //   q_pos [B, Q]          int64 logical position of each query
   //   k_pos [B, Hkv, N]     int64 logical position of each key slot; -1 marks an empty slot
   //   scale                 softmax scale (1/sqrt(D) for most models)
+  //   softcap               logit soft-capping (Gemma 2): logits become softcap * tanh(logit / softcap); 0 = none
   //
   // Key slot j is visible to query i iff 0 <= k_pos[b,g,j] <= q_pos[b,i] (causal, padding and free slots
-  // all follow from positions). A[b,h,i,:] = softmax over visible keys of scale * q·k, in fp32; invisible
+  // all follow from positions). A[b,h,i,:] = softmax over visible keys of the logits scale * q·k (soft-capped when
+  // softcap > 0), in fp32; invisible
   // keys get A = 0. Returns three fp32 tensors of shape [B, H, N]:
   //   mean    = mean_i A[b,h,i,j]
   //   var     = unbiased variance over i of A[b,h,i,j]   (0 when Q == 1)
   //   entropy = sum_i -A[b,h,i,j] * ln(A[b,h,i,j] + 1e-10)
   // Kernels stream over keys: only per-query softmax statistics (running max, sum) are kept, never the
   // whole [Q, N] block of all heads.
-  m.def("window_stats(Tensor q, Tensor k, Tensor q_pos, Tensor k_pos, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("window_stats(Tensor q, Tensor k, Tensor q_pos, Tensor k_pos, float scale, float softcap=0.0) -> "
+        "(Tensor, Tensor, Tensor)");
 
   // ---------------------------------------------------------------------------------------------
   // allocate_budgets — integer budgets proportional to scores, exact total, capped per entry
@@ -67,14 +70,15 @@ TORCH_LIBRARY(cakekv, m) {
   //   offsets [B*Hkv + 1]     int64 segment starts (see above)
   //   q_pos   [B, Q]          int64 logical position of each query
   //   scale                   softmax scale
+  //   softcap                 logit soft-capping as in window_stats (0 = none)
   //   return_weights          also return the attention weights (what decode-time eviction scores)
   // Query head h of row b reads segment b * Hkv + h / (H / Hkv); entry t is visible to query i iff
-  // 0 <= pos[t] <= q_pos[b, i]. A[h,i,t] = softmax over visible entries of scale * q·k in fp32 (0 where not
+  // 0 <= pos[t] <= q_pos[b, i]. A[h,i,t] = softmax over visible entries of the logits (as in window_stats) in fp32 (0 where not
   // visible); out[b,h,i,:] = sum_t A[h,i,t] v[t], in q's dtype; a query that sees no entry gets zeros.
   // Returns (out [B, H, Q, D], weights): weights is fp32 [G*Q, T] with weights[j*Q + i, t] = A[g*G + j, i, t]
   // for the segment (b, g) holding t (G = H / Hkv), or [0, T] when return_weights is false.
   m.def("ragged_attention(Tensor q, Tensor k, Tensor v, Tensor pos, Tensor offsets, Tensor q_pos, float scale, "
-        "bool return_weights=False) -> (Tensor, Tensor)");
+        "float softcap=0.0, bool return_weights=False) -> (Tensor, Tensor)");
 
   // ---------------------------------------------------------------------------------------------
   // Decode-time ops over a layer seen as segments: segment s = b * Hkv + g (row b, kv head g) holds the

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 
 import torch
 from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
@@ -104,6 +105,9 @@ _CAPTURED: dict = {}
 def _capture_attention(module, query, key, value, attention_mask, **kwargs):
     _CAPTURED[module.layer_idx] = (query[0].detach().clone(), key[0].detach().clone(),
                                    value[0].detach().clone(), module.o_proj.weight.detach())
+    if kwargs.get("softcap") is not None:  # SDPA drops soft-capping: the family's own eager kernel applies it
+        return sys.modules[type(module).__module__].eager_attention_forward(module, query, key, value,
+                                                                            attention_mask, **kwargs)
     return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
 
 

@@ -19,19 +19,24 @@ def window_attention(q_win: torch.Tensor, keys: torch.Tensor, scale: float) -> t
     return logits.softmax(-1)
 
 
-def masked_window_stats(q, k, q_pos, k_pos, scale):
+def soft_capped(logits, softcap):
+    """Gemma 2's logit soft-capping in transformers' eager order (softcap 0: none)."""
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
+def masked_window_stats(q, k, q_pos, k_pos, scale, softcap=0.0):
     """Reference of the window_stats op: materialises the whole attention block."""
     heads = q.shape[1]
     kk = k.float().repeat_interleave(heads // k.shape[1], 1)
     kp = k_pos.repeat_interleave(heads // k.shape[1], 1)[:, :, None, :]
     visible = (kp >= 0) & (kp <= q_pos[:, None, :, None])
-    logits = (q.float() @ kk.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
+    logits = soft_capped(q.float() @ kk.transpose(-1, -2) * scale, softcap).masked_fill(~visible, float("-inf"))
     a = torch.nan_to_num(logits.softmax(-1), nan=0.0)
     var = a.var(2) if q.shape[2] > 1 else torch.zeros_like(a[:, :, 0])
     return a.mean(2), var, -(a * torch.log(a + 1e-10)).sum(2)
 
 
-def ragged_attention(q, k, v, pos, offsets, q_pos, scale):
+def ragged_attention(q, k, v, pos, offsets, q_pos, scale, softcap=0.0):
     """Reference of the ragged_attention op: for each segment s = b * Hkv + g, the G query heads of kv head g
     attend over entries offsets[s]..offsets[s+1]-1 with a plain fp32 softmax over the visible ones
     (0 <= pos <= q_pos); a query that sees no entry gets zeros. Returns fp32 out [B, H, Q, D] and the
@@ -47,7 +52,7 @@ def ragged_attention(q, k, v, pos, offsets, q_pos, scale):
         ks, vs, ps = k[lo:hi].float(), v[lo:hi].float(), pos[lo:hi]
         qs = q[b, g * group:(g + 1) * group].float()                       # [G, Q, D]
         visible = (ps[None, :] >= 0) & (ps[None, :] <= q_pos[b][:, None])  # [Q, n]
-        logits = (qs @ ks.T * scale).masked_fill(~visible, float("-inf"))
+        logits = soft_capped(qs @ ks.T * scale, softcap).masked_fill(~visible, float("-inf"))
         att = torch.nan_to_num(logits.softmax(-1), nan=0.0)                 # all -inf rows -> zeros
         out[b, g * group:(g + 1) * group] = att @ vs
         weights[:, lo:hi] = att.reshape(group * q_len, hi - lo)

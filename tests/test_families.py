@@ -22,7 +22,7 @@ import cakekv
 from cakekv import cache_kwargs, cache_of
 from cakekv.patch import (SUPPORTED_ATTENTION, TESTED_MODEL_TYPES, TESTED_TRANSFORMERS, attention_modules,
                           decoder_config, sliding_windows)
-from helpers import COMPOSITE, FAMILIES, NO_SDPA, tiny_model
+from helpers import COMPOSITE, FAMILIES, NO_SDPA, capture_qk, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET, WINDOW = 40, 8
@@ -316,12 +316,36 @@ def test_softcapping_under_sdpa_is_refused():
         cakekv.compress(model, method="full", budget=BUDGET)
 
 
-@pytest.mark.parametrize("method,options", [("cake", {}), ("snapkv", {}), ("adakv", {}),
-                                            ("streamingllm", dict(decode_evict=True))])
-def test_softcapping_with_attention_ranked_methods_is_refused(method, options):
+@pytest.mark.parametrize("method", ["cake", "snapkv", "adakv", "defensivekv", "h2o", "lava"])
+def test_softcapped_models_are_scored_on_their_own_logits(method):
+    """Attention-ranked methods score the soft-capped logits the model computes: a layer keeps what the method
+    keeps when the window statistics are taken with the cap (and not what it would keep without it), and the
+    continuation over the kept entries is the model's own with exactly those entries visible."""
     model = softcapped_gemma2()
-    with pytest.raises(ValueError, match=r"soft-caps the logits \(softcap=1.0.*ranks entries by attention"):
-        cakekv.compress(model, method=method, budget=BUDGET, window=WINDOW, **options)
+    ids, cont = prompt(60, seed=5), prompt(8, seed=6)
+    got, cache = compressed_continuation(model, ids, cont, method=method, budget=24)
+    torch.testing.assert_close(got, reference_logits(model, ids, cont, cache), rtol=1e-4, atol=1e-4)
+    q, k = capture_qk(model, ids)[0]
+    scale = model.model.layers[0].self_attn.scaling
+    k_pos = torch.arange(ids.shape[1]).expand(1, k.shape[0], -1)
+    q_pos = torch.arange(ids.shape[1] - WINDOW, ids.shape[1])[None]
+    capped = cakekv._ops.window_stats(q[None, :, -WINDOW:], k[None], q_pos, k_pos, scale, 1.0)[0]
+    plain = cakekv._ops.window_stats(q[None, :, -WINDOW:], k[None], q_pos, k_pos, scale)[0]
+    assert not torch.allclose(capped, plain, atol=1e-3)  # the cap changes the statistics the methods score
+
+
+@pytest.mark.parametrize("method,options", [("cake", {}), ("adakv", {}), ("streamingllm", dict(decode_evict=True))])
+def test_softcapped_generation_with_decode_eviction(method, options):
+    """Decode eviction ranks by the soft-capped attention of the step (the weights of the decode kernel):
+    generation runs past the caps and the model is unpatched after."""
+    model = softcapped_gemma2()
+    ids = prompt(60, seed=7)
+    with cakekv.compress(model, method=method, budget=24, window=WINDOW, **options) as handle:
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 72)
+    global_layers = [i for i, kind in enumerate(model.config.layer_types) if kind == "full_attention"]
+    kept = [max(row) for layer in handle.stats if layer["layer"] in global_layers for row in layer["kept_per_head"]]
+    assert global_layers and max(kept) < 60  # the compressed layers held their caps past the prompt
     assert model.config._attn_implementation == "eager"
 
 
@@ -490,7 +514,7 @@ def _attention(family: str) -> str:
 
 EXTRAS = {  # family-specific tests beyond the contracts, by the lists that parametrize them
     "sliding windows exercised (identity, continuation, batch and memory past the window)": SLIDING,
-    "soft-capped decode attention; attention-ranked methods refused": SOFTCAP,
+    "soft-capped prefill scores, decode attention and decode eviction": SOFTCAP,
     "fused projection found": ("phi3",),
 }
 

@@ -18,7 +18,9 @@ class LayerView:
     """What a method sees of one layer at prefill (slots in position order, left padding at the front).
 
     q_win: [B, H, W, D] window queries (after RoPE); keys/values: [B, Hkv, N, D]; k_pos: [B, Hkv, N]
-    (-1 = empty); q_pos: [B, W]; window_start: [B] first window position of each row; scale: softmax scale.
+    (-1 = empty); q_pos: [B, W]; window_start: [B] first window position of each row; scale: softmax scale;
+    softcap: the model's attention logit soft-capping (Gemma 2), 0 = none: every score computed from attention
+    must see the logits the model computes (`soft_capped`).
     """
 
     q_win: torch.Tensor
@@ -32,6 +34,7 @@ class LayerView:
     module: torch.nn.Module
     queries: torch.Tensor | None = None          # [B, H, n, D] all prompt queries (H2O)
     query_positions: torch.Tensor | None = None  # [B, n] their positions (-1 on padding)
+    softcap: float = 0.0
 
     @property
     def candidates(self) -> torch.Tensor:
@@ -39,7 +42,11 @@ class LayerView:
         return (self.k_pos >= 0) & (self.k_pos < self.window_start[:, None, None])
 
     def window_stats(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _ops.window_stats(self.q_win, self.keys, self.q_pos, self.k_pos, self.scale)
+        return _ops.window_stats(self.q_win, self.keys, self.q_pos, self.k_pos, self.scale, self.softcap)
+
+    def soft_capped(self, logits: torch.Tensor) -> torch.Tensor:
+        """Scaled logits soft-capped as the model does (softcap * tanh(logits / softcap)); as is without it."""
+        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
 
 
 def reduce_group(x: torch.Tensor, num_kv_heads: int, how: str = "mean") -> torch.Tensor:
@@ -106,9 +113,7 @@ class Method:
 
     name: ClassVar[str] = ""
     Options: ClassVar[type[Options]] = Options
-    # What a model must offer (checked by compress): attention weights to rank entries by (a soft-capping
-    # model's are not computed with its cap), and the attention output projection `o_proj` (value norms).
-    scores_by_attention: ClassVar[bool] = True
+    # What a model must offer (checked by compress): the attention output projection `o_proj` (value norms).
     uses_output_projection: ClassVar[bool] = False
 
     def __init__(self, config, budget: int, window: int, **options: Any):

@@ -151,7 +151,7 @@ class Cake(Method):
                 continue  # nothing to evict in this row (it is not compressed)
             keys = k_all[r:r + 1, :, n - length:]                                   # [1, Hkv, n_r, D]
             keys = keys[:, :, None].expand(1, hkv, g, length, d).reshape(1, h, length, d)
-            logits = torch.matmul(q_all[r:r + 1], keys.transpose(2, 3)) / divisor   # [1, H, W, n_r]
+            logits = view.soft_capped(torch.matmul(q_all[r:r + 1], keys.transpose(2, 3)) / divisor)  # [1, H, W, n_r]
             causal = torch.ones(w, w, dtype=torch.bool, device=logits.device).triu(1)
             logits[..., length - w:] = logits[..., length - w:].masked_fill(causal, float("-inf"))
             attn = F.softmax(logits, dim=-1, dtype=torch.float32).to(q_all.dtype)

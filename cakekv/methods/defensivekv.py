@@ -68,7 +68,7 @@ def defensive_scores(view: LayerView, budget: int, kernel: int, threshold: float
     vnorm = torch.zeros(b, hkv, n, device=k.device)
     wo = view.module.o_proj.weight.float()  # [hidden, H * D]
     for kv in range(hkv):
-        logits = q[:, kv * g:(kv + 1) * g] @ k[:, kv].float()[:, None].transpose(-1, -2) * view.scale
+        logits = view.soft_capped(q[:, kv * g:(kv + 1) * g] @ k[:, kv].float()[:, None].transpose(-1, -2) * view.scale)
         a = torch.nan_to_num(logits.masked_fill(~visible[:, kv, None], float("-inf")).softmax(-1), nan=0.0)
         c = cand[:, kv, None, None, :]
         ap = torch.where(c, a, 0.0)                                     # [B, G, W, N], prefix only

@@ -20,6 +20,7 @@ class H2O(Method):
     name = "h2o"
 
     def score_layer(self, view: LayerView):
-        mean, _, _ = _ops.window_stats(view.queries, view.keys, view.query_positions, view.k_pos, view.scale)
+        mean, _, _ = _ops.window_stats(view.queries, view.keys, view.query_positions, view.k_pos, view.scale,
+                                       view.softcap)
         score = reduce_group(mean, view.keys.shape[1])
         return pool_candidates(score, view.candidates, 1, "avg"), None

@@ -25,7 +25,6 @@ class StreamingLLMOptions(Options):
 @register
 class StreamingLLM(Method):
     name = "streamingllm"
-    scores_by_attention = False  # positions only (decode_evict=True ranks by attention again)
     Options = StreamingLLMOptions
 
     def score_layer(self, view: LayerView):

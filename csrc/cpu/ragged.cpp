@@ -15,6 +15,7 @@
 
 #include "../checks.h"
 #include "../decode_score.h"
+#include "logits.h"
 
 namespace cakekv::cpu {
 
@@ -57,8 +58,9 @@ std::tuple<at::Tensor, at::Tensor> gather_ragged(const at::Tensor& k, const at::
 
 std::tuple<at::Tensor, at::Tensor> ragged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                     const at::Tensor& pos, const at::Tensor& offsets,
-                                                    const at::Tensor& q_pos, double scale, bool return_weights) {
-  check_ragged_attention_args(q, k, v, pos, offsets, q_pos);
+                                                    const at::Tensor& q_pos, double scale, double softcap,
+                                                    bool return_weights) {
+  check_ragged_attention_args(q, k, v, pos, offsets, q_pos, softcap);
   const int64_t B = q.size(0), H = q.size(1), Q = q.size(2), D = q.size(3), T = k.size(0);
   const int64_t segs = offsets.size(0) - 1, Hkv = segs / B, G = H / Hkv;
   const auto oc = checked_offsets(offsets, T, "ragged_attention");
@@ -75,8 +77,8 @@ std::tuple<at::Tensor, at::Tensor> ragged_attention(const at::Tensor& q, const a
     const auto ps = pos.slice(0, lo, hi);
     const auto qpos = qp[b].unsqueeze(1);                           // [G*Q, 1]
     const auto visible = ps.ge(0).unsqueeze(0).logical_and(ps.unsqueeze(0).le(qpos));  // [G*Q, n]
-    auto logits = at::matmul(qf[b][g], ks.t()).mul_(scale);         // [G*Q, n]
-    logits.masked_fill_(visible.logical_not(), -std::numeric_limits<float>::infinity());
+    auto logits = at::matmul(qf[b][g], ks.t());                     // [G*Q, n]
+    logits_from_dots_(logits, scale, softcap).masked_fill_(visible.logical_not(), -std::numeric_limits<float>::infinity());
     const auto mx = std::get<0>(logits.max(1, true));
     const auto safe_mx = at::where(mx.isinf(), at::zeros_like(mx), mx);
     const auto p = (logits - safe_mx).exp_();                       // invisible: exp(-inf) = 0

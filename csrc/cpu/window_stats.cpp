@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "logits.h"
 
 namespace cakekv::cpu {
 
@@ -13,19 +14,20 @@ namespace {
 constexpr int64_t kKeyChunk = 1024;
 constexpr int64_t kQueryTile = 256;
 
-// Scaled logits of one head's queries over one key chunk, with invisible keys set to -inf.
+// Logits of one head's queries over one key chunk, with invisible keys set to -inf.
 at::Tensor chunk_logits(const at::Tensor& qh, const at::Tensor& kc, const at::Tensor& qp, const at::Tensor& kpc,
-                        double scale, at::Tensor& visible) {
+                        double scale, double softcap, at::Tensor& visible) {
   visible = kpc.unsqueeze(0).ge(0).logical_and(kpc.unsqueeze(0).le(qp.unsqueeze(1)));
-  auto logits = at::matmul(qh, kc.t()).mul_(scale);
-  return logits.masked_fill_(visible.logical_not(), -std::numeric_limits<float>::infinity());
+  auto logits = at::matmul(qh, kc.t());
+  return logits_from_dots_(logits, scale, softcap)
+      .masked_fill_(visible.logical_not(), -std::numeric_limits<float>::infinity());
 }
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> window_stats(const at::Tensor& q, const at::Tensor& k,
                                                             const at::Tensor& q_pos, const at::Tensor& k_pos,
-                                                            double scale) {
-  check_window_stats_args(q, k, q_pos, k_pos);
+                                                            double scale, double softcap) {
+  check_window_stats_args(q, k, q_pos, k_pos, softcap);
   const int64_t B = q.size(0), H = q.size(1), Q = q.size(2), Hkv = k.size(1), N = k.size(2);
   const int64_t G = H / Hkv;
   auto opts = q.options().dtype(at::kFloat);
@@ -63,7 +65,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_stats(const at::Tensor& q,
         for (int64_t s = 0; s < N; s += kKeyChunk) {
           const int64_t len = std::min(kKeyChunk, N - s);
           if (!seen_chunk[s / kKeyChunk]) continue;
-          auto logits = chunk_logits(qg, kh.narrow(0, s, len).to(at::kFloat), qp, kp.narrow(0, s, len), scale, visible);
+          auto logits = chunk_logits(qg, kh.narrow(0, s, len).to(at::kFloat), qp, kp.narrow(0, s, len), scale, softcap,
+                                     visible);
           auto new_max = at::maximum(row_max, std::get<0>(logits.max(1)));
           auto safe_max = at::where(new_max.isinf(), at::zeros_like(new_max), new_max);
           row_sum = row_sum * at::exp(row_max - safe_max) + at::exp(logits - safe_max.unsqueeze(1)).sum(1);
@@ -83,7 +86,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_stats(const at::Tensor& q,
             if (i0 + qt == Q) var_s.copy_(m2_s / double(Q - 1));
             continue;
           }
-          auto logits = chunk_logits(qg, kh.narrow(0, s, len).to(at::kFloat), qp, kp.narrow(0, s, len), scale, visible);
+          auto logits = chunk_logits(qg, kh.narrow(0, s, len).to(at::kFloat), qp, kp.narrow(0, s, len), scale, softcap,
+                                     visible);
           auto p = at::exp(logits - safe_max.unsqueeze(1)).mul_(inv_sum.unsqueeze(1));
           p.masked_fill_(visible.logical_not(), 0.f);
           p = p.view({G, qt, len});

@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "logits.cuh"
 #include "segments.cuh"
 
 namespace cakekv::cuda {
@@ -101,7 +102,7 @@ __global__ void __launch_bounds__(kAttnThreads) ragged_attention_partial_kernel(
     const scalar_t* __restrict__ q, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
     const int64_t* __restrict__ pos, const int64_t* __restrict__ offsets, const int64_t* __restrict__ q_pos,
     float* __restrict__ part_acc, float* __restrict__ part_ml, float* __restrict__ weights, int64_t T, int64_t segs,
-    int64_t chunk, int64_t H, int64_t Q, int64_t D, int64_t Hkv, float scale, bool vector) {
+    int64_t chunk, int64_t H, int64_t Q, int64_t D, int64_t Hkv, float scale, float softcap, bool vector) {
   constexpr int kGroups = kAttnThreads / kLanes, kStep = kGroups * kEntriesPerGroup, kWidth = kLanes * kVec;
   __shared__ float p_s[kAttnRows][kStep];                  // logits of a step, then their exp
   __shared__ float red_s[kGroups * kAttnRows * kWidth];    // the groups' P·V, summed at the piece's end
@@ -155,7 +156,8 @@ __global__ void __launch_bounds__(kAttnThreads) ragged_attention_partial_kernel(
             for (int c = 0; c < kVec; ++c) dot += qv[r][c] * kv[u][c];
 #pragma unroll
             for (int off = kLanes / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-            if (lane == 0 && e < n) p_s[r][e] = (p[u] >= 0 && p[u] <= qp_s[r]) ? dot * scale : -INFINITY;
+            if (lane == 0 && e < n)
+              p_s[r][e] = (p[u] >= 0 && p[u] <= qp_s[r]) ? attention_logit(dot, scale, softcap) : -INFINITY;
           }
         }
       }
@@ -376,8 +378,8 @@ std::tuple<at::Tensor, at::Tensor> gather_ragged(const at::Tensor& k_in, const a
 std::tuple<at::Tensor, at::Tensor> ragged_attention(const at::Tensor& q_in, const at::Tensor& k_in,
                                                     const at::Tensor& v_in, const at::Tensor& pos_in,
                                                     const at::Tensor& offsets_in, const at::Tensor& q_pos_in,
-                                                    double scale, bool return_weights) {
-  check_ragged_attention_args(q_in, k_in, v_in, pos_in, offsets_in, q_pos_in);
+                                                    double scale, double softcap, bool return_weights) {
+  check_ragged_attention_args(q_in, k_in, v_in, pos_in, offsets_in, q_pos_in, softcap);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t B = q_in.size(0), H = q_in.size(1), Q = q_in.size(2), D = q_in.size(3), T = k_in.size(0);
   const int64_t segs = offsets_in.size(0) - 1, Hkv = segs / B, rows = (H / Hkv) * Q;
@@ -408,7 +410,7 @@ std::tuple<at::Tensor, at::Tensor> ragged_attention(const at::Tensor& q_in, cons
             q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
             pos.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), q_pos.const_data_ptr<int64_t>(),
             part_acc.mutable_data_ptr<float>(), part_ml.mutable_data_ptr<float>(), weights_ptr, T, segs, chunk, H,
-            Q, D, Hkv, static_cast<float>(scale), vector);
+            Q, D, Hkv, static_cast<float>(scale), static_cast<float>(softcap), vector);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       ragged_attention_merge_kernel<scalar_t><<<unsigned(segs * rows), 128, 0, stream>>>(

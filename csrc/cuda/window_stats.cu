@@ -35,6 +35,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "logits.cuh"
 
 namespace cakekv::cuda {
 
@@ -66,6 +67,7 @@ struct Geometry {
   int tiles_per_split;  // pass 1: key tiles per block
   int num_splits;       // pass 1: blocks along the keys
   float scale;
+  float softcap;        // 0: none
 };
 
 // Dynamic shared memory of one block: GEMM operand staging, the fp32 logits tile of the row group,
@@ -234,9 +236,8 @@ __device__ __forceinline__ void group_logits(const scalar_t* q_rows, int rows, c
                               s.tile + r0 * kLdS);
 }
 
-// Logit = dot * scale rounded once (as the CPU kernel's matmul(...).mul_(scale)); __fmul_rn keeps the
-// compiler from contracting it into an FMA with the following subtraction, so both passes see one value.
-__device__ __forceinline__ float scaled(float dot, float scale) { return __fmul_rn(dot, scale); }
+// attention_logit (logits.cuh) rounds dot * scale once (as the CPU kernel's matmul(...).mul_(scale)): __fmul_rn
+// keeps the compiler from contracting it into an FMA with the following subtraction, so both passes see one value.
 
 // Merges softmax statistics (m2, l2) into (m, l); m = -inf with l = 0 means "no visible key yet".
 __device__ __forceinline__ void merge_softmax(float& m, float& l, float m2, float l2) {
@@ -317,7 +318,7 @@ __global__ void __launch_bounds__(kThreads) softmax_partials_kernel(const scalar
       for (int c = 0; c < kKeys / 8; ++c) {
         const int j = lane8 + 8 * c;
         const int64_t kp = s.kpos[j];
-        v[c] = (kp >= 0 && kp <= qp) ? scaled(s.tile[r * kLdS + j], geo.scale) : -INFINITY;
+        v[c] = (kp >= 0 && kp <= qp) ? attention_logit(s.tile[r * kLdS + j], geo.scale, geo.softcap) : -INFINITY;
         m = fmaxf(m, v[c]);
       }
       for (int off = 4; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(mask8, m, off));
@@ -391,7 +392,8 @@ __global__ void __launch_bounds__(kThreads) column_stats_kernel(
     for (int i = part; i < geo.Q; i += P) {
       const int r = hh * geo.Q + i;
       const bool visible = kp >= 0 && kp <= s.qpos[r];
-      const float p = visible ? expf(scaled(cells[i * kLdS], geo.scale) - s.ra[r]) * s.rb[r] : 0.f;
+      const float logit = attention_logit(cells[i * kLdS], geo.scale, geo.softcap);
+      const float p = visible ? expf(logit - s.ra[r]) * s.rb[r] : 0.f;
       cells[i * kLdS] = p;
       sum += p;
       plogp += p * logf(p + 1e-10f);
@@ -456,7 +458,8 @@ bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const
 // The statistics of one run of queries whose (head, key) columns fit in shared memory.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> window_stats_fitting(const at::Tensor& q_in, const at::Tensor& k_in,
                                                                     const at::Tensor& q_pos_in,
-                                                                    const at::Tensor& k_pos_in, double scale) {
+                                                                    const at::Tensor& k_pos_in, double scale,
+                                                                    double softcap) {
   const int64_t B = q_in.size(0), H = q_in.size(1), Q = q_in.size(2), D = q_in.size(3);
   const int64_t Hkv = k_in.size(1), N = k_in.size(2), G = H / Hkv;
   auto opts = q_in.options().dtype(at::kFloat);
@@ -481,6 +484,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_stats_fitting(const at::Te
   geo.rows_alloc = int((int64_t(geo.heads_per_group) * Q + kRows - 1) / kRows * kRows);
   geo.num_tiles = int((N + kKeys - 1) / kKeys);
   geo.scale = float(scale);
+  geo.softcap = float(softcap);
   const int num_groups = int((G + geo.heads_per_group - 1) / geo.heads_per_group);
   TORCH_CHECK(num_groups <= 65535, "window_stats (CUDA): too many query heads per kv head (", G, ")");
 
@@ -528,18 +532,19 @@ int64_t max_fitting_queries() {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> window_stats(const at::Tensor& q, const at::Tensor& k,
                                                             const at::Tensor& q_pos, const at::Tensor& k_pos,
-                                                            double scale) {
-  check_window_stats_args(q, k, q_pos, k_pos);
+                                                            double scale, double softcap) {
+  check_window_stats_args(q, k, q_pos, k_pos, softcap);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t Q = q.size(2), chunk = max_fitting_queries();
-  if (Q <= chunk) return window_stats_fitting(q, k, q_pos, k_pos, scale);
+  if (Q <= chunk) return window_stats_fitting(q, k, q_pos, k_pos, scale, softcap);
   // Long windows (H2O scores every prompt query): runs of queries, merged exactly. Mean and entropy are
   // sums over queries; the variance merges by Chan et al.'s pairwise update of (count, mean, M2).
   at::Tensor mean, m2, ent;
   int64_t seen = 0;
   for (int64_t start = 0; start < Q; start += chunk) {
     const int64_t n = std::min(chunk, Q - start);
-    auto [m, v, e] = window_stats_fitting(q.narrow(2, start, n), k, q_pos.narrow(1, start, n), k_pos, scale);
+    auto [m, v, e] = window_stats_fitting(q.narrow(2, start, n), k, q_pos.narrow(1, start, n), k_pos, scale,
+                                         softcap);
     if (seen == 0) {
       mean = m, m2 = v * double(n - 1), ent = e;
     } else {

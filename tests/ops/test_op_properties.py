@@ -146,16 +146,17 @@ def visible_fraction(q_pos: torch.Tensor, k_pos: torch.Tensor, heads: int) -> to
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("device", DEVICES)
 @examples(25)
-@given(case=window_cases(), scale_factor=st.sampled_from([0.1, 1.0, 4.0]))
-@example(case=LONG_WINDOW, scale_factor=1.0)
-@example(case=MOST_HEADS, scale_factor=4.0)
-@example(case=SHORT_ROWS, scale_factor=1.0)
-@example(case=NEAR_ONE_HOT, scale_factor=4.0)
-def test_window_stats_equals_reference(device, dtype, case, scale_factor):
+@given(case=window_cases(), scale_factor=st.sampled_from([0.1, 1.0, 4.0]),
+       softcap=st.sampled_from([0.0, 0.5, 5.0]))
+@example(case=LONG_WINDOW, scale_factor=1.0, softcap=0.0)
+@example(case=MOST_HEADS, scale_factor=4.0, softcap=0.0)
+@example(case=SHORT_ROWS, scale_factor=1.0, softcap=0.5)
+@example(case=NEAR_ONE_HOT, scale_factor=4.0, softcap=0.0)
+def test_window_stats_equals_reference(device, dtype, case, scale_factor, softcap):
     q, k, q_pos, k_pos = window_inputs(case, dtype)
     scale = scale_factor * case.D ** -0.5
-    got = ops.window_stats(q.to(device), k.to(device), q_pos.to(device), k_pos.to(device), scale)
-    want = masked_window_stats(q, k, q_pos, k_pos, scale)
+    got = ops.window_stats(q.to(device), k.to(device), q_pos.to(device), k_pos.to(device), scale, softcap)
+    want = masked_window_stats(q, k, q_pos, k_pos, scale, softcap)
     # fp32 everywhere but on CUDA's tensor-core path for fp16/bf16 (exact products, other summation order)
     rtol = 1e-4 if device == "cuda" and dtype != torch.float32 else 1e-5
     shape = (case.B, case.Hkv * case.G, case.N)
@@ -417,23 +418,24 @@ def ragged_attention_inputs(c, dtype, magnitude: float = 1.0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("device", DEVICES)
 @examples(25)
-@given(c=ragged_attention_cases(), scale_factor=st.sampled_from([0.1, 1.0, 4.0]))
+@given(c=ragged_attention_cases(), scale_factor=st.sampled_from([0.1, 1.0, 4.0]),
+       softcap=st.sampled_from([0.0, 0.5, 5.0]))
 @example(c=dict(B=8, Hkv=8, G=8, Q=2, D=256, counts=[0, 1, 9, 65] * 16, holes=0.1, shuffled=True, tail=True, seed=7),
-         scale_factor=1.0)
+         scale_factor=1.0, softcap=0.0)
 @example(c=dict(B=1, Hkv=1, G=4, Q=64, D=64, counts=[MAX_LEN], holes=0.0, shuffled=False, tail=True, seed=8),
-         scale_factor=1.0)
-def test_ragged_attention_equals_reference(device, dtype, c, scale_factor):
+         scale_factor=1.0, softcap=0.0)
+def test_ragged_attention_equals_reference(device, dtype, c, scale_factor, softcap):
     q, k, v, pos, offsets, q_pos = ragged_attention_inputs(c, dtype)
     scale = scale_factor * c["D"] ** -0.5
     inputs = [t.to(device) for t in (q, k, v, pos, offsets, q_pos)]
-    got, weights = ops.ragged_attention_with_weights(*inputs, scale)
+    got, weights = ops.ragged_attention_with_weights(*inputs, scale, softcap)
     assert got.shape == q.shape and got.dtype == dtype and got.device.type == device
-    want, want_weights = ragged_attention_ref(q, k, v, pos, offsets, q_pos, scale)
+    want, want_weights = ragged_attention_ref(q, k, v, pos, offsets, q_pos, scale, softcap)
     # fp32 math on both sides; fp16/bf16 outputs are rounded once to their dtype (half an ulp, relative)
     rtol = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
     torch.testing.assert_close(got.cpu().float(), want, rtol=rtol, atol=1e-5)
     torch.testing.assert_close(weights.cpu(), want_weights, rtol=1e-5, atol=1e-6)  # fp32 weights in any dtype
-    assert torch.equal(ops.ragged_attention(*inputs, scale), got)  # asking for the weights changes nothing
+    assert torch.equal(ops.ragged_attention(*inputs, scale, softcap), got)  # asking for the weights changes nothing
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
