@@ -58,7 +58,9 @@ def default_taus(name_or_path: str, budget: int) -> tuple[float, float]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class CakeOptions(Options):
+class CakeCoreOptions(Options):
+    """CAKE's options but `official` (shared with methods built on CAKE)."""
+
     tau1: float = option(1.0, "dispersion exponent 1/tau1 of the layer preference (default: the official "
                               "value for the model and budget, else 1.0)", gt=0)
     tau2: float = option(1.0, "shift exponent 1/tau2 of the layer preference (default as tau1)", gt=0)
@@ -69,6 +71,10 @@ class CakeOptions(Options):
     head_budgets: bool = per_head_option(False)
     head_floor: float = head_floor_option(0.2)
     decode_evict: bool = decode_evict_option(True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CakeOptions(CakeCoreOptions):
     official: bool = official_option()
 
 
