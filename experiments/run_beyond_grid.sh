@@ -24,6 +24,7 @@ ABLATIONS=(
   "spancake.no_after span_after=0"
   "spancake.uniform_layers tau1=10000.0 tau2=10000.0"
   "spancake.head_budgets head_budgets=True"
+  "spancake.no_decode_spans decode_spans=False"
 )
 mkdir -p "$OUT/logs" "$OUT/runs"
 

@@ -114,7 +114,7 @@ class Cake(Method):
         num_kv_heads = view.keys.shape[1]
         # Average pooling is linear, so the group mean may come before it (same result, fewer rows).
         indicator = group_indicator(mean, var, self.options.gamma, num_kv_heads)
-        score = pool_candidates(indicator, view.candidates, *self.pooling)
+        score = pool_candidates(indicator, view.candidates, self.options.kernel_size, "avg")
         # Dispersion and shift are summed over query heads and prefix keys of each row.
         prefix = view.candidates.repeat_interleave(mean.shape[1] // num_kv_heads, dim=1)
         dispersion = torch.where(prefix, entropy, torch.zeros_like(entropy)).sum((1, 2)).double()

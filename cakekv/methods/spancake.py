@@ -12,13 +12,18 @@ value the answer must copy follows it ("48213."); a token-level top-k keeps the 
 the value, so the model answers the first digits only. Spans keep what follows a peak; the fraction of
 the budget they take is decided by scores, not fixed, so prompts without sharp peaks stay token-level.
 
+The same holds while generating: CAKE's decode-time eviction (decode_evict) frees, each step, the entry the
+current query values least, which mid-answer is the next digit to copy; with decode_spans it pools the
+decode scores by max over the span radius, so the neighbours of what is being copied stay.
+
 Costs: one max pooling per layer over the candidate scores at prefill (O(n * span) elementwise, no extra
-attention); decode is CAKE's (decode-time eviction scores by the current queries, no spans).
+attention); each decode step's eviction pools over 2 * max(span_before, span_after) + 1 neighbours instead
+of CAKE's 5.
 
 Ingredients and their options (defaults chosen by the ablations in benchmarks/results/beyond_2026-11-29_cpu):
 CAKE's layer preferences and cascade (tau1, tau2, cascading), its indicator (gamma, kernel_size), optional
-AdaKV-style head budgets (head_budgets, head_floor) over the span scores, and the spans (span_before,
-span_after, span_weight). There is no official mode."""
+AdaKV-style head budgets (head_budgets, head_floor) over the span scores, the spans (span_before,
+span_after, span_weight) and their decode-time counterpart (decode_spans). There is no official mode."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,6 +44,8 @@ class SpanCakeOptions(CakeCoreOptions):
     span_after: int = option(16, "entries after a peak that share its score (the value that follows a key)", ge=0)
     span_weight: float = option(0.5, "share of a peak's score its span gets (0: CAKE's token-level top-k, "
                                      "1: whole spans)", ge=0, le=1)
+    decode_spans: bool = option(True, "decode-time eviction pools scores by max over the span radius, so the "
+                                      "neighbours of attended entries stay (False: CAKE's average pooling)")
     official: ClassVar[bool] = False  # CAKE's official mode does not apply
 
 
@@ -59,6 +66,16 @@ def span_scores(score: torch.Tensor, before: int, after: int, weight: float) -> 
 class SpanCake(Cake):
     name = "spancake"
     Options = SpanCakeOptions
+
+    @property
+    def pooling(self):
+        """Decode-time eviction (decode_evict): max over the entries within the span radius, so that an entry
+        next to one the current query attends (the rest of a value being copied) is not evicted; CAKE's
+        average pooling otherwise scores the digits not yet copied low and evicts them mid-answer."""
+        o = self.options
+        if not o.decode_spans or o.span_weight == 0 or o.span_before + o.span_after == 0:
+            return super().pooling
+        return 2 * max(o.span_before, o.span_after) + 1, "max"
 
     def score_layer(self, view: LayerView):
         score, preference = super().score_layer(view)

@@ -136,3 +136,12 @@ def test_spancake_keeps_the_code_that_cake_cuts(shipped_needle):
         return sum(set(needle) <= set(head) for layer in cache_of(out).layers for head in kept_prefix(layer, window=16))
 
     assert whole_code_kept("spancake") > whole_code_kept("cake")
+
+
+@pytest.mark.parametrize("options, pooling", [({}, (33, "max")), (dict(span_before=20), (41, "max")),
+                                              (dict(decode_spans=False), (5, "avg")), (dict(span_weight=0.0), (5, "avg"))])
+def test_spancake_decode_pooling_covers_the_span(options, pooling):
+    # decode-time eviction pools over the span radius (max), so the rest of a value being copied stays
+    from cakekv.methods import get_method
+    method = get_method("spancake")(tiny_model("llama").config, BUDGET, WINDOW, **options)
+    assert method.pooling == pooling
