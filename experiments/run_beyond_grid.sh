@@ -3,7 +3,7 @@
 # 64-1024 on the needle grid and the synthetic tasks (question-aware), and the needle grid under the
 # context-only protocol. One process per (task, protocol, method or ablation, group of budgets) runs its
 # budgets with one model load; the tiny model is launch-bound, so PARALLEL processes share the GPU. Jobs
-# start longest first; TIMEOUT stops the rest (the folders that finished are merged, the log says which).
+# start by priority; TIMEOUT stops the rest (the folders that finished are merged, the log says which).
 #
 #   bash experiments/run_beyond_grid.sh OUT [PARALLEL]
 #   OUT/{needle,synthetic,needle_context_only}/ merged reports (+ confidence.md); OUT/runs/ per job; OUT/logs/
@@ -14,8 +14,8 @@ BUDGET_GROUPS=${BUDGET_GROUPS:-"64,128,256 512,1024"}  # one process per group
 METHODS=${METHODS:-"h2o spancake streamingllm snapkv pyramidkv adakv cake defensivekv layer_defensivekv lava"}
 CONTEXT_ONLY=${CONTEXT_ONLY:-"spancake streamingllm snapkv adakv cake layer_defensivekv"}  # needle only
 export OUT PY=${PYTHON:-python3} OMP_NUM_THREADS=1
-export NEEDLE_ARGS=${NEEDLE_ARGS:-"--lengths 1024 2048 4096 8192 --depths 0 25 50 75 100 --samples 10 --max-new-tokens 8 --batch-size 16"}
-export SYNTHETIC_ARGS=${SYNTHETIC_ARGS:-"--lengths 2048 4096 8192 --samples 10 --batch-size 16"}
+export NEEDLE_ARGS=${NEEDLE_ARGS:-"--lengths 1024 2048 4096 8192 --depths 0 25 50 75 100 --samples 10 --max-new-tokens 8 --batch-size 32"}
+export SYNTHETIC_ARGS=${SYNTHETIC_ARGS:-"--lengths 2048 4096 8192 --samples 10 --batch-size 32"}
 export CONTEXT_ARGS=${CONTEXT_ARGS:-"--lengths 1024 2048 4096 8192 --depths 0 25 50 75 100 --samples 4 --max-new-tokens 8 --protocol context-only"}
 # spancake's ablations: label and options (one ingredient off or changed, the rest at the defaults;
 # spans off is cake itself)
@@ -44,17 +44,16 @@ run_one() {  # task label budgets method [KEY=VALUE ...]; task: needle | synthet
 }
 export -f run_one
 
-{
-  for task in synthetic needle needle_context_only; do
-    methods=$METHODS
-    if [ $task = needle_context_only ]; then methods=$CONTEXT_ONLY; fi
-    for group in $BUDGET_GROUPS; do
-      for m in $methods; do echo "$task $m $group $m"; done
-      [ $task = needle_context_only ] || for a in "${ABLATIONS[@]}"; do
-        read -r label opts <<< "$a"; echo "$task $label $group spancake $opts"
-      done
+{  # by priority: the methods' grids, then context-only, then the ablations (TIMEOUT cuts from the end)
+  for task in synthetic needle needle_context_only; do echo "$task full 64 full"; done
+  for group in $BUDGET_GROUPS; do
+    for task in synthetic needle; do for m in $METHODS; do echo "$task $m $group $m"; done; done
+  done
+  for group in $BUDGET_GROUPS; do for m in $CONTEXT_ONLY; do echo "needle_context_only $m $group $m"; done; done
+  for group in $BUDGET_GROUPS; do
+    for task in synthetic needle; do
+      for a in "${ABLATIONS[@]}"; do read -r label opts <<< "$a"; echo "$task $label $group spancake $opts"; done
     done
-    echo "$task full 64 full"
   done
 } > "$OUT/logs/jobs.txt"
 timeout "${TIMEOUT:-470}" xargs -P "$PARALLEL" -L 1 bash -c 'run_one "$@"' _ < "$OUT/logs/jobs.txt" \
