@@ -47,6 +47,19 @@ def continuation_nll(model, ids: torch.Tensor, cont: int, method: str, budget: i
     return nll.item()
 
 
+def write_report(out: str, rows: list[dict], info: dict) -> None:
+    """results.json and results.md (NLL to 4 decimals: methods differ in the second)."""
+    os.makedirs(out, exist_ok=True)
+    report.write_json(os.path.join(out, "results.json"), {"info": info, "results": rows})
+    full = next((r["nll"] for r in rows if r["budget"] is None), None)
+    md = [f"# Continuation NLL ({info['texts']} essay texts of {info['length']} tokens, the last {info['cont']} "
+          "scored)", "",
+          report.markdown_table(["method", "budget", "mean NLL", "vs full", "perplexity"],
+                                [[r["method"], r["budget"] or "-", f"{r['nll']:.4f}",
+                                  "-" if full is None else f"{r['nll'] - full:+.4f}", f"{r['ppl']:.2f}"] for r in rows])]
+    report.write_text(os.path.join(out, "results.md"), "\n".join(md))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", nargs="+", default=["full", "cake", "spancake"])
@@ -70,14 +83,8 @@ def main(argv=None) -> int:
             rows.append({"method": spec, "budget": None if name == "full" else budget, "nll": round(mean, 4),
                          "ppl": round(math.exp(mean), 3), "per_text": [round(x, 4) for x in nlls]})
             print(rows[-1], flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    info = {"length": args.length, "cont": args.cont, "texts": args.texts, "seed": args.seed, "window": args.window,
-            "model": "cakekv/tiny-llama"}
-    report.write_json(os.path.join(args.out, "results.json"), {"info": info, "results": rows})
-    md = [f"# Continuation NLL ({args.texts} essay texts of {args.length} tokens, the last {args.cont} scored)", "",
-          report.markdown_table(["method", "budget", "mean NLL", "perplexity"],
-                                [[r["method"], r["budget"] or "-", r["nll"], r["ppl"]] for r in rows])]
-    report.write_text(os.path.join(args.out, "results.md"), "\n".join(md))
+    write_report(args.out, rows, {"length": args.length, "cont": args.cont, "texts": args.texts, "seed": args.seed,
+                                  "window": args.window, "model": "cakekv/tiny-llama"})
     return 0
 
 

@@ -5,6 +5,14 @@
 # budgets with one model load; the tiny model is launch-bound, so PARALLEL processes share the GPU. Jobs
 # start by priority; TIMEOUT stops the rest (the folders that finished are merged, the log says which).
 #
+# Time (estimated, not measured on a GPU): 75 jobs, each one model load (~10 s) plus 2-3 budgets of 200 needle
+# prompts (10 per cell) or 180 synthetic prompts (6 tasks x 3 lengths x 10) in batches of 32, or 80
+# context-only needle prompts answered one context at a time. From run_grid.sh on an H100 (12 processes:
+# ~0.3 s per needle prompt, ~0.4 s per synthetic prompt in batches of 8), assuming batches of 32 cost about
+# half as much per prompt: ~5700 process-seconds over 16 processes, about 6-7 minutes on one H200 with 16
+# cores. TIMEOUT (default 470 s) keeps the whole run under 8 minutes: what it cuts is listed in the log
+# (the ablations go last).
+#
 #   bash experiments/run_beyond_grid.sh OUT [PARALLEL]
 #   OUT/{needle,synthetic,needle_context_only}/ merged reports (+ confidence.md); OUT/runs/ per job; OUT/logs/
 set -u
