@@ -5,7 +5,9 @@ parallel or on different GPUs) into one report: JSON, markdown and the plot over
   python experiments/merge_results.py needle OUT DIR [DIR ...]
   python experiments/merge_results.py synthetic OUT DIR [DIR ...]
 
-Folders without predictions.jsonl (a run that did not finish) are reported and skipped.
+A folder given as DIR=NAME has its runs renamed NAME (runs of one method with different options, side by
+side: `spancake/ = spancake[span_weight=0]`). Folders without predictions.jsonl (a run that did not finish)
+are reported and skipped.
 """
 import json
 import os
@@ -22,13 +24,16 @@ def main(argv: list[str]) -> int:
         return 2
     task, out, dirs = argv[0], argv[1], argv[2:]
     records, info, missing = [], None, []
-    for d in dirs:
+    renamed = [d.partition("=") for d in dirs]
+    dirs = [d for d, _, _ in renamed]
+    for d, _, name in renamed:
         path = os.path.join(d, "predictions.jsonl")
         if not os.path.isfile(path):
             missing.append(d)
             continue
         with open(path, encoding="utf-8") as f:
-            records += [json.loads(line) for line in f if line.strip()]
+            rows = [json.loads(line) for line in f if line.strip()]
+        records += [dict(r, method=name or r["method"]) for r in rows]
         with open(os.path.join(d, "results.json"), encoding="utf-8") as f:
             meta = json.load(f)
         info = info or meta

@@ -172,9 +172,9 @@ def prefill(model, ids, method, **kw):
     return out, handle
 
 
-def kept_prefix(layer, row=0):
+def kept_prefix(layer, row=0, window=WINDOW):
     """Per KV head: sorted positions of the kept entries before the window."""
-    window_start = layer.next_pos[row].item() - WINDOW
+    window_start = layer.next_pos[row].item() - window
     pos = layer.padded_pos()
     return [sorted(p for p in pos[row, h].tolist() if 0 <= p < window_start)
             for h in range(pos.shape[1])]

@@ -112,10 +112,12 @@ def top_set(score: torch.Tensor, among: list[int], b: int) -> list[int]:
     return sorted(idx[best].tolist())
 
 
-def cake_reference(layers_qk, scale, budget, window, tau1, tau2, gamma=200.0, kernel=5, cascading=True):
+def cake_reference(layers_qk, scale, budget, window, tau1, tau2, gamma=200.0, kernel=5, cascading=True,
+                   score_map=None):
     """CAKE's kept prefix entries and prefix budgets of one prompt.
 
-    layers_qk: per layer (q [H, n, D], k [Hkv, n, D]). Returns (kept[layer][kv_head] -> positions,
+    layers_qk: per layer (q [H, n, D], k [Hkv, n, D]). score_map: applied to each layer's indicator [Hkv, P]
+    before selection (methods built on CAKE's scores). Returns (kept[layer][kv_head] -> positions,
     budgets[layer], scores[layer]) or None when the prompt is not compressed."""
     n = layers_qk[0][1].shape[1]
     if n <= budget:
@@ -126,6 +128,8 @@ def cake_reference(layers_qk, scale, budget, window, tau1, tau2, gamma=200.0, ke
     for layer, (q, k) in enumerate(layers_qk):
         a = window_attention(q[:, -window:], k, scale)
         score, dispersion, shift = cake_layer(a, k.shape[0], window, gamma, kernel)
+        if score_map is not None:
+            score = score_map(score)
         prefs.append(dispersion ** (1.0 / tau1) * shift ** (1.0 / tau2))
         scores.append(score)
         kept.append([list(range(prefix)) for _ in range(k.shape[0])])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from reference import allocate, pool, top_set, window_attention
+from reference import allocate, cake_reference, pool, top_set, window_attention
 
 
 def _uniform(scores, budgets):
@@ -397,3 +397,26 @@ def defensive_layer_official(q, k, v, wo, scale, window, budget, kernel=5, thres
         count = crossing[0] if crossing else 0
         out[h, order[: min(count, cap)]] = top
     return out
+
+
+def lend_spans(score, before, after, weight):
+    """SpanCAKE's scores [Hkv, P]: each entry keeps the larger of its own score and `weight` x the best score
+    within `after` entries before it and `before` entries after it (a peak lends to its neighbourhood)."""
+    out = score.clone()
+    hkv, p = score.shape
+    for h in range(hkv):
+        for i in range(p):
+            best = max(score[h, j].item() for j in range(max(0, i - after), min(p, i + before + 1)))
+            out[h, i] = max(score[h, i].item(), weight * best)
+    return out
+
+
+def spancake_reference(layers, scale, budget, window, before=2, after=16, weight=0.5, **cake):
+    """CAKE's cascade (reference.cake_reference, taus 1) over the span scores."""
+    qk = [(q, k) for q, k, *_ in layers]
+    out = cake_reference(qk, scale, budget, window, cake.pop("tau1", 1.0), cake.pop("tau2", 1.0),
+                         score_map=lambda s: lend_spans(s, before, after, weight), **cake)
+    if out is None:
+        return None
+    kept, budgets, scores = out
+    return kept, [[b] * len(heads) for b, heads in zip(budgets, kept)], scores

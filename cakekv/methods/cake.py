@@ -58,7 +58,9 @@ def default_taus(name_or_path: str, budget: int) -> tuple[float, float]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class CakeOptions(Options):
+class CakeCoreOptions(Options):
+    """CAKE's options but `official` (shared with methods built on CAKE)."""
+
     tau1: float = option(1.0, "dispersion exponent 1/tau1 of the layer preference (default: the official "
                               "value for the model and budget, else 1.0)", gt=0)
     tau2: float = option(1.0, "shift exponent 1/tau2 of the layer preference (default as tau1)", gt=0)
@@ -69,6 +71,10 @@ class CakeOptions(Options):
     head_budgets: bool = per_head_option(False)
     head_floor: float = head_floor_option(0.2)
     decode_evict: bool = decode_evict_option(True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CakeOptions(CakeCoreOptions):
     official: bool = official_option()
 
 
@@ -108,7 +114,7 @@ class Cake(Method):
         num_kv_heads = view.keys.shape[1]
         # Average pooling is linear, so the group mean may come before it (same result, fewer rows).
         indicator = group_indicator(mean, var, self.options.gamma, num_kv_heads)
-        score = pool_candidates(indicator, view.candidates, *self.pooling)
+        score = pool_candidates(indicator, view.candidates, self.options.kernel_size, "avg")
         # Dispersion and shift are summed over query heads and prefix keys of each row.
         prefix = view.candidates.repeat_interleave(mean.shape[1] // num_kv_heads, dim=1)
         dispersion = torch.where(prefix, entropy, torch.zeros_like(entropy)).sum((1, 2)).double()

@@ -149,3 +149,29 @@ def test_experiment_scripts(monkeypatch, capsys):
         assert e.value.code == 0
         out = capsys.readouterr().out
         assert f"cakekv eval {name}" in out and "--methods" in out
+
+
+def test_merge_renames_runs_and_confidence_counts_trials(tmp_path, monkeypatch, capsys):
+    """merge_results DIR=NAME renames a folder's runs (ablations of one method side by side); confidence.py
+    gives each run its found / trials with a Wilson interval."""
+    def folder(name, found):
+        d = tmp_path / name
+        d.mkdir()
+        recs = [{"method": "spancake", "budget": 128, "length": 1024, "depth": 50.0, "sample": i, "prompt_tokens": 1000,
+                 "needle": "1", "pred": "1", "found": float(f), "time_s": 0.1, "kv_fraction": 0.1}
+                for i, f in enumerate(found)]
+        (d / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        (d / "results.json").write_text(json.dumps({"info": {}, "lengths": [1024], "depths": [50.0]}))
+        return str(d)
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
+    import confidence
+    import merge_results
+    out = str(tmp_path / "merged")
+    assert merge_results.main(["needle", out, folder("a", [1, 1, 1, 0]), folder("b", [0] * 12) + "=spancake.x"]) == 0
+    assert confidence.main(["needle", out]) == 0
+    table = json.load(open(os.path.join(out, "confidence.json")))
+    assert table["spancake-128"]["overall"] == {"found": 3.0, "n": 4, "pct": 75.0, "lo": 30.1, "hi": 95.4}
+    none = table["spancake.x-128"]["overall"]  # 0 of n: the upper bound is z^2 / (n + z^2)
+    assert (none["n"], none["lo"]) == (12, 0.0) and none["hi"] == pytest.approx(100 * 1.96 ** 2 / (12 + 1.96 ** 2), abs=0.05)
+    assert set(json.load(open(os.path.join(out, "results.json")))["results"]) == {"spancake-128", "spancake.x-128"}

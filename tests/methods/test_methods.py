@@ -3,7 +3,10 @@ and GQA: kept entries, per-head and per-layer budgets, storage. The compress() c
 method: tests/methods/test_contract.py."""
 from __future__ import annotations
 
+import random
+
 import pytest
+import torch
 
 from cakekv import cache_of
 import reference_methods as R
@@ -18,6 +21,7 @@ REFERENCES = {
     "defensivekv": lambda L, s: R.defensivekv_reference(L, s, BUDGET, WINDOW),
     "layer_defensivekv": lambda L, s: R.layer_defensivekv_reference(L, s, BUDGET, WINDOW),
     "lava": lambda L, s: R.lava_reference(L, s, BUDGET, WINDOW),
+    "spancake": lambda L, s: R.spancake_reference(L, s, BUDGET, WINDOW),
 }
 
 
@@ -100,3 +104,62 @@ def test_defensivekv_protected_set(captured, protected_set):
                       == R.defensive_layer(q, k, v, wo, scale, WINDOW, 300, protected_set=which).max()).sum(-1)
               for which in ("reach", "below")}                  # budget 300 > n: the cap does not bind
     assert (counts["reach"] == counts["below"] + 1).all(), counts
+
+
+@pytest.fixture(scope="module")
+def shipped_needle():
+    """The shipped trained model on a needle prompt of its own format (real, peaked attention)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cakekv.eval.common import tiny_model_path
+    from cakekv.eval.haystack import TokenCounter, haystack_sentences
+    from cakekv.eval.prompts import encode_prompt
+    from cakekv.eval.synthetic import fact_sample
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path(), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_path())
+    sample = fact_sample(TokenCounter(tok), haystack_sentences("essay", 1), 700, random.Random(5), depth=0.4)
+    ids = encode_prompt(tok, sample.prompt(tok, False), "question-aware").full.reshape(1, -1)
+    code = tok(" " + sample.expected[0], add_special_tokens=False)["input_ids"]
+    start = next(i for i in range(ids.shape[1]) if ids[0, i:i + len(code)].tolist() == code)
+    return model, ids, capture_qkv(model, ids), list(range(start, start + len(code)))
+
+
+@pytest.mark.parametrize("options", [{}, dict(span_before=0, span_after=5, span_weight=1.0), dict(cascading=False)],
+                         ids=["defaults", "pure-spans", "one-cut"])
+def test_spancake_matches_reference_on_shipped_model(shipped_needle, options):
+    model, ids, layers, needle = shipped_needle
+    spans = {k: v for k, v in options.items() if k.startswith("span_")}
+    names = dict(span_before="before", span_after="after", span_weight="weight")
+    kw = {names[k]: v for k, v in spans.items()}
+    if "cascading" in options:
+        kw["cascading"] = options["cascading"]
+    budget, window = 96, 16
+    kept, budgets, scores = R.spancake_reference(layers, model.model.layers[0].self_attn.scaling, budget, window,
+                                                 **kw)
+    out, _ = prefill(model, ids, "spancake", budget=budget, window=window, **options)
+    cache = cache_of(out)
+    assert [layer.head_prefix[0] for layer in cache.layers] == [list(b) for b in budgets]
+    for i, layer in enumerate(cache.layers):
+        for h, got in enumerate(kept_prefix(layer, window=window)):
+            assert_same_selection(got, kept[i][h], scores[i][h])
+
+
+def test_spancake_keeps_the_code_that_cake_cuts(shipped_needle):
+    # The question peaks on the needle's key; CAKE keeps a part of the code that follows it, the spans all of it.
+    model, ids, _, needle = shipped_needle
+
+    def whole_code_kept(method):
+        out, _ = prefill(model, ids, method, budget=96, window=16)
+        return sum(set(needle) <= set(head) for layer in cache_of(out).layers for head in kept_prefix(layer, window=16))
+
+    assert whole_code_kept("spancake") > whole_code_kept("cake")
+
+
+@pytest.mark.parametrize("options, pooling", [({}, (33, "max")), (dict(span_before=20), (41, "max")),
+                                              (dict(decode_spans=False), (5, "avg")), (dict(span_weight=0.0), (5, "avg"))])
+def test_spancake_decode_pooling_covers_the_span(options, pooling):
+    # decode-time eviction pools over the span radius (max), so the rest of a value being copied stays
+    from cakekv.methods import get_method
+    method = get_method("spancake")(tiny_model("llama").config, BUDGET, WINDOW, **options)
+    assert method.pooling == pooling

@@ -36,6 +36,9 @@ EXPECTED = {
                           "official": False, "cascading": False, "decode_evict": False},
     "pyramidkv": {"kernel_size": 7, "pooling": "max", "beta": 20, "official": False, "decode_evict": False},
     "snapkv": {"kernel_size": 7, "pooling": "max", "decode_evict": False},
+    "spancake": {"tau1": 1.0, "tau2": 1.0, "gamma": 200.0, "kernel_size": 5, "cascading": True, "head_budgets": False,
+                 "head_floor": 0.2, "span_before": 2, "span_after": 16, "span_weight": 0.5, "decode_spans": True,
+                 "decode_evict": True},
     "streamingllm": {"sinks": 4, "decode_evict": False},
 }
 
@@ -88,6 +91,7 @@ def test_every_option_refuses_bad_values_by_name(method, name, value, error):
     ("adakv", "head_floor", -0.1, r"in \[0, 1\]"), ("lava", "head_floor", 2, r"in \[0, 1\]"),
     ("defensivekv", "threshold", 1.01, r"in \[0, 1\]"), ("pyramidkv", "beta", 0, ">= 1"),
     ("streamingllm", "sinks", -1, ">= 0"), ("adakv", "gqa", "sum", "one of 'mean', 'max'"),
+    ("spancake", "span_weight", 1.5, r"in \[0, 1\]"), ("spancake", "span_after", -1, ">= 0"),
 ])
 def test_constraints_are_checked(method, name, value, message):
     with pytest.raises(ValueError, match=f"^{name}: must be {message}, got"):
