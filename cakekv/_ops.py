@@ -62,7 +62,8 @@ def _append_entries_fake(k, v, pos, offsets, new_k, new_v, q_pos, order):
 
 
 @torch.library.register_fake("cakekv::evict_lowest")
-def _evict_lowest_fake(weights, pos, order, offsets, q_pos, over, var_weight, protect, kernel_size, max_pool, n_evict):
+def _evict_lowest_fake(weights, pos, order, offsets, q_pos, over, var_weight, protect, kernel_size, max_pool, n_evict,
+                       by_score=False):
     return None
 
 
@@ -115,23 +116,31 @@ def append_entries(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, offsets:
 
 def evict_lowest(weights: torch.Tensor, pos: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
                  q_pos: torch.Tensor, over: torch.Tensor, var_weight: float, protect: int, kernel_size: int,
-                 pooling: str, n_evict: int) -> None:
+                 pooling: str, n_evict: int, by_score: bool = False) -> None:
     """In place: each segment over its cap frees (pos = -1) its min(n_evict, over) entries of lowest pooled
     score mean_heads(mean + var_weight * var) of the current queries' attention ``weights`` (from
     `ragged_attention_with_weights`), among entries at least ``protect`` positions older than the newest query;
-    they leave the position ``order``, and ``over`` decreases accordingly (contract in csrc/register.cpp)."""
+    they leave the position ``order``, and ``over`` decreases accordingly (contract in csrc/register.cpp). With
+    ``by_score``, ``order`` is the official CAKE storage order instead: the remaining candidates are re-listed
+    by descending pooled score after each eviction."""
     if pooling not in ("avg", "max"):
         raise ValueError(f"pooling: must be 'avg' or 'max', got {pooling!r}")
     _ops.evict_lowest(weights, pos, order, offsets, q_pos, over, float(var_weight), int(protect), int(kernel_size),
-                      pooling == "max", int(n_evict))
+                      pooling == "max", int(n_evict), bool(by_score))
 
 
-def position_order(pos: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def position_order(pos: torch.Tensor, offsets: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
     """int32 [T]: per segment, the slots (counted from the segment start) of its stored entries (pos >= 0) by
-    position, then its free slots. The decode ops keep it up to date; built once when eviction starts."""
+    position, then its free slots. The decode ops keep it up to date; built once when eviction starts. Given
+    ``first`` (float [T], NaN = no rank), entries with a rank come before the others, by ascending rank (ties by
+    position): the official CAKE storage order after prefill, its top-k by descending score, then the window."""
     segments = offsets.shape[0] - 1
     seg = torch.repeat_interleave(torch.arange(segments, device=pos.device), offsets.diff(), output_size=pos.shape[0])
     key = torch.where(pos < 0, torch.iinfo(torch.int64).max, pos)
-    by_position = torch.sort(key, stable=True).indices
-    perm = by_position[torch.sort(seg[by_position], stable=True).indices]  # grouped by segment, position order
+    perm = torch.sort(key, stable=True).indices
+    if first is not None:  # stable sorts from the least significant key: rank, then ranked entries first
+        ranked = first[perm]
+        perm = perm[torch.sort(torch.nan_to_num(ranked, nan=0.0), stable=True).indices]
+        perm = perm[torch.sort((pos[perm] < 0).int() * 2 + first[perm].isnan().int(), stable=True).indices]
+    perm = perm[torch.sort(seg[perm], stable=True).indices]  # grouped by segment
     return (perm - offsets[seg]).to(torch.int32)

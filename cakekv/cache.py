@@ -215,13 +215,22 @@ class CompressedLayer(CacheLayerMixin):
             self._padded_slots = m
         return self.offsets
 
-    def start_position_order(self):
+    def start_eviction_order(self, score_rows: list[bool] | None = None):
         """Decode-time eviction reads each segment's entries in position order: built once here, then kept
-        by the decode ops."""
+        by the decode ops. With `score_rows` (the official CAKE order), the kept prefix of those rows comes
+        first by descending prefill indicator, then the rest by position, as the official storage is."""
         if not self.ragged:
             self._padded_offsets()
         _, _, pos, offsets = self._segments()
-        order = _ops.position_order(pos, offsets)
+        ranks = None
+        if score_rows is not None and self.indicator is not None:
+            heads = self.batch_heads[1] if self.ragged else self.pos.shape[1]
+            seg = torch.repeat_interleave(torch.arange(offsets.shape[0] - 1, device=pos.device), offsets.diff(),
+                                          output_size=pos.shape[0])
+            rows = torch.tensor(score_rows, device=pos.device)[seg // heads]
+            indicator = self.indicator.reshape(-1)
+            ranks = torch.where(rows & torch.isfinite(indicator) & (pos >= 0), -indicator, float("nan"))
+        order = _ops.position_order(pos, offsets, ranks)
         self.order = order if self.ragged else order.view(self.pos.shape)
 
     def _advance_positions(self, q: int):
@@ -330,6 +339,8 @@ class CompressedLayer(CacheLayerMixin):
         idx = order[seg, within]
         self.keys, self.values = _ops.gather_ragged(self.keys, self.values, idx, self.offsets)
         self.pos_flat = self.pos.view(b * h, m)[seg, idx]
+        if self.indicator is not None:  # still needed by an official CAKE eviction order
+            self.indicator = self.indicator.view(b * h, m)[seg, idx]
         self.batch_heads = (b, h)
         self.pos = None
         self.ragged = True
@@ -427,7 +438,8 @@ class CompressedLayer(CacheLayerMixin):
         kernel_size, pooling = method.pooling
         weights, self.step_weights = self.step_weights, None
         _ops.evict_lowest(weights, pos, self._flat_order(), offsets, self.query_pos, self.over_t,
-                          method.decode_variance_weight, self.cache.window, kernel_size, pooling, self.step_evict)
+                          method.decode_variance_weight, self.cache.window, kernel_size, pooling, self.step_evict,
+                          method.decode_score_order)
 
 
 class PromptInfo:
@@ -547,7 +559,6 @@ class CompressedCache(Cache):
     def _finish_prefill(self, compress_rows: list[bool]):
         method = self.method
         for layer in self.layers:
-            layer.indicator = None
             heads = layer.pos.shape[1]
             layer.head_budgets = [b if c and method.compresses else None
                                   for b, c in zip(layer.head_budgets, compress_rows)]
@@ -560,7 +571,8 @@ class CompressedCache(Cache):
                     and any(len(set(row)) > 1 for row in layer.head_counts)):
                 layer.to_ragged()
             if layer.head_caps is not None:
-                layer.start_position_order()
+                layer.start_eviction_order(compress_rows if method.decode_score_order else None)
+            layer.indicator = None
         self.preferences = []
 
     def after_decode(self, layer_idx: int) -> None:

@@ -108,11 +108,16 @@ TORCH_LIBRARY(cakekv, m) {
   //   order    [T] int32      the exact position order (mutated: evicted entries leave it)
   //   q_pos    [B, Q] int64   positions of the current queries
   //   over     [B, Hkv] int64 (mutated) entries each segment holds above its cap; decreases by what is evicted
-  //   var_weight (w), protect (P), kernel_size (K, odd >= 1), max_pool, n_evict (E >= 0)
+  //   var_weight (w), protect (P), kernel_size (K, odd >= 1), max_pool, n_evict (E >= 0), by_score
   // score[t] = mean_j (mean_i A[j,i,t] + w * var_i A[j,i,t]) (unbiased variance over the Q queries, 0 when
   // Q == 1). Candidates: 0 <= pos[t] <= q_pos[b, Q-1] - P, taken in position order; pooled = the K-wide average
   // (zero padded, divided by K) or maximum of the candidates' scores, centred. The min(E, over[b,g]) candidates
   // with the lowest pooled score (ties: earlier position) get pos = -1, and over[b,g] decreases by their number.
+  // The freed entries leave `order`; the others keep their relative order, or with by_score the remaining
+  // candidates come first by descending pooled score (ties: earlier in the order), then the rest of the order
+  // as it was: the storage order of the official CAKE decode evictor (its top-k's), along which it pools. With
+  // by_score, `order` is that order (not the position order), and "in position order" above reads "in order".
   m.def("evict_lowest(Tensor weights, Tensor(a!) pos, Tensor(b!) order, Tensor offsets, Tensor q_pos, "
-        "Tensor(c!) over, float var_weight, int protect, int kernel_size, bool max_pool, int n_evict) -> ()");
+        "Tensor(c!) over, float var_weight, int protect, int kernel_size, bool max_pool, int n_evict, "
+        "bool by_score=False) -> ()");
 }

@@ -222,3 +222,20 @@ def evict_lowest(q, k, pos, offsets, q_pos, over, scale, var_weight, protect, ke
             pos[cand[r]] = -1
         over[b, g] -= drop
     return pooled_by_slot
+
+
+def official_cake_decode_step(q, k, storage, q_pos_b, scale, window, kernel_size):
+    """One step of the official CAKE decode evictor (CakeDecodingKVCache_LayerWise, re-stated) on one segment
+    whose entries are `storage` (flat slots in the official storage order, the newest last; one over the cap):
+    attention of the G query rows over the stored entries, its mean over the queries, of the entries before the
+    last `window`, average-pooled along the storage (zero padding), averaged over the query heads; the top
+    len - 1 by that score, in descending order (ties: earlier in the storage), then the last `window`. Returns
+    (the new storage, the slot evicted)."""
+    keys = k[storage].float()                                         # [n, D]
+    logits = q.float() @ keys.T * scale                               # [G, Q, n]
+    visible = torch.tensor([True] * len(storage))[None, :] & (q_pos_b[:, None] >= 0)
+    a = torch.nan_to_num(logits.masked_fill(~visible, float("-inf")).softmax(-1), nan=0.0).mean(1)  # [G, n]
+    cands = len(storage) - window
+    score = pool(a[:, :cands], kernel_size, "avg").mean(0)            # [cands]
+    ranked = sorted(range(cands), key=lambda i: (-score[i].item(), i))
+    return [storage[i] for i in ranked[:cands - 1]] + storage[cands:], storage[ranked[-1]]

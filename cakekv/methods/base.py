@@ -148,6 +148,12 @@ class Method:
         return 0.0
 
     @property
+    def decode_score_order(self) -> bool:
+        """Whether decode-time eviction pools along the official CAKE storage order (the kept entries listed by
+        descending score of the last selection, then the newest) instead of along positions."""
+        return False
+
+    @property
     def pooling(self) -> tuple[int, str]:
         """(kernel size, "avg" | "max") of the 1-D pooling along positions, reused at decode time;
         (1, "avg") is none."""

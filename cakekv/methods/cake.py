@@ -20,9 +20,11 @@ official=True switches back to the official code's choices, as far as prefill-ti
   * a prompt of n <= budget + window tokens is not compressed at prefill; with decode_evict it is cut
     to `budget` at the first decode step (by the decode-time scores, as the official decode evictor);
   * head_budgets=True uses AdaKV's official rounding (base.official_head_budgets) with head_floor, the
-    counts c_h taken over the layer's scores as first computed (as LAVa's official re-cuts do).
-Not switched (outside prefill-time code): decode-time eviction still pools along positions (official:
-along the storage order of the kept entries, the order of the prefill top-k). Not exact: torch.topk
+    counts c_h taken over the layer's scores as first computed (as LAVa's official re-cuts do);
+  * decode-time eviction pools along the official storage order (`decode_score_order`): after prefill the
+    kept prefix by descending indicator, then the window; after each eviction the remaining candidates by
+    descending pooled score (the official top-k's order), then the newest entries.
+Not exact: torch.topk
 orders ties unspecified where we keep the earlier position, and in bf16 the indicator ties often;
 matmul / reduction kernels may round differently on another device or torch version."""
 from __future__ import annotations
@@ -98,6 +100,10 @@ class Cake(Method):
     @property
     def decode_variance_weight(self) -> float:
         return self.options.gamma
+
+    @property
+    def decode_score_order(self) -> bool:
+        return self.options.official
 
     def compresses_prompt(self, length: int) -> bool:
         return length > self.budget + (self.window if self.options.official else 0)

@@ -128,7 +128,7 @@ void append_entries(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
 
 void evict_lowest(const at::Tensor& weights, const at::Tensor& pos, const at::Tensor& order,
                   const at::Tensor& offsets, const at::Tensor& q_pos, const at::Tensor& over, double var_weight,
-                  int64_t protect, int64_t kernel_size, bool max_pool, int64_t n_evict) {
+                  int64_t protect, int64_t kernel_size, bool max_pool, int64_t n_evict, bool by_score) {
   check_evict_lowest_args(weights, pos, order, offsets, q_pos, over, kernel_size, n_evict);
   const int64_t B = q_pos.size(0), Q = q_pos.size(1), T = pos.size(0);
   const int64_t segs = offsets.size(0) - 1, Hkv = segs / B, half = kernel_size / 2;
@@ -173,10 +173,21 @@ void evict_lowest(const at::Tensor& weights, const at::Tensor& pos, const at::Te
       const int64_t drop = std::min({n_evict, ov[s], nc});
       std::vector<bool> chosen(nc, false);
       for (int64_t r = 0; r < drop; ++r) chosen[ranked[r]] = true;
-      int64_t kept = 0;
-      for (int64_t r = 0; r < valid; ++r) {
-        if (r < nc && chosen[r]) p[lo + seg_order[r]] = -1;
-        else seg_order[kept++] = seg_order[r];
+      if (by_score) {  // the remaining candidates by descending pooled score, then the rest as it was
+        std::stable_sort(ranked.begin(), ranked.end(), [&](int64_t a, int64_t c) { return pooled[a] > pooled[c]; });
+        std::vector<int32_t> next;
+        for (int64_t r : ranked)
+          if (!chosen[r]) next.push_back(seg_order[r]);
+        for (int64_t r = nc; r < valid; ++r) next.push_back(seg_order[r]);
+        for (int64_t r = 0; r < nc; ++r)
+          if (chosen[r]) p[lo + seg_order[r]] = -1;
+        std::copy(next.begin(), next.end(), seg_order);
+      } else {
+        int64_t kept = 0;
+        for (int64_t r = 0; r < valid; ++r) {
+          if (r < nc && chosen[r]) p[lo + seg_order[r]] = -1;
+          else seg_order[kept++] = seg_order[r];
+        }
       }
       ov[s] -= drop;
     }

@@ -6,7 +6,8 @@
 // append_entries and by this op): each candidate's score (decode_score.h) is stored by rank, so pooling reads
 // its neighbours next to it; the lowest pooled scores are found by a block minimum (one entry per step) or a
 // radix select on their float bits (4 passes of 8 bits; ties go to the earlier position), then the freed slots
-// get pos = -1 and leave `order` by a stable compaction. All O(n).
+// get pos = -1 and leave `order` by a stable compaction. All O(n). With by_score (CAKE's official mode), the
+// survivors are re-listed by descending pooled score instead, ranked by counting (O(n^2 / threads)).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -98,8 +99,9 @@ __device__ uint32_t block_min(uint32_t v, uint32_t* scratch) {
 __global__ void __launch_bounds__(kSelectThreads) evict_select_kernel(
     const float* __restrict__ weights, int64_t* __restrict__ pos, int32_t* __restrict__ order,
     const int64_t* __restrict__ offsets, const int64_t* __restrict__ q_pos, int64_t* __restrict__ over,
-    float* __restrict__ score, uint32_t* __restrict__ keys, int64_t T, int64_t Q, int64_t Hkv, int64_t G,
-    int64_t protect, float var_weight, int half, int kernel_size, bool max_pool, int64_t n_evict) {
+    float* __restrict__ score, uint32_t* __restrict__ keys, int32_t* __restrict__ stash, int64_t T, int64_t Q,
+    int64_t Hkv, int64_t G, int64_t protect, float var_weight, int half, int kernel_size, bool max_pool,
+    int64_t n_evict, bool by_score) {
   __shared__ u64 scratch[33];
   __shared__ int hist[256];
   __shared__ int digit_s, remaining_s;
@@ -108,6 +110,7 @@ __global__ void __launch_bounds__(kSelectThreads) evict_select_kernel(
   const int64_t limit = q_pos[b * Q + Q - 1] - protect;
   uint32_t* seg_keys = keys + lo;
   float* seg_score = score + lo;
+  int32_t* seg_stash = stash + lo;  // by_score: the order's slots, -1 where freed
   int32_t* seg_order = order + lo;
 
   // Stored entries and candidates (the first ncand entries of the position order), in one packed scan.
@@ -164,8 +167,32 @@ __global__ void __launch_bounds__(kSelectThreads) evict_select_kernel(
     const int lt_before = int(prefix >> kHalfBits), eq_before = int(prefix & 0xFFFFFFFFu);
     const bool chosen = lt || (eq && eq_before < remaining);
     if (chosen) pos[lo + slot] = -1;
-    else if (in) seg_order[i - lt_before - min(eq_before, remaining)] = slot;
+    if (by_score) {
+      if (in) seg_stash[i] = chosen ? -1 : slot;  // reordered below, once every chunk is read
+    } else if (!chosen && in) {
+      seg_order[i - lt_before - min(eq_before, remaining)] = slot;
+    }
     before += chunk_total;
+  }
+  if (by_score) {
+    // The remaining candidates by descending pooled score (ties: earlier in the order), ranked by counting
+    // (the official evictor's order, official mode only), then the rest of the order as it was.
+    __syncthreads();
+    for (int i = threadIdx.x; i < nvalid; i += kSelectThreads) {
+      const int32_t slot = seg_stash[i];
+      if (slot < 0) continue;
+      if (i >= ncand) {
+        seg_order[i - drop] = slot;
+        continue;
+      }
+      const uint32_t u = seg_keys[i];
+      int rank = 0;
+      for (int j = 0; j < ncand; ++j) {
+        const uint32_t v = seg_keys[j];
+        rank += seg_stash[j] >= 0 && (v > u || (v == u && j < i));
+      }
+      seg_order[rank] = slot;
+    }
   }
   if (threadIdx.x == 0) over[seg] -= drop;
 }
@@ -174,7 +201,7 @@ __global__ void __launch_bounds__(kSelectThreads) evict_select_kernel(
 
 void evict_lowest(const at::Tensor& weights, const at::Tensor& pos, const at::Tensor& order,
                   const at::Tensor& offsets_in, const at::Tensor& q_pos_in, const at::Tensor& over, double var_weight,
-                  int64_t protect, int64_t kernel_size, bool max_pool, int64_t n_evict) {
+                  int64_t protect, int64_t kernel_size, bool max_pool, int64_t n_evict, bool by_score) {
   check_evict_lowest_args(weights, pos, order, offsets_in, q_pos_in, over, kernel_size, n_evict);
   const c10::cuda::CUDAGuard guard(pos.device());
   const int64_t B = q_pos_in.size(0), Q = q_pos_in.size(1), T = pos.size(0);
@@ -183,12 +210,13 @@ void evict_lowest(const at::Tensor& weights, const at::Tensor& pos, const at::Te
   const auto offsets = offsets_in.contiguous(), q_pos = q_pos_in.contiguous();
   auto score = at::empty({T}, weights.options());
   auto keys = at::empty({T}, weights.options().dtype(at::kInt));
+  auto stash = at::empty({by_score ? T : 0}, weights.options().dtype(at::kInt));
   evict_select_kernel<<<unsigned(segs), kSelectThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       weights.const_data_ptr<float>(), pos.mutable_data_ptr<int64_t>(), order.mutable_data_ptr<int32_t>(),
       offsets.const_data_ptr<int64_t>(), q_pos.const_data_ptr<int64_t>(), over.mutable_data_ptr<int64_t>(),
-      score.mutable_data_ptr<float>(), reinterpret_cast<uint32_t*>(keys.mutable_data_ptr<int32_t>()), T, Q, Hkv,
-      weights.size(0) / Q, protect, static_cast<float>(var_weight), int(kernel_size / 2), int(kernel_size),
-      max_pool, n_evict);
+      score.mutable_data_ptr<float>(), reinterpret_cast<uint32_t*>(keys.mutable_data_ptr<int32_t>()),
+      stash.mutable_data_ptr<int32_t>(), T, Q, Hkv, weights.size(0) / Q, protect, static_cast<float>(var_weight),
+      int(kernel_size / 2), int(kernel_size), max_pool, n_evict, by_score);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -198,6 +198,31 @@ def test_cake_official_matches_reference(dtype, kv_heads, cascading, budget):
             assert_same_selection(got, kept[i][h], scores[i][h], rel_tol=1e-2 if dtype == torch.bfloat16 else 1e-4)
 
 
+def test_cake_official_decode_order_is_the_official_storage_order():
+    """After an official prefill, decode-time eviction reads each head's kept prefix as the official storage holds
+    it (its top-k by descending score, ties to the earlier position), then the window; our default reads
+    positions."""
+    model = structured_model(2, torch.float32)
+    ids = prompt(120, seed=2)
+    kept, _, scores = R.cake_official_reference(capture_qk(model, ids), BUDGET, WINDOW)
+    unsorted = 0
+    for official in (True, False):
+        out, _ = prefill(model, ids, "cake", official=official)
+        for i, layer in enumerate(cache_of(out).layers):
+            for h in range(layer.pos.shape[1]):
+                pos = layer.pos[0, h]
+                listed = [int(pos[slot]) for slot in layer.order[0, h][: int((pos >= 0).sum())]]
+                prefix, newest = listed[: len(kept[i][h])], listed[len(kept[i][h]):]
+                assert newest == list(range(120 - WINDOW, 120))
+                if official:  # near-ties of the fp32 scores may swap neighbours: compare the scores along the order
+                    along = [scores[i][h][x].item() for x in prefix]
+                    assert set(prefix) == set(kept[i][h]) and all(a >= b - 1e-6 for a, b in zip(along, along[1:]))
+                    unsorted += prefix != sorted(prefix)
+                else:
+                    assert prefix == sorted(prefix)
+    assert unsorted > 0  # the official order is not the position order here
+
+
 def test_cake_official_skip_rule_and_first_decode_trim():
     model = tiny_model("llama", kv_heads=2)
     n = BUDGET + WINDOW - 2                     # budget < n <= budget + window

@@ -197,6 +197,48 @@ def test_append_and_evict_over_many_steps_match_the_reference(device, ragged, q_
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ragged", [False, True])
+def test_evict_lowest_by_score_follows_the_official_storage_order(device, ragged):
+    """by_score (CAKE's official mode): over a decode run, each step frees what the official evictor frees and
+    `order` lists the remaining entries as its storage does (the last top-k by descending score, then the
+    newest), starting from a storage order that is not the position order."""
+    window, steps = 4, 10
+    q, k, v, pos, offsets, q_pos = segment_case(B=1, Hkv=2, G=2, ragged=ragged, length=60, free=1, seed=21)
+    g = torch.Generator().manual_seed(8)
+    start = torch.randn(pos.shape[0], generator=g)
+    ranks = torch.where(pos < int(q_pos.min()) - window, start, float("nan"))  # prefix by a score, then newest
+    order = ops.position_order(pos, offsets, ranks)
+    storage = [[int(offsets[s]) + int(x) for x in order[int(offsets[s]):int(offsets[s + 1])]
+                if pos[int(offsets[s]) + int(x)] >= 0] for s in range(2)]
+    got = list(on(device, k, v, pos)) + [on(device, order)[0]]
+    over = on(device, torch.zeros(1, 2, dtype=torch.long))[0]
+    for step in range(steps):
+        new_k, new_v = torch.randn(1, 2, 1, 16, generator=g), torch.randn(1, 2, 1, 16, generator=g)
+        q = 3 * torch.randn(1, 4, 1, 16, generator=g)
+        step_pos = q_pos + step
+        ops.append_entries(got[0], got[1], got[2], on(device, offsets)[0], *on(device, new_k, new_v, step_pos),
+                           got[3])
+        over += 1
+        k_now, p_now = got[0].cpu(), got[2].cpu()
+        for s in range(2):
+            new_slot = next(t for t in range(int(offsets[s]), int(offsets[s + 1]))
+                            if int(p_now[t]) == int(step_pos[0, 0]))
+            storage[s] = storage[s] + [new_slot]
+        _, weights = ops.ragged_attention_with_weights(*on(device, q, got[0], got[1], got[2], offsets, step_pos),
+                                                       0.25)
+        ops.evict_lowest(weights, got[2], got[3], *on(device, offsets, step_pos), over, 0.0, window, 5, "avg", 1,
+                         by_score=True)
+        for s in range(2):
+            storage[s], evicted = ref.official_cake_decode_step(q[0, 2 * s:2 * s + 2], k_now, storage[s],
+                                                                step_pos[0], 0.25, window, 5)
+            lo = int(offsets[s])
+            assert int(got[2][evicted].item()) == -1, f"step {step}, segment {s}: another entry was freed"
+            assert got[3][lo:lo + len(storage[s])].cpu().tolist() == [t - lo for t in storage[s]], (
+                f"step {step}, segment {s}: order is not the official storage order")
+    assert over.cpu().tolist() == [[0, 0]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     q, k, v, pos, offsets, q_pos = segment_case(Q=2, seed=9)
     new = torch.randn(2, 2, 2, 16)
