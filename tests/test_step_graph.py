@@ -27,10 +27,10 @@ def shipped():
     return AutoModelForCausalLM.from_pretrained(ASSET, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
 
 
-def decode(model, ids, mask, method, kw, steps, graphs: bool, monkeypatch):
+def decode(model, ids, mask, method, kw, steps, graphs: bool, monkeypatch, budget=128):
     monkeypatch.setenv(ENV_SWITCH, "1" if graphs else "0")
     tokens, logits = [], []
-    with cakekv.compress(model, method=method, budget=128, window=16, **kw), torch.no_grad():
+    with cakekv.compress(model, method=method, budget=budget, window=16, **kw), torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, use_cache=True)
         cache = cache_of(out)
         for _ in range(steps):
@@ -61,6 +61,24 @@ def test_graph_steps_equal_eager_steps(shipped, method, kw, monkeypatch):
     for a, b in zip(cache.layers, eager_cache.layers):
         assert a.head_counts == b.head_counts and a.seen == b.seen
         assert torch.equal(a.next_pos, b.next_pos)
+
+
+@cuda
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma2"])
+def test_graph_steps_of_sliding_and_softcapped_layers(family, monkeypatch):
+    """Sliding layers free what left the window of the step's first query inside the captured step, soft-capped
+    logits go through the decode kernels: replayed steps give the eager steps' tokens and logits, well past the
+    window (24) and with decode eviction (prompt 80, budget 40)."""
+    extra = {"attn_logit_softcapping": 1.0} if family == "gemma2" else {}
+    model = tiny_model(family, layers=4, sliding_window=24, attn="eager", **extra).cuda()
+    ids = prompt(80, seed=9).cuda()
+    mask = torch.ones_like(ids)
+    want, want_logits, eager_cache = decode(model, ids, mask, "cake", {}, 30, False, monkeypatch, budget=40)
+    got, got_logits, cache = decode(model, ids, mask, "cake", {}, 30, True, monkeypatch, budget=40)
+    assert cache.step_graph is not None and cache.step_graph.failed is None and cache.step_graph.replays >= 15
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+    assert any(layer.sliding_window for layer in cache.layers)
 
 
 @cuda
