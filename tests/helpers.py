@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
 
 import torch
@@ -280,3 +281,29 @@ def eval_args(parser_fn, argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser_fn(parser)
     return parser.parse_args(argv)
+
+
+def assert_same_eviction(got_pos, want_pos, pooled_by_slot, offsets, rel_tol=1e-4):
+    """The same slots are freed, except where a reference pooled score ties the cut-off within tolerance."""
+    got_pos, want_pos = got_pos.cpu(), want_pos.cpu()
+    for s, pooled in enumerate(pooled_by_slot):
+        lo, hi = int(offsets[s]), int(offsets[s + 1])
+        got = {t for t in range(lo, hi) if got_pos[t] < 0}
+        want = {t for t in range(lo, hi) if want_pos[t] < 0}
+        assert len(got) == len(want), f"segment {s}: {len(got)} free slots, reference {len(want)}"
+        if got == want:
+            continue
+        dropped = want - {t for t in range(lo, hi) if t not in pooled}  # evicted now, not free before
+        cutoff = max(pooled[t] for t in dropped)
+        for t in got ^ want:
+            assert t in pooled and math.isclose(pooled[t], cutoff, rel_tol=rel_tol, abs_tol=1e-7), (
+                f"segment {s}: slot {t} differs from the reference eviction")
+
+
+def assert_exact_order(order, pos, offsets):
+    """`order` lists each segment's stored entries by position (its tail, past them, is unspecified)."""
+    order, pos = order.cpu(), pos.cpu()
+    for s in range(offsets.numel() - 1):
+        lo, hi = int(offsets[s]), int(offsets[s + 1])
+        stored = sorted((int(pos[t]), t - lo) for t in range(lo, hi) if pos[t] >= 0)
+        assert order[lo:lo + len(stored)].tolist() == [slot for _, slot in stored], f"segment {s}: order not exact"

@@ -194,7 +194,7 @@ def evict_scores(q, k, pos, offsets, q_pos, scale, var_weight):
         visible = (ps[None, :] >= 0) & (ps[None, :] <= q_pos[b][:, None])                # [Q, n]
         logits = (q[b, g * group:(g + 1) * group].float() @ k[lo:hi].float().T * scale)  # [G, Q, n]
         a = torch.nan_to_num(logits.masked_fill(~visible, float("-inf")).softmax(-1), nan=0.0)
-        var = a.var(1) if q_len > 1 else torch.zeros_like(a[:, 0])
+        var = a.var(1) if q_len > 1 and hi > lo else torch.zeros_like(a[:, 0])
         scores.append((a.mean(1) + var_weight * var).mean(0))
     return scores
 

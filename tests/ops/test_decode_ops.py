@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import cakekv._ops as ops
 import reference as ref
-from helpers import capture_qk
+from helpers import assert_exact_order, assert_same_eviction, capture_qk
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                  reason="needs a CUDA device"))]
@@ -53,32 +53,6 @@ def evict(device, q, k, v, pos, order, offsets, q_pos, over, scale, var_weight, 
     offsets, q_pos = on(device, offsets, q_pos)
     _, weights = ops.ragged_attention_with_weights(*on(device, q, k, v), pos, offsets, q_pos, scale)
     ops.evict_lowest(weights, pos, order, offsets, q_pos, over, var_weight, protect, kernel, pooling, n_evict)
-
-
-def assert_same_eviction(got_pos, want_pos, pooled_by_slot, offsets, rel_tol=1e-4):
-    """The same slots are freed, except where a reference pooled score ties the cut-off within tolerance."""
-    got_pos, want_pos = got_pos.cpu(), want_pos.cpu()
-    for s, pooled in enumerate(pooled_by_slot):
-        lo, hi = int(offsets[s]), int(offsets[s + 1])
-        got = {t for t in range(lo, hi) if got_pos[t] < 0}
-        want = {t for t in range(lo, hi) if want_pos[t] < 0}
-        assert len(got) == len(want), f"segment {s}: {len(got)} free slots, reference {len(want)}"
-        if got == want:
-            continue
-        dropped = want - {t for t in range(lo, hi) if t not in pooled}  # evicted now, not free before
-        cutoff = max(pooled[t] for t in dropped)
-        for t in got ^ want:
-            assert t in pooled and math.isclose(pooled[t], cutoff, rel_tol=rel_tol, abs_tol=1e-7), (
-                f"segment {s}: slot {t} differs from the reference eviction")
-
-
-def assert_exact_order(order, pos, offsets):
-    """`order` lists each segment's stored entries by position (its tail, past them, is unspecified)."""
-    order, pos = order.cpu(), pos.cpu()
-    for s in range(offsets.numel() - 1):
-        lo, hi = int(offsets[s]), int(offsets[s + 1])
-        stored = sorted((int(pos[t]), t - lo) for t in range(lo, hi) if pos[t] >= 0)
-        assert order[lo:lo + len(stored)].tolist() == [slot for _, slot in stored], f"segment {s}: order not exact"
 
 
 @pytest.mark.parametrize("device", DEVICES)

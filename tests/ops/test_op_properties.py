@@ -25,6 +25,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import cakekv._ops as ops
+import reference as ref
+from helpers import assert_exact_order, assert_same_eviction
 from reference import allocate, masked_window_stats, ragged_attention as ragged_attention_ref
 
 settings.register_profile("cakekv-ci", deadline=None, database=None, derandomize=True, print_blob=True,
@@ -451,6 +453,33 @@ def test_ragged_attention_large_logits_stay_finite(device, dtype, c, magnitude):
     assert (got.abs() <= bound * (1 + torch.finfo(dtype).eps)).all()
 
 
+# ---- evict_lowest (on ragged_attention's weights) ----------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device", DEVICES)
+@examples(20)
+@given(c=ragged_attention_cases(max_work=1 << 16), n_evict=st.integers(0, 6), protect=st.integers(0, 12),
+       kernel=st.sampled_from([1, 3, 5, 7]), pooling=st.sampled_from(["avg", "max"]),
+       var_weight=st.sampled_from([0.0, 200.0]), over_seed=st.integers(0, 2**31 - 1))
+def test_evict_lowest_equals_reference(device, dtype, c, n_evict, protect, kernel, pooling, var_weight, over_seed):
+    """Random layers (segments of 0-8K entries with holes, shuffled storage, any query positions), any numbers
+    to evict and over the caps (negative: none), any protection, kernel and pooling: the freed entries are the
+    reference's (up to ties of the pooled score), `over` drops by what was freed, the order stays exact."""
+    q, k, v, pos, offsets, q_pos = ragged_attention_inputs(c, dtype)
+    over = torch.randint(-2, 8, (c["B"], c["Hkv"]), generator=seeded(over_seed))
+    scale = c["D"] ** -0.5
+    want_pos, want_over = pos.clone(), over.clone()
+    pooled = ref.evict_lowest(q, k, want_pos, offsets, q_pos, want_over, scale, var_weight, protect, kernel, pooling,
+                              n_evict)
+    inputs = [t.to(device) for t in (q, k, v, pos, offsets, q_pos)]
+    _, weights = ops.ragged_attention_with_weights(*inputs, scale)
+    got_pos, got_over, order = inputs[3].clone(), over.to(device), ops.position_order(inputs[3], inputs[4])
+    ops.evict_lowest(weights, got_pos, order, inputs[4], inputs[5], got_over, var_weight, protect, kernel, pooling,
+                     n_evict)
+    assert torch.equal(got_over.cpu(), want_over)
+    assert_same_eviction(got_pos, want_pos, pooled, offsets, rel_tol=1e-3)
+    assert_exact_order(order, got_pos, offsets)
+
+
 # ---- invalid inputs ---------------------------------------------------------------------------------
 # Each op must refuse these with a RuntimeError/ValueError naming the op (and the argument where given),
 # never crash the process, never answer. Small valid arguments per op, one thing broken per case.
@@ -473,6 +502,16 @@ def _valid_args(op: str, device: str) -> dict:
         return dict(q=torch.randn(2, 4, 3, 8, generator=g), k=torch.randn(7, 8, generator=g),
                     v=torch.randn(7, 8, generator=g), pos=torch.tensor([0, 1, 4, 2, 3, 0, -1]),
                     offsets=torch.tensor([0, 3, 3, 5, 7]), q_pos=torch.tensor([[2, 3, 4], [2, 3, 4]]), scale=0.3)
+    if op in ("evict_lowest", "append_entries"):  # the ragged layer above, as the decode ops see it
+        layer = _valid_args("ragged_attention", device)
+        order = ops.position_order(layer["pos"], layer["offsets"])
+        if op == "append_entries":
+            return dict(k=layer["k"], v=layer["v"], pos=layer["pos"], offsets=layer["offsets"],
+                        new_k=torch.randn(2, 2, 1, 8, generator=g), new_v=torch.randn(2, 2, 1, 8, generator=g),
+                        q_pos=torch.tensor([[5], [5]]), order=order)
+        return dict(weights=torch.rand(6, 7, generator=g), pos=layer["pos"], order=order, offsets=layer["offsets"],
+                    q_pos=layer["q_pos"], over=torch.ones(2, 2, dtype=torch.long), var_weight=0.0, protect=1,
+                    kernel_size=3, pooling="avg", n_evict=1)
     raise KeyError(op)
 
 
@@ -513,6 +552,8 @@ INVALID = [
     ("window_stats", "head-dim", _edit("k", lambda t: t[..., :4]), "disagree", "shape"),
     ("window_stats", "batch", _edit("q", lambda t: t[:1]), "disagree", "shape"),
     ("window_stats", "devices", _to_cpu("k_pos"), "device", "devices"),
+    ("window_stats", "softcap-negative", _set(softcap=-1.0), "softcap", "shape"),
+    ("window_stats", "softcap-nan", _set(softcap=float("nan")), "softcap", "shape"),
 
     ("allocate_budgets", "scores-rank-1", _edit("scores", lambda t: t[0]), "scores", "shape"),
     ("allocate_budgets", "scores-rank-3", _edit("scores", lambda t: t[None]), "scores", "shape"),
@@ -569,10 +610,37 @@ INVALID = [
     ("ragged_attention", "q_pos-shape", _edit("q_pos", lambda t: t[:, :2]), "q_pos", "shape"),
     ("ragged_attention", "q_pos-int32", _edit("q_pos", lambda t: t.int()), "q_pos", "shape"),
     ("ragged_attention", "devices", _to_cpu("pos"), "device", "devices"),
+    ("ragged_attention", "softcap-negative", _set(softcap=-2.0), "softcap", "shape"),
+    ("ragged_attention", "softcap-inf", _set(softcap=float("inf")), "softcap", "shape"),
     ("ragged_attention", "offsets-start", _put("offsets", 0, 1), "offsets", "value"),
     ("ragged_attention", "offsets-decreasing", _put("offsets", 2, 2), "offsets", "value"),
     ("ragged_attention", "offsets-end-short", _put("offsets", 4, 6), "offsets|T", "value"),
     ("ragged_attention", "offsets-end-past-T", _put("offsets", 4, 9), "offsets|T", "value"),
+
+    ("evict_lowest", "weights-fp16", _edit("weights", lambda t: t.half()), "weights", "shape"),
+    ("evict_lowest", "weights-columns", _edit("weights", lambda t: t[:, :-1]), "weights", "shape"),
+    ("evict_lowest", "weights-rows", _edit("weights", lambda t: t[:-1]), "weights", "shape"),
+    ("evict_lowest", "weights-strided", _edit("weights", lambda t: t.t().contiguous().t()), "weights", "shape"),
+    ("evict_lowest", "pos-int32", _edit("pos", lambda t: t.int()), "pos", "shape"),
+    ("evict_lowest", "order-int64", _edit("order", lambda t: t.long()), "order", "shape"),
+    ("evict_lowest", "order-short", _edit("order", lambda t: t[:-1]), "order", "shape"),
+    ("evict_lowest", "q_pos-rank-1", _edit("q_pos", lambda t: t[0]), "q_pos", "shape"),
+    ("evict_lowest", "offsets-segments", _set(offsets=torch.tensor([0, 3, 5, 7])), "offsets|segments", "shape"),
+    ("evict_lowest", "over-shape", _edit("over", lambda t: t[:, :1]), "over", "shape"),
+    ("evict_lowest", "over-int32", _edit("over", lambda t: t.int()), "over", "shape"),
+    ("evict_lowest", "kernel-even", _set(kernel_size=4), "kernel_size", "shape"),
+    ("evict_lowest", "n_evict-negative", _set(n_evict=-1), "n_evict", "shape"),
+    ("evict_lowest", "devices", _to_cpu("over"), "device", "devices"),
+
+    ("append_entries", "k-rank-3", lambda a: {**a, "k": a["k"][None], "v": a["v"][None]}, r"\bk\b", "shape"),
+    ("append_entries", "new_k-dtype", lambda a: {**a, "new_k": a["new_k"].half(), "new_v": a["new_v"].half()},
+     "new_k|dtype", "shape"),
+    ("append_entries", "new_k-heads", lambda a: {**a, "new_k": a["new_k"][:, :1], "new_v": a["new_v"][:, :1]},
+     "new_k|segments|Hkv", "shape"),
+    ("append_entries", "q_pos-shape", _edit("q_pos", lambda t: t[:1]), "q_pos", "shape"),
+    ("append_entries", "pos-int32", _edit("pos", lambda t: t.int()), "pos", "shape"),
+    ("append_entries", "order-int64", _edit("order", lambda t: t.long()), "order", "shape"),
+    ("append_entries", "devices", _to_cpu("q_pos"), "device", "devices"),
 ]
 _CASES = {(op, name): (change, match, kind) for op, name, change, match, kind in INVALID}
 
