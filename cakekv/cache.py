@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import _ops
-from .methods.base import LayerView, Method
+from .eviction import Eviction
+from .methods.base import Method
 
 _GROW_MIN, _GROW_MAX = 16, 256  # spare slots a full layer without a cap gets: 1/8 of its size, clamped
 
@@ -462,7 +463,8 @@ class PromptInfo:
 
 
 class CompressedCache(Cache):
-    """One CompressedLayer per decoder layer; compression is driven by the attention hook (patch.py)."""
+    """One CompressedLayer per decoder layer; the attention hook (patch.py) calls it after each layer's
+    attention, and it carries out the decisions of its `Eviction` (eviction.py)."""
 
     ragged_layers = True  # switch layers with per-head counts to the ragged storage after prefill
     ragged_devices = ("cpu", "cuda")  # devices with gather_ragged / ragged_attention kernels
@@ -472,8 +474,8 @@ class CompressedCache(Cache):
         self.method = method
         method.num_layers = len(self.global_layers)  # the method's budgets cover the layers it compresses
         self.window = window
+        self.eviction = Eviction(method, window)
         self.prompt: PromptInfo | None = None
-        self.preferences: list[torch.Tensor] = []
         self.step_graph = None  # the captured decode step (step_graph.StepGraph), on CUDA
 
     @property
@@ -509,76 +511,39 @@ class CompressedCache(Cache):
         for layer in self.layers:
             layer.finish_step(q)
 
-    # ---- called by the attention hook ----------------------------------------------------------
+    # ---- called by the attention hook; the decisions are eviction.py's --------------------------
     def after_prefill(self, layer_idx: int, query: torch.Tensor, scale: float, module,
                       softcap: float | None = None) -> None:
-        """Score layer `layer_idx` from its window queries (over logits soft-capped by `softcap`, as the model's) and re-cut the global layers seen so far; a
-        sliding layer is not scored: it drops what its window no longer reaches. The method sees the
-        global layers only, numbered in order (its budgets and `LayerView.layer_idx` count them)."""
+        """After layer `layer_idx`'s prefill attention: a global layer is scored and the global layers seen so
+        far re-cut (`Eviction.score_and_recut`); a sliding layer is not scored: it drops what its window no
+        longer reaches. After the last layer the prefill is finished."""
         layer = self.layers[layer_idx]
         layer.prefilling = False
-        method, window, prompt = self.method, self.window, self.prompt
-        compress_rows = [method.compresses_prompt(n) for n in prompt.host_lengths]
+        method = self.method
+        compress_rows = [method.compresses_prompt(n) for n in self.prompt.host_lengths]
         if layer.sliding_window is not None:
             layer.hold_window()
         elif method.compresses and any(compress_rows):
-            budgeted = self.global_layers
-            rank = budgeted.index(layer)
-            is_last = rank == len(budgeted) - 1
-            lengths = layer.next_pos
-            window_start = (lengths - window).clamp(min=0)
-            view = LayerView(query[:, :, -window:], layer.keys, layer.values, layer.pos,
-                             layer.pos[:, 0, -window:], window_start, scale, rank, module,
-                             queries=query, query_positions=layer.pos[:, 0, :], softcap=softcap or 0.0)
-            layer.indicator, preference = method.score_layer(view)
-            if preference is None:
-                preference = torch.zeros(query.shape[0], dtype=torch.float64, device=query.device)
-            self.preferences.append(preference.to(torch.float64))
-            # Layers may live on different devices (accelerate device_map): allocate on this layer's.
-            prefs = torch.stack([p.to(query.device) for p in self.preferences], 1)
-            caps = window_start[:, None].expand_as(prefs).contiguous()
-            seen = budgeted[:prefs.shape[1]]
-            indicators = [scored.indicator for scored in seen]
-            budgets = method.layer_budgets(prefs, caps, is_last, indicators=indicators)
-            if budgets is not None:
-                rows = torch.tensor(compress_rows, device=caps.device)[:, None]
-                if budgets.dim() == 3:  # per (row, layer, head)
-                    budgets = torch.where(rows[..., None], budgets, caps[..., None])
-                else:
-                    budgets = torch.where(rows, budgets, caps)
-                for i, scored in enumerate(seen):
-                    per_head = budgets[:, i] if budgets.dim() == 3 else method.head_budgets(indicators[i], budgets[:, i])
-                    if per_head is None:
-                        scored.keep_top(budgets[:, i].tolist())
-                    else:
-                        per_head = torch.where(rows, per_head.to(caps.device), caps[:, i, None])
-                        scored.keep_top(per_head.tolist())
+            self.eviction.score_and_recut(self, layer, query, scale, module, softcap, compress_rows)
         if layer_idx == len(self.layers) - 1:
             self._finish_prefill(compress_rows)
 
     def _finish_prefill(self, compress_rows: list[bool]):
-        method = self.method
+        """Decode caps set, layers with per-head counts switched to the ragged storage, and the order decode
+        eviction reads started."""
         for layer in self.layers:
-            heads = layer.pos.shape[1]
-            layer.head_budgets = [b if c and method.compresses else None
-                                  for b, c in zip(layer.head_budgets, compress_rows)]
-            if method.decode_evict and method.compresses and layer.sliding_window is None:
-                layer.head_caps = [b if b is not None else [method.budget] * heads for b in layer.head_budgets]
-                layer.over_t = torch.tensor([[c - cap for c, cap in zip(cs, caps)] for cs, caps
-                                             in zip(layer.head_counts, layer.head_caps)], device=layer.keys.device)
+            self.eviction.set_decode_caps(layer, compress_rows)
             if (self.ragged_layers and layer.sliding_window is None
                     and layer.keys.device.type in self.ragged_devices
                     and any(len(set(row)) > 1 for row in layer.head_counts)):
                 layer.to_ragged()
             if layer.head_caps is not None:
-                layer.start_eviction_order(compress_rows if method.decode_score_order else None)
+                layer.start_eviction_order(compress_rows if self.method.decode_score_order else None)
             layer.indicator = None
-        self.preferences = []
+        self.eviction.preferences = []
 
     def after_decode(self, layer_idx: int) -> None:
-        layer = self.layers[layer_idx]
-        if layer.head_caps is not None:
-            layer.evict_to_caps(self.method)
+        self.eviction.decode_layer(self.layers[layer_idx])
 
     def clone(self) -> "CompressedCache":
         """An independent copy (no tensor shared): several questions can continue from one compressed
@@ -588,7 +553,7 @@ class CompressedCache(Cache):
             raise RuntimeError("cache: cannot clone a cache in the middle of its prefill")
         twin = copy.copy(self)
         twin.layers = [layer._cloned(twin) for layer in self.layers]
-        twin.preferences = []
+        twin.eviction = Eviction(self.method, self.window)
         twin.step_graph = None
         return twin
 

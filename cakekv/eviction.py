@@ -1,0 +1,80 @@
+"""Eviction decisions over a compressed cache (docs/cache.md): what each layer keeps at prefill and what it may
+hold while decoding. The cache (cache.py) stores entries and carries the decisions out; the method (methods/)
+scores; this module drives the method over the layers:
+
+  * at prefill, after each global layer's attention: the method scores the layer from its window queries, the
+    layer preferences seen so far are turned into layer budgets (re-cut after every layer when the method
+    cascades, so memory never holds more than the total), per-head budgets where the method has them, and every
+    layer seen so far keeps its top entries (`CompressedLayer.keep_top`);
+  * at the end of prefill: the caps decode-time eviction holds (the layer's budget per head);
+  * at each decode step: a layer over its caps frees its lowest-scoring entries (`CompressedLayer.evict_to_caps`).
+"""
+from __future__ import annotations
+
+import torch
+
+from .methods.base import LayerView, Method
+
+
+class Eviction:
+    """The decisions of one compressed generation (one per cache); `preferences` are the global layers' layer
+    preferences of the prefill in progress."""
+
+    def __init__(self, method: Method, window: int):
+        self.method = method
+        self.window = window
+        self.preferences: list[torch.Tensor] = []
+
+    def score_and_recut(self, cache, layer, query: torch.Tensor, scale: float, module, softcap: float | None,
+                        compress_rows: list[bool]) -> None:
+        """Score global `layer` from its window queries (over logits soft-capped by `softcap`, as the model's)
+        and re-cut the global layers seen so far. The method sees the global layers only, numbered in order
+        (its budgets and `LayerView.layer_idx` count them)."""
+        method, window = self.method, self.window
+        budgeted = cache.global_layers
+        rank = budgeted.index(layer)
+        is_last = rank == len(budgeted) - 1
+        window_start = (layer.next_pos - window).clamp(min=0)
+        view = LayerView(query[:, :, -window:], layer.keys, layer.values, layer.pos, layer.pos[:, 0, -window:],
+                         window_start, scale, rank, module, queries=query, query_positions=layer.pos[:, 0, :],
+                         softcap=softcap or 0.0)
+        layer.indicator, preference = method.score_layer(view)
+        if preference is None:
+            preference = torch.zeros(query.shape[0], dtype=torch.float64, device=query.device)
+        self.preferences.append(preference.to(torch.float64))
+        # Layers may live on different devices (accelerate device_map): allocate on this layer's.
+        prefs = torch.stack([p.to(query.device) for p in self.preferences], 1)
+        caps = window_start[:, None].expand_as(prefs).contiguous()
+        seen = budgeted[:prefs.shape[1]]
+        indicators = [scored.indicator for scored in seen]
+        budgets = method.layer_budgets(prefs, caps, is_last, indicators=indicators)
+        if budgets is None:
+            return
+        rows = torch.tensor(compress_rows, device=caps.device)[:, None]
+        if budgets.dim() == 3:  # per (row, layer, head)
+            budgets = torch.where(rows[..., None], budgets, caps[..., None])
+        else:
+            budgets = torch.where(rows, budgets, caps)
+        for i, scored in enumerate(seen):
+            per_head = budgets[:, i] if budgets.dim() == 3 else method.head_budgets(indicators[i], budgets[:, i])
+            if per_head is None:
+                scored.keep_top(budgets[:, i].tolist())
+            else:
+                scored.keep_top(torch.where(rows, per_head.to(caps.device), caps[:, i, None]).tolist())
+
+    def set_decode_caps(self, layer, compress_rows: list[bool]) -> None:
+        """End of prefill: the budgets the layer's rows were given, and the caps decode-time eviction holds
+        (a row left uncompressed is held at the method's budget)."""
+        method = self.method
+        heads = layer.pos.shape[1]
+        layer.head_budgets = [b if c and method.compresses else None
+                              for b, c in zip(layer.head_budgets, compress_rows)]
+        if method.decode_evict and method.compresses and layer.sliding_window is None:
+            layer.head_caps = [b if b is not None else [method.budget] * heads for b in layer.head_budgets]
+            layer.over_t = torch.tensor([[c - cap for c, cap in zip(cs, caps)] for cs, caps
+                                         in zip(layer.head_counts, layer.head_caps)], device=layer.keys.device)
+
+    def decode_layer(self, layer) -> None:
+        """After a decode step's attention: a layer with caps frees what its rows hold above them."""
+        if layer.head_caps is not None:
+            layer.evict_to_caps(self.method)
