@@ -1,4 +1,5 @@
-"""Per-call GPU time of the decode ops (evict_lowest, ragged_attention, append_entries) on one layer of
+"""Per-call GPU time of the decode ops (ragged_attention without and with its weights, evict_lowest on those
+weights, append_entries) on one layer of
 random segments: Llama-3.1-8B-like heads (32 query heads over 8 KV heads, head dim 128), `--entries` per
 segment, every segment one over its cap (a decode step's eviction). CUDA events over `--iters` calls.
 
@@ -44,8 +45,8 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dtype, dev, rows = torch.bfloat16, "cuda", []
-    print("| batch | entries/segment | evict_lowest us | ragged_attention us | append_entries us |")
-    print("|---|---|---|---|---|")
+    print("| batch | entries/segment | ragged_attention us | with weights us | evict_lowest us | append_entries us |")
+    print("|---|---|---|---|---|---|")
     for batch in args.batch:
         for n in args.entries:
             k, v, pos, offsets = segments(batch, 8, n, dev, dtype)
@@ -55,11 +56,15 @@ def main():
             over = torch.full((batch, 8), 1 << 40, device=dev)  # never runs out: every call evicts
             work = pos.clone()
 
+            attn_us = timed(lambda: ops.ragged_attention(q, k, v, pos, offsets, q_pos, 0.088), args.iters)
+            weighted_us = timed(lambda: ops.ragged_attention_with_weights(q, k, v, pos, offsets, q_pos, 0.088),
+                                args.iters)
+            _, weights = ops.ragged_attention_with_weights(q, k, v, pos, offsets, q_pos, 0.088)
+
             def evict():
-                ops.evict_lowest(q, k, work, order, offsets, q_pos, over, 0.088, 200.0, 32, 5, "avg", args.q_len)
+                ops.evict_lowest(weights, work, order, offsets, q_pos, over, 200.0, 32, 5, "avg", args.q_len)
 
             evict_us = timed(evict, args.iters)  # evicts iters * q_len entries of n: scores stay comparable
-            attn_us = timed(lambda: ops.ragged_attention(q, k, v, pos, offsets, q_pos, 0.088), args.iters)
             free = pos.clone()
             free.view(batch * 8, n)[:, :args.q_len] = -1
             new = torch.randn(batch, 8, args.q_len, 128, device=dev, dtype=dtype)
@@ -69,8 +74,9 @@ def main():
                 ops.append_entries(k, v, free, offsets, new, new, q_pos)
 
             append_us = timed(append, args.iters)
-            rows.append(dict(batch=batch, entries=n, evict_us=evict_us, attention_us=attn_us, append_us=append_us))
-            print(f"| {batch} | {n} | {evict_us:.1f} | {attn_us:.1f} | {append_us:.1f} |")
+            rows.append(dict(batch=batch, entries=n, attention_us=attn_us, attention_weights_us=weighted_us,
+                             evict_us=evict_us, append_us=append_us))
+            print(f"| {batch} | {n} | {attn_us:.1f} | {weighted_us:.1f} | {evict_us:.1f} | {append_us:.1f} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
