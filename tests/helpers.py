@@ -103,24 +103,33 @@ def tiny_model(family: str = "llama", kv_heads: int = 2, dtype=torch.float32, la
 _CAPTURED: dict = {}
 
 
-def _capture_attention(module, query, key, value, attention_mask, **kwargs):
+def _capture(module, query, key, value):
     _CAPTURED[module.layer_idx] = (query[0].detach().clone(), key[0].detach().clone(),
                                    value[0].detach().clone(), module.o_proj.weight.detach())
-    if kwargs.get("softcap") is not None:  # SDPA drops soft-capping: the family's own eager kernel applies it
-        return sys.modules[type(module).__module__].eager_attention_forward(module, query, key, value,
-                                                                            attention_mask, **kwargs)
+
+
+def _capture_sdpa(module, query, key, value, attention_mask, **kwargs):
+    _capture(module, query, key, value)
     return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
 
 
-ALL_ATTENTION_FUNCTIONS.register("test_capture", _capture_attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register("test_capture", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+def _capture_eager(module, query, key, value, attention_mask, **kwargs):
+    """For models whose attention SDPA cannot compute (soft-capping): the family's own eager kernel and mask."""
+    _capture(module, query, key, value)
+    return sys.modules[type(module).__module__].eager_attention_forward(module, query, key, value, attention_mask,
+                                                                        **kwargs)
+
+
+for _name, _fn, _mask in (("test_capture", _capture_sdpa, "sdpa"), ("test_capture_eager", _capture_eager, "eager")):
+    ALL_ATTENTION_FUNCTIONS.register(_name, _fn)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(_name, ALL_MASK_ATTENTION_FUNCTIONS[_mask])
 
 
 def capture_qkv(model, input_ids) -> list[tuple[torch.Tensor, ...]]:
     """Per layer (q [H, n, D], k [Hkv, n, D], v [Hkv, n, D], o_proj weight) of a single unpadded
     prompt, after RoPE."""
     original = model.config._attn_implementation
-    model.config._attn_implementation = "test_capture"
+    model.config._attn_implementation = "test_capture_eager" if original == "eager" else "test_capture"
     try:
         _CAPTURED.clear()
         with torch.no_grad():

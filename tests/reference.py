@@ -8,20 +8,20 @@ import torch
 import torch.nn.functional as F
 
 
-def window_attention(q_win: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+def soft_capped(logits, softcap):
+    """Gemma 2's logit soft-capping in transformers' eager order (softcap 0: none)."""
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
+def window_attention(q_win: torch.Tensor, keys: torch.Tensor, scale: float, softcap: float = 0.0) -> torch.Tensor:
     """A[h, i, j] of one unpadded prompt: q_win [H, W, D], keys [Hkv, n, D] -> [H, W, n] fp32."""
     heads, window = q_win.shape[0], q_win.shape[1]
     n = keys.shape[1]
     k = keys.float().repeat_interleave(heads // keys.shape[0], 0)
-    logits = q_win.float() @ k.transpose(1, 2) * scale
+    logits = soft_capped(q_win.float() @ k.transpose(1, 2) * scale, softcap)
     query_pos = torch.arange(n - window, n)
     logits = logits.masked_fill(torch.arange(n)[None, :] > query_pos[:, None], float("-inf"))
     return logits.softmax(-1)
-
-
-def soft_capped(logits, softcap):
-    """Gemma 2's logit soft-capping in transformers' eager order (softcap 0: none)."""
-    return torch.tanh(logits / softcap) * softcap if softcap else logits
 
 
 def masked_window_stats(q, k, q_pos, k_pos, scale, softcap=0.0):
@@ -143,14 +143,14 @@ def cake_reference(layers_qk, scale, budget, window, tau1, tau2, gamma=200.0, ke
     return kept, budgets, scores
 
 
-def snapkv_reference(layers_qk, scale, budget, window, kernel=7, kind="max"):
+def snapkv_reference(layers_qk, scale, budget, window, kernel=7, kind="max", softcap=0.0):
     n = layers_qk[0][1].shape[1]
     if n <= budget:
         return None
     prefix = n - window
     kept, scores = [], []
     for q, k in layers_qk:
-        score = snapkv_layer(window_attention(q[:, -window:], k, scale), k.shape[0], window, kernel, kind)
+        score = snapkv_layer(window_attention(q[:, -window:], k, scale, softcap), k.shape[0], window, kernel, kind)
         scores.append(score)
         kept.append([top_set(score[h], list(range(prefix)), budget - window) for h in range(k.shape[0])])
     return kept, [budget - window] * len(layers_qk), scores
