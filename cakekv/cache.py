@@ -34,7 +34,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import _ops
 from .eviction import Eviction
-from .methods.base import Method
+from .methods.base import Method, soft_capped
 
 _GROW_MIN, _GROW_MAX = 16, 256  # spare slots a full layer without a cap gets: 1/8 of its size, clamped
 
@@ -66,8 +66,7 @@ def softcapped_attention(query, keys, values, mask, scale, softcap):
     groups = query.shape[1] // hkv
     keys = keys[:, :, None].expand(b, hkv, groups, m, d).reshape(b, hkv * groups, m, d)
     values = values[:, :, None].expand(b, hkv, groups, m, values.shape[-1]).reshape(b, hkv * groups, m, -1)
-    logits = torch.matmul(query, keys.transpose(2, 3)) * scale
-    logits = torch.tanh(logits / softcap) * softcap
+    logits = soft_capped(torch.matmul(query, keys.transpose(2, 3)) * scale, softcap)
     logits = logits.masked_fill(~mask, float("-inf"))  # every query sees itself: no row is fully masked
     weights = F.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
     return torch.matmul(weights, values)
@@ -216,21 +215,18 @@ class CompressedLayer(CacheLayerMixin):
             self._padded_slots = m
         return self.offsets
 
-    def start_eviction_order(self, score_rows: list[bool] | None = None):
+    def start_eviction_order(self):
         """Decode-time eviction reads each segment's entries in position order: built once here, then kept
-        by the decode ops. With `score_rows` (the official CAKE order), the kept prefix of those rows comes
-        first by descending prefill indicator, then the rest by position, as the official storage is."""
+        by the decode ops. While the layer still holds prefill scores (`indicator`, the official CAKE order),
+        the entries with a finite score come first by descending score, then the rest by position, as the
+        official storage is."""
         if not self.ragged:
             self._padded_offsets()
         _, _, pos, offsets = self._segments()
         ranks = None
-        if score_rows is not None and self.indicator is not None:
-            heads = self.batch_heads[1] if self.ragged else self.pos.shape[1]
-            seg = torch.repeat_interleave(torch.arange(offsets.shape[0] - 1, device=pos.device), offsets.diff(),
-                                          output_size=pos.shape[0])
-            rows = torch.tensor(score_rows, device=pos.device)[seg // heads]
+        if self.indicator is not None:
             indicator = self.indicator.reshape(-1)
-            ranks = torch.where(rows & torch.isfinite(indicator) & (pos >= 0), -indicator, float("nan"))
+            ranks = torch.where(torch.isfinite(indicator) & (pos >= 0), -indicator, float("nan"))
         order = _ops.position_order(pos, offsets, ranks)
         self.order = order if self.ragged else order.view(self.pos.shape)
 
@@ -340,7 +336,7 @@ class CompressedLayer(CacheLayerMixin):
         idx = order[seg, within]
         self.keys, self.values = _ops.gather_ragged(self.keys, self.values, idx, self.offsets)
         self.pos_flat = self.pos.view(b * h, m)[seg, idx]
-        if self.indicator is not None:  # still needed by an official CAKE eviction order
+        if self.indicator is not None:  # kept for an official CAKE eviction order only
             self.indicator = self.indicator.view(b * h, m)[seg, idx]
         self.batch_heads = (b, h)
         self.pos = None
@@ -531,14 +527,21 @@ class CompressedCache(Cache):
     def _finish_prefill(self, compress_rows: list[bool]):
         """Decode caps set, layers with per-head counts switched to the ragged storage, and the order decode
         eviction reads started."""
+        by_score = self.method.decode_score_order
         for layer in self.layers:
             self.eviction.set_decode_caps(layer, compress_rows)
+            if layer.head_caps is not None and by_score and layer.indicator is not None:
+                # the official order ranks the kept prefix of the rows compressed at prefill
+                rows = torch.tensor(compress_rows, device=layer.indicator.device)[:, None, None]
+                layer.indicator = torch.where(rows, layer.indicator, float("-inf"))
+            else:
+                layer.indicator = None  # prefill scores are done with
             if (self.ragged_layers and layer.sliding_window is None
                     and layer.keys.device.type in self.ragged_devices
                     and any(len(set(row)) > 1 for row in layer.head_counts)):
                 layer.to_ragged()
             if layer.head_caps is not None:
-                layer.start_eviction_order(compress_rows if self.method.decode_score_order else None)
+                layer.start_eviction_order()
             layer.indicator = None
         self.eviction.preferences = []
 

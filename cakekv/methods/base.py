@@ -13,6 +13,12 @@ from .. import _ops
 from .options import Options, option
 
 
+def soft_capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Scaled attention logits soft-capped as transformers' eager kernels do (Gemma 2): softcap * tanh(logits /
+    softcap); as they are without a cap (None or 0)."""
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
 @dataclass
 class LayerView:
     """What a method sees of one layer at prefill (slots in position order, left padding at the front).
@@ -45,8 +51,8 @@ class LayerView:
         return _ops.window_stats(self.q_win, self.keys, self.q_pos, self.k_pos, self.scale, self.softcap)
 
     def soft_capped(self, logits: torch.Tensor) -> torch.Tensor:
-        """Scaled logits soft-capped as the model does (softcap * tanh(logits / softcap)); as is without it."""
-        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
+        """The layer's scaled logits soft-capped as the model does (`soft_capped`)."""
+        return soft_capped(logits, self.softcap)
 
 
 def reduce_group(x: torch.Tensor, num_kv_heads: int, how: str = "mean") -> torch.Tensor:
