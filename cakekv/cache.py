@@ -27,6 +27,7 @@ switches from the padded [B, Hkv, M, D] storage to a ragged one, so that it stor
 from __future__ import annotations
 
 import copy
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +80,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def __init__(self, cache: "CompressedCache", layer_idx: int, sliding_window: int | None = None):
         super().__init__()
-        self.cache = cache
+        self._cache = weakref.ref(cache)  # the cache owns its layers: no cycle, freed when its last user lets go
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window                # attention span of a sliding-window layer
         self.pos: torch.Tensor | None = None          # [B, Hkv, M] int64, -1 = empty slot
@@ -138,13 +139,17 @@ class CompressedLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    @property
+    def cache(self) -> "CompressedCache":
+        return self._cache()
+
     def reorder_cache(self, beam_idx):
         raise NotImplementedError("cakekv: beam search is not supported (use greedy or sampling)")
 
     def _cloned(self, cache: "CompressedCache") -> "CompressedLayer":
         """This layer's state copied for `cache`: tensors cloned, per-head lists copied."""
         twin = copy.copy(self)
-        twin.cache = cache
+        twin._cache = weakref.ref(cache)
         for name, value in vars(self).items():
             if isinstance(value, torch.Tensor):
                 setattr(twin, name, value.clone())

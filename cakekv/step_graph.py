@@ -6,11 +6,18 @@ the cache is written in place and its host-side decisions (reallocation, how man
 evicts) are taken before the step by `CompressedCache.prepare_step`, whose result keys the graph. A new
 key runs one step eagerly (warm-up), the next step is captured, and later steps with that key replay it.
 If capture fails (an op that syncs with the host, say), the cache decodes eagerly from then on.
+
+A graph must not be destroyed while another is being captured (CUDA refuses, the capture fails and the
+destroyed graph leaks): the stored output refers to the cache weakly, so that a cache and its graph are freed
+when the last user reference goes, not by a cyclic garbage collection that may fall inside a capture; and the
+collector is paused while capturing.
 """
 from __future__ import annotations
 
+import gc
 import os
 import warnings
+import weakref
 from typing import Callable
 
 import torch
@@ -66,6 +73,8 @@ class StepGraph:
                 inner.append(error)
                 raise
 
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             with torch.cuda.graph(graph, pool=self.pool, stream=_side_stream(), capture_error_mode="thread_local"):
                 output = captured()
@@ -76,7 +85,10 @@ class StepGraph:
             warnings.warn(f"cakekv: decode steps run eagerly, the CUDA graph capture failed ({self.failed})",
                           RuntimeWarning, stacklevel=4)
             return False
-        self.graph, self.inputs, self.output = graph, static, output
+        finally:
+            if collecting:
+                gc.enable()
+        self.graph, self.inputs, self.output = graph, static, _weakened(output)
         self.captures += 1
         return True
 
@@ -103,7 +115,27 @@ def _on_side_stream(step, inputs):
     return output
 
 
-def _detached(output):
-    """A copy of a model output whose tensors are not the graph's (the next replay overwrites those)."""
-    fields = {name: value.clone() if isinstance(value, torch.Tensor) else value for name, value in output.items()}
-    return type(output)(**fields)
+class _Weak:
+    """A field of the stored output held by weak reference (the cache, which owns this graph)."""
+
+    def __init__(self, value):
+        self.ref = weakref.ref(value)
+
+
+def _weakened(output):
+    """The model output with its non-tensor objects (the cache) held weakly: no cycle cache -> graph -> cache."""
+    def weak(value):
+        try:
+            return _Weak(value)
+        except TypeError:  # None, numbers: no weak reference, and no cycle either
+            return value
+    return type(output), {name: value if isinstance(value, torch.Tensor) else weak(value)
+                          for name, value in output.items()}
+
+
+def _detached(stored):
+    """A model output from the stored one: tensors copied (the next replay overwrites the graph's), weak fields
+    resolved."""
+    kind, fields = stored
+    return kind(**{name: value.clone() if isinstance(value, torch.Tensor) else
+                   value.ref() if isinstance(value, _Weak) else value for name, value in fields.items()})

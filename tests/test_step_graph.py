@@ -2,7 +2,9 @@
 shipped trained model; several threads may generate under one handle (each has its own cache)."""
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 from pathlib import Path
 
 import pytest
@@ -93,6 +95,27 @@ def test_graph_generate_equals_eager_generate(shipped, monkeypatch):
         graph = handle.last_cache.step_graph
         assert (graph is not None and graph.replays > 10) == graphs
     assert torch.equal(outs[0], outs[1])
+
+
+@cuda
+def test_repeated_generates_capture_and_free_their_graphs():
+    """A serving loop (benchmarks/soak.py's form, fp32): every generate captures its step, and the cache with its
+    graph is gone when the call returns, without waiting for a garbage collection (one that fell inside a later
+    capture would destroy a graph mid-capture: CUDA fails that capture and leaks the graph)."""
+    model = tiny_model("llama").cuda()
+    gc.collect()
+    gc.disable()
+    try:
+        for call in range(12):
+            with cakekv.compress(model, method="cake", budget=BUDGET, window=WINDOW) as handle, torch.no_grad():
+                model.generate(prompt(90 + call, seed=call).cuda(), max_new_tokens=8, do_sample=False, pad_token_id=0)
+            graph = handle.last_cache.step_graph
+            assert graph is not None and graph.failed is None and graph.replays > 0, (call, graph and graph.failed)
+            freed = weakref.ref(handle.last_cache)
+            del handle, graph
+            assert freed() is None, f"call {call}: the cache outlived the call"
+    finally:
+        gc.enable()
 
 
 def test_threads_generate_under_one_handle():

@@ -692,26 +692,33 @@ def _invalid_params():
 
 
 _CHILD_REPORTS: dict = {}
+_CHILD_CODE = ("import json, os, sys; sys.path[:0] = [sys.argv[1], os.path.dirname(sys.argv[1])]; "  # + tests/
+               "import test_op_properties as t\n"
+               "for case in sys.argv[2:]:\n"
+               "    op, name = case.split('/', 1)\n"
+               "    print(json.dumps([op, name, t.refusal(op, name, 'cuda')]), flush=True)")
 
 
 def cuda_value_report(op: str, name: str) -> dict:
-    """refusal(op, name, 'cuda') run in a child process (a device-side assert or fault would otherwise take this
-    process's CUDA context, and every later CUDA test, with it). The first call runs every such case at once:
-    each child pays CUDA's start-up."""
+    """refusal(op, name, 'cuda') run in a child process: a device-side assert or fault would otherwise take this
+    process's CUDA context, and every later CUDA test, with it. One child runs the cases in turn (CUDA's start-up
+    is paid once, not once per case and test worker); a case that kills its child is recorded with the child's
+    exit, and a new child goes on with the rest."""
     if not _CHILD_REPORTS:
         here = os.path.dirname(os.path.abspath(__file__))
-        code = ("import json, os, sys; sys.path[:0] = [sys.argv[1], os.path.dirname(sys.argv[1])]; "  # + tests/
-                "import test_op_properties as t; "
-                "print(json.dumps(t.refusal(sys.argv[2], sys.argv[3], 'cuda')))")
-        children = {(o, n): subprocess.Popen([sys.executable, "-c", code, here, o, n], stdout=subprocess.PIPE,
-                                             stderr=subprocess.PIPE, text=True)
-                    for o, n, _, _, kind in INVALID if kind == "value"}
-        for key, child in children.items():
-            out, err = child.communicate(timeout=600)
-            _CHILD_REPORTS[key] = (child.returncode, out, err)
-    rc, out, err = _CHILD_REPORTS[(op, name)]
+        pending = [(o, n) for o, n, _, _, kind in INVALID if kind == "value"]
+        while pending:
+            child = subprocess.run([sys.executable, "-c", _CHILD_CODE, here, *(f"{o}/{n}" for o, n in pending)],
+                                   capture_output=True, text=True, timeout=600)
+            for line in child.stdout.splitlines():
+                o, n, report = json.loads(line)
+                _CHILD_REPORTS[(o, n)] = (0, report, "")
+            pending = [key for key in pending if key not in _CHILD_REPORTS]
+            if pending:  # the child died on pending[0]
+                _CHILD_REPORTS[pending.pop(0)] = (child.returncode or -1, None, child.stderr)
+    rc, report, err = _CHILD_REPORTS[(op, name)]
     assert rc == 0, f"the process died (exit {rc}): {err[-2000:]}"
-    return json.loads(out.strip().splitlines()[-1])
+    return report
 
 
 @pytest.mark.parametrize("op,name,device", _invalid_params())
