@@ -51,8 +51,9 @@ def _gather_ragged_fake(k, v, idx, offsets):
 
 
 @torch.library.register_fake("cakekv::ragged_attention")
-def _ragged_attention_fake(q, k, v, pos, offsets, q_pos, scale, softcap=0.0):
-    return q.new_empty(q.shape)
+def _ragged_attention_fake(q, k, v, pos, offsets, q_pos, scale, softcap=0.0, return_weights=False):
+    rows = q.shape[1] // ((offsets.shape[0] - 1) // q.shape[0]) * q.shape[2] if return_weights else 0
+    return q.new_empty(q.shape), q.new_empty((rows, k.shape[0]), dtype=torch.float32)
 
 
 @torch.library.register_fake("cakekv::append_entries")
@@ -61,8 +62,8 @@ def _append_entries_fake(k, v, pos, offsets, new_k, new_v, q_pos, order):
 
 
 @torch.library.register_fake("cakekv::evict_lowest")
-def _evict_lowest_fake(q, k, pos, order, offsets, q_pos, over, scale, softcap, var_weight, protect, kernel_size,
-                       max_pool, n_evict, by_score=False):
+def _evict_lowest_fake(weights, pos, order, offsets, q_pos, over, var_weight, protect, kernel_size, max_pool, n_evict,
+                       by_score=False):
     return None
 
 
@@ -94,7 +95,15 @@ def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
                      q_pos: torch.Tensor, scale: float, softcap: float | None = None) -> torch.Tensor:
     """Attention [B, H, Q, D] of ``q`` over a ragged layer: head h of row b reads segment b * Hkv + h // (H // Hkv);
     entry t is visible to query i iff 0 <= pos[t] <= q_pos[b, i]; with ``softcap``, over soft-capped logits."""
-    return _ops.ragged_attention(q, k, v, pos, offsets, q_pos, float(scale), float(softcap or 0.0))
+    return _ops.ragged_attention(q, k, v, pos, offsets, q_pos, float(scale), float(softcap or 0.0))[0]
+
+
+def ragged_attention_with_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+                                  offsets: torch.Tensor, q_pos: torch.Tensor, scale: float,
+                                  softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ragged_attention` and its attention weights, fp32 [G * Q, T] (row j * Q + i: query i of the j-th query
+    head of the entry's segment), what `evict_lowest` scores: one read of the keys serves both."""
+    return _ops.ragged_attention(q, k, v, pos, offsets, q_pos, float(scale), float(softcap or 0.0), True)
 
 
 def append_entries(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, offsets: torch.Tensor, new_k: torch.Tensor,
@@ -105,20 +114,19 @@ def append_entries(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, offsets:
     _ops.append_entries(k, v, pos, offsets, new_k, new_v, q_pos, order)
 
 
-def evict_lowest(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
-                 q_pos: torch.Tensor, over: torch.Tensor, scale: float, var_weight: float, protect: int,
-                 kernel_size: int, pooling: str, n_evict: int, by_score: bool = False,
-                 softcap: float | None = None) -> None:
+def evict_lowest(weights: torch.Tensor, pos: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
+                 q_pos: torch.Tensor, over: torch.Tensor, var_weight: float, protect: int, kernel_size: int,
+                 pooling: str, n_evict: int, by_score: bool = False) -> None:
     """In place: each segment over its cap frees (pos = -1) its min(n_evict, over) entries of lowest pooled
-    score mean_heads(mean + var_weight * var) of the attention weights of the current queries ``q`` (as in
-    `ragged_attention`, computed here for the segments that evict), among entries at least ``protect`` positions
-    older than the newest query; they leave the position ``order``, and ``over`` decreases accordingly (contract
-    in csrc/register.cpp). With ``by_score``, ``order`` is the official CAKE storage order instead: the remaining
-    candidates are re-listed by descending pooled score after each eviction."""
+    score mean_heads(mean + var_weight * var) of the current queries' attention ``weights`` (from
+    `ragged_attention_with_weights`), among entries at least ``protect`` positions older than the newest query;
+    they leave the position ``order``, and ``over`` decreases accordingly (contract in csrc/register.cpp). With
+    ``by_score``, ``order`` is the official CAKE storage order instead: the remaining candidates are re-listed
+    by descending pooled score after each eviction."""
     if pooling not in ("avg", "max"):
         raise ValueError(f"pooling: must be 'avg' or 'max', got {pooling!r}")
-    _ops.evict_lowest(q, k, pos, order, offsets, q_pos, over, float(scale), float(softcap or 0.0), float(var_weight),
-                      int(protect), int(kernel_size), pooling == "max", int(n_evict), bool(by_score))
+    _ops.evict_lowest(weights, pos, order, offsets, q_pos, over, float(var_weight), int(protect), int(kernel_size),
+                      pooling == "max", int(n_evict), bool(by_score))
 
 
 def position_order(pos: torch.Tensor, offsets: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:

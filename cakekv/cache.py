@@ -98,6 +98,7 @@ class CompressedLayer(CacheLayerMixin):
         # _ops.position_order); kept by the decode ops while decode-time eviction needs it, else None.
         self.order: torch.Tensor | None = None
         self.step_evict = 0                           # entries the current step evicts per head (host)
+        self.step_weights: torch.Tensor | None = None  # attention weights of an evicting step, attend -> evict
         self.seen = 0                                 # logical length (padded prompt + appended)
         self.prefilling = False
         # Ragged storage (see the module docstring); `keys`/`values` are then [C, D].
@@ -416,26 +417,31 @@ class CompressedLayer(CacheLayerMixin):
         self.head_prefix = new
 
     def attend(self, query: torch.Tensor, scale: float, softcap: float | None = None) -> torch.Tensor:
-        """Decode attention [B, q, H, D] of the step's queries over the stored entries: the segment kernel over
-        a ragged layer, SDPA with a visibility mask over a padded one (also when it evicts: eviction computes
-        its own weights, `evict_to_caps`). `softcap`: the model's logit soft-capping, applied by both."""
-        if self.ragged:
+        """Decode attention [B, q, H, D] of the step's queries over the stored entries. A step that evicts
+        (decided on the host by `prepare_step`) runs the segment kernel for both layouts and keeps its
+        attention weights for `evict_to_caps`, so that the keys are read once; a padded layer that does not
+        evict uses SDPA with a visibility mask. `softcap`: the model's logit soft-capping, applied by both."""
+        if self.ragged or self.step_evict > 0:
             keys, values, pos, offsets = self._segments()
-            out = _ops.ragged_attention(query, keys, values, pos, offsets, self.query_pos, scale, softcap)
+            if self.step_evict > 0:
+                out, self.step_weights = _ops.ragged_attention_with_weights(query, keys, values, pos, offsets,
+                                                                            self.query_pos, scale, softcap)
+            else:
+                out = _ops.ragged_attention(query, keys, values, pos, offsets, self.query_pos, scale, softcap)
             return out.transpose(1, 2).contiguous()
         return masked_attention(query, self.keys, self.values, self.visibility(), scale, softcap)
 
-    def evict_to_caps(self, method: Method, query: torch.Tensor, scale: float, softcap: float | None = None):
-        """Decode-time eviction after `attend`, over the step's attention weights (of `query`, [B, H, q, D]):
-        rows above their cap drop their lowest-scoring entries (the last `window` positions are protected), in
-        place; the freed slots take the next tokens."""
+    def evict_to_caps(self, method: Method):
+        """Decode-time eviction after `attend`: rows above their cap drop their lowest-scoring entries (the
+        last `window` positions are protected), in place; the freed slots take the next tokens."""
         if self.step_evict <= 0:
             return
-        keys, _, pos, offsets = self._segments()
+        _, _, pos, offsets = self._segments()
         kernel_size, pooling = method.pooling
-        _ops.evict_lowest(query, keys, pos, self._flat_order(), offsets, self.query_pos, self.over_t, scale,
+        weights, self.step_weights = self.step_weights, None
+        _ops.evict_lowest(weights, pos, self._flat_order(), offsets, self.query_pos, self.over_t,
                           method.decode_variance_weight, self.cache.window, kernel_size, pooling, self.step_evict,
-                          method.decode_score_order, softcap)
+                          method.decode_score_order)
 
 
 class PromptInfo:
@@ -544,9 +550,8 @@ class CompressedCache(Cache):
             layer.indicator = None
         self.eviction.preferences = []
 
-    def after_decode(self, layer_idx: int, query: torch.Tensor, scale: float, softcap: float | None = None) -> None:
-        """After layer `layer_idx`'s decode attention of `query` [B, H, q, D]: its decode-time eviction."""
-        self.eviction.decode_layer(self.layers[layer_idx], query, scale, softcap)
+    def after_decode(self, layer_idx: int) -> None:
+        self.eviction.decode_layer(self.layers[layer_idx])
 
     def clone(self) -> "CompressedCache":
         """An independent copy (no tensor shared): several questions can continue from one compressed

@@ -74,7 +74,7 @@ class Eviction:
             layer.over_t = torch.tensor([[c - cap for c, cap in zip(cs, caps)] for cs, caps
                                          in zip(layer.head_counts, layer.head_caps)], device=layer.keys.device)
 
-    def decode_layer(self, layer, query: torch.Tensor, scale: float, softcap: float | None = None) -> None:
-        """After a decode step's attention of `query`: a layer with caps frees what its rows hold above them."""
+    def decode_layer(self, layer) -> None:
+        """After a decode step's attention: a layer with caps frees what its rows hold above them."""
         if layer.head_caps is not None:
-            layer.evict_to_caps(self.method, query, scale, softcap)
+            layer.evict_to_caps(self.method)

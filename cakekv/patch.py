@@ -124,7 +124,7 @@ def _make_attention(backend: str):
             cache.after_prefill(module.layer_idx, query, scale, module, kwargs.get("softcap"))
             return out
         out = layer.attend(query, scale, kwargs.get("softcap"))
-        cache.after_decode(module.layer_idx, query, scale, kwargs.get("softcap"))
+        cache.after_decode(module.layer_idx)
         return out, None
 
     attention.__name__ = f"{_PREFIX}{backend}_attention"

@@ -96,6 +96,32 @@ void check_gather_ragged_args(const at::Tensor& k, const at::Tensor& v, const at
               "gather_ragged: all inputs must be on one device");
 }
 
+void check_ragged_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& pos, const at::Tensor& offsets, const at::Tensor& q_pos,
+                                 double softcap) {
+  check_softcap("ragged_attention", softcap);
+  TORCH_CHECK(q.dim() == 4, "ragged_attention: q must be [B, H, Q, D], got ", q.sizes());
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()), "ragged_attention: q must be floating point");
+  TORCH_CHECK(k.dim() == 2 && k.size(1) == q.size(3), "ragged_attention: k must be [T, D], got ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes() && k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "ragged_attention: k and v must be [T, D] with q's dtype");
+  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == k.size(0) && pos.scalar_type() == at::kLong,
+              "ragged_attention: pos must be int64 [T]");
+  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong && offsets.size(0) >= 1,
+              "ragged_attention: offsets must be int64 [B * Hkv + 1]");
+  const int64_t B = q.size(0), segs = offsets.size(0) - 1;
+  TORCH_CHECK(B > 0 && segs % B == 0 && segs / B > 0, "ragged_attention: offsets has ", segs,
+              " segments, not a positive multiple of B=", B);
+  TORCH_CHECK(q.size(1) % (segs / B) == 0, "ragged_attention: H=", q.size(1), " is not a multiple of Hkv=",
+              segs / B);
+  TORCH_CHECK(q_pos.dim() == 2 && q_pos.size(0) == B && q_pos.size(1) == q.size(2) &&
+                  q_pos.scalar_type() == at::kLong,
+              "ragged_attention: q_pos must be int64 [B, Q]");
+  TORCH_CHECK(q.device() == k.device() && q.device() == v.device() && q.device() == pos.device() &&
+                  q.device() == offsets.device() && q.device() == q_pos.device(),
+              "ragged_attention: all inputs must be on one device");
+}
+
 namespace {
 
 // The position order of a segmented layer: contiguous int32 [T] (written in place) on pos's device.
@@ -107,41 +133,7 @@ void check_order(const char* op, const at::Tensor& order, const at::Tensor& pos)
   TORCH_CHECK(order.device() == pos.device(), op, ": all inputs must be on one device");
 }
 
-// The queries and keys of an op over a layer's segments (ragged_attention, evict_lowest): q [B, H, Q, D],
-// k [T, D] of q's dtype, pos int64 [T], offsets [B * Hkv + 1], q_pos int64 [B, Q], on one device.
-void check_segment_queries(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
-                           const at::Tensor& offsets, const at::Tensor& q_pos) {
-  TORCH_CHECK(q.dim() == 4, op, ": q must be [B, H, Q, D], got ", q.sizes());
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()), op, ": q must be floating point");
-  TORCH_CHECK(k.dim() == 2 && k.size(1) == q.size(3) && k.scalar_type() == q.scalar_type(), op,
-              ": k must be [T, D] with q's dtype, got ", k.scalar_type(), " ", k.sizes());
-  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == k.size(0) && pos.scalar_type() == at::kLong, op,
-              ": pos must be int64 [T]");
-  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong && offsets.size(0) >= 1, op,
-              ": offsets must be int64 [B * Hkv + 1]");
-  const int64_t B = q.size(0), segs = offsets.size(0) - 1;
-  TORCH_CHECK(B > 0 && segs % B == 0 && segs / B > 0, op, ": offsets has ", segs,
-              " segments, not a positive multiple of B=", B);
-  TORCH_CHECK(q.size(1) % (segs / B) == 0, op, ": H=", q.size(1), " is not a multiple of Hkv=", segs / B);
-  TORCH_CHECK(q_pos.dim() == 2 && q_pos.size(0) == B && q_pos.size(1) == q.size(2) &&
-                  q_pos.scalar_type() == at::kLong,
-              op, ": q_pos must be int64 [B, Q]");
-  TORCH_CHECK(q.device() == k.device() && q.device() == pos.device() && q.device() == offsets.device() &&
-                  q.device() == q_pos.device(),
-              op, ": all inputs must be on one device");
-}
-
 }  // namespace
-
-void check_ragged_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& pos, const at::Tensor& offsets, const at::Tensor& q_pos,
-                                 double softcap) {
-  check_softcap("ragged_attention", softcap);
-  check_segment_queries("ragged_attention", q, k, pos, offsets, q_pos);
-  TORCH_CHECK(v.sizes() == k.sizes() && v.scalar_type() == k.scalar_type(),
-              "ragged_attention: v must be [T, D] with q's dtype, got ", v.scalar_type(), " ", v.sizes());
-  TORCH_CHECK(v.device() == q.device(), "ragged_attention: all inputs must be on one device");
-}
 
 void check_append_entries_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
                                const at::Tensor& offsets, const at::Tensor& new_k, const at::Tensor& new_v,
@@ -168,20 +160,32 @@ void check_append_entries_args(const at::Tensor& k, const at::Tensor& v, const a
   if (order) check_order("append_entries", *order, pos);
 }
 
-void check_evict_lowest_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
-                             const at::Tensor& order, const at::Tensor& offsets, const at::Tensor& q_pos,
-                             const at::Tensor& over, double softcap, int64_t kernel_size, int64_t n_evict) {
-  check_softcap("evict_lowest", softcap);
-  check_segment_queries("evict_lowest", q, k, pos, offsets, q_pos);
-  TORCH_CHECK(pos.is_contiguous(), "evict_lowest: pos must be contiguous int64 [T] (it is written in place)");
-  const int64_t B = q_pos.size(0), segs = offsets.size(0) - 1;
+void check_evict_lowest_args(const at::Tensor& weights, const at::Tensor& pos, const at::Tensor& order,
+                             const at::Tensor& offsets, const at::Tensor& q_pos, const at::Tensor& over,
+                             int64_t kernel_size, int64_t n_evict) {
+  TORCH_CHECK(pos.dim() == 1 && pos.scalar_type() == at::kLong && pos.is_contiguous(),
+              "evict_lowest: pos must be contiguous int64 [T] (it is written in place)");
+  TORCH_CHECK(q_pos.dim() == 2 && q_pos.size(0) > 0 && q_pos.scalar_type() == at::kLong,
+              "evict_lowest: q_pos must be int64 [B, Q] with B > 0");
+  const int64_t B = q_pos.size(0), Q = q_pos.size(1);
+  TORCH_CHECK(weights.dim() == 2 && weights.size(1) == pos.size(0) && weights.scalar_type() == at::kFloat &&
+                  weights.is_contiguous() && (Q == 0 || weights.size(0) % Q == 0),
+              "evict_lowest: weights must be contiguous fp32 [G * Q, T] (ragged_attention's weights), got ",
+              weights.scalar_type(), " ", weights.sizes(), " for Q=", Q, " and T=", pos.size(0));
+  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong && offsets.size(0) >= 1,
+              "evict_lowest: offsets must be int64 [B * Hkv + 1]");
+  const int64_t segs = offsets.size(0) - 1;
+  TORCH_CHECK(segs % B == 0 && segs / B > 0, "evict_lowest: offsets has ", segs, " segments, not a positive multiple "
+              "of B=", B);
   TORCH_CHECK(over.dim() == 2 && over.size(0) == B && over.size(1) == segs / B && over.scalar_type() == at::kLong &&
                   over.is_contiguous(),
               "evict_lowest: over must be contiguous int64 [B, Hkv] (it is written in place)");
   TORCH_CHECK(kernel_size >= 1 && kernel_size % 2 == 1, "evict_lowest: kernel_size must be odd and >= 1, got ",
               kernel_size);
   TORCH_CHECK(n_evict >= 0, "evict_lowest: n_evict must be >= 0, got ", n_evict);
-  TORCH_CHECK(over.device() == pos.device(), "evict_lowest: all inputs must be on one device");
+  TORCH_CHECK(weights.device() == pos.device() && weights.device() == offsets.device() &&
+                  weights.device() == q_pos.device() && weights.device() == over.device(),
+              "evict_lowest: all inputs must be on one device");
   check_order("evict_lowest", order, pos);
 }
 

@@ -25,8 +25,8 @@ void check_ragged_attention_args(const at::Tensor& q, const at::Tensor& k, const
 void check_append_entries_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
                                const at::Tensor& offsets, const at::Tensor& new_k, const at::Tensor& new_v,
                                const at::Tensor& q_pos, const std::optional<at::Tensor>& order);
-void check_evict_lowest_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
-                             const at::Tensor& order, const at::Tensor& offsets, const at::Tensor& q_pos,
-                             const at::Tensor& over, double softcap, int64_t kernel_size, int64_t n_evict);
+void check_evict_lowest_args(const at::Tensor& weights, const at::Tensor& pos, const at::Tensor& order,
+                             const at::Tensor& offsets, const at::Tensor& q_pos, const at::Tensor& over,
+                             int64_t kernel_size, int64_t n_evict);
 
 }  // namespace cakekv

@@ -71,12 +71,14 @@ TORCH_LIBRARY(cakekv, m) {
   //   q_pos   [B, Q]          int64 logical position of each query
   //   scale                   softmax scale
   //   softcap                 logit soft-capping as in window_stats (0 = none)
+  //   return_weights          also return the attention weights (what decode-time eviction scores)
   // Query head h of row b reads segment b * Hkv + h / (H / Hkv); entry t is visible to query i iff
-  // 0 <= pos[t] <= q_pos[b, i]. A[h,i,t] = softmax over visible entries of the logits (as in window_stats) in
-  // fp32 (0 where not visible); returns out [B, H, Q, D] in q's dtype, out[b,h,i,:] = sum_t A[h,i,t] v[t]; a
-  // query that sees no entry gets zeros.
+  // 0 <= pos[t] <= q_pos[b, i]. A[h,i,t] = softmax over visible entries of the logits (as in window_stats) in fp32 (0 where not
+  // visible); out[b,h,i,:] = sum_t A[h,i,t] v[t], in q's dtype; a query that sees no entry gets zeros.
+  // Returns (out [B, H, Q, D], weights): weights is fp32 [G*Q, T] with weights[j*Q + i, t] = A[g*G + j, i, t]
+  // for the segment (b, g) holding t (G = H / Hkv), or [0, T] when return_weights is false.
   m.def("ragged_attention(Tensor q, Tensor k, Tensor v, Tensor pos, Tensor offsets, Tensor q_pos, float scale, "
-        "float softcap=0.0) -> Tensor");
+        "float softcap=0.0, bool return_weights=False) -> (Tensor, Tensor)");
 
   // ---------------------------------------------------------------------------------------------
   // Decode-time ops over a layer seen as segments: segment s = b * Hkv + g (row b, kv head g) holds the
@@ -100,23 +102,22 @@ TORCH_LIBRARY(cakekv, m) {
         "Tensor q_pos, Tensor(d!)? order) -> ()");
 
   // evict_lowest — decode-time eviction: per segment, free the entries the current queries value least
-  //   q, k, scale, softcap    the current queries and the keys, as in ragged_attention: A[h,i,t] are its weights
+  //   weights  [G*Q, T] fp32  the current queries' attention weights (ragged_attention with return_weights):
+  //                           weights[j*Q + i, t] is A[j,i,t] of query i of query head j of t's segment
   //   pos [T] int64 (mutated: evicted entries get -1), offsets [B*Hkv + 1] as above
   //   order    [T] int32      the exact position order (mutated: evicted entries leave it)
   //   q_pos    [B, Q] int64   positions of the current queries
   //   over     [B, Hkv] int64 (mutated) entries each segment holds above its cap; decreases by what is evicted
   //   var_weight (w), protect (P), kernel_size (K, odd >= 1), max_pool, n_evict (E >= 0), by_score
-  // score[t] = mean_j (mean_i A[g*G+j,i,t] + w * var_i A[g*G+j,i,t]) over the G query heads of t's segment (b, g)
-  // (unbiased variance over the Q queries, 0 when Q == 1). Candidates: 0 <= pos[t] <= q_pos[b, Q-1] - P, taken
-  // in position order; pooled = the K-wide average (zero padded, divided by K) or maximum of the candidates'
-  // scores, centred. The min(E, over[b,g]) candidates with the lowest pooled score (ties: earlier position) get
-  // pos = -1, and over[b,g] decreases by their number. The weights are computed for the segments that evict
-  // only: a step that does not evict reads no keys here.
+  // score[t] = mean_j (mean_i A[j,i,t] + w * var_i A[j,i,t]) (unbiased variance over the Q queries, 0 when
+  // Q == 1). Candidates: 0 <= pos[t] <= q_pos[b, Q-1] - P, taken in position order; pooled = the K-wide average
+  // (zero padded, divided by K) or maximum of the candidates' scores, centred. The min(E, over[b,g]) candidates
+  // with the lowest pooled score (ties: earlier position) get pos = -1, and over[b,g] decreases by their number.
   // The freed entries leave `order`; the others keep their relative order, or with by_score the remaining
   // candidates come first by descending pooled score (ties: earlier in the order), then the rest of the order
   // as it was: the storage order of the official CAKE decode evictor (its top-k's), along which it pools. With
   // by_score, `order` is that order (not the position order), and "in position order" above reads "in order".
-  m.def("evict_lowest(Tensor q, Tensor k, Tensor(a!) pos, Tensor(b!) order, Tensor offsets, Tensor q_pos, "
-        "Tensor(c!) over, float scale, float softcap, float var_weight, int protect, int kernel_size, "
-        "bool max_pool, int n_evict, bool by_score=False) -> ()");
+  m.def("evict_lowest(Tensor weights, Tensor(a!) pos, Tensor(b!) order, Tensor offsets, Tensor q_pos, "
+        "Tensor(c!) over, float var_weight, int protect, int kernel_size, bool max_pool, int n_evict, "
+        "bool by_score=False) -> ()");
 }

@@ -181,29 +181,31 @@ def append_entries(k, v, pos, offsets, new_k, new_v, q_pos):
             k[t], v[t], pos[t] = new_k[b, g, i], new_v[b, g, i], q_pos[b, i]
 
 
-def evict_scores(q, k, pos, offsets, q_pos, scale, var_weight, softcap=0.0):
-    """Per segment: fp32 [n] score mean_heads(mean_i A + w * var_i A) of the attention A of its G*Q query rows
-    (ragged_attention's weights)."""
-    _, weights = ragged_attention(q, k, k, pos, offsets, q_pos, scale, softcap)
-    q_len = q.shape[2]
-    group = weights.shape[0] // q_len if q_len else 0
+def evict_scores(q, k, pos, offsets, q_pos, scale, var_weight):
+    """Per segment: fp32 [n] score mean_heads(mean_i A + w * var_i A) of the attention of the G*Q query rows."""
+    batch, heads, q_len, _ = q.shape
+    kv_heads = (offsets.numel() - 1) // batch
+    group = heads // kv_heads
     scores = []
-    for s in range(offsets.numel() - 1):
+    for s in range(batch * kv_heads):
+        b, g = divmod(s, kv_heads)
         lo, hi = int(offsets[s]), int(offsets[s + 1])
-        a = weights[:, lo:hi].reshape(group, q_len, hi - lo)
+        ps = pos[lo:hi]
+        visible = (ps[None, :] >= 0) & (ps[None, :] <= q_pos[b][:, None])                # [Q, n]
+        logits = (q[b, g * group:(g + 1) * group].float() @ k[lo:hi].float().T * scale)  # [G, Q, n]
+        a = torch.nan_to_num(logits.masked_fill(~visible, float("-inf")).softmax(-1), nan=0.0)
         var = a.var(1) if q_len > 1 and hi > lo else torch.zeros_like(a[:, 0])
         scores.append((a.mean(1) + var_weight * var).mean(0))
     return scores
 
 
-def evict_lowest(q, k, pos, offsets, q_pos, over, scale, var_weight, protect, kernel_size, pooling, n_evict,
-                 softcap=0.0):
+def evict_lowest(q, k, pos, offsets, q_pos, over, scale, var_weight, protect, kernel_size, pooling, n_evict):
     """Reference of the evict_lowest op (in place on pos and over). Returns, per segment, the pooled score of
     each candidate by flat slot index (for tie-tolerant comparisons)."""
     batch = q.shape[0]
     kv_heads = (offsets.numel() - 1) // batch
     pooled_by_slot = []
-    for s, score in enumerate(evict_scores(q, k, pos, offsets, q_pos, scale, var_weight, softcap)):
+    for s, score in enumerate(evict_scores(q, k, pos, offsets, q_pos, scale, var_weight)):
         b, g = divmod(s, kv_heads)
         lo = int(offsets[s])
         newest = int(q_pos[b, -1])

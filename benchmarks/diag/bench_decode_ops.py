@@ -1,5 +1,5 @@
-"""Per-call GPU time of the decode ops (ragged_attention; SDPA over the same layer padded, what a padded layer
-attends with; evict_lowest, which computes its own attention weights; append_entries) on one layer of
+"""Per-call GPU time of the decode ops (ragged_attention without and with its weights, evict_lowest on those
+weights, append_entries) on one layer of
 random segments: Llama-3.1-8B-like heads (32 query heads over 8 KV heads, head dim 128), `--entries` per
 segment, every segment one over its cap (a decode step's eviction). CUDA events over `--iters` calls.
 
@@ -11,7 +11,6 @@ import argparse
 import json
 
 import torch
-import torch.nn.functional as F
 
 import cakekv._ops as ops
 
@@ -46,7 +45,7 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dtype, dev, rows = torch.bfloat16, "cuda", []
-    print("| batch | entries/segment | ragged_attention us | SDPA (padded) us | evict_lowest us | append_entries us |")
+    print("| batch | entries/segment | ragged_attention us | with weights us | evict_lowest us | append_entries us |")
     print("|---|---|---|---|---|---|")
     for batch in args.batch:
         for n in args.entries:
@@ -58,12 +57,12 @@ def main():
             work = pos.clone()
 
             attn_us = timed(lambda: ops.ragged_attention(q, k, v, pos, offsets, q_pos, 0.088), args.iters)
-            kp, vp = k.view(batch, 8, n, 128), v.view(batch, 8, n, 128)
-            sdpa_us = timed(lambda: F.scaled_dot_product_attention(q, kp, vp, scale=0.088, enable_gqa=True),
-                            args.iters)
+            weighted_us = timed(lambda: ops.ragged_attention_with_weights(q, k, v, pos, offsets, q_pos, 0.088),
+                                args.iters)
+            _, weights = ops.ragged_attention_with_weights(q, k, v, pos, offsets, q_pos, 0.088)
 
             def evict():
-                ops.evict_lowest(q, k, work, order, offsets, q_pos, over, 0.088, 200.0, 32, 5, "avg", args.q_len)
+                ops.evict_lowest(weights, work, order, offsets, q_pos, over, 200.0, 32, 5, "avg", args.q_len)
 
             evict_us = timed(evict, args.iters)  # evicts iters * q_len entries of n: scores stay comparable
             free = pos.clone()
@@ -75,9 +74,9 @@ def main():
                 ops.append_entries(k, v, free, offsets, new, new, q_pos)
 
             append_us = timed(append, args.iters)
-            rows.append(dict(batch=batch, entries=n, attention_us=attn_us, sdpa_padded_us=sdpa_us,
+            rows.append(dict(batch=batch, entries=n, attention_us=attn_us, attention_weights_us=weighted_us,
                              evict_us=evict_us, append_us=append_us))
-            print(f"| {batch} | {n} | {attn_us:.1f} | {sdpa_us:.1f} | {evict_us:.1f} | {append_us:.1f} |")
+            print(f"| {batch} | {n} | {attn_us:.1f} | {weighted_us:.1f} | {evict_us:.1f} | {append_us:.1f} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

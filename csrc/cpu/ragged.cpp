@@ -1,8 +1,7 @@
 // CPU kernels of the segment layout (contracts in register.cpp): gather_ragged (one copy per kept K and V row),
 // ragged_attention (per segment ATen math in fp32: the G*Q queries of one kv head against its entries),
-// append_entries (first free slots, one row copy per token) and evict_lowest (the same attention weights as
-// ragged_attention for the segments that evict, then plain loops in fp32; candidates and pooling neighbours
-// read from the position order, like the CUDA kernel).
+// append_entries (first free slots, one row copy per token) and evict_lowest (plain loops in fp32; candidates
+// and pooling neighbours read from the position order, like the CUDA kernel).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -26,21 +25,6 @@ namespace {
 at::Tensor checked_offsets(const at::Tensor& offsets, int64_t total, const char* op) {
   check_offsets(op, offsets, total);
   return offsets.contiguous();
-}
-
-// ragged_attention's weights A [G*Q, n] (fp32, 0 where not visible) of segment (b, g)'s query rows over its
-// entries lo .. hi - 1. qf: q in fp32 as [B, Hkv, G*Q, D] (the rows of a kv head contiguous, h = g * G + j);
-// qp: q_pos as [B, G*Q] (row r is query r % Q).
-at::Tensor segment_weights(const at::Tensor& qf, const at::Tensor& qp, const at::Tensor& k, const at::Tensor& pos,
-                           int64_t b, int64_t g, int64_t lo, int64_t hi, double scale, double softcap) {
-  const auto ps = pos.slice(0, lo, hi);
-  const auto visible = ps.ge(0).unsqueeze(0).logical_and(ps.unsqueeze(0).le(qp[b].unsqueeze(1)));  // [G*Q, n]
-  auto logits = at::matmul(qf[b][g], k.slice(0, lo, hi).to(at::kFloat).t());                       // [G*Q, n]
-  logits_from_dots_(logits, scale, softcap).masked_fill_(visible.logical_not(), -std::numeric_limits<float>::infinity());
-  const auto mx = std::get<0>(logits.max(1, true));
-  const auto p = (logits - at::where(mx.isinf(), at::zeros_like(mx), mx)).exp_();  // invisible: exp(-inf) = 0
-  const auto denom = p.sum(1, true);
-  return p / at::where(denom.eq(0), at::ones_like(denom), denom);
 }
 
 }  // namespace
@@ -72,23 +56,38 @@ std::tuple<at::Tensor, at::Tensor> gather_ragged(const at::Tensor& k, const at::
   return {k_out, v_out};
 }
 
-at::Tensor ragged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
-                            const at::Tensor& offsets, const at::Tensor& q_pos, double scale, double softcap) {
+std::tuple<at::Tensor, at::Tensor> ragged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                    const at::Tensor& pos, const at::Tensor& offsets,
+                                                    const at::Tensor& q_pos, double scale, double softcap,
+                                                    bool return_weights) {
   check_ragged_attention_args(q, k, v, pos, offsets, q_pos, softcap);
   const int64_t B = q.size(0), H = q.size(1), Q = q.size(2), D = q.size(3), T = k.size(0);
   const int64_t segs = offsets.size(0) - 1, Hkv = segs / B, G = H / Hkv;
   const auto oc = checked_offsets(offsets, T, "ragged_attention");
   const int64_t* o = oc.data_ptr<int64_t>();
+  // [B, Hkv, G*Q, D]: the rows of one kv head are contiguous (h = g * G + j).
   const auto qf = q.to(at::kFloat).reshape({B, Hkv, G * Q, D});
-  const auto qp = q_pos.repeat({1, G});
   auto out = at::zeros({B, Hkv, G * Q, D}, q.options().dtype(at::kFloat));
+  auto weights = at::zeros({return_weights ? G * Q : 0, T}, q.options().dtype(at::kFloat));
+  const auto qp = q_pos.repeat({1, G});  // [B, G*Q]: row r of a kv head is query r % Q
   for (int64_t s = 0; s < segs; ++s) {
     const int64_t b = s / Hkv, g = s % Hkv, lo = o[s], hi = o[s + 1];
     if (hi == lo) continue;
-    const auto att = segment_weights(qf, qp, k, pos, b, g, lo, hi, scale, softcap);
-    out[b][g].copy_(at::matmul(att, v.slice(0, lo, hi).to(at::kFloat)));
+    const auto ks = k.slice(0, lo, hi).to(at::kFloat), vs = v.slice(0, lo, hi).to(at::kFloat);
+    const auto ps = pos.slice(0, lo, hi);
+    const auto qpos = qp[b].unsqueeze(1);                           // [G*Q, 1]
+    const auto visible = ps.ge(0).unsqueeze(0).logical_and(ps.unsqueeze(0).le(qpos));  // [G*Q, n]
+    auto logits = at::matmul(qf[b][g], ks.t());                     // [G*Q, n]
+    logits_from_dots_(logits, scale, softcap).masked_fill_(visible.logical_not(), -std::numeric_limits<float>::infinity());
+    const auto mx = std::get<0>(logits.max(1, true));
+    const auto safe_mx = at::where(mx.isinf(), at::zeros_like(mx), mx);
+    const auto p = (logits - safe_mx).exp_();                       // invisible: exp(-inf) = 0
+    const auto denom = p.sum(1, true);
+    const auto att = p / at::where(denom.eq(0), at::ones_like(denom), denom);
+    out[b][g].copy_(at::matmul(att, vs));
+    if (return_weights) weights.slice(1, lo, hi).copy_(att);
   }
-  return out.view({B, H, Q, D}).to(q.scalar_type());
+  return {out.view({B, H, Q, D}).to(q.scalar_type()), weights};
 }
 
 void append_entries(const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos, const at::Tensor& offsets,
@@ -127,29 +126,21 @@ void append_entries(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
   }
 }
 
-void evict_lowest(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos, const at::Tensor& order,
-                  const at::Tensor& offsets, const at::Tensor& q_pos, const at::Tensor& over, double scale,
-                  double softcap, double var_weight, int64_t protect, int64_t kernel_size, bool max_pool,
-                  int64_t n_evict, bool by_score) {
-  check_evict_lowest_args(q, k, pos, order, offsets, q_pos, over, softcap, kernel_size, n_evict);
-  const int64_t B = q.size(0), H = q.size(1), Q = q.size(2), D = q.size(3), T = pos.size(0);
-  const int64_t segs = offsets.size(0) - 1, Hkv = segs / B, G = H / Hkv, half = kernel_size / 2;
+void evict_lowest(const at::Tensor& weights, const at::Tensor& pos, const at::Tensor& order,
+                  const at::Tensor& offsets, const at::Tensor& q_pos, const at::Tensor& over, double var_weight,
+                  int64_t protect, int64_t kernel_size, bool max_pool, int64_t n_evict, bool by_score) {
+  check_evict_lowest_args(weights, pos, order, offsets, q_pos, over, kernel_size, n_evict);
+  const int64_t B = q_pos.size(0), Q = q_pos.size(1), T = pos.size(0);
+  const int64_t segs = offsets.size(0) - 1, Hkv = segs / B, half = kernel_size / 2;
   const auto oc = checked_offsets(offsets, T, "evict_lowest");
   if (n_evict == 0 || T == 0 || Q == 0) return;
+  const int64_t G = weights.size(0) / Q;
   const int64_t* o = oc.data_ptr<int64_t>();
-  int64_t* ov = over.data_ptr<int64_t>();
-  // The attention weights of the segments that evict (columns of the others stay 0, unread).
-  auto weights = at::zeros({G * Q, T}, q.options().dtype(at::kFloat));
-  const auto qf = q.to(at::kFloat).reshape({B, Hkv, G * Q, D});
-  const auto qp = q_pos.repeat({1, G});
-  for (int64_t s = 0; s < segs; ++s)
-    if (ov[s] > 0 && o[s + 1] > o[s])
-      weights.slice(1, o[s], o[s + 1]).copy_(segment_weights(qf, qp, k, pos, s / Hkv, s % Hkv, o[s], o[s + 1], scale,
-                                                             softcap));
-  const auto qpc = q_pos.contiguous();
+  const auto qp = q_pos.contiguous();
   const float* w = weights.data_ptr<float>();
-  const int64_t* qpp = qpc.data_ptr<int64_t>();
+  const int64_t* qpp = qp.data_ptr<int64_t>();
   int64_t* p = pos.data_ptr<int64_t>();
+  int64_t* ov = over.data_ptr<int64_t>();
   int32_t* ord = order.data_ptr<int32_t>();
   at::parallel_for(0, segs, 1, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {

@@ -1,11 +1,8 @@
 // evict_lowest (CUDA, contract in register.cpp): decode-time eviction in one kernel that never syncs with the
-// host, so a decode step that evicts can be captured as a CUDA graph.
+// host, so a decode step that evicts can be captured as a CUDA graph. The attention weights come from the step's
+// ragged_attention (return_weights): keys are not read again.
 //
-// One block per segment; a segment that does not evict returns at once. One that does first computes its
-// queries' attention weights (a thread per entry: its key read once in 16-byte slices, the logits of up to
-// kRowTile query rows at a time against rows held in shared memory; then the row maxima, sums and
-// normalisation by block reductions), so that the step's attention itself can be the fastest kernel at hand
-// (SDPA over a padded layer) and the weights cost a read of the keys, not a second attention. Candidates are a prefix of the segment's position order (`order`, kept exact by
+// One block per segment. Candidates are a prefix of the segment's position order (`order`, kept exact by
 // append_entries and by this op): each candidate's score (decode_score.h) is stored by rank, so pooling reads
 // its neighbours next to it; the lowest pooled scores are found by a block minimum (one entry per step) or a
 // radix select on their float bits (4 passes of 8 bits; ties go to the earlier position), then the freed slots
@@ -23,8 +20,6 @@
 
 #include "../checks.h"
 #include "../decode_score.h"
-#include "logits.cuh"
-#include "rows.cuh"
 #include "segments.cuh"
 
 namespace cakekv::cuda {
@@ -101,117 +96,16 @@ __device__ uint32_t block_min(uint32_t v, uint32_t* scratch) {
   return out;
 }
 
-constexpr int kRowTile = 4;      // query rows scored per pass over a segment's keys
-constexpr int kSliceBatch = 4;   // 16-byte slices of a key loaded before any is used
-
-// Block-wide maximum (kMax) or sum of kRowTile values per thread; every thread gets the results. `scratch`:
-// 32 * kRowTile floats of shared memory. Contains barriers.
-template <bool kMax>
-__device__ void block_reduce_rows(float (&v)[kRowTile], float* scratch) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-#pragma unroll
-  for (int r = 0; r < kRowTile; ++r) {
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) {
-      const float other = __shfl_xor_sync(0xffffffffu, v[r], off);
-      v[r] = kMax ? fmaxf(v[r], other) : v[r] + other;
-    }
-    if (lane == 0) scratch[warp * kRowTile + r] = v[r];
-  }
-  __syncthreads();
-#pragma unroll
-  for (int r = 0; r < kRowTile; ++r) {
-    float acc = scratch[r];
-    for (int w = 1; w < warps; ++w) acc = kMax ? fmaxf(acc, scratch[w * kRowTile + r]) : acc + scratch[w * kRowTile + r];
-    v[r] = acc;
-  }
-  __syncthreads();
-}
-
-// Segment (b, g)'s attention weights, ragged_attention's A: weights[r * T + lo + e] for its G*Q query rows r and
-// entries e < n (0 where not visible).
-template <typename scalar_t, int kVec>
-__device__ void segment_weights(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
-                                const int64_t* __restrict__ pos, const int64_t* __restrict__ q_pos,
-                                float* __restrict__ weights, int64_t lo, int64_t n, int64_t b, int64_t g, int64_t T,
-                                int64_t H, int64_t G, int64_t Q, int D, float scale, float softcap, bool vector,
-                                float (*q_s)[kMaxHeadDim], float* red_s) {
-  for (int64_t r0 = 0; r0 < G * Q; r0 += kRowTile) {
-    const int R = int(std::min<int64_t>(kRowTile, G * Q - r0));
-    for (int x = threadIdx.x; x < kRowTile * kMaxHeadDim; x += blockDim.x) {  // zeros past D and past R
-      const int r = x / kMaxHeadDim, d = x % kMaxHeadDim;
-      q_s[r][d] = r < R && d < D ? static_cast<float>(q[query_row_offset(b, g, r0 + r, H, G, Q, D) + d]) : 0.f;
-    }
-    __syncthreads();
-    float mx[kRowTile], sum[kRowTile];
-#pragma unroll
-    for (int r = 0; r < kRowTile; ++r) mx[r] = -INFINITY;
-    for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-      const int64_t p = pos[lo + e];
-      float dot[kRowTile] = {};
-      if (p >= 0) {
-        const scalar_t* row = k + (lo + e) * D;
-        for (int c0 = 0; c0 < D; c0 += kSliceBatch * kVec) {
-          float kv[kSliceBatch][kVec];
-#pragma unroll
-          for (int u = 0; u < kSliceBatch; ++u) load_slice<kVec>(row, c0 + u * kVec, D, vector, kv[u]);
-#pragma unroll
-          for (int r = 0; r < kRowTile; ++r) {
-            if (r >= R) break;
-#pragma unroll
-            for (int u = 0; u < kSliceBatch; ++u)
-#pragma unroll
-              for (int c = 0; c < kVec; ++c) dot[r] += q_s[r][c0 + u * kVec + c] * kv[u][c];
-          }
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < kRowTile; ++r) {
-        if (r >= R) break;
-        const bool visible = p >= 0 && p <= q_pos[b * Q + (r0 + r) % Q];
-        const float logit = visible ? attention_logit(dot[r], scale, softcap) : -INFINITY;
-        weights[(r0 + r) * T + lo + e] = logit;
-        mx[r] = fmaxf(mx[r], logit);
-      }
-    }
-    block_reduce_rows<true>(mx, red_s);
-#pragma unroll
-    for (int r = 0; r < kRowTile; ++r) sum[r] = 0.f;
-    for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {  // this thread's own entries: no barrier needed
-#pragma unroll
-      for (int r = 0; r < kRowTile; ++r) {
-        if (r >= R) break;
-        float& w = weights[(r0 + r) * T + lo + e];
-        w = w == -INFINITY ? 0.f : expf(w - mx[r]);
-        sum[r] += w;
-      }
-    }
-    block_reduce_rows<false>(sum, red_s);
-    for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-#pragma unroll
-      for (int r = 0; r < kRowTile; ++r) {
-        if (r >= R) break;
-        if (sum[r] > 0.f) weights[(r0 + r) * T + lo + e] /= sum[r];  // a row that sees nothing: zeros
-      }
-    }
-  }
-  __syncthreads();  // every entry's weights are written before any is scored
-}
-
-template <typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kSelectThreads) evict_select_kernel(
-    const scalar_t* __restrict__ q, const scalar_t* __restrict__ k, float* __restrict__ weights,
-    int64_t* __restrict__ pos, int32_t* __restrict__ order, const int64_t* __restrict__ offsets,
-    const int64_t* __restrict__ q_pos, int64_t* __restrict__ over, float* __restrict__ score,
-    uint32_t* __restrict__ keys, int32_t* __restrict__ stash, int64_t T, int64_t H, int64_t Q, int64_t Hkv,
-    int D, float scale, float softcap, bool vector, int64_t protect, float var_weight, int half, int kernel_size,
-    bool max_pool, int64_t n_evict, bool by_score) {
-  __shared__ float q_s[kRowTile][kMaxHeadDim];
-  __shared__ float red_s[32 * kRowTile];
+    const float* __restrict__ weights, int64_t* __restrict__ pos, int32_t* __restrict__ order,
+    const int64_t* __restrict__ offsets, const int64_t* __restrict__ q_pos, int64_t* __restrict__ over,
+    float* __restrict__ score, uint32_t* __restrict__ keys, int32_t* __restrict__ stash, int64_t T, int64_t Q,
+    int64_t Hkv, int64_t G, int64_t protect, float var_weight, int half, int kernel_size, bool max_pool,
+    int64_t n_evict, bool by_score) {
   __shared__ u64 scratch[33];
   __shared__ int hist[256];
   __shared__ int digit_s, remaining_s;
-  const int64_t seg = blockIdx.x, b = seg / Hkv, G = H / Hkv, lo = offsets[seg], n = offsets[seg + 1] - lo;
+  const int64_t seg = blockIdx.x, b = seg / Hkv, lo = offsets[seg], n = offsets[seg + 1] - lo;
   if (over[seg] <= 0 || n == 0) return;  // uniform over the block
   const int64_t limit = q_pos[b * Q + Q - 1] - protect;
   uint32_t* seg_keys = keys + lo;
@@ -230,8 +124,6 @@ __global__ void __launch_bounds__(kSelectThreads) evict_select_kernel(
   const int nvalid = int(totals >> kHalfBits), ncand = int(totals & 0xFFFFFFFFu);
   const int drop = int(std::min<int64_t>(std::min<int64_t>(n_evict, over[seg]), ncand));
   if (drop == 0) return;
-  segment_weights<scalar_t, kVec>(q, k, pos, q_pos, weights, lo, n, b, seg % Hkv, T, H, G, Q, D, scale, softcap,
-                                  vector, q_s, red_s);
 
   // Each candidate's score, by rank in the position order.
   for (int i = threadIdx.x; i < ncand; i += kSelectThreads) {
@@ -307,34 +199,25 @@ __global__ void __launch_bounds__(kSelectThreads) evict_select_kernel(
 
 }  // namespace
 
-void evict_lowest(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& pos, const at::Tensor& order,
-                  const at::Tensor& offsets_in, const at::Tensor& q_pos_in, const at::Tensor& over, double scale,
-                  double softcap, double var_weight, int64_t protect, int64_t kernel_size, bool max_pool,
-                  int64_t n_evict, bool by_score) {
-  check_evict_lowest_args(q_in, k_in, pos, order, offsets_in, q_pos_in, over, softcap, kernel_size, n_evict);
+void evict_lowest(const at::Tensor& weights, const at::Tensor& pos, const at::Tensor& order,
+                  const at::Tensor& offsets_in, const at::Tensor& q_pos_in, const at::Tensor& over, double var_weight,
+                  int64_t protect, int64_t kernel_size, bool max_pool, int64_t n_evict, bool by_score) {
+  check_evict_lowest_args(weights, pos, order, offsets_in, q_pos_in, over, kernel_size, n_evict);
   const c10::cuda::CUDAGuard guard(pos.device());
-  const int64_t B = q_in.size(0), H = q_in.size(1), Q = q_in.size(2), D = q_in.size(3), T = pos.size(0);
+  const int64_t B = q_pos_in.size(0), Q = q_pos_in.size(1), T = pos.size(0);
   const int64_t segs = offsets_in.size(0) - 1, Hkv = segs / B;
-  TORCH_CHECK(D <= kMaxHeadDim, "evict_lowest (CUDA): head dim ", D, " above ", kMaxHeadDim);
   if (n_evict == 0 || T == 0 || Q == 0) return;
-  const auto q = q_in.contiguous(), k = k_in.contiguous(), offsets = offsets_in.contiguous(),
-             q_pos = q_pos_in.contiguous();
-  const auto f32 = pos.options().dtype(at::kFloat);
-  auto weights = at::empty({H / Hkv * Q, T}, f32), score = at::empty({T}, f32);
-  auto keys = at::empty({T}, pos.options().dtype(at::kInt));
-  auto stash = at::empty({by_score ? T : 0}, pos.options().dtype(at::kInt));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "evict_lowest_cuda", [&] {
-    constexpr int kVec = 16 / sizeof(scalar_t);
-    const bool vector = D % kVec == 0 && reinterpret_cast<uintptr_t>(k.const_data_ptr()) % 16 == 0;
-    evict_select_kernel<scalar_t, kVec><<<unsigned(segs), kSelectThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), weights.mutable_data_ptr<float>(),
-        pos.mutable_data_ptr<int64_t>(), order.mutable_data_ptr<int32_t>(), offsets.const_data_ptr<int64_t>(),
-        q_pos.const_data_ptr<int64_t>(), over.mutable_data_ptr<int64_t>(), score.mutable_data_ptr<float>(),
-        reinterpret_cast<uint32_t*>(keys.mutable_data_ptr<int32_t>()), stash.mutable_data_ptr<int32_t>(), T, H, Q,
-        Hkv, int(D), static_cast<float>(scale), static_cast<float>(softcap), vector, protect,
-        static_cast<float>(var_weight), int(kernel_size / 2), int(kernel_size), max_pool, n_evict, by_score);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  const auto offsets = offsets_in.contiguous(), q_pos = q_pos_in.contiguous();
+  auto score = at::empty({T}, weights.options());
+  auto keys = at::empty({T}, weights.options().dtype(at::kInt));
+  auto stash = at::empty({by_score ? T : 0}, weights.options().dtype(at::kInt));
+  evict_select_kernel<<<unsigned(segs), kSelectThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      weights.const_data_ptr<float>(), pos.mutable_data_ptr<int64_t>(), order.mutable_data_ptr<int32_t>(),
+      offsets.const_data_ptr<int64_t>(), q_pos.const_data_ptr<int64_t>(), over.mutable_data_ptr<int64_t>(),
+      score.mutable_data_ptr<float>(), reinterpret_cast<uint32_t*>(keys.mutable_data_ptr<int32_t>()),
+      stash.mutable_data_ptr<int32_t>(), T, Q, Hkv, weights.size(0) / Q, protect, static_cast<float>(var_weight),
+      int(kernel_size / 2), int(kernel_size), max_pool, n_evict, by_score);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace cakekv::cuda

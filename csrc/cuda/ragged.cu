@@ -12,6 +12,9 @@
 // K/V load: a block takes up to kAttnRows rows and walks its pieces in steps of kChunk entries: warps score
 // entries (lanes split the head dim, shuffle reduction), each row's online softmax is updated per step, and
 // threads accumulate P·V for their head dims. A second kernel merges the pieces of every (segment, row).
+// Asked for the attention weights (what decode-time eviction scores), the first kernel also writes each
+// entry's logit per row and the merge turns the segment's logits into weights with the row's max and sum: the
+// keys are read once per step for both attention and eviction.
 //
 // append_entries: one block per segment finds its first Q free slots (warp ballots, in slot order) and
 // copies the tokens there; given the position order, it lists the new entries at its end.
@@ -28,7 +31,6 @@
 
 #include "../checks.h"
 #include "logits.cuh"
-#include "rows.cuh"
 #include "segments.cuh"
 
 namespace cakekv::cuda {
@@ -55,6 +57,33 @@ constexpr int kAttnRows = 4;         // query rows per ragged_attention block (m
 constexpr int kAttnThreads = 128;
 constexpr int kEntriesPerGroup = 8;  // entries a lane group takes per step, loaded kBatch at a time
 constexpr int kBatch = 4;
+constexpr int kMaxHeadDim = 256;
+
+// A lane group of kLanes lanes holds one row of a head (a query, key or value): lane l the kVec elements from
+// l * kVec. With `vector` (rows 16-byte aligned, D a multiple of kVec) that is one or two 16-byte loads.
+template <int kVec, typename scalar_t>
+__device__ __forceinline__ void load_slice(const scalar_t* __restrict__ row, int first, int D, bool vector,
+                                           float (&out)[kVec]) {
+  static_assert(kVec * sizeof(scalar_t) % 16 == 0, "a slice is whole 16-byte words");
+  if (vector) {
+    if (first < D) {
+      constexpr int kWords = kVec * sizeof(scalar_t) / 16;
+      uint4 words[kWords];
+#pragma unroll
+      for (int i = 0; i < kWords; ++i) words[i] = reinterpret_cast<const uint4*>(row + first)[i];
+      const scalar_t* e = reinterpret_cast<const scalar_t*>(words);
+#pragma unroll
+      for (int c = 0; c < kVec; ++c) out[c] = static_cast<float>(e[c]);
+    } else {
+#pragma unroll
+      for (int c = 0; c < kVec; ++c) out[c] = 0.f;
+    }
+  } else {
+#pragma unroll
+    for (int c = 0; c < kVec; ++c) out[c] = first + c < D ? static_cast<float>(row[first + c]) : 0.f;
+  }
+}
+
 // Calls f(kVec, kLanes) (integral constants) for a head dim D <= kMaxHeadDim: kVec elements of at least 16 bytes
 // per lane, kLanes = 8, 16 or 32 lanes per row.
 template <typename scalar_t, typename F>
@@ -72,7 +101,7 @@ template <typename scalar_t, int kVec, int kLanes>
 __global__ void __launch_bounds__(kAttnThreads) ragged_attention_partial_kernel(
     const scalar_t* __restrict__ q, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
     const int64_t* __restrict__ pos, const int64_t* __restrict__ offsets, const int64_t* __restrict__ q_pos,
-    float* __restrict__ part_acc, float* __restrict__ part_ml, int64_t T, int64_t segs,
+    float* __restrict__ part_acc, float* __restrict__ part_ml, float* __restrict__ weights, int64_t T, int64_t segs,
     int64_t chunk, int64_t H, int64_t Q, int64_t D, int64_t Hkv, float scale, float softcap, bool vector) {
   constexpr int kGroups = kAttnThreads / kLanes, kStep = kGroups * kEntriesPerGroup, kWidth = kLanes * kVec;
   __shared__ float p_s[kAttnRows][kStep];                  // logits of a step, then their exp
@@ -142,6 +171,7 @@ __global__ void __launch_bounds__(kAttnThreads) ragged_attention_partial_kernel(
         float sum = 0.f;
         for (int e = wlane; e < n; e += 32) {
           const float sc = p_s[r][e];
+          if (weights != nullptr) weights[(r0 + r) * T + c0 + e] = sc;  // the logit; the merge normalises it
           const float w = sc == -INFINITY ? 0.f : expf(sc - m_new);
           p_s[r][e] = w;
           sum += w;
@@ -208,7 +238,8 @@ __global__ void __launch_bounds__(kAttnThreads) ragged_attention_partial_kernel(
 template <typename scalar_t>
 __global__ void ragged_attention_merge_kernel(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
                                               const int64_t* __restrict__ offsets, scalar_t* __restrict__ out,
-                                              int64_t chunk, int64_t H, int64_t Q, int64_t D, int64_t Hkv) {
+                                              float* __restrict__ weights, int64_t T, int64_t chunk, int64_t H,
+                                              int64_t Q, int64_t D, int64_t Hkv) {
   const int64_t G = H / Hkv, rows = G * Q;
   const int64_t seg = blockIdx.x / rows, r = blockIdx.x % rows, b = seg / Hkv, g = seg % Hkv;
   const int64_t lo = offsets[seg], hi = offsets[seg + 1];
@@ -216,6 +247,7 @@ __global__ void ragged_attention_merge_kernel(const float* __restrict__ part_acc
   constexpr int kLoads = 8;
   const int64_t first = lo / chunk, last = hi > lo ? (hi - 1) / chunk : first - 1;
   scalar_t* o = out + query_row_offset(b, g, r, H, G, Q, D);
+  float mx = -INFINITY, denom = 0.f;
   for (int64_t d0 = 0; d0 < D; d0 += blockDim.x) {  // one pass for head dims up to blockDim.x
     const int64_t d = d0 + threadIdx.x;
     float m_run = -INFINITY, l_run = 0.f, sum = 0.f;
@@ -240,6 +272,25 @@ __global__ void ragged_attention_merge_kernel(const float* __restrict__ part_acc
       }
     }
     if (d < D) o[d] = static_cast<scalar_t>(l_run > 0.f ? sum / l_run : 0.f);  // sees no entry: zeros
+    mx = m_run;
+    denom = l_run;
+  }
+  const float inv = denom > 0.f ? 1.f / denom : 0.f;
+  if (weights != nullptr) {  // the row's logits over the segment become weights; loads batched before stores
+    float* w = weights + r * T;
+    for (int64_t t0 = lo + threadIdx.x; t0 < hi; t0 += kLoads * int64_t(blockDim.x)) {
+      float logit[kLoads];
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u) {
+        const int64_t t = t0 + u * int64_t(blockDim.x);
+        logit[u] = t < hi ? w[t] : -INFINITY;
+      }
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u) {
+        const int64_t t = t0 + u * int64_t(blockDim.x);
+        if (t < hi) w[t] = logit[u] == -INFINITY ? 0.f : expf(logit[u] - mx) * inv;
+      }
+    }
   }
 }
 
@@ -324,22 +375,25 @@ std::tuple<at::Tensor, at::Tensor> gather_ragged(const at::Tensor& k_in, const a
   return {k_out, v_out};
 }
 
-at::Tensor ragged_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                            const at::Tensor& pos_in, const at::Tensor& offsets_in, const at::Tensor& q_pos_in,
-                            double scale, double softcap) {
+std::tuple<at::Tensor, at::Tensor> ragged_attention(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                    const at::Tensor& v_in, const at::Tensor& pos_in,
+                                                    const at::Tensor& offsets_in, const at::Tensor& q_pos_in,
+                                                    double scale, double softcap, bool return_weights) {
   check_ragged_attention_args(q_in, k_in, v_in, pos_in, offsets_in, q_pos_in, softcap);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t B = q_in.size(0), H = q_in.size(1), Q = q_in.size(2), D = q_in.size(3), T = k_in.size(0);
   const int64_t segs = offsets_in.size(0) - 1, Hkv = segs / B, rows = (H / Hkv) * Q;
   TORCH_CHECK(D <= kMaxHeadDim, "ragged_attention (CUDA): head dim ", D, " above ", kMaxHeadDim);
   auto out = at::empty({B, H, Q, D}, q_in.options());
-  if (out.numel() == 0) return out;
+  auto weights = at::empty({return_weights ? rows : 0, T}, q_in.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, weights.zero_()};
   const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), pos = pos_in.contiguous(),
              offsets = offsets_in.contiguous(), q_pos = q_pos_in.contiguous();
   // About two blocks per SM, at least a step of entries each (the host does not read the offsets).
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t tiles = (rows + kAttnRows - 1) / kAttnRows;
   auto f32 = q_in.options().dtype(at::kFloat);
+  float* weights_ptr = return_weights ? weights.mutable_data_ptr<float>() : nullptr;
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "ragged_attention_cuda", [&] {
     with_row_layout<scalar_t>(D, [&](auto vec, auto lanes) {
@@ -355,17 +409,17 @@ at::Tensor ragged_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
             <<<dim3(unsigned(blocks), unsigned(tiles)), kAttnThreads, 0, stream>>>(
             q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
             pos.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), q_pos.const_data_ptr<int64_t>(),
-            part_acc.mutable_data_ptr<float>(), part_ml.mutable_data_ptr<float>(), T, segs, chunk, H,
+            part_acc.mutable_data_ptr<float>(), part_ml.mutable_data_ptr<float>(), weights_ptr, T, segs, chunk, H,
             Q, D, Hkv, static_cast<float>(scale), static_cast<float>(softcap), vector);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       ragged_attention_merge_kernel<scalar_t><<<unsigned(segs * rows), 128, 0, stream>>>(
           part_acc.const_data_ptr<float>(), part_ml.const_data_ptr<float>(), offsets.const_data_ptr<int64_t>(),
-          out.mutable_data_ptr<scalar_t>(), chunk, H, Q, D, Hkv);
+          out.mutable_data_ptr<scalar_t>(), weights_ptr, T, chunk, H, Q, D, Hkv);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return out;
+  return {out, weights};
 }
 
 void append_entries(const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos, const at::Tensor& offsets_in,

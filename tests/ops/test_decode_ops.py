@@ -1,4 +1,4 @@
-"""The decode-time ops over a layer's segments (append_entries, evict_lowest) against the plain-PyTorch
+"""The decode-time ops over a layer's segments (append_entries, evict_lowest on ragged_attention's weights) against the plain-PyTorch
 references in reference.py: random cases in both layouts (padded: equal segments; ragged: unequal ones),
 storage order shuffled so that slot order is not position order, free slots inside segments, several
 queries (the variance term), both poolings; attention of the shipped trained model; the position order the
@@ -48,10 +48,11 @@ def on(device, *tensors):
     return tuple(t.to(device) for t in tensors)
 
 
-def evict(device, q, k, pos, order, offsets, q_pos, over, scale, var_weight, protect, kernel, pooling, n_evict):
-    """evict_lowest with the host tensors moved to `device` (pos, order and over are there already)."""
-    ops.evict_lowest(*on(device, q, k), pos, order, *on(device, offsets, q_pos), over, scale, var_weight, protect,
-                     kernel, pooling, n_evict)
+def evict(device, q, k, v, pos, order, offsets, q_pos, over, scale, var_weight, protect, kernel, pooling, n_evict):
+    """The decode step's eviction as the cache runs it: attention with weights, then evict_lowest on them."""
+    offsets, q_pos = on(device, offsets, q_pos)
+    _, weights = ops.ragged_attention_with_weights(*on(device, q, k, v), pos, offsets, q_pos, scale)
+    ops.evict_lowest(weights, pos, order, offsets, q_pos, over, var_weight, protect, kernel, pooling, n_evict)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -92,7 +93,7 @@ def test_evict_lowest_matches_reference(device, dtype, ragged, q_len, var_weight
                               n_evict)
     got_pos, got_over = on(device, pos.clone(), over.clone())
     order = on(device, ops.position_order(pos, offsets))[0]
-    evict(device, q, k, got_pos, order, offsets, q_pos, got_over, 0.25, var_weight, 4, kernel, pooling, n_evict)
+    evict(device, q, k, v, got_pos, order, offsets, q_pos, got_over, 0.25, var_weight, 4, kernel, pooling, n_evict)
     assert torch.equal(got_over.cpu(), want_over) and want_over.tolist() == [[0, 0], [2, -1]]
     assert_same_eviction(got_pos, want_pos, pooled, offsets)
     assert_exact_order(order, got_pos, offsets)
@@ -104,7 +105,7 @@ def test_evict_lowest_protects_the_window_and_stops_at_the_candidates(device):
     over = torch.tensor([[50]])
     got_pos, got_over = on(device, pos.clone(), over)
     order = on(device, ops.position_order(pos, offsets))[0]
-    evict(device, q, k, got_pos, order, offsets, q_pos, got_over, 0.25, 0.0, 4, 5, "avg", 50)
+    evict(device, q, k, v, got_pos, order, offsets, q_pos, got_over, 0.25, 0.0, 4, 5, "avg", 50)
     # positions 0..9, queries at 10: candidates are positions <= 6; all go, the last 4 stay
     assert sorted(p for p in got_pos.tolist() if p >= 0) == [7, 8, 9]
     assert got_over.item() == 50 - 7
@@ -133,7 +134,7 @@ def test_evict_lowest_on_trained_model_attention(device, q_len):
         pooled = ref.evict_lowest(q, k, want_pos, offsets, q_pos, want_over, scale, 200.0, 8, 5, "avg", 6)
         got_pos, got_over = on(device, pos.clone(), over.clone())
         order = on(device, ops.position_order(pos, offsets))[0]
-        evict(device, q, k, got_pos, order, offsets, q_pos, got_over, scale, 200.0, 8, 5, "avg", 6)
+        evict(device, q, k, k, got_pos, order, offsets, q_pos, got_over, scale, 200.0, 8, 5, "avg", 6)
         assert torch.equal(got_over.cpu(), want_over)
         assert_same_eviction(got_pos, want_pos, pooled, offsets)
 
@@ -162,7 +163,7 @@ def test_append_and_evict_over_many_steps_match_the_reference(device, ragged, q_
         want[3] += q_len
         got[3] += q_len
         pooled = ref.evict_lowest(q, want[0], want[2], offsets, step_pos, want[3], 0.25, 200.0, 3, 5, "avg", q_len)
-        evict(device, q, got[0], got[2], order, offsets, step_pos, got[3], 0.25, 200.0, 3, 5, "avg", q_len)
+        evict(device, q, got[0], got[1], got[2], order, offsets, step_pos, got[3], 0.25, 200.0, 3, 5, "avg", q_len)
         assert torch.equal(got[3].cpu(), want[3])
         assert_same_eviction(got[2], want[2], pooled, offsets)
         assert_exact_order(order, got[2], offsets)
@@ -197,8 +198,10 @@ def test_evict_lowest_by_score_follows_the_official_storage_order(device, ragged
             new_slot = next(t for t in range(int(offsets[s]), int(offsets[s + 1]))
                             if int(p_now[t]) == int(step_pos[0, 0]))
             storage[s] = storage[s] + [new_slot]
-        ops.evict_lowest(on(device, q)[0], got[0], got[2], got[3], *on(device, offsets, step_pos), over, 0.25, 0.0,
-                         window, 5, "avg", 1, by_score=True)
+        _, weights = ops.ragged_attention_with_weights(*on(device, q, got[0], got[1], got[2], offsets, step_pos),
+                                                       0.25)
+        ops.evict_lowest(weights, got[2], got[3], *on(device, offsets, step_pos), over, 0.0, window, 5, "avg", 1,
+                         by_score=True)
         for s in range(2):
             storage[s], evicted = ref.official_cake_decode_step(q[0, 2 * s:2 * s + 2], k_now, storage[s],
                                                                 step_pos[0], 0.25, window, 5)
@@ -218,29 +221,32 @@ def test_opcheck(device):
                           on(device, k, v, pos, offsets, new, new.clone(), q_pos, order))
     torch.library.opcheck(torch.ops.cakekv.append_entries.default,
                           (*on(device, k, v, pos, offsets, new, new.clone(), q_pos), None))
-    torch.library.opcheck(torch.ops.cakekv.ragged_attention.default, (*on(device, q, k, v, pos, offsets, q_pos), 0.25))
-    for by_score in (False, True):
-        torch.library.opcheck(torch.ops.cakekv.evict_lowest.default,
-                              (*on(device, q, k, pos, order, offsets, q_pos, torch.tensor([[1, 2], [0, 3]])),
-                               0.25, 0.0, 200.0, 4, 5, False, 2, by_score))
+    for flag in (False, True):
+        torch.library.opcheck(torch.ops.cakekv.ragged_attention.default,
+                              (*on(device, q, k, v, pos, offsets, q_pos), 0.25, flag))
+    weights = ops.ragged_attention_with_weights(q, k, v, pos, offsets, q_pos, 0.25)[1]
+    torch.library.opcheck(torch.ops.cakekv.evict_lowest.default,
+                          (*on(device, weights, pos, order, offsets, q_pos, torch.tensor([[1, 2], [0, 3]])),
+                           200.0, 4, 5, False, 2))
 
 
 def test_evict_lowest_refuses_bad_arguments():
     q, k, v, pos, offsets, q_pos = segment_case()
     over = torch.ones(2, 2, dtype=torch.long)
     order = ops.position_order(pos, offsets)
+    weights = ops.ragged_attention_with_weights(q, k, v, pos, offsets, q_pos, 0.25)[1]
     with pytest.raises(RuntimeError, match="evict_lowest: kernel_size must be odd"):
-        ops.evict_lowest(q, k, pos, order, offsets, q_pos, over, 0.25, 0.0, 4, 4, "avg", 1)
+        ops.evict_lowest(weights, pos, order, offsets, q_pos, over, 0.0, 4, 4, "avg", 1)
     with pytest.raises(RuntimeError, match="evict_lowest: over must be contiguous int64"):
-        ops.evict_lowest(q, k, pos, order, offsets, q_pos, over.int(), 0.25, 0.0, 4, 5, "avg", 1)
-    with pytest.raises(RuntimeError, match=r"evict_lowest: k must be \[T, D\] with q's dtype"):
-        ops.evict_lowest(q, k.double(), pos, order, offsets, q_pos, over, 0.25, 0.0, 4, 5, "avg", 1)
-    with pytest.raises(RuntimeError, match=r"evict_lowest: pos must be int64 \[T\]"):
-        ops.evict_lowest(q, k[1:], pos, order, offsets, q_pos, over, 0.25, 0.0, 4, 5, "avg", 1)
+        ops.evict_lowest(weights, pos, order, offsets, q_pos, over.int(), 0.0, 4, 5, "avg", 1)
+    with pytest.raises(RuntimeError, match=r"evict_lowest: weights must be contiguous fp32 \[G \* Q, T\]"):
+        ops.evict_lowest(weights.double(), pos, order, offsets, q_pos, over, 0.0, 4, 5, "avg", 1)
+    with pytest.raises(RuntimeError, match=r"evict_lowest: weights must be contiguous fp32 \[G \* Q, T\]"):
+        ops.evict_lowest(weights[:, 1:], pos, order, offsets, q_pos, over, 0.0, 4, 5, "avg", 1)
     with pytest.raises(RuntimeError, match="evict_lowest: order must be contiguous int32"):
-        ops.evict_lowest(q, k, pos, order.long(), offsets, q_pos, over, 0.25, 0.0, 4, 5, "avg", 1)
+        ops.evict_lowest(weights, pos, order.long(), offsets, q_pos, over, 0.0, 4, 5, "avg", 1)
     with pytest.raises(RuntimeError, match="append_entries: order must be contiguous int32"):
         ops.append_entries(k, v, pos, offsets, torch.zeros(2, 2, 1, 16), torch.zeros(2, 2, 1, 16), q_pos[:, :1],
                            order[:-1])
     with pytest.raises(ValueError, match="pooling"):
-        ops.evict_lowest(q, k, pos, order, offsets, q_pos, over, 0.25, 0.0, 4, 5, "median", 1)
+        ops.evict_lowest(weights, pos, order, offsets, q_pos, over, 0.0, 4, 5, "median", 1)

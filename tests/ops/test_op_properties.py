@@ -430,12 +430,14 @@ def test_ragged_attention_equals_reference(device, dtype, c, scale_factor, softc
     q, k, v, pos, offsets, q_pos = ragged_attention_inputs(c, dtype)
     scale = scale_factor * c["D"] ** -0.5
     inputs = [t.to(device) for t in (q, k, v, pos, offsets, q_pos)]
-    got = ops.ragged_attention(*inputs, scale, softcap)
+    got, weights = ops.ragged_attention_with_weights(*inputs, scale, softcap)
     assert got.shape == q.shape and got.dtype == dtype and got.device.type == device
-    want, _ = ragged_attention_ref(q, k, v, pos, offsets, q_pos, scale, softcap)
+    want, want_weights = ragged_attention_ref(q, k, v, pos, offsets, q_pos, scale, softcap)
     # fp32 math on both sides; fp16/bf16 outputs are rounded once to their dtype (half an ulp, relative)
     rtol = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
     torch.testing.assert_close(got.cpu().float(), want, rtol=rtol, atol=1e-5)
+    torch.testing.assert_close(weights.cpu(), want_weights, rtol=1e-5, atol=1e-6)  # fp32 weights in any dtype
+    assert torch.equal(ops.ragged_attention(*inputs, scale, softcap), got)  # asking for the weights changes nothing
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
@@ -451,30 +453,28 @@ def test_ragged_attention_large_logits_stay_finite(device, dtype, c, magnitude):
     assert (got.abs() <= bound * (1 + torch.finfo(dtype).eps)).all()
 
 
-# ---- evict_lowest (its own attention weights, ragged_attention's A) ----------------------------------------
+# ---- evict_lowest (on ragged_attention's weights) ----------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("device", DEVICES)
 @examples(20)
 @given(c=ragged_attention_cases(max_work=1 << 16), n_evict=st.integers(0, 6), protect=st.integers(0, 12),
        kernel=st.sampled_from([1, 3, 5, 7]), pooling=st.sampled_from(["avg", "max"]),
-       var_weight=st.sampled_from([0.0, 200.0]), softcap=st.sampled_from([0.0, 0.5]),
-       over_seed=st.integers(0, 2**31 - 1))
-def test_evict_lowest_equals_reference(device, dtype, c, n_evict, protect, kernel, pooling, var_weight, softcap,
-                                       over_seed):
-    """Random layers (segments of 0-8K entries with holes, shuffled storage, any query positions, head dims
-    1-256, up to 64 query rows per kv head), any numbers to evict and over the caps (negative: none), any
-    protection, kernel and pooling, soft-capped logits or not: the freed entries are the reference's (up to
-    ties of the pooled score), `over` drops by what was freed, the order stays exact."""
+       var_weight=st.sampled_from([0.0, 200.0]), over_seed=st.integers(0, 2**31 - 1))
+def test_evict_lowest_equals_reference(device, dtype, c, n_evict, protect, kernel, pooling, var_weight, over_seed):
+    """Random layers (segments of 0-8K entries with holes, shuffled storage, any query positions), any numbers
+    to evict and over the caps (negative: none), any protection, kernel and pooling: the freed entries are the
+    reference's (up to ties of the pooled score), `over` drops by what was freed, the order stays exact."""
     q, k, v, pos, offsets, q_pos = ragged_attention_inputs(c, dtype)
     over = torch.randint(-2, 8, (c["B"], c["Hkv"]), generator=seeded(over_seed))
     scale = c["D"] ** -0.5
     want_pos, want_over = pos.clone(), over.clone()
     pooled = ref.evict_lowest(q, k, want_pos, offsets, q_pos, want_over, scale, var_weight, protect, kernel, pooling,
-                              n_evict, softcap)
-    q, k, pos, offsets, q_pos = (t.to(device) for t in (q, k, pos, offsets, q_pos))
-    got_pos, got_over, order = pos.clone(), over.to(device), ops.position_order(pos, offsets)
-    ops.evict_lowest(q, k, got_pos, order, offsets, q_pos, got_over, scale, var_weight, protect, kernel, pooling,
-                     n_evict, softcap=softcap)
+                              n_evict)
+    inputs = [t.to(device) for t in (q, k, v, pos, offsets, q_pos)]
+    _, weights = ops.ragged_attention_with_weights(*inputs, scale)
+    got_pos, got_over, order = inputs[3].clone(), over.to(device), ops.position_order(inputs[3], inputs[4])
+    ops.evict_lowest(weights, got_pos, order, inputs[4], inputs[5], got_over, var_weight, protect, kernel, pooling,
+                     n_evict)
     assert torch.equal(got_over.cpu(), want_over)
     assert_same_eviction(got_pos, want_pos, pooled, offsets, rel_tol=1e-3)
     assert_exact_order(order, got_pos, offsets)
@@ -509,9 +509,9 @@ def _valid_args(op: str, device: str) -> dict:
             return dict(k=layer["k"], v=layer["v"], pos=layer["pos"], offsets=layer["offsets"],
                         new_k=torch.randn(2, 2, 1, 8, generator=g), new_v=torch.randn(2, 2, 1, 8, generator=g),
                         q_pos=torch.tensor([[5], [5]]), order=order)
-        return dict(q=layer["q"], k=layer["k"], pos=layer["pos"], order=order, offsets=layer["offsets"],
-                    q_pos=layer["q_pos"], over=torch.ones(2, 2, dtype=torch.long), scale=0.3, var_weight=0.0,
-                    protect=1, kernel_size=3, pooling="avg", n_evict=1, by_score=False, softcap=0.0)
+        return dict(weights=torch.rand(6, 7, generator=g), pos=layer["pos"], order=order, offsets=layer["offsets"],
+                    q_pos=layer["q_pos"], over=torch.ones(2, 2, dtype=torch.long), var_weight=0.0, protect=1,
+                    kernel_size=3, pooling="avg", n_evict=1)
     raise KeyError(op)
 
 
@@ -617,13 +617,10 @@ INVALID = [
     ("ragged_attention", "offsets-end-short", _put("offsets", 4, 6), "offsets|T", "value"),
     ("ragged_attention", "offsets-end-past-T", _put("offsets", 4, 9), "offsets|T", "value"),
 
-    ("evict_lowest", "q-rank-3", _edit("q", lambda t: t[0]), r"\bq\b", "shape"),
-    ("evict_lowest", "integer-q", lambda a: {**a, "q": a["q"].long(), "k": a["k"].long()}, "floating", "shape"),
-    ("evict_lowest", "k-dtype", _edit("k", lambda t: t.half()), r"\bk\b", "shape"),
-    ("evict_lowest", "k-rows", _edit("k", lambda t: t[:-1]), "pos", "shape"),
-    ("evict_lowest", "head-dim", _edit("k", lambda t: t[:, :4]), r"\bk\b", "shape"),
-    ("evict_lowest", "heads-not-multiple", _edit("q", lambda t: t[:, :3]), "multiple of Hkv", "shape"),
-    ("evict_lowest", "softcap-negative", _set(softcap=-2.0), "softcap", "shape"),
+    ("evict_lowest", "weights-fp16", _edit("weights", lambda t: t.half()), "weights", "shape"),
+    ("evict_lowest", "weights-columns", _edit("weights", lambda t: t[:, :-1]), "weights", "shape"),
+    ("evict_lowest", "weights-rows", _edit("weights", lambda t: t[:-1]), "weights", "shape"),
+    ("evict_lowest", "weights-strided", _edit("weights", lambda t: t.t().contiguous().t()), "weights", "shape"),
     ("evict_lowest", "pos-int32", _edit("pos", lambda t: t.int()), "pos", "shape"),
     ("evict_lowest", "order-int64", _edit("order", lambda t: t.long()), "order", "shape"),
     ("evict_lowest", "order-short", _edit("order", lambda t: t[:-1]), "order", "shape"),
