@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 import warnings
 import weakref
 from typing import Callable
@@ -93,16 +94,18 @@ class StepGraph:
         return True
 
 
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+_SIDE_STREAMS = threading.local()  # per thread: {device: stream}
 
 
 def _side_stream() -> torch.cuda.Stream:
-    """One capture stream per device: libraries that keep per-stream state (cuBLAS workspaces) see the
-    same stream in the warm-up step and in the capture."""
+    """One capture stream per device and thread: libraries that keep per-stream state (cuBLAS workspaces) see
+    the same stream in the warm-up step and in the capture, and a thread's capture never records another
+    thread's step (threads generating under one handle each warm up and capture on their own stream)."""
+    streams = _SIDE_STREAMS.__dict__.setdefault("by_device", {})
     device = torch.cuda.current_device()
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device)
+    return streams[device]
 
 
 def _on_side_stream(step, inputs):
