@@ -2,27 +2,21 @@
 
 Every stored entry carries its logical position (`pos`, -1 = empty slot). Visibility is one rule,
 `0 <= key position <= query position`, so padding, causality after compression and free slots need
-no other bookkeeping. Layouts:
-  * after prefill compression, each layer is [left padding | kept prefix in position order | window];
-  * during decoding new entries are written into free slots (no concatenation per step); decode-time
-    eviction frees a slot by setting its position to -1, so a layer stays at a fixed capacity.
-Host-side counters (`counts`, `caps`) are plain ints, so the decode step never syncs with the device.
+no other bookkeeping. A layer's entries live in its `storage` (storage.py), padded or ragged, one interface;
+the layer does the rest:
+  * prefill, on the padded storage: the prompt is stored, the method's cuts keep, per (row, KV head),
+    [left padding | kept prefix in position order | window] (`keep_top`), and a layer whose KV heads end
+    with different numbers of entries switches to the ragged storage once (`to_ragged`);
+  * decoding: the host side of a step (`prepare_step`: room, reallocation, how many entries to evict;
+    `finish_step`: counters) runs outside the step; the device side (`_append`, `attend`, `evict_to_caps`)
+    writes new entries into free slots and frees evicted ones (pos = -1) in place, so a layer stays at a
+    fixed capacity and the step can be captured as a CUDA graph.
+Host-side counters (`head_counts`, `head_caps`) are plain ints, so the decode step never syncs with the device.
 
 Sliding-window layers are not compressed by the method (its budgets cover the global layers): such a
-layer holds what its queries can still attend to. At the end of prefill it keeps its last
-`sliding_window - 1` tokens; a step first frees the entries out of the window of its first query, then
+layer holds what its queries can still attend to, in the padded storage. At the end of prefill it keeps its
+last `sliding_window - 1` tokens; a step first frees the entries out of the window of its first query, then
 appends, so the layer stores at most `sliding_window - 1 + q` entries.
-
-Ragged layers: after prefill, a layer whose KV heads hold different numbers of entries (per-head budgets)
-switches from the padded [B, Hkv, M, D] storage to a ragged one, so that it stores only what it keeps:
-  * `keys`, `values` [C, D] and `pos_flat` [C] hold the segments of every (row, KV head) pair back to back,
-    segment s = b * Hkv + g in slots `offsets[s] .. offsets[s+1] - 1` (`seg_caps[s]` slots; slots past
-    the kept entries are free, pos = -1). Right after prefill every segment is exactly its kept entries.
-  * a decode step writes the new token of every segment into the segment's first free slot (found on the
-    device from `pos_flat`, then one index_copy_: no host sync, no concatenation); when a segment has no
-    free slot left (known on the host from the counters) the layer is re-packed once with room to grow.
-  * decode-time eviction marks entries free (pos = -1) in place; the next append of that segment reuses
-    the slot. Attention runs over the segments with the ragged_attention op.
 """
 from __future__ import annotations
 

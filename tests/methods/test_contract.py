@@ -129,19 +129,18 @@ def test_memory_is_freed_and_stats_add_up(method):
         assert s["bytes_after"] == layer.storage.nbytes
         # what is stored: K, V, positions, the position order decode-time eviction keeps (int32 per slot,
         # only while it evicts) and, ragged, the segment offsets; nothing else
-        order = 0 if layer.storage.order is None else layer.storage.order.nbytes
-        assert (layer.storage.order is not None) == (layer.head_caps is not None)
+        stored = layer.storage
+        order = 0 if stored.order is None else stored.order.nbytes
+        assert (stored.order is not None) == (layer.head_caps is not None)
+        if stored.order is not None:
+            assert stored.order.shape == stored.pos.shape and stored.order.dtype == torch.int32
         if layer.ragged:
-            assert layer.keys.shape[0] == sum(counts)  # exactly the kept entries
-            if layer.storage.order is not None:
-                assert layer.storage.order.shape == layer.storage.pos.shape and layer.storage.order.dtype == torch.int32
-            assert s["bytes_after"] == (layer.keys.nbytes + layer.values.nbytes + layer.storage.pos.nbytes
-                                        + layer.storage.offsets.nbytes + order)
+            assert stored.keys.shape[0] == sum(counts)  # exactly the kept entries
+            assert s["bytes_after"] == (stored.keys.nbytes + stored.values.nbytes + stored.pos.nbytes
+                                        + stored.offsets.nbytes + order)
         else:
-            assert layer.keys.shape[2] == max(counts)
-            if layer.storage.order is not None:
-                assert layer.storage.order.shape == layer.storage.pos.shape and layer.storage.order.dtype == torch.int32
-            assert s["bytes_after"] == layer.keys.nbytes + layer.values.nbytes + layer.storage.pos.nbytes + order
+            assert stored.keys.shape[2] == max(counts)
+            assert s["bytes_after"] == stored.keys.nbytes + stored.values.nbytes + stored.pos.nbytes + order
         if compresses:
             assert s["kept"][0] == s["budget"][0] and s["budget_per_head"][0] == counts
             if len(set(counts)) == 1:
