@@ -127,8 +127,13 @@ class PaddedStorage(Storage):
     """Keys, values [B, Hkv, M, D] and positions [B, Hkv, M]: every segment has the same M slots."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor):
+        super().__init__(keys, values, pos, self._offsets(pos))
+
+    @staticmethod
+    def _offsets(pos: torch.Tensor) -> torch.Tensor:
+        """Segment starts of positions [B, Hkv, M] viewed flat: M * arange(B * Hkv + 1)."""
         b, h, m = pos.shape
-        super().__init__(keys, values, pos, torch.arange(b * h + 1, device=pos.device) * m)
+        return torch.arange(b * h + 1, device=pos.device) * m
 
     @property
     def batch_heads(self) -> tuple[int, int]:
@@ -149,7 +154,7 @@ class PaddedStorage(Storage):
         self.keys = torch.cat([self.keys, self.keys.new_zeros(b, h, grow, d)], 2)
         self.values = torch.cat([self.values, self.values.new_zeros(b, h, grow, d)], 2)
         self.pos = torch.cat([self.pos, self.pos.new_full((b, h, grow), -1)], 2)
-        self.offsets = torch.arange(b * h + 1, device=self.pos.device) * (size + grow)
+        self.offsets = self._offsets(self.pos)
         if self.order is not None:
             self.order = torch.cat([self.order, self.order.new_zeros(b, h, grow)], 2)
 
@@ -191,7 +196,8 @@ class RaggedStorage(Storage):
         return capacities_t, offsets, segment
 
     @classmethod
-    def from_padded(cls, padded: PaddedStorage, counts: list[int]) -> tuple["RaggedStorage", tuple]:
+    def from_padded(cls, padded: PaddedStorage,
+                    counts: list[int]) -> tuple["RaggedStorage", tuple[torch.Tensor, torch.Tensor]]:
         """The entries of `padded`, segment s holding exactly its `counts[s]` stored entries in slot order (one
         gather_ragged pass); and (segment, slot) in `padded` of each ragged slot, to take other per-slot
         tensors along."""
