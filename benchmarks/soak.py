@@ -67,7 +67,7 @@ def long_generation(model, new_tokens: int, prompt_len: int, method: str, budget
             tokens.append(int(token))
             out = model(input_ids=token, **cache_kwargs(model, cache), use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
-            stored.append(sum(layer.stored_bytes() for layer in cache.layers))
+            stored.append(sum(layer.storage.nbytes for layer in cache.layers))
     return tokens, stored
 
 

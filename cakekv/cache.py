@@ -2,27 +2,21 @@
 
 Every stored entry carries its logical position (`pos`, -1 = empty slot). Visibility is one rule,
 `0 <= key position <= query position`, so padding, causality after compression and free slots need
-no other bookkeeping. Layouts:
-  * after prefill compression, each layer is [left padding | kept prefix in position order | window];
-  * during decoding new entries are written into free slots (no concatenation per step); decode-time
-    eviction frees a slot by setting its position to -1, so a layer stays at a fixed capacity.
-Host-side counters (`counts`, `caps`) are plain ints, so the decode step never syncs with the device.
+no other bookkeeping. A layer's entries live in its `storage` (storage.py), padded or ragged, one interface;
+the layer does the rest:
+  * prefill, on the padded storage: the prompt is stored, the method's cuts keep, per (row, KV head),
+    [left padding | kept prefix in position order | window] (`keep_top`), and a layer whose KV heads end
+    with different numbers of entries switches to the ragged storage once (`to_ragged`);
+  * decoding: the host side of a step (`prepare_step`: room, reallocation, how many entries to evict;
+    `finish_step`: counters) runs outside the step; the device side (`_append`, `attend`, `evict_to_caps`)
+    writes new entries into free slots and frees evicted ones (pos = -1) in place, so a layer stays at a
+    fixed capacity and the step can be captured as a CUDA graph.
+Host-side counters (`head_counts`, `head_caps`) are plain ints, so the decode step never syncs with the device.
 
 Sliding-window layers are not compressed by the method (its budgets cover the global layers): such a
-layer holds what its queries can still attend to. At the end of prefill it keeps its last
-`sliding_window - 1` tokens; a step first frees the entries out of the window of its first query, then
+layer holds what its queries can still attend to, in the padded storage. At the end of prefill it keeps its
+last `sliding_window - 1` tokens; a step first frees the entries out of the window of its first query, then
 appends, so the layer stores at most `sliding_window - 1 + q` entries.
-
-Ragged layers: after prefill, a layer whose KV heads hold different numbers of entries (per-head budgets)
-switches from the padded [B, Hkv, M, D] storage to a ragged one, so that it stores only what it keeps:
-  * `keys`, `values` [C, D] and `pos_flat` [C] hold the segments of every (row, KV head) pair back to back,
-    segment s = b * Hkv + g in slots `offsets[s] .. offsets[s+1] - 1` (`seg_caps[s]` slots; slots past
-    the kept entries are free, pos = -1). Right after prefill every segment is exactly its kept entries.
-  * a decode step writes the new token of every segment into the segment's first free slot (found on the
-    device from `pos_flat`, then one index_copy_: no host sync, no concatenation); when a segment has no
-    free slot left (known on the host from the counters) the layer is re-packed once with room to grow.
-  * decode-time eviction marks entries free (pos = -1) in place; the next append of that segment reuses
-    the slot. Attention runs over the segments with the ragged_attention op.
 """
 from __future__ import annotations
 
@@ -30,12 +24,12 @@ import copy
 import weakref
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import _ops
 from .eviction import Eviction
-from .methods.base import Method, soft_capped
+from .methods.base import Method
+from .storage import PaddedStorage, RaggedStorage, cloned
 
 _GROW_MIN, _GROW_MAX = 16, 256  # spare slots a full layer without a cap gets: 1/8 of its size, clamped
 
@@ -46,69 +40,46 @@ def grown_capacity(needed: int) -> int:
     return needed + min(_GROW_MAX, max(_GROW_MIN, needed // 8))
 
 
-def masked_attention(query, keys, values, visible, scale, softcap=None):
-    """Attention [B, q, H, D] of the current queries over padded storage with a per-KV-head visibility mask
-    [B, Hkv, q, M]; with `softcap`, the logits are soft-capped first (Gemma 2)."""
-    b, hkv, q, m = visible.shape
-    groups = query.shape[1] // hkv
-    # expand + reshape, not repeat_interleave (which reads its output size back from the device)
-    mask = visible[:, :, None].expand(b, hkv, groups, q, m).reshape(b, hkv * groups, q, m)
-    if softcap is None:
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
-    else:
-        out = softcapped_attention(query, keys, values, mask, scale, softcap)
-    return out.transpose(1, 2).contiguous()
-
-
-def softcapped_attention(query, keys, values, mask, scale, softcap):
-    """Attention with logit soft-capping in the order of transformers' eager kernel: logits = softcap *
-    tanh(scale * q.k / softcap), masked, softmax in fp32 cast back to the query dtype, times the values."""
-    b, hkv, m, d = keys.shape
-    groups = query.shape[1] // hkv
-    keys = keys[:, :, None].expand(b, hkv, groups, m, d).reshape(b, hkv * groups, m, d)
-    values = values[:, :, None].expand(b, hkv, groups, m, values.shape[-1]).reshape(b, hkv * groups, m, -1)
-    logits = soft_capped(torch.matmul(query, keys.transpose(2, 3)) * scale, softcap)
-    logits = logits.masked_fill(~mask, float("-inf"))  # every query sees itself: no row is fully masked
-    weights = F.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(weights, values)
-
-
 class CompressedLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
     is_croppable = False
 
     def __init__(self, cache: "CompressedCache", layer_idx: int, sliding_window: int | None = None):
-        super().__init__()
+        # not CacheLayerMixin.__init__: `keys` and `values` are the storage's (read-only properties)
+        self.is_initialized = False
         self._cache = weakref.ref(cache)  # the cache owns its layers: no cycle, freed when its last user lets go
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window                # attention span of a sliding-window layer
-        self.pos: torch.Tensor | None = None          # [B, Hkv, M] int64, -1 = empty slot
+        self.storage: PaddedStorage | RaggedStorage | None = None  # the entries (storage.py)
         self.next_pos: torch.Tensor | None = None     # [B] position of the next token of each row
         self.query_pos: torch.Tensor | None = None    # [B, q] positions of the current forward's queries
-        self.indicator: torch.Tensor | None = None    # [B, Hkv, M] prefill scores aligned with slots
+        self.indicator: torch.Tensor | None = None    # prefill scores aligned with the storage's slots
         # Per (row, KV head): heads of a layer may hold different numbers of entries (per-head budgets);
-        # the storage is then padded to the longest head with empty slots (pos = -1).
+        # the padded storage pads them to the longest head with empty slots (pos = -1).
         self.head_counts: list[list[int]] = []        # stored entries
         self.head_prefix: list[list[int]] = []        # of which before the window (prefill only)
         self.head_caps: list[list[int]] | None = None  # decode-time cap (None: no eviction)
         self.head_budgets: list[list[int] | None] = []  # entries given (None: row not compressed)
         self.over_t: torch.Tensor | None = None       # device mirror of head_counts - head_caps (decode)
-        # Per segment, the slots of the stored entries by position (int32, the storage's shape; see
-        # _ops.position_order); kept by the decode ops while decode-time eviction needs it, else None.
-        self.order: torch.Tensor | None = None
         self.step_evict = 0                           # entries the current step evicts per head (host)
         self.step_weights: torch.Tensor | None = None  # attention weights of an evicting step, attend -> evict
         self.seen = 0                                 # logical length (padded prompt + appended)
         self.prefilling = False
-        # Ragged storage (see the module docstring); `keys`/`values` are then [C, D].
-        self.ragged = False
-        self.pos_flat: torch.Tensor | None = None     # [C] int64, -1 = free slot
-        self.offsets: torch.Tensor | None = None      # [B * Hkv + 1] int64 segment starts (device, both layouts)
-        self._padded_slots = 0                        # M of the padded storage `offsets` describes
-        self.seg_caps: list[int] = []                 # slots of each segment (host)
-        self.seg_caps_t: torch.Tensor | None = None   # the same on the device
-        self.batch_heads: tuple[int, int] | None = None  # (B, Hkv) of the ragged storage
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """The stored keys, in the storage's layout ([B, Hkv, M, D] padded, [C, D] ragged)."""
+        return None if self.storage is None else self.storage.keys
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self.storage is None else self.storage.values
+
+    @property
+    def ragged(self) -> bool:
+        """Whether the layer holds the ragged storage (switched after prefill, see `to_ragged`)."""
+        return isinstance(self.storage, RaggedStorage)
 
     @staticmethod
     def _mean_per_row(values) -> list[float | None]:
@@ -148,23 +119,18 @@ class CompressedLayer(CacheLayerMixin):
 
     def _cloned(self, cache: "CompressedCache") -> "CompressedLayer":
         """This layer's state copied for `cache`: tensors cloned, per-head lists copied."""
-        twin = copy.copy(self)
+        twin = cloned(self)
         twin._cache = weakref.ref(cache)
-        for name, value in vars(self).items():
-            if isinstance(value, torch.Tensor):
-                setattr(twin, name, value.clone())
-            elif isinstance(value, list):
-                setattr(twin, name, copy.deepcopy(value))
         return twin
 
-    # ---- storage -------------------------------------------------------------------------------
+    # ---- prefill: the padded storage ------------------------------------------------------------
     def _store_prompt(self, keys, values):
         self.lazy_initialization(keys, values)
         prompt = self.cache.prompt
         b, h, n, _ = keys.shape
-        self.keys, self.values = keys.contiguous(), values.contiguous()
-        self.pos = prompt.positions.to(keys.device)[:, None, :].expand(b, h, n).contiguous()
-        self.query_pos = self.pos[:, 0, :]
+        pos = prompt.positions.to(keys.device)[:, None, :].expand(b, h, n).contiguous()
+        self.storage = PaddedStorage(keys.contiguous(), values.contiguous(), pos)
+        self.query_pos = pos[:, 0, :]
         self.next_pos = prompt.lengths.to(keys.device).clone()
         self.head_counts = [[c] * h for c in prompt.host_lengths]
         self.head_prefix = [[max(c - self.cache.window, 0)] * h for c in prompt.host_lengths]
@@ -173,67 +139,79 @@ class CompressedLayer(CacheLayerMixin):
         self.prefilling = True
         return self.keys, self.values
 
-    def _append(self, keys, values):
-        """Write the step's tokens into free slots, on the device only: the room was made and the host
-        counters are kept by `prepare_step` / `finish_step`, so a step can be captured as a CUDA graph."""
-        self._advance_positions(keys.shape[2])
-        if self.sliding_window is not None:
-            self._free_out_of_window()
-        _ops.append_entries(*self._segments(), keys, values, self.query_pos, self._flat_order())
-        return self.keys, self.values
-
-    def _free_out_of_window(self):
-        """Free (pos = -1) the entries the step's first query can no longer attend to, nor any later one:
-        a sliding layer keeps its last `sliding_window - 1` entries, and its freed slots take the step."""
-        oldest_hidden = self.query_pos[:, :1, None] - self.sliding_window
-        self.pos.masked_fill_(self.pos <= oldest_hidden, -1)
-
     def hold_window(self):
         """End of prefill on a sliding layer: keep only its last `sliding_window - 1` slots, all that the
         next query can attend to (the method does not compress it)."""
-        size = self.pos.shape[-1]
+        kept = self.storage
+        size = kept.pos.shape[-1]
         keep = min(size, self.sliding_window - 1)
         if keep < size:  # copies, so that the prompt's storage is released
-            self.keys = self.keys[:, :, size - keep:].clone()
-            self.values = self.values[:, :, size - keep:].clone()
-            self.pos = self.pos[:, :, size - keep:].clone()
+            self.storage = PaddedStorage(kept.keys[:, :, size - keep:].clone(), kept.values[:, :, size - keep:].clone(),
+                                         kept.pos[:, :, size - keep:].clone())
         self.query_pos = None
         self.head_counts = [[min(c, keep) for c in row] for row in self.head_counts]
         self.head_prefix = [[max(c - self.cache.window, 0) for c in row] for row in self.head_counts]
 
-    def _segments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(keys [T, D], values [T, D], positions [T], offsets [B*Hkv + 1]): the layer as segments, one per
-        (row, KV head), for the decode ops; the padded storage viewed flat, the ragged one as it is."""
-        if self.ragged:
-            return self.keys, self.values, self.pos_flat, self.offsets
-        d = self.keys.shape[-1]
-        return self.keys.view(-1, d), self.values.view(-1, d), self.pos.view(-1), self.offsets
+    def keep_top(self, prefix_budgets):
+        """Keep, per row, the `prefix_budgets[b]` candidates with the highest indicator plus the window
+        (the last `window` slots). A row's budget is an int (every head) or a list of per-head ints.
+        Nested: a budget above what a head holds keeps what it holds."""
+        pos = self.storage.pos
+        heads = pos.shape[1]
+        wanted = [[w] * heads if isinstance(w, int) else list(w) for w in prefix_budgets]
+        new = [[min(w, h) for w, h in zip(ws, hs)] for ws, hs in zip(wanted, self.head_prefix)]
+        self.head_budgets = [[n + (c - p) for n, c, p in zip(ns, cs, ps)]
+                             for ns, cs, ps in zip(new, self.head_counts, self.head_prefix)]
+        if new == self.head_prefix:
+            return
+        b, h, size = pos.shape
+        window = min(self.cache.window, size)
+        kmax = max(max(row) for row in new)
+        device = pos.device
+        # Stable sort: ties (common after max pooling) go to the earlier position, so a row's choice
+        # does not depend on its padding within a batch.
+        top = torch.sort(self.indicator[..., : size - window], dim=-1, descending=True, stable=True).indices[..., :kmax]
+        keep = torch.arange(kmax, device=device) < torch.tensor(new, device=device)[:, :, None]
+        chosen = torch.where(keep, top, -1).sort(-1).values  # empty (-1) first, then position order
+        win = torch.arange(size - window, size, device=device).expand(b, h, window)
+        idx = torch.cat([chosen, win], -1)
+        safe = idx.clamp(min=0)
+        keys, values = _ops.gather_kept(self.keys, self.values, safe)
+        self.storage = PaddedStorage(keys, values, torch.where(idx >= 0, pos.gather(-1, safe), -1))
+        self.indicator = torch.where(idx >= 0, self.indicator.gather(-1, safe), float("-inf"))
+        self.head_counts = [[c - p + n for c, p, n in zip(cs, ps, ns)]
+                            for cs, ps, ns in zip(self.head_counts, self.head_prefix, new)]
+        self.head_prefix = new
 
-    def _flat_order(self) -> torch.Tensor | None:
-        return None if self.order is None else self.order.view(-1)
-
-    def _padded_offsets(self) -> torch.Tensor:
-        """Segment starts of the padded storage viewed flat (rebuilt only when its shape changes)."""
-        b, h, m = self.pos.shape
-        if self.offsets is None or self.offsets.shape[0] != b * h + 1 or self._padded_slots != m:
-            self.offsets = torch.arange(b * h + 1, device=self.pos.device) * m
-            self._padded_slots = m
-        return self.offsets
+    def to_ragged(self):
+        """Switch from the padded storage to the ragged one, each segment holding exactly its entries (the
+        prefill scores, kept for an official CAKE eviction order only, follow them)."""
+        counts = [c for row in self.head_counts for c in row]
+        self.storage, slots = RaggedStorage.from_padded(self.storage, counts)
+        if self.indicator is not None:
+            self.indicator = self.indicator.view(len(counts), -1)[slots]
 
     def start_eviction_order(self):
         """Decode-time eviction reads each segment's entries in position order: built once here, then kept
         by the decode ops. While the layer still holds prefill scores (`indicator`, the official CAKE order),
         the entries with a finite score come first by descending score, then the rest by position, as the
         official storage is."""
-        if not self.ragged:
-            self._padded_offsets()
-        _, _, pos, offsets = self._segments()
         ranks = None
         if self.indicator is not None:
+            _, _, pos, _ = self.storage.segments()
             indicator = self.indicator.reshape(-1)
             ranks = torch.where(torch.isfinite(indicator) & (pos >= 0), -indicator, float("nan"))
-        order = _ops.position_order(pos, offsets, ranks)
-        self.order = order if self.ragged else order.view(self.pos.shape)
+        self.storage.start_order(ranks)
+
+    # ---- a decode step on the device (capturable: no host reads) ---------------------------------
+    def _append(self, keys, values):
+        """Write the step's tokens into free slots, on the device only: the room was made and the host
+        counters are kept by `prepare_step` / `finish_step`, so a step can be captured as a CUDA graph."""
+        self._advance_positions(keys.shape[2])
+        if self.sliding_window is not None:
+            self._free_out_of_window()
+        self.storage.append(keys, values, self.query_pos)
+        return self.keys, self.values
 
     def _advance_positions(self, q: int):
         """The step's query positions (written in place) and the rows' next positions."""
@@ -241,6 +219,35 @@ class CompressedLayer(CacheLayerMixin):
         self.next_pos += q
         if self.over_t is not None:
             self.over_t += q
+
+    def _free_out_of_window(self):
+        """Free (pos = -1) the entries the step's first query can no longer attend to, nor any later one:
+        a sliding layer (padded storage) keeps its last `sliding_window - 1` entries, and its freed slots
+        take the step."""
+        oldest_hidden = self.query_pos[:, :1, None] - self.sliding_window
+        pos = self.storage.pos
+        pos.masked_fill_(pos <= oldest_hidden, -1)
+
+    def attend(self, query: torch.Tensor, scale: float, softcap: float | None = None) -> torch.Tensor:
+        """Decode attention [B, q, H, D] of the step's queries over the stored entries. A step that evicts
+        (decided on the host by `prepare_step`) runs the segment kernel for both layouts and keeps its
+        attention weights for `evict_to_caps`, so that the keys are read once; otherwise the storage attends
+        (padded: SDPA with a visibility mask; ragged: the segment kernel). `softcap`: the model's logit
+        soft-capping, applied by all."""
+        if self.step_evict > 0:
+            out, self.step_weights = self.storage.attend_with_weights(query, self.query_pos, scale, softcap)
+            return out
+        return self.storage.attend(query, self.query_pos, scale, softcap, self.sliding_window)
+
+    def evict_to_caps(self, method: Method):
+        """Decode-time eviction after `attend`: rows above their cap drop their lowest-scoring entries (the
+        last `window` positions are protected), in place; the freed slots take the next tokens."""
+        if self.step_evict <= 0:
+            return
+        kernel_size, pooling = method.pooling
+        weights, self.step_weights = self.step_weights, None
+        self.storage.evict(weights, self.query_pos, self.over_t, method.decode_variance_weight, self.cache.window,
+                           kernel_size, pooling, self.step_evict, method.decode_score_order)
 
     # ---- host side of a step (outside any captured graph) ---------------------------------------
     @property
@@ -251,8 +258,7 @@ class CompressedLayer(CacheLayerMixin):
     def room(self) -> int:
         """Free slots of the fullest (row, head) of this layer (host counters)."""
         counts = [c for row in self.head_counts for c in row]
-        caps = self.seg_caps if self.ragged else [self.pos.shape[-1]] * len(counts)
-        return min(cap - c for cap, c in zip(caps, counts))
+        return min(cap - c for cap, c in zip(self.storage.capacities, counts))
 
     def prepare_step(self, q: int, spare: int | None = None) -> tuple:
         """Before a step of `q` tokens: make room for them (the only reallocation), size the query
@@ -271,12 +277,7 @@ class CompressedLayer(CacheLayerMixin):
                 needed = q + spare  # the cache grows its layers together
             reserve = q if self.head_caps is not None else q + spare  # capped layers evict a slot per token
             if self.room() < needed:
-                if self.ragged:
-                    self._repack([max(cap, c + reserve) for cap, c in zip(self.seg_caps, counts)])
-                else:
-                    self._ensure_room(max(counts) + reserve)
-        if not self.ragged:
-            self._padded_offsets()
+                self.storage.grow([max(cap, c + reserve) for cap, c in zip(self.storage.capacities, counts)])
         if self.query_pos is None or self.query_pos.shape[1] != q or self.query_pos._base is not None:
             self.query_pos = self.next_pos.new_empty(self.next_pos.shape[0], q)
         self.step_evict = 0
@@ -289,8 +290,8 @@ class CompressedLayer(CacheLayerMixin):
         """A sliding layer's step frees all but its last `sliding_window - 1` entries before it appends, so
         `sliding_window - 1 + q` slots always suffice: it grows with spare room up to that, never past it."""
         held = max(min(c, self.sliding_window - 1) for c in counts)
-        if self.pos.shape[-1] < held + q:
-            self._ensure_room(min(grown_capacity(held + q), self.sliding_window - 1 + q))
+        if min(self.storage.capacities) < held + q:
+            self.storage.grow([min(grown_capacity(held + q), self.sliding_window - 1 + q)] * len(counts))
 
     def finish_step(self, q: int):
         """After a step: the host counters follow what the device did (a sliding layer kept its last
@@ -303,146 +304,6 @@ class CompressedLayer(CacheLayerMixin):
             self.head_counts = [[min(c, cap) for c, cap in zip(cs, caps)]
                                 for cs, caps in zip(self.head_counts, self.head_caps)]
         self.seen += q
-
-    def _ensure_room(self, needed: int):
-        """At least `needed` slots per (row, head) of the padded storage."""
-        size = self.pos.shape[-1]
-        if needed <= size:
-            return
-        grow = needed - size
-        b, h, _, d = self.keys.shape
-        self.keys = torch.cat([self.keys, self.keys.new_zeros(b, h, grow, d)], 2)
-        self.values = torch.cat([self.values, self.values.new_zeros(b, h, grow, d)], 2)
-        self.pos = torch.cat([self.pos, self.pos.new_full((b, h, grow), -1)], 2)
-        if self.order is not None:  # slots keep their numbers: the order stays exact
-            self.order = torch.cat([self.order, self.order.new_zeros(b, h, grow)], 2)
-
-    # ---- ragged storage ------------------------------------------------------------------------
-    def _segment_ids(self, caps_t: torch.Tensor, total: int) -> torch.Tensor:
-        """[total] segment of each slot of a layout with capacities `caps_t` (no host sync)."""
-        return torch.repeat_interleave(torch.arange(caps_t.shape[0], device=caps_t.device), caps_t,
-                                       output_size=total)
-
-    def _set_layout(self, seg_caps: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        self.seg_caps = list(seg_caps)
-        caps_t = torch.tensor(seg_caps, dtype=torch.long, device=self.device)
-        self.seg_caps_t = caps_t
-        self.offsets = torch.nn.functional.pad(caps_t.cumsum(0), (1, 0))
-        return caps_t, self._segment_ids(caps_t, sum(seg_caps))
-
-    def to_ragged(self):
-        """Switch from the padded storage to the ragged one, each segment holding exactly its entries."""
-        b, h, m, _ = self.keys.shape
-        counts = [c for row in self.head_counts for c in row]
-        caps_t, seg = self._set_layout(counts)
-        # Stored entries of each (row, head) first, in slot order (empty slots are pos = -1).
-        order = torch.sort((self.pos < 0).to(torch.int8).view(b * h, m), dim=-1, stable=True).indices
-        within = torch.arange(seg.shape[0], device=self.device) - self.offsets[seg]
-        idx = order[seg, within]
-        self.keys, self.values = _ops.gather_ragged(self.keys, self.values, idx, self.offsets)
-        self.pos_flat = self.pos.view(b * h, m)[seg, idx]
-        if self.indicator is not None:  # kept for an official CAKE eviction order only
-            self.indicator = self.indicator.view(b * h, m)[seg, idx]
-        self.batch_heads = (b, h)
-        self.pos = None
-        self.ragged = True
-
-    def _repack(self, seg_caps: list[int]):
-        """New capacities per segment (each >= the old one); one copy of the stored slots."""
-        old_offsets, old_caps = self.offsets, self.seg_caps_t
-        _, seg = self._set_layout(seg_caps)
-        within = torch.arange(seg.shape[0], device=self.device) - self.offsets[seg]
-        valid = within < old_caps[seg]
-        src = torch.where(valid, old_offsets[seg] + within, 0)
-        self.keys = self.keys.index_select(0, src)
-        self.values = self.values.index_select(0, src)
-        self.pos_flat = torch.where(valid, self.pos_flat.index_select(0, src), -1)
-        if self.order is not None:  # slots keep their numbers within their segment
-            self.order = torch.where(valid, self.order.index_select(0, src), 0)
-
-    def padded_pos(self) -> torch.Tensor:
-        """[B, Hkv, M] positions of the stored slots (-1 = empty), whatever the storage."""
-        if not self.ragged:
-            return self.pos
-        b, h = self.batch_heads
-        cmax = max(self.seg_caps)
-        ar = torch.arange(cmax, device=self.device)
-        valid = ar < self.seg_caps_t[:, None]
-        idx = torch.where(valid, self.offsets[:-1, None] + ar, 0)
-        return torch.where(valid, self.pos_flat[idx], -1).view(b, h, cmax)
-
-    def stored_bytes(self) -> int:
-        order = 0 if self.order is None else self.order.nbytes
-        if self.ragged:
-            return self.keys.nbytes + self.values.nbytes + self.pos_flat.nbytes + self.offsets.nbytes + order
-        return self.keys.nbytes + self.values.nbytes + self.pos.nbytes + order
-
-    def visibility(self) -> torch.Tensor:
-        """[B, Hkv, q, M] bool: which stored entries each current query may attend to."""
-        pos, query_pos = self.pos[:, :, None, :], self.query_pos[:, None, :, None]
-        visible = (pos >= 0) & (pos <= query_pos)
-        if self.sliding_window is not None:
-            visible &= pos > query_pos - self.sliding_window
-        return visible
-
-    # ---- eviction ------------------------------------------------------------------------------
-    def keep_top(self, prefix_budgets):
-        """Keep, per row, the `prefix_budgets[b]` candidates with the highest indicator plus the window
-        (the last `window` slots). A row's budget is an int (every head) or a list of per-head ints.
-        Nested: a budget above what a head holds keeps what it holds."""
-        heads = self.pos.shape[1]
-        wanted = [[w] * heads if isinstance(w, int) else list(w) for w in prefix_budgets]
-        new = [[min(w, h) for w, h in zip(ws, hs)] for ws, hs in zip(wanted, self.head_prefix)]
-        self.head_budgets = [[n + (c - p) for n, c, p in zip(ns, cs, ps)]
-                             for ns, cs, ps in zip(new, self.head_counts, self.head_prefix)]
-        if new == self.head_prefix:
-            return
-        b, h, size = self.pos.shape
-        window = min(self.cache.window, size)
-        kmax = max(max(row) for row in new)
-        device = self.pos.device
-        # Stable sort: ties (common after max pooling) go to the earlier position, so a row's choice
-        # does not depend on its padding within a batch.
-        top = torch.sort(self.indicator[..., : size - window], dim=-1, descending=True, stable=True).indices[..., :kmax]
-        keep = torch.arange(kmax, device=device) < torch.tensor(new, device=device)[:, :, None]
-        chosen = torch.where(keep, top, -1).sort(-1).values  # empty (-1) first, then position order
-        win = torch.arange(size - window, size, device=device).expand(b, h, window)
-        idx = torch.cat([chosen, win], -1)
-        safe = idx.clamp(min=0)
-        self.keys, self.values = _ops.gather_kept(self.keys, self.values, safe)
-        self.pos = torch.where(idx >= 0, self.pos.gather(-1, safe), -1)
-        self.indicator = torch.where(idx >= 0, self.indicator.gather(-1, safe), float("-inf"))
-        self.head_counts = [[c - p + n for c, p, n in zip(cs, ps, ns)]
-                            for cs, ps, ns in zip(self.head_counts, self.head_prefix, new)]
-        self.head_prefix = new
-
-    def attend(self, query: torch.Tensor, scale: float, softcap: float | None = None) -> torch.Tensor:
-        """Decode attention [B, q, H, D] of the step's queries over the stored entries. A step that evicts
-        (decided on the host by `prepare_step`) runs the segment kernel for both layouts and keeps its
-        attention weights for `evict_to_caps`, so that the keys are read once; a padded layer that does not
-        evict uses SDPA with a visibility mask. `softcap`: the model's logit soft-capping, applied by both."""
-        if self.ragged or self.step_evict > 0:
-            keys, values, pos, offsets = self._segments()
-            if self.step_evict > 0:
-                out, self.step_weights = _ops.ragged_attention_with_weights(query, keys, values, pos, offsets,
-                                                                            self.query_pos, scale, softcap)
-            else:
-                out = _ops.ragged_attention(query, keys, values, pos, offsets, self.query_pos, scale, softcap)
-            return out.transpose(1, 2).contiguous()
-        return masked_attention(query, self.keys, self.values, self.visibility(), scale, softcap)
-
-    def evict_to_caps(self, method: Method):
-        """Decode-time eviction after `attend`: rows above their cap drop their lowest-scoring entries (the
-        last `window` positions are protected), in place; the freed slots take the next tokens."""
-        if self.step_evict <= 0:
-            return
-        _, _, pos, offsets = self._segments()
-        kernel_size, pooling = method.pooling
-        weights, self.step_weights = self.step_weights, None
-        _ops.evict_lowest(weights, pos, self._flat_order(), offsets, self.query_pos, self.over_t,
-                          method.decode_variance_weight, self.cache.window, kernel_size, pooling, self.step_evict,
-                          method.decode_score_order)
-
 
 class PromptInfo:
     """Padding of the prompt of a prefill: real-token positions (-1 on padding) and lengths."""
@@ -571,7 +432,7 @@ class CompressedCache(Cache):
         for layer in self.layers:
             if not layer.is_initialized:
                 continue
-            b, h = layer.batch_heads if layer.ragged else layer.keys.shape[:2]
+            b, h = layer.storage.batch_heads
             d = layer.keys.shape[-1]
             entry_bytes = 2 * d * layer.keys.element_size()
             out.append({
@@ -581,7 +442,7 @@ class CompressedCache(Cache):
                 "budget_per_head": [None if b is None else list(b) for b in layer.head_budgets],
                 "kept_per_head": [list(c) for c in layer.head_counts],
                 "bytes_before": b * h * layer.seen * entry_bytes,
-                "bytes_after": layer.stored_bytes(),
+                "bytes_after": layer.storage.nbytes,
                 "bytes_kept": sum(map(sum, layer.head_counts)) * entry_bytes,
                 "tokens": layer.next_pos.tolist(),  # per row: tokens seen, padding excluded
                 "entry_bytes": entry_bytes,         # K and V of one entry of one KV head

@@ -35,8 +35,9 @@ class Eviction:
         rank = budgeted.index(layer)
         is_last = rank == len(budgeted) - 1
         window_start = (layer.next_pos - window).clamp(min=0)
-        view = LayerView(query[:, :, -window:], layer.keys, layer.values, layer.pos, layer.pos[:, 0, -window:],
-                         window_start, scale, rank, module, queries=query, query_positions=layer.pos[:, 0, :],
+        stored = layer.storage  # padded while prefilling
+        view = LayerView(query[:, :, -window:], stored.keys, stored.values, stored.pos, stored.pos[:, 0, -window:],
+                         window_start, scale, rank, module, queries=query, query_positions=stored.pos[:, 0, :],
                          softcap=softcap or 0.0)
         layer.indicator, preference = method.score_layer(view)
         if preference is None:
@@ -66,7 +67,7 @@ class Eviction:
         """End of prefill: the budgets the layer's rows were given, and the caps decode-time eviction holds
         (a row left uncompressed is held at the method's budget)."""
         method = self.method
-        heads = layer.pos.shape[1]
+        heads = layer.storage.pos.shape[1]
         layer.head_budgets = [b if c and method.compresses else None
                               for b, c in zip(layer.head_budgets, compress_rows)]
         if method.decode_evict and method.compresses and layer.sliding_window is None:

@@ -185,7 +185,7 @@ def prefill(model, ids, method, **kw):
 def kept_prefix(layer, row=0, window=WINDOW):
     """Per KV head: sorted positions of the kept entries before the window."""
     window_start = layer.next_pos[row].item() - window
-    pos = layer.padded_pos()
+    pos = layer.storage.padded_pos()
     return [sorted(p for p in pos[row, h].tolist() if 0 <= p < window_start)
             for h in range(pos.shape[1])]
 
@@ -212,7 +212,7 @@ def masked_full_cache_logits(model, ids, cont, cache):
     causal = torch.arange(n + q)[None, :] <= torch.arange(n, n + q)[:, None]
     masks = {}
     for i, layer in enumerate(cache.layers):
-        pos = layer.padded_pos()
+        pos = layer.storage.padded_pos()
         kept = torch.zeros(pos.shape[1], n + q, dtype=torch.bool)
         for h in range(pos.shape[1]):
             kept[h, [p for p in pos[0, h].tolist() if p >= 0]] = True

@@ -72,7 +72,7 @@ def reference_logits(model, ids, cont, cache):
     _MASKS.clear()
     for i, layer in enumerate(cache.layers):
         seen = (kpos <= qpos) if layer.sliding_window is None else (kpos <= qpos) & (kpos > qpos - layer.sliding_window)
-        pos = layer.padded_pos()[0]
+        pos = layer.storage.padded_pos()[0]
         kept = torch.zeros(pos.shape[0], n + q, dtype=torch.bool)
         for h in range(pos.shape[0]):
             kept[h, [p for p in pos[h].tolist() if 0 <= p < n]] = True
@@ -245,9 +245,10 @@ def test_sliding_layers_slide_while_generating(family):
     for layer in cache.layers:
         if layer.sliding_window is not None:
             end = int(layer.next_pos[0])
-            assert layer.pos.shape[-1] == 16 and layer.head_counts[0] == [16] * layer.pos.shape[1]
-            for h in range(layer.pos.shape[1]):
-                assert sorted(p for p in layer.pos[0, h].tolist() if p >= 0) == list(range(end - 16, end))
+            pos = layer.storage.pos
+            assert pos.shape[-1] == 16 and layer.head_counts[0] == [16] * pos.shape[1]
+            for h in range(pos.shape[1]):
+                assert sorted(p for p in pos[0, h].tolist() if p >= 0) == list(range(end - 16, end))
     assert sum(sum(layer.head_counts[0]) for layer in glob) == 24 * len(glob) * 2  # 2 KV heads
     if not glob:
         assert torch.equal(out, ref)
@@ -263,8 +264,9 @@ def test_sliding_layers_hold_their_window_and_global_layers_the_budget():
     glob = [layer for layer in cache.layers if layer.sliding_window is None]
     for layer in cache.layers:
         if layer.sliding_window is not None:
-            for h in range(layer.padded_pos().shape[1]):  # after the 6 continuation tokens, one step
-                assert sorted(p for p in layer.padded_pos()[0, h].tolist() if p >= 0) == list(range(100 - 47, 106))
+            pos = layer.storage.padded_pos()
+            for h in range(pos.shape[1]):  # after the 6 continuation tokens, one step
+                assert sorted(p for p in pos[0, h].tolist() if p >= 0) == list(range(100 - 47, 106))
     assert sum(sum(layer.head_counts[0]) for layer in glob) == (24 + 6) * len(glob) * len(glob[0].head_counts[0])
     torch.testing.assert_close(got, reference_logits(model, ids, cont, cache), rtol=1e-4, atol=1e-4)
 

@@ -11,6 +11,7 @@ import cakekv
 from cakekv import cache_kwargs, cache_of
 import cakekv._ops as ops
 from cakekv.cache import CompressedCache, CompressedLayer
+from cakekv.storage import PaddedStorage, RaggedStorage
 from helpers import BUDGET, WINDOW, left_padded, masked_full_cache_logits, prefill, prompt, tiny_model
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
@@ -140,7 +141,7 @@ def ragged_layer(counts, extra=(), B=1, Hkv=2, D=4, caps=None, device="cpu"):
     pos = torch.full((B * Hkv, m), -1, dtype=torch.long)
     for s, c in enumerate(counts):
         pos[s, m - c:] = torch.arange(c)
-    layer.keys, layer.values, layer.pos = keys, keys * 2, pos.view(B, Hkv, m).to(device)
+    layer.storage = PaddedStorage(keys, keys * 2, pos.view(B, Hkv, m).to(device))
     layer.head_counts = [list(counts[b * Hkv:(b + 1) * Hkv]) for b in range(B)]
     layer.head_caps = caps
     layer.next_pos = torch.full((B,), m, dtype=torch.long, device=device)
@@ -152,11 +153,11 @@ def ragged_layer(counts, extra=(), B=1, Hkv=2, D=4, caps=None, device="cpu"):
 
 def test_to_ragged_keeps_exactly_the_entries():
     layer, dense_k = ragged_layer([5, 2, 3, 7], B=2)
-    assert layer.keys.shape == (17, 4) and layer.seg_caps == [5, 2, 3, 7]
-    assert layer.offsets.tolist() == [0, 5, 7, 10, 17]
+    assert layer.keys.shape == (17, 4) and layer.storage.capacities == [5, 2, 3, 7]
+    assert layer.storage.offsets.tolist() == [0, 5, 7, 10, 17]
     assert torch.equal(layer.keys[5:7], dense_k[0, 1, -2:])
-    assert layer.pos_flat.tolist() == [0, 1, 2, 3, 4, 0, 1, 0, 1, 2, 0, 1, 2, 3, 4, 5, 6]
-    padded = layer.padded_pos()
+    assert layer.storage.pos.tolist() == [0, 1, 2, 3, 4, 0, 1, 0, 1, 2, 0, 1, 2, 3, 4, 5, 6]
+    padded = layer.storage.padded_pos()
     assert padded.shape == (2, 2, 7) and padded[0, 1].tolist() == [0, 1, -1, -1, -1, -1, -1]
 
 
@@ -170,40 +171,40 @@ def append(layer, keys, values):
 def test_append_grows_once_then_writes_in_place(monkeypatch):
     layer, _ = ragged_layer([5, 2])
     repacks = []
-    original = CompressedLayer._repack
-    monkeypatch.setattr(CompressedLayer, "_repack", lambda self, c: (repacks.append(list(c)), original(self, c)))
+    original = RaggedStorage.grow
+    monkeypatch.setattr(RaggedStorage, "grow", lambda self, c: (repacks.append(list(c)), original(self, c)))
     steps = 17
     for step in range(steps):
         new = torch.full((1, 2, 1, 4), float(step))
         append(layer, new, new)
     assert repacks == [[6 + 16, 3 + 16]]  # spare room for 16 more tokens per segment at the first append
-    pos = layer.padded_pos()[0]
+    pos = layer.storage.padded_pos()[0]
     assert sorted(p for p in pos[0].tolist() if p >= 0) == list(range(5 + steps))
     assert sorted(p for p in pos[1].tolist() if p >= 0) == [0, 1] + list(range(5, 5 + steps))
-    seg1 = layer.keys[layer.offsets[1]:layer.offsets[2]]
+    seg1 = layer.keys[layer.storage.offsets[1]:layer.storage.offsets[2]]
     assert seg1[2:2 + steps, 0].tolist() == [float(s) for s in range(steps)]  # appended after the kept entries
     append(layer, new, new)  # segment 0 is full again: grows by 1/8, at least 16
     assert repacks[1] == [23 + 16, 20 + 16]
     # a chunk of several tokens lands in the first free slots of every segment, including freed ones
-    layer.pos_flat[1] = -1
+    layer.storage.pos[1] = -1
     layer.head_counts = [[22, 20]]
     chunk = torch.arange(3.0).view(1, 1, 3, 1).expand(1, 2, 3, 4)
     append(layer, chunk, chunk)
-    assert layer.pos_flat[1].item() == 23 and layer.keys[1, 0].item() == 0.0
-    assert layer.pos_flat[23:25].tolist() == [24, 25]
+    assert layer.storage.pos[1].item() == 23 and layer.keys[1, 0].item() == 0.0
+    assert layer.storage.pos[23:25].tolist() == [24, 25]
 
 
 def test_append_with_caps_reuses_freed_slots():
     layer, _ = ragged_layer([4, 6], caps=[[4, 6]])
     one = torch.ones(1, 2, 1, 4)
     append(layer, one, one)  # full: re-packed with one free slot per segment
-    assert layer.seg_caps == [5, 7]
-    layer.pos_flat[2] = -1  # what evict_to_caps does
-    layer.pos_flat[layer.offsets[1] + 3] = -1
+    assert layer.storage.capacities == [5, 7]
+    layer.storage.pos[2] = -1  # what evict_to_caps does
+    layer.storage.pos[layer.storage.offsets[1] + 3] = -1
     layer.head_counts = [[4, 6]]
     append(layer, one * 2, one * 2)
-    assert layer.seg_caps == [5, 7]  # no growth: the freed slots were reused
-    assert layer.pos_flat[2].item() == 7 and layer.pos_flat[layer.offsets[1] + 3].item() == 7
+    assert layer.storage.capacities == [5, 7]  # no growth: the freed slots were reused
+    assert layer.storage.pos[2].item() == 7 and layer.storage.pos[layer.storage.offsets[1] + 3].item() == 7
 
 
 # ---- end to end -----------------------------------------------------------------------------------
@@ -225,7 +226,7 @@ def test_bytes_stored_are_the_kept_entries():
         if layer.ragged:
             assert s["bytes_after"] == kept * 2 * d * 4 + kept * 8 + (hkv + 1) * 8
             assert s["bytes_after"] < padded
-            assert s["kept_per_head"][0] == layer.seg_caps
+            assert s["kept_per_head"][0] == layer.storage.capacities
         else:
             assert s["bytes_after"] == padded
 
@@ -273,7 +274,7 @@ def test_generation_matches_padded_layout_with_decode_eviction(device, monkeypat
     for layer, s in zip(cache_of(got).layers, stats):
         assert s["kept_per_head"] == s["budget_per_head"]
         if layer.ragged:  # one free slot per segment for the next token
-            assert layer.seg_caps == [c + 1 for row in layer.head_counts for c in row]
+            assert layer.storage.capacities == [c + 1 for row in layer.head_counts for c in row]
     monkeypatch.setattr(CompressedCache, "ragged_layers", False)
     want, padded_stats = run()
     assert torch.equal(got.sequences, want.sequences)

@@ -24,7 +24,7 @@ def answer(model, cache, question, steps=6):
 
 def layer_state(cache):
     return [(layer.seen, [list(r) for r in layer.head_counts],
-             (layer.pos_flat if layer.ragged else layer.pos).clone(), layer.keys.clone()) for layer in cache.layers]
+             layer.storage.pos.clone(), layer.keys.clone()) for layer in cache.layers]
 
 
 @pytest.mark.parametrize("method", ["cake", "snapkv", "adakv"])

@@ -126,22 +126,21 @@ def test_memory_is_freed_and_stats_add_up(method):
         assert s["entry_bytes"] == entry
         assert s["bytes_before"] == hkv * n * entry
         assert s["bytes_kept"] == sum(counts) * entry == hkv * s["kept"][0] * entry
-        assert s["bytes_after"] == layer.stored_bytes()
+        assert s["bytes_after"] == layer.storage.nbytes
         # what is stored: K, V, positions, the position order decode-time eviction keeps (int32 per slot,
         # only while it evicts) and, ragged, the segment offsets; nothing else
-        order = 0 if layer.order is None else layer.order.nbytes
-        assert (layer.order is not None) == (layer.head_caps is not None)
+        stored = layer.storage
+        order = 0 if stored.order is None else stored.order.nbytes
+        assert (stored.order is not None) == (layer.head_caps is not None)
+        if stored.order is not None:
+            assert stored.order.shape == stored.pos.shape and stored.order.dtype == torch.int32
         if layer.ragged:
-            assert layer.keys.shape[0] == sum(counts)  # exactly the kept entries
-            if layer.order is not None:
-                assert layer.order.shape == layer.pos_flat.shape and layer.order.dtype == torch.int32
-            assert s["bytes_after"] == (layer.keys.nbytes + layer.values.nbytes + layer.pos_flat.nbytes
-                                        + layer.offsets.nbytes + order)
+            assert stored.keys.shape[0] == sum(counts)  # exactly the kept entries
+            assert s["bytes_after"] == (stored.keys.nbytes + stored.values.nbytes + stored.pos.nbytes
+                                        + stored.offsets.nbytes + order)
         else:
-            assert layer.keys.shape[2] == max(counts)
-            if layer.order is not None:
-                assert layer.order.shape == layer.pos.shape and layer.order.dtype == torch.int32
-            assert s["bytes_after"] == layer.keys.nbytes + layer.values.nbytes + layer.pos.nbytes + order
+            assert stored.keys.shape[2] == max(counts)
+            assert s["bytes_after"] == stored.keys.nbytes + stored.values.nbytes + stored.pos.nbytes + order
         if compresses:
             assert s["kept"][0] == s["budget"][0] and s["budget_per_head"][0] == counts
             if len(set(counts)) == 1:
@@ -163,7 +162,7 @@ def test_memory_is_freed_and_stats_add_up(method):
         out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
     for layer, s in zip(cache_of(out).layers, handle.stats):
         assert s["bytes_before"] == hkv * (n + 2) * entry and s["tokens"] == [n + 2]
-        assert s["bytes_kept"] == sum(s["kept_per_head"][0]) * entry and s["bytes_after"] == layer.stored_bytes()
+        assert s["bytes_kept"] == sum(s["kept_per_head"][0]) * entry and s["bytes_after"] == layer.storage.nbytes
         if compresses:
             assert s["bytes_after"] < s["bytes_before"] / 3
         else:
@@ -204,8 +203,8 @@ def test_decode_eviction_holds_the_budget_over_500_tokens(method, kw):
                         assert all(c <= b for c, b in zip(counts, budget)), f"step {step}: {counts} > {budget}"
                     else:
                         assert counts == [n + step + 1] * 2
-                    assert int(layer.padded_pos()[0].max()) == n + step
-                stored.append(sum(layer.stored_bytes() for layer in cache.layers))
+                    assert int(layer.storage.padded_pos()[0].max()) == n + step
+                stored.append(sum(layer.storage.nbytes for layer in cache.layers))
     if compresses:
         assert len(set(stored[2:])) == 1, "the cache kept growing"
         assert [layer.head_counts[0] for layer in cache.layers] == budgets  # held at, not below, the budget

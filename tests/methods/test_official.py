@@ -209,9 +209,9 @@ def test_cake_official_decode_order_is_the_official_storage_order():
     for official in (True, False):
         out, _ = prefill(model, ids, "cake", official=official)
         for i, layer in enumerate(cache_of(out).layers):
-            for h in range(layer.pos.shape[1]):
-                pos = layer.pos[0, h]
-                listed = [int(pos[slot]) for slot in layer.order[0, h][: int((pos >= 0).sum())]]
+            for h in range(layer.storage.pos.shape[1]):
+                pos = layer.storage.pos[0, h]
+                listed = [int(pos[slot]) for slot in layer.storage.order[0, h][: int((pos >= 0).sum())]]
                 prefix, newest = listed[: len(kept[i][h])], listed[len(kept[i][h]):]
                 assert newest == list(range(120 - WINDOW, 120))
                 if official:  # near-ties of the fp32 scores may swap neighbours: compare the scores along the order
