@@ -23,8 +23,11 @@ class CompressionHandle:
         self._patch: Patch | None = Patch(model, self)
 
     def new_cache(self) -> CompressedCache:
-        self.last_cache = CompressedCache(self.method, self.window, sliding_windows(self.model.config))
-        return self.last_cache
+        """A fresh cache for one generation; also kept as `last_cache` (for `stats`). Returned from the local
+        name: another thread may set `last_cache` between the two lines."""
+        cache = CompressedCache(self.method, self.window, sliding_windows(self.model.config))
+        self.last_cache = cache
+        return cache
 
     @property
     def stats(self) -> list[dict]:

@@ -333,7 +333,9 @@ class CompressedCache(Cache):
 
     def __init__(self, method: Method, window: int, sliding_windows: list[int | None]):
         super().__init__(layers=[CompressedLayer(self, i, sw) for i, sw in enumerate(sliding_windows)])
-        self.method = method
+        # Its own copy of the method: methods may keep per-prefill state (the official modes' scores), and
+        # several generations of one handle may run at once (threads).
+        self.method = method = copy.copy(method)
         method.num_layers = len(self.global_layers)  # the method's budgets cover the layers it compresses
         self.window = window
         self.eviction = Eviction(method, window)

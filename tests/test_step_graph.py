@@ -170,3 +170,17 @@ def test_growing_layers_grow_together():
                     grew[i].append(step)
     assert grew[0] and all(steps == grew[0] for steps in grew.values()), grew
     assert len(grew[0]) <= 80 // 16 + 1
+
+
+@pytest.mark.parametrize("method", ["cake", "lava"])
+def test_generations_of_one_handle_keep_their_own_method_state(method):
+    """The official modes keep each layer's prefill scores on the method until the cascade ends; two generations
+    of one handle (threads) must not share them: a second prefill in between leaves the first cache's intact."""
+    model = tiny_model("llama")
+    with cakekv.compress(model, method=method, budget=BUDGET, window=WINDOW, official=True) as handle, \
+            torch.no_grad():
+        first, second = handle.new_cache(), handle.new_cache()
+        model(input_ids=prompt(70, seed=1), use_cache=True, **cache_kwargs(model, first))
+        model(input_ids=prompt(90, seed=2), use_cache=True, **cache_kwargs(model, second))
+    assert first.method is not second.method and first.method is not handle.method
+    assert first.method._original[0].shape[-1] == 70 and second.method._original[0].shape[-1] == 90
