@@ -41,7 +41,7 @@ def cmd_methods(args) -> int:
 # ----------------------------------------------------------------------------------------------
 # demo
 # ----------------------------------------------------------------------------------------------
-DEMO_METHODS = ("full", "cake", "snapkv", "streamingllm")
+DEMO_METHODS = ("full", "cake", "spancake", "snapkv", "streamingllm")
 
 
 def _demo_table(rows) -> str:
