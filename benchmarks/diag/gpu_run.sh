@@ -4,7 +4,8 @@
 #   TESTS="tests/ops/test_decode_ops.py ..."   pytest arguments (8 workers, 2 CPU threads each)
 #   PROFILE="cake snapkv" PROFILE_CONTEXT=8192  benchmarks/diag/profile_decode.py methods
 #   BENCH="--contexts 32768 --methods cake ...; --contexts 131072 ..."   bench_generate.py runs, ';'-separated,
-#                                               each written to $OUT/bench<i> (--budgets 1024 --new-tokens 32 added)
+#                                               each packed into $OUT/bench<i>.tgz (--budgets 1024 --new-tokens 32
+#                                               added; the device returns at most 8 files, so folders are packed)
 #   SANITIZE="racecheck memcheck" SANITIZE_TESTS="tests/ops/test_decode_ops.py -k cuda"   compute-sanitizer tools
 #                                               over those tests (one process each, after the benchmarks)
 set -u
@@ -35,8 +36,9 @@ for run in "${RUNS[@]}"; do
   i=$((i + 1))
   # shellcheck disable=SC2086
   timeout ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_generate.py $run --budgets 1024 --new-tokens 32 \
-    --out $OUT/bench$i > $OUT/bench$i.log 2>&1
+    --out /tmp/bench$i > $OUT/bench$i.log 2>&1
   echo "bench$i ($run): exit $?"; grep "^|" $OUT/bench$i.log
+  tar czf $OUT/bench$i.tgz -C /tmp bench$i
 done
 for tool in ${SANITIZE:-}; do
   start=$(date +%s)
