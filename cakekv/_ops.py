@@ -129,13 +129,18 @@ def evict_lowest(weights: torch.Tensor, pos: torch.Tensor, order: torch.Tensor, 
                       pooling == "max", int(n_evict), bool(by_score))
 
 
+def segment_of_slots(sizes: torch.Tensor, total: int) -> torch.Tensor:
+    """int64 [total]: the segment of each slot of a layout whose segments hold ``sizes`` [S] slots back to back
+    (``total`` = their sum, given by the caller: no read back from the device)."""
+    return torch.repeat_interleave(torch.arange(sizes.shape[0], device=sizes.device), sizes, output_size=total)
+
+
 def position_order(pos: torch.Tensor, offsets: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
     """int32 [T]: per segment, the slots (counted from the segment start) of its stored entries (pos >= 0) by
     position, then its free slots. The decode ops keep it up to date; built once when eviction starts. Given
     ``first`` (float [T], NaN = no rank), entries with a rank come before the others, by ascending rank (ties by
     position): the official CAKE storage order after prefill, its top-k by descending score, then the window."""
-    segments = offsets.shape[0] - 1
-    seg = torch.repeat_interleave(torch.arange(segments, device=pos.device), offsets.diff(), output_size=pos.shape[0])
+    seg = segment_of_slots(offsets.diff(), pos.shape[0])
     key = torch.where(pos < 0, torch.iinfo(torch.int64).max, pos)
     perm = torch.sort(key, stable=True).indices
     if first is not None:  # stable sorts from the least significant key: rank, then ranked entries first

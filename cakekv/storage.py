@@ -191,9 +191,7 @@ class RaggedStorage(Storage):
         """(capacities [S], offsets [S + 1], segment of each slot [sum(capacities)]) on the device."""
         capacities_t = torch.tensor(capacities, dtype=torch.long, device=device)
         offsets = F.pad(capacities_t.cumsum(0), (1, 0))
-        segment = torch.repeat_interleave(torch.arange(len(capacities), device=device), capacities_t,
-                                          output_size=sum(capacities))
-        return capacities_t, offsets, segment
+        return capacities_t, offsets, _ops.segment_of_slots(capacities_t, sum(capacities))
 
     @classmethod
     def from_padded(cls, padded: PaddedStorage,
