@@ -1,7 +1,8 @@
-"""Per-call GPU time of the decode ops (ragged_attention without and with its weights, evict_lowest on those
-weights, append_entries) on one layer of
-random segments: Llama-3.1-8B-like heads (32 query heads over 8 KV heads, head dim 128), `--entries` per
-segment, every segment one over its cap (a decode step's eviction). CUDA events over `--iters` calls.
+"""GPU time per call of the decode ops on one layer of random segments, timed as a CUDA graph of `--iters`
+calls (no launch overhead: what a captured decode step pays): ragged_attention without and with its
+weights, SDPA over the same entries as a padded layer (what a non-evicting layer runs), evict_lowest on
+the weights, append_entries. Llama-3.1-8B-like heads (32 query heads over 8 KV heads, head dim 128),
+`--entries` per segment, every segment one over its cap (a decode step's eviction).
 
   python3 benchmarks/diag/bench_decode_ops.py --entries 1056 4128 --batch 1 8
 """
@@ -11,6 +12,7 @@ import argparse
 import json
 
 import torch
+import torch.nn.functional as F
 
 import cakekv._ops as ops
 
@@ -26,14 +28,23 @@ def segments(batch, kv_heads, entries, device, dtype, seed=0):
 
 
 def timed(fn, iters):
-    fn()
+    """Microseconds per call of `fn`, replayed from a CUDA graph of `iters` calls."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(iters):
-        fn()
+    graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return 1000 * start.elapsed_time(end) / iters  # microseconds
+    return 1000 * start.elapsed_time(end) / iters
 
 
 def main():
@@ -41,12 +52,13 @@ def main():
     ap.add_argument("--entries", type=int, nargs="+", default=[1056, 4128])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--q-len", type=int, default=1)
-    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dtype, dev, rows = torch.bfloat16, "cuda", []
-    print("| batch | entries/segment | ragged_attention us | with weights us | evict_lowest us | append_entries us |")
-    print("|---|---|---|---|---|---|")
+    print("| batch | entries/segment | ragged_attention us | with weights us | SDPA (padded) us | evict_lowest us "
+          "| append_entries us |")
+    print("|---|---|---|---|---|---|---|")
     for batch in args.batch:
         for n in args.entries:
             k, v, pos, offsets = segments(batch, 8, n, dev, dtype)
@@ -55,10 +67,13 @@ def main():
             order = ops.position_order(pos, offsets)
             over = torch.full((batch, 8), 1 << 40, device=dev)  # never runs out: every call evicts
             work = pos.clone()
+            kp, vp = k.view(batch, 8, n, 128), v.view(batch, 8, n, 128)
 
             attn_us = timed(lambda: ops.ragged_attention(q, k, v, pos, offsets, q_pos, 0.088), args.iters)
             weighted_us = timed(lambda: ops.ragged_attention_with_weights(q, k, v, pos, offsets, q_pos, 0.088),
                                 args.iters)
+            sdpa_us = timed(lambda: F.scaled_dot_product_attention(q, kp, vp, scale=0.088, enable_gqa=True),
+                            args.iters)
             _, weights = ops.ragged_attention_with_weights(q, k, v, pos, offsets, q_pos, 0.088)
 
             def evict():
@@ -75,8 +90,9 @@ def main():
 
             append_us = timed(append, args.iters)
             rows.append(dict(batch=batch, entries=n, attention_us=attn_us, attention_weights_us=weighted_us,
-                             evict_us=evict_us, append_us=append_us))
-            print(f"| {batch} | {n} | {attn_us:.1f} | {weighted_us:.1f} | {evict_us:.1f} | {append_us:.1f} |")
+                             sdpa_us=sdpa_us, evict_us=evict_us, append_us=append_us))
+            print(f"| {batch} | {n} | {attn_us:.1f} | {weighted_us:.1f} | {sdpa_us:.1f} | {evict_us:.1f} "
+                  f"| {append_us:.1f} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

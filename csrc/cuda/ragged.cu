@@ -8,10 +8,12 @@
 // ragged_attention: split-K (flash-decoding), balanced by entries: the layer's T entries are cut into equal
 // chunks, one block each, whatever the segment sizes (per-head budgets make them very unequal: one long head
 // must not serialise the step). A piece is the part of segment s inside block j; its partial results live at
-// index j + s (one-to-one: segments are contiguous and ordered). The G*Q query rows of one kv head share every
-// K/V load: a block takes up to kAttnRows rows and walks its pieces in steps of kChunk entries: warps score
-// entries (lanes split the head dim, shuffle reduction), each row's online softmax is updated per step, and
-// threads accumulate P·V for their head dims. A second kernel merges the pieces of every (segment, row).
+// index j + s (one-to-one: segments are contiguous and ordered). The grid is one wave (the step is latency-
+// bound: what pays is warps in flight and loads issued early, not fewer bytes). A block takes up to kAttnRows of
+// the G*Q query rows of one kv head, a team of threads per row; their K/V reads are the same rows (L1 serves all
+// but the first). In a team, lane groups split the head dim (16-byte slices, shuffle reductions) and each group
+// loads its next entries' positions, keys and values at once, then keeps its own online softmax in registers;
+// the groups are combined once per piece. A second kernel merges the pieces of every (segment, row).
 // Asked for the attention weights (what decode-time eviction scores), the first kernel also writes each
 // entry's logit per row and the merge turns the segment's logits into weights with the row's max and sum: the
 // keys are read once per step for both attention and eviction.
@@ -53,34 +55,32 @@ __global__ void gather_ragged_kernel(const scalar_t* __restrict__ k, const scala
   }
 }
 
-constexpr int kAttnRows = 4;         // query rows per ragged_attention block (more rows: more blocks in y)
-constexpr int kAttnThreads = 128;
-constexpr int kEntriesPerGroup = 8;  // entries a lane group takes per step, loaded kBatch at a time
-constexpr int kBatch = 4;
+constexpr int kAttnRows = 4;          // query rows per ragged_attention block (more rows: more blocks in y)
+constexpr int kRowThreads = 128;      // the team of threads that attends for one query row
+constexpr int kEntriesPerGroup = 4;   // entries a lane group takes per step, all loaded before any is used
 constexpr int kMaxHeadDim = 256;
 
-// A lane group of kLanes lanes holds one row of a head (a query, key or value): lane l the kVec elements from
-// l * kVec. With `vector` (rows 16-byte aligned, D a multiple of kVec) that is one or two 16-byte loads.
-template <int kVec, typename scalar_t>
-__device__ __forceinline__ void load_slice(const scalar_t* __restrict__ row, int first, int D, bool vector,
-                                           float (&out)[kVec]) {
+// The kVec elements of one row of a head (a query, key or value) that lane l of a lane group holds: those from
+// l * kVec, kept in their storage type until used (registers: a slice of bf16 is one 16-byte word).
+template <typename scalar_t, int kVec>
+struct alignas(16) Slice {
   static_assert(kVec * sizeof(scalar_t) % 16 == 0, "a slice is whole 16-byte words");
+  static constexpr int kWords = kVec * sizeof(scalar_t) / 16;
+  scalar_t e[kVec];
+};
+
+// With `vector` (rows 16-byte aligned, D a multiple of kVec) one or more 16-byte loads; zeros past D.
+template <typename scalar_t, int kVec>
+__device__ __forceinline__ void load_slice(const scalar_t* __restrict__ row, int first, int D, bool vector,
+                                           Slice<scalar_t, kVec>& out) {
   if (vector) {
-    if (first < D) {
-      constexpr int kWords = kVec * sizeof(scalar_t) / 16;
-      uint4 words[kWords];
+    uint4* words = reinterpret_cast<uint4*>(out.e);
 #pragma unroll
-      for (int i = 0; i < kWords; ++i) words[i] = reinterpret_cast<const uint4*>(row + first)[i];
-      const scalar_t* e = reinterpret_cast<const scalar_t*>(words);
-#pragma unroll
-      for (int c = 0; c < kVec; ++c) out[c] = static_cast<float>(e[c]);
-    } else {
-#pragma unroll
-      for (int c = 0; c < kVec; ++c) out[c] = 0.f;
-    }
+    for (int i = 0; i < Slice<scalar_t, kVec>::kWords; ++i)
+      words[i] = first < D ? reinterpret_cast<const uint4*>(row + first)[i] : make_uint4(0, 0, 0, 0);
   } else {
 #pragma unroll
-    for (int c = 0; c < kVec; ++c) out[c] = first + c < D ? static_cast<float>(row[first + c]) : 0.f;
+    for (int c = 0; c < kVec; ++c) out.e[c] = first + c < D ? row[first + c] : scalar_t(0.f);
   }
 }
 
@@ -97,141 +97,124 @@ void with_row_layout(int64_t D, F&& f) {
     f(integral_constant<int, kMaxHeadDim / 32>{}, integral_constant<int, 32>{});
 }
 
+// A block attends for up to kAttnRows query rows of one kv head, a team of kRowThreads threads per row (more
+// warps per SM than one team walking all rows: the step is latency-bound). The teams read the same keys and
+// values (the other teams' reads hit L1). In a team each lane group keeps its own online softmax (running max,
+// sum and P·V, in registers) over the entries it takes, so the step loop has no barrier and no shared memory;
+// the groups are combined once per piece.
 template <typename scalar_t, int kVec, int kLanes>
-__global__ void __launch_bounds__(kAttnThreads) ragged_attention_partial_kernel(
+__global__ void __launch_bounds__(kRowThreads * kAttnRows) ragged_attention_partial_kernel(
     const scalar_t* __restrict__ q, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
     const int64_t* __restrict__ pos, const int64_t* __restrict__ offsets, const int64_t* __restrict__ q_pos,
     float* __restrict__ part_acc, float* __restrict__ part_ml, float* __restrict__ weights, int64_t T, int64_t segs,
     int64_t chunk, int64_t H, int64_t Q, int64_t D, int64_t Hkv, float scale, float softcap, bool vector) {
-  constexpr int kGroups = kAttnThreads / kLanes, kStep = kGroups * kEntriesPerGroup, kWidth = kLanes * kVec;
-  __shared__ float p_s[kAttnRows][kStep];                  // logits of a step, then their exp
-  __shared__ float red_s[kGroups * kAttnRows * kWidth];    // the groups' P·V, summed at the piece's end
-  __shared__ float m_s[kAttnRows], l_s[kAttnRows], corr_s[kAttnRows];  // running max, sum, this step's rescale
-  __shared__ int64_t qp_s[kAttnRows];
-  const int64_t G = H / Hkv, rows = G * Q, r0 = int64_t(blockIdx.y) * kAttnRows;
+  constexpr int kGroups = kRowThreads / kLanes, kStep = kGroups * kEntriesPerGroup, kWidth = kLanes * kVec;
+  using SliceT = Slice<scalar_t, kVec>;
+  __shared__ float red_s[kAttnRows][kGroups][kWidth];  // the groups' P·V, rescaled to the team's max
+  __shared__ float ml_s[kAttnRows][kGroups][2];        // the groups' running max and sum
+  __shared__ int64_t first_seg_s;
+  const int G = int(H / Hkv), rows = G * int(Q), team = threadIdx.x / kRowThreads, tid = threadIdx.x % kRowThreads;
+  const int r = int(blockIdx.y) * kAttnRows + team;  // this team's row; past the last row it only takes barriers
+  const bool active = r < rows;
   const int64_t start = int64_t(blockIdx.x) * chunk, end = std::min(T, start + chunk);
-  const int R = int(std::min<int64_t>(kAttnRows, rows - r0));
-  const int group = threadIdx.x / kLanes, lane = threadIdx.x % kLanes, first = lane * kVec;
-  const int warp = threadIdx.x / 32, wlane = threadIdx.x % 32;
-  for (int64_t seg = segment_of(offsets, segs, start); seg < segs && offsets[seg] < end; ++seg) {
+  const int group = tid / kLanes, lane = tid % kLanes, first = lane * kVec, dim = int(D);
+  // The segment holding `start` (the one non-empty segment around it), found in one parallel pass.
+  for (int64_t s = threadIdx.x; s < segs; s += blockDim.x)
+    if (offsets[s] <= start && start < offsets[s + 1]) first_seg_s = s;
+  __syncthreads();
+  for (int64_t seg = first_seg_s; seg < segs; ++seg) {
+    if (offsets[seg] >= end) break;
     const int64_t lo = std::max(offsets[seg], start), hi = std::min(offsets[seg + 1], end);
     if (lo >= hi) continue;  // an empty segment: its rows get zeros from the merge
     const int64_t b = seg / Hkv, g = seg % Hkv, piece = int64_t(blockIdx.x) + seg;
-    float qv[kAttnRows][kVec], acc[kAttnRows][kVec];
+    float qv[kVec], acc[kVec], m = -INFINITY, l = 0.f;
+    int64_t qp = -1;
+    {
+      SliceT qs;
+      if (active) {
+        load_slice(q + query_row_offset(b, g, r, H, G, int(Q), D), first, dim, vector, qs);
+        qp = q_pos[b * Q + r % int(Q)];
+      }
 #pragma unroll
-    for (int r = 0; r < kAttnRows; ++r) {
-      if (r < R) load_slice<kVec>(q + query_row_offset(b, g, r0 + r, H, G, Q, D), first, int(D), vector, qv[r]);
-#pragma unroll
-      for (int c = 0; c < kVec; ++c) acc[r][c] = 0.f;
+      for (int c = 0; c < kVec; ++c) {
+        qv[c] = active ? static_cast<float>(qs.e[c]) : 0.f;
+        acc[c] = 0.f;
+      }
     }
-    __syncthreads();  // the previous piece is done with shared memory
-    if (threadIdx.x < R) {
-      qp_s[threadIdx.x] = q_pos[b * Q + (r0 + threadIdx.x) % Q];
-      m_s[threadIdx.x] = -INFINITY;
-      l_s[threadIdx.x] = 0.f;
+    // Steps uniform over the team (every lane takes part in the shuffles); a group past the piece's end scores
+    // repeats of its last entry, masked.
+    for (int64_t step = lo; active && step < hi; step += kStep) {
+      const int64_t c0 = step + group * kEntriesPerGroup;
+      SliceT ks[kEntriesPerGroup], vs[kEntriesPerGroup];
+      int64_t p[kEntriesPerGroup];
+#pragma unroll
+      for (int u = 0; u < kEntriesPerGroup; ++u) {
+        const int64_t t = std::min(c0 + u, hi - 1);
+        p[u] = c0 + u < hi ? pos[t] : -1;
+        load_slice(k + t * D, first, dim, vector, ks[u]);
+        load_slice(v + t * D, first, dim, vector, vs[u]);
+      }
+      float logit[kEntriesPerGroup];
+#pragma unroll
+      for (int u = 0; u < kEntriesPerGroup; ++u) {
+        float dot = 0.f;
+#pragma unroll
+        for (int c = 0; c < kVec; ++c) dot += qv[c] * static_cast<float>(ks[u].e[c]);
+#pragma unroll
+        for (int off = kLanes / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+        logit[u] = (p[u] >= 0 && p[u] <= qp) ? attention_logit(dot, scale, softcap) : -INFINITY;
+      }
+      if (weights != nullptr) {  // the logits; the merge normalises them. Lane u % kLanes writes entry u.
+#pragma unroll
+        for (int u = 0; u < kEntriesPerGroup; ++u)
+          if (lane == u % kLanes && c0 + u < hi) weights[int64_t(r) * T + c0 + u] = logit[u];
+      }
+      float mx = m;
+#pragma unroll
+      for (int u = 0; u < kEntriesPerGroup; ++u) mx = fmaxf(mx, logit[u]);
+      if (mx == -INFINITY) continue;  // nothing visible yet: acc stays 0
+      const float corr = m == -INFINITY ? 0.f : expf(m - mx);
+      l *= corr;
+#pragma unroll
+      for (int c = 0; c < kVec; ++c) acc[c] *= corr;
+#pragma unroll
+      for (int u = 0; u < kEntriesPerGroup; ++u) {
+        const float w = logit[u] == -INFINITY ? 0.f : expf(logit[u] - mx);
+        l += w;
+#pragma unroll
+        for (int c = 0; c < kVec; ++c) acc[c] += w * static_cast<float>(vs[u].e[c]);
+      }
+      m = mx;
+    }
+    // The piece's result for this row: the groups' states rescaled to the team's max and added up.
+    if (lane == 0) {
+      ml_s[team][group][0] = m;
+      ml_s[team][group][1] = l;
     }
     __syncthreads();
-    for (int64_t c0 = lo; c0 < hi; c0 += kStep) {
-      const int n = int(std::min<int64_t>(kStep, hi - c0));
-      // Scores: group takes entries group + kGroups * u, a batch of rows loaded before any is used.
+    float top = -INFINITY;
 #pragma unroll
-      for (int u0 = 0; u0 < kEntriesPerGroup; u0 += kBatch) {
-        if (kGroups * u0 >= n) break;  // uniform: a short step skips the batch
-        float kv[kBatch][kVec];
-        int64_t p[kBatch];
+    for (int gr = 0; gr < kGroups; ++gr) top = fmaxf(top, ml_s[team][gr][0]);
+    const float mine = m == -INFINITY ? 0.f : expf(m - top);
 #pragma unroll
-        for (int u = 0; u < kBatch; ++u) {
-          const int64_t t = c0 + std::min(group + kGroups * (u0 + u), n - 1);  // past the end: a repeat, unused
-          p[u] = pos[t];
-          load_slice<kVec>(k + t * D, first, int(D), vector, kv[u]);
-        }
-#pragma unroll
-        for (int u = 0; u < kBatch; ++u) {
-          const int e = group + kGroups * (u0 + u);
-#pragma unroll
-          for (int r = 0; r < kAttnRows; ++r) {
-            if (r >= R) break;  // uniform: every lane of the warp takes part in the shuffles
-            float dot = 0.f;
-#pragma unroll
-            for (int c = 0; c < kVec; ++c) dot += qv[r][c] * kv[u][c];
-#pragma unroll
-            for (int off = kLanes / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-            if (lane == 0 && e < n)
-              p_s[r][e] = (p[u] >= 0 && p[u] <= qp_s[r]) ? attention_logit(dot, scale, softcap) : -INFINITY;
-          }
-        }
-      }
-      __syncthreads();
-      for (int r = warp; r < R; r += kAttnThreads / 32) {  // online softmax of row r over this step
-        float mx = -INFINITY;
-        for (int e = wlane; e < n; e += 32) mx = fmaxf(mx, p_s[r][e]);
-#pragma unroll
-        for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-        const float m_old = m_s[r], m_new = fmaxf(m_old, mx);
-        float sum = 0.f;
-        for (int e = wlane; e < n; e += 32) {
-          const float sc = p_s[r][e];
-          if (weights != nullptr) weights[(r0 + r) * T + c0 + e] = sc;  // the logit; the merge normalises it
-          const float w = sc == -INFINITY ? 0.f : expf(sc - m_new);
-          p_s[r][e] = w;
-          sum += w;
-        }
-#pragma unroll
-        for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-        __syncwarp();  // every lane has read m_s[r] before lane 0 rewrites it
-        if (wlane == 0) {
-          const float corr = m_old == -INFINITY ? 0.f : expf(m_old - m_new);  // nothing before: acc is 0
-          corr_s[r] = corr;
-          l_s[r] = l_s[r] * corr + sum;
-          m_s[r] = m_new;
-        }
-      }
-      __syncthreads();
-      // P·V: each group over its entries, for its lanes' slices of the head dim.
-#pragma unroll
-      for (int r = 0; r < kAttnRows; ++r)
-#pragma unroll
-        for (int c = 0; c < kVec; ++c) acc[r][c] *= r < R ? corr_s[r] : 0.f;
-#pragma unroll
-      for (int u0 = 0; u0 < kEntriesPerGroup; u0 += kBatch) {
-        if (kGroups * u0 >= n) break;
-        float vv[kBatch][kVec];
-#pragma unroll
-        for (int u = 0; u < kBatch; ++u)
-          load_slice<kVec>(v + (c0 + std::min(group + kGroups * (u0 + u), n - 1)) * D, first, int(D), vector, vv[u]);
-#pragma unroll
-        for (int u = 0; u < kBatch; ++u) {
-          const int e = group + kGroups * (u0 + u);
-          if (e >= n) break;
-#pragma unroll
-          for (int r = 0; r < kAttnRows; ++r) {
-            if (r >= R) break;
-            const float w = p_s[r][e];
-#pragma unroll
-            for (int c = 0; c < kVec; ++c) acc[r][c] += w * vv[u][c];
-          }
-        }
-      }
-      __syncthreads();  // p_s is rewritten by the next step
-    }
-    // The piece's P·V: the groups' partial sums added up.
-#pragma unroll
-    for (int r = 0; r < kAttnRows; ++r)
-#pragma unroll
-      for (int c = 0; c < kVec; ++c) red_s[(group * kAttnRows + r) * kWidth + first + c] = acc[r][c];
+    for (int c = 0; c < kVec; ++c) red_s[team][group][first + c] = acc[c] * mine;
     __syncthreads();
-    for (int64_t x = threadIdx.x; x < int64_t(R) * D; x += kAttnThreads) {
-      const int r = int(x / D), d = int(x % D);
+    const int64_t slot = piece * rows + r;
+    for (int d = tid; active && d < dim; d += kRowThreads) {
       float sum = 0.f;
-#pragma unroll 4
-      for (int gr = 0; gr < kGroups; ++gr) sum += red_s[(gr * kAttnRows + r) * kWidth + d];
-      part_acc[(piece * rows + r0 + r) * D + d] = sum;
+#pragma unroll
+      for (int gr = 0; gr < kGroups; ++gr) sum += red_s[team][gr][d];
+      part_acc[slot * D + d] = sum;
     }
-    if (threadIdx.x < R) {
-      const int64_t slot = piece * rows + r0 + threadIdx.x;
-      part_ml[2 * slot] = m_s[threadIdx.x];
-      part_ml[2 * slot + 1] = l_s[threadIdx.x];
+    if (active && tid == 0) {
+      float sum = 0.f;
+#pragma unroll
+      for (int gr = 0; gr < kGroups; ++gr)
+        sum += ml_s[team][gr][0] == -INFINITY ? 0.f : ml_s[team][gr][1] * expf(ml_s[team][gr][0] - top);
+      part_ml[2 * slot] = top;
+      part_ml[2 * slot + 1] = sum;
     }
+    __syncthreads();  // shared memory is rewritten by the next piece
   }
 }
 
@@ -240,13 +223,13 @@ __global__ void ragged_attention_merge_kernel(const float* __restrict__ part_acc
                                               const int64_t* __restrict__ offsets, scalar_t* __restrict__ out,
                                               float* __restrict__ weights, int64_t T, int64_t chunk, int64_t H,
                                               int64_t Q, int64_t D, int64_t Hkv) {
-  const int64_t G = H / Hkv, rows = G * Q;
-  const int64_t seg = blockIdx.x / rows, r = blockIdx.x % rows, b = seg / Hkv, g = seg % Hkv;
+  const int G = int(H / Hkv), rows = G * int(Q), r = int(blockIdx.x) % rows;
+  const int64_t seg = blockIdx.x / rows, b = seg / Hkv, g = seg % Hkv;
   const int64_t lo = offsets[seg], hi = offsets[seg + 1];
   // The segment's pieces: blocks first .. last (none when it is empty), merged online, kLoads at a time.
-  constexpr int kLoads = 8;
+  constexpr int kLoads = 16;
   const int64_t first = lo / chunk, last = hi > lo ? (hi - 1) / chunk : first - 1;
-  scalar_t* o = out + query_row_offset(b, g, r, H, G, Q, D);
+  scalar_t* o = out + query_row_offset(b, g, r, H, G, int(Q), D);
   float mx = -INFINITY, denom = 0.f;
   for (int64_t d0 = 0; d0 < D; d0 += blockDim.x) {  // one pass for head dims up to blockDim.x
     const int64_t d = d0 + threadIdx.x;
@@ -389,24 +372,29 @@ std::tuple<at::Tensor, at::Tensor> ragged_attention(const at::Tensor& q_in, cons
   if (out.numel() == 0) return {out, weights.zero_()};
   const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), pos = pos_in.contiguous(),
              offsets = offsets_in.contiguous(), q_pos = q_pos_in.contiguous();
-  // About two blocks per SM, at least a step of entries each (the host does not read the offsets).
+  // One wave of blocks, at least a step of entries each (the host does not read the offsets); a team of
+  // threads per query row, up to kAttnRows rows per block.
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t tiles = (rows + kAttnRows - 1) / kAttnRows;
+  const auto threads = unsigned(kRowThreads * std::min<int64_t>(kAttnRows, rows));
   auto f32 = q_in.options().dtype(at::kFloat);
   float* weights_ptr = return_weights ? weights.mutable_data_ptr<float>() : nullptr;
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "ragged_attention_cuda", [&] {
     with_row_layout<scalar_t>(D, [&](auto vec, auto lanes) {
       constexpr int kVec = decltype(vec)::value, kLanes = decltype(lanes)::value;
-      constexpr int64_t kStep = kAttnThreads / kLanes * kEntriesPerGroup;
-      const int64_t chunk = std::max<int64_t>(kStep, (T + 2 * sms - 1) / (2 * sms));
+      constexpr int64_t kStep = kRowThreads / kLanes * kEntriesPerGroup;
+      const auto kernel = ragged_attention_partial_kernel<scalar_t, kVec, kLanes>;
+      int resident = 1;  // blocks per SM: the chunk makes one wave
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, int(threads), 0));
+      const int64_t wave = std::max(1, resident) * sms * tiles;
+      const int64_t chunk = std::max<int64_t>(kStep, (T * tiles + wave - 1) / wave);
       const int64_t blocks = std::max<int64_t>(1, (T + chunk - 1) / chunk), pieces = blocks + segs;
       auto part_acc = at::empty({pieces * rows, D}, f32), part_ml = at::empty({pieces * rows, 2}, f32);
       const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; };
       const bool vector = D % kVec == 0 && aligned(q) && aligned(k) && aligned(v);
       if (T > 0) {
-        ragged_attention_partial_kernel<scalar_t, kVec, kLanes>
-            <<<dim3(unsigned(blocks), unsigned(tiles)), kAttnThreads, 0, stream>>>(
+        kernel<<<dim3(unsigned(blocks), unsigned(tiles)), threads, 0, stream>>>(
             q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
             pos.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), q_pos.const_data_ptr<int64_t>(),
             part_acc.mutable_data_ptr<float>(), part_ml.mutable_data_ptr<float>(), weights_ptr, T, segs, chunk, H,

@@ -18,8 +18,9 @@ __device__ __forceinline__ int64_t segment_of(const int64_t* __restrict__ offset
 }
 
 // Query row r (of G*Q) of segment (b, g) is query i = r % Q of head h = g * G + r / Q.
-__device__ __forceinline__ int64_t query_row_offset(int64_t b, int64_t g, int64_t r, int64_t H, int64_t G,
-                                                    int64_t Q, int64_t D) {
+// (r, G and Q are small: 32-bit division.)
+__device__ __forceinline__ int64_t query_row_offset(int64_t b, int64_t g, int r, int64_t H, int G, int Q,
+                                                    int64_t D) {
   return ((b * H + g * G + r / Q) * Q + r % Q) * D;
 }
 
