@@ -74,10 +74,9 @@ class StepGraph:
                 inner.append(error)
                 raise
 
-        collecting = gc.isenabled()
-        gc.disable()
         try:
-            with torch.cuda.graph(graph, pool=self.pool, stream=_side_stream(), capture_error_mode="thread_local"):
+            with _COLLECTOR_PAUSED, torch.cuda.graph(graph, pool=self.pool, stream=_side_stream(),
+                                                       capture_error_mode="thread_local"):
                 output = captured()
         except Exception as error:  # noqa: BLE001  (any failure to capture falls back to eager decode)
             error = inner[0] if inner else error
@@ -86,12 +85,36 @@ class StepGraph:
             warnings.warn(f"cakekv: decode steps run eagerly, the CUDA graph capture failed ({self.failed})",
                           RuntimeWarning, stacklevel=4)
             return False
-        finally:
-            if collecting:
-                gc.enable()
         self.graph, self.inputs, self.output = graph, static, _weakened(output)
         self.captures += 1
         return True
+
+
+class _CollectorPause:
+    """Python's cyclic collector off while any thread captures: counted, so that the first capture to start
+    turns it off and the last to end restores it (as it was before the first)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._captures = 0
+        self._was_enabled = False
+
+    def __enter__(self):
+        with self._lock:
+            if self._captures == 0:
+                self._was_enabled = gc.isenabled()
+                gc.disable()
+            self._captures += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._captures -= 1
+            if self._captures == 0 and self._was_enabled:
+                gc.enable()
+        return False
+
+
+_COLLECTOR_PAUSED = _CollectorPause()
 
 
 _SIDE_STREAMS = threading.local()  # per thread: {device: stream}

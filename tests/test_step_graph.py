@@ -12,7 +12,7 @@ import torch
 
 import cakekv
 from cakekv import cache_kwargs, cache_of
-from cakekv.step_graph import ENV_SWITCH
+from cakekv.step_graph import ENV_SWITCH, _CollectorPause
 from helpers import BUDGET, WINDOW, prompt, tiny_model
 
 ASSET = Path(__file__).resolve().parents[1] / "cakekv" / "assets" / "tiny-llama"
@@ -117,6 +117,40 @@ def test_repeated_generates_capture_and_free_their_graphs():
             assert freed() is None, f"call {call}: the cache outlived the call"
     finally:
         gc.enable()
+
+
+def test_collector_pause_holds_until_the_last_capture_ends():
+    """Overlapping captures (two threads): the collector stays off until the last one ends, then is restored as it
+    was before the first (off stays off)."""
+    pause = _CollectorPause()
+    for enabled_before in (True, False):
+        gc.enable() if enabled_before else gc.disable()
+        try:
+            first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+            seen = []
+
+            def first():
+                with pause:
+                    first_in.set()
+                    second_in.wait(5)
+                first_out.set()
+
+            def second():
+                first_in.wait(5)
+                with pause:
+                    second_in.set()
+                    first_out.wait(5)
+                    seen.append(gc.isenabled())  # the first capture has ended, this one has not
+
+            threads = [threading.Thread(target=first), threading.Thread(target=second)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(10)
+            assert seen == [False]
+            assert gc.isenabled() == enabled_before
+        finally:
+            gc.enable()
 
 
 def test_threads_generate_under_one_handle():
