@@ -187,11 +187,14 @@ class RaggedStorage(Storage):
         self.batch_heads = batch_heads
 
     @staticmethod
-    def _layout(capacities: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(capacities [S], offsets [S + 1], segment of each slot [sum(capacities)]) on the device."""
+    def _layout(capacities: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(capacities [S], offsets [S + 1], and for each slot [sum(capacities)] its segment and its index within
+        the segment) on the device."""
         capacities_t = torch.tensor(capacities, dtype=torch.long, device=device)
         offsets = F.pad(capacities_t.cumsum(0), (1, 0))
-        return capacities_t, offsets, _ops.segment_of_slots(capacities_t, sum(capacities))
+        segment = _ops.segment_of_slots(capacities_t, sum(capacities))
+        within = torch.arange(segment.shape[0], device=device) - offsets[segment]
+        return capacities_t, offsets, segment, within
 
     @classmethod
     def from_padded(cls, padded: PaddedStorage,
@@ -200,10 +203,9 @@ class RaggedStorage(Storage):
         gather_ragged pass); and (segment, slot) in `padded` of each ragged slot, to take other per-slot
         tensors along."""
         b, h, m, _ = padded.keys.shape
-        capacities_t, offsets, segment = cls._layout(counts, padded.keys.device)
+        capacities_t, offsets, segment, within = cls._layout(counts, padded.keys.device)
         # Stored entries of each (row, head) first, in slot order (empty slots are pos = -1).
         stored_first = torch.sort((padded.pos < 0).to(torch.int8).view(b * h, m), dim=-1, stable=True).indices
-        within = torch.arange(segment.shape[0], device=segment.device) - offsets[segment]
         slots = (segment, stored_first[segment, within])
         keys, values = _ops.gather_ragged(padded.keys, padded.values, slots[1], offsets)
         pos = padded.pos.view(b * h, m)[slots]
@@ -214,8 +216,7 @@ class RaggedStorage(Storage):
         numbers within their segment, so the order stays exact."""
         old_offsets, old_capacities = self.offsets, self.capacities_t
         self.capacities = list(capacities)
-        self.capacities_t, self.offsets, segment = self._layout(capacities, self.keys.device)
-        within = torch.arange(segment.shape[0], device=segment.device) - self.offsets[segment]
+        self.capacities_t, self.offsets, segment, within = self._layout(capacities, self.keys.device)
         valid = within < old_capacities[segment]
         src = torch.where(valid, old_offsets[segment] + within, 0)
         self.keys = self.keys.index_select(0, src)
