@@ -284,7 +284,14 @@ class CompressedLayer(CacheLayerMixin):
         if self.head_caps is not None:
             caps = [c for row in self.head_caps for c in row]
             self.step_evict = max(c + q - cap for c, cap in zip(counts, caps))
-        return (self.ragged, self.keys.data_ptr(), tuple(self.keys.shape), self.step_evict)
+        return (self.ragged, tuple(self.keys.shape), self.step_evict, *self.step_addresses())
+
+    def step_addresses(self) -> tuple[int, ...]:
+        """Device addresses of every tensor of this layer a decode step reads or writes (storage, positions,
+        eviction counters): part of a captured step's key, so that a step never replays over a tensor that was
+        reallocated (the step's query positions are, whenever a chunk of another length ran in between)."""
+        own = (self.query_pos, self.next_pos, self.over_t)
+        return self.storage.addresses() + tuple(t.data_ptr() for t in own if t is not None)
 
     def _make_sliding_room(self, q: int, counts: list[int]):
         """A sliding layer's step frees all but its last `sliding_window - 1` entries before it appends, so
@@ -341,6 +348,7 @@ class CompressedCache(Cache):
         self.eviction = Eviction(method, window)
         self.prompt: PromptInfo | None = None
         self.step_graph = None  # the captured decode step (step_graph.StepGraph), on CUDA
+        self.step_tokens: int | None = None  # tokens of the step prepared by `prepare_step` (None: no step)
 
     @property
     def global_layers(self) -> list[CompressedLayer]:
@@ -356,6 +364,10 @@ class CompressedCache(Cache):
         self.prompt = PromptInfo(attention_mask, batch, length, device)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.layers[layer_idx].is_initialized and self.step_tokens is None:
+            raise RuntimeError("cache: this CompressedCache is continued outside cakekv.compress(): the compression "
+                               "it belongs to has ended (or the model's forward was called without it); continue "
+                               "it inside an active `with cakekv.compress(model, ...)` of the same model")
         return self.layers[layer_idx].update(key_states, value_states)
 
     def prepare_step(self, q: int) -> tuple:
@@ -364,6 +376,7 @@ class CompressedCache(Cache):
         growing layer is full, every growing layer short of the same spare grows with it, so that they
         fill up together again and a captured step is re-captured rarely (sliding and capped layers are
         bounded: they do not take part)."""
+        self.step_tokens = q
         spare = 0  # nobody must grow: nobody does
         growing = [layer for layer in self.layers if layer.grows]
         if any(layer.room() < q for layer in growing):
@@ -374,6 +387,7 @@ class CompressedCache(Cache):
     def finish_step(self, q: int) -> None:
         for layer in self.layers:
             layer.finish_step(q)
+        self.step_tokens = None
 
     # ---- called by the attention hook; the decisions are eviction.py's --------------------------
     def after_prefill(self, layer_idx: int, query: torch.Tensor, scale: float, module,

@@ -34,7 +34,7 @@ from .step_graph import StepGraph, graphs_enabled
 # a test); another decoder whose attention layers look standard is accepted with a warning (check_supported).
 TESTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "gemma3", "mixtral",
                       "qwen2_moe", "qwen3_moe")
-SUPPORTED_ATTENTION = ("sdpa", "eager", "flash_attention_2")
+SUPPORTED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 _PREFIX = "cakekv_"
 # The decoder's cache argument and output field, newest name first (5.24 renamed past_key_values).
 CACHE_NAMES = ("cache", "past_key_values")
@@ -68,6 +68,39 @@ def _backend_function(backend: str, module: torch.nn.Module):
     if backend == "eager":
         return sys.modules[type(module).__module__].eager_attention_forward
     return ALL_ATTENTION_FUNCTIONS[backend]
+
+
+class _ConfigAs:
+    """A config read through, except `_attn_implementation`, which names the backend (see `_ModuleAs`)."""
+
+    def __init__(self, config, backend: str):
+        self._config = config
+        self._attn_implementation = backend
+
+    def __getattr__(self, name):
+        return getattr(self._config, name)
+
+
+class _ModuleAs:
+    """The attention module as its backend function must see it while compressed: transformers' flash-attention
+    integration loads its kernels by `module.config._attn_implementation`, which names cakekv's wrapper
+    ("cakekv_flash_attention_2") while the model is compressed; this view names the backend itself and reads
+    everything else through to the module (per call: threads and models sharing a config are not affected)."""
+
+    def __init__(self, module: torch.nn.Module, backend: str):
+        self._module = module
+        self.config = _ConfigAs(module.config, backend)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def _backend_caller(backend: str):
+    """original(module, ...) -> the backend's attention over `module` (seen through `_ModuleAs` by the backends
+    that read the implementation name from the module's config)."""
+    if not backend.startswith("flash_attention"):
+        return lambda original, module, *args, **kwargs: original(module, *args, **kwargs)
+    return lambda original, module, *args, **kwargs: original(_ModuleAs(module, backend), *args, **kwargs)
 
 
 def _check_attention_call(module, query, key, value, layer, kwargs) -> None:
@@ -104,11 +137,14 @@ def _check_layers_before(cache, layer_idx: int) -> None:
 
 
 def _make_attention(backend: str):
+    call = _backend_caller(backend)
+
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         step = _CURRENT_STEP.get()
         original = _backend_function(backend, module)
         if step is None or step.handle is not _HANDLE_OF_MODULE.get(module):
-            return original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            return call(original, module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                        **kwargs)
         cache = step.cache
         scale = scaling if scaling is not None else module.scaling
         layer = cache.layers[module.layer_idx]
@@ -120,7 +156,8 @@ def _make_attention(backend: str):
             _check_layers_before(cache, module.layer_idx)
             # The prompt attends over its full K/V with the model's own kernel and mask; only the
             # stored cache is compressed afterwards.
-            out = original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            out = call(original, module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                       **kwargs)
             cache.after_prefill(module.layer_idx, query, scale, module, kwargs.get("softcap"))
             return out
         out = layer.attend(query, scale, kwargs.get("softcap"))
@@ -379,6 +416,21 @@ def _check_text_only(arguments: dict) -> None:
                          "visibility rule do not model)")
 
 
+def _check_chunk_unpadded(attention_mask, q: int) -> None:
+    """A chunk that continues a compressed cache is stored token by token, each at the row's next position: its
+    rows must hold no padding (checked for chunks of several tokens, which run eagerly; a one-token step is
+    never padded by `generate`)."""
+    if attention_mask is None or q < 2 or attention_mask.dim() != 2:
+        return
+    chunk = attention_mask[:, -q:]
+    if not bool(chunk.all()):
+        rows = (~chunk.bool()).any(-1).nonzero().flatten().tolist()
+        raise ValueError(f"attention_mask: rows {rows} of the {q}-token chunk that continues the compressed cache "
+                         "hold padding, which cakekv would store and attend to; continue rows whose new tokens "
+                         "differ in length one at a time (or pad each row's new text to one length with real "
+                         "tokens)")
+
+
 class Patch:
     """Swaps the model's attention to cakekv's wrapper and its decoder forward to one that installs
     a CompressedCache; `undo` restores both exactly."""
@@ -455,6 +507,7 @@ class Patch:
                     out = forward(*args, **kwargs)
                 else:
                     q = inputs.shape[1]
+                    _check_chunk_unpadded(arguments.get("attention_mask"), q)
                     key = cache.prepare_step(q)
                     graph_inputs = _graph_inputs(arguments, cache, name) if graphs_enabled() else None
                     if graph_inputs is None:
@@ -463,6 +516,7 @@ class Patch:
                         tensors, flags = graph_inputs
                         if cache.step_graph is None:
                             cache.step_graph = StepGraph()
+                        key = (key, tuple(sorted(flags.items())))
                         out = cache.step_graph.run(key, lambda t: forward(**t, **flags, **{name: cache}), tensors)
                     cache.finish_step(q)
             finally:

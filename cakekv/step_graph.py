@@ -3,7 +3,8 @@
 An eager decode step launches hundreds of small kernels (the model's and cakekv's) and is bound by
 launch latency, not by the bytes it reads. After prefill, everything a step touches has a fixed address:
 the cache is written in place and its host-side decisions (reallocation, how many entries each layer
-evicts) are taken before the step by `CompressedCache.prepare_step`, whose result keys the graph. A new
+evicts) are taken before the step by `CompressedCache.prepare_step`, whose result (with the addresses of every
+cache tensor the step touches, the output flags and the inputs' shapes) keys the graph. A new
 key runs one step eagerly (warm-up), the next step is captured, and later steps with that key replay it.
 If capture fails (an op that syncs with the host, say), the cache decodes eagerly from then on.
 
@@ -44,9 +45,12 @@ class StepGraph:
         self.captures = 0
 
     def run(self, key, step: Callable[[dict[str, torch.Tensor]], object], inputs: dict[str, torch.Tensor]):
-        """`step(inputs)` runs the decoder on `inputs`; returns its output (graph-owned tensors cloned)."""
+        """`step(inputs)` runs the decoder on `inputs`; returns its output (graph-owned tensors cloned). `key`
+        says what the step depends on besides its inputs (the cache's addresses and decisions, the flags that
+        shape the output); the inputs' names, shapes and dtypes are added to it here."""
         if self.failed is not None:
             return step(inputs)
+        key = (key, tuple((name, tuple(t.shape), t.dtype) for name, t in sorted(inputs.items())))
         if key != self.key:  # warm-up for a new key; the next step with this key is captured
             self.key, self.graph, self.output = key, None, None
             return _on_side_stream(step, inputs)
@@ -159,9 +163,17 @@ def _weakened(output):
                           for name, value in output.items()}
 
 
+def _copied(value):
+    """`value` with every tensor in it copied, through tuples and lists (hidden states and attentions of every
+    layer are tuples of graph-owned tensors, which the next replay overwrites)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_copied(v) for v in value)
+    return value
+
+
 def _detached(stored):
-    """A model output from the stored one: tensors copied (the next replay overwrites the graph's), weak fields
-    resolved."""
+    """A model output from the stored one: tensors copied, nested ones too, weak fields resolved."""
     kind, fields = stored
-    return kind(**{name: value.clone() if isinstance(value, torch.Tensor) else
-                   value.ref() if isinstance(value, _Weak) else value for name, value in fields.items()})
+    return kind(**{name: value.ref() if isinstance(value, _Weak) else _copied(value) for name, value in fields.items()})

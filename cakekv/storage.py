@@ -86,6 +86,11 @@ class Storage:
         d = self.keys.shape[-1]
         return self.keys.view(-1, d), self.values.view(-1, d), self.pos.view(-1), self.offsets
 
+    def addresses(self) -> tuple[int, ...]:
+        """Device addresses of every tensor a decode step reads or writes here: a captured step is valid only
+        while they stay (a reallocation anywhere moves one)."""
+        return tuple(t.data_ptr() for t in vars(self).values() if isinstance(t, torch.Tensor))
+
     def _flat_order(self) -> torch.Tensor | None:
         return None if self.order is None else self.order.view(-1)
 
