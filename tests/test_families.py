@@ -557,7 +557,9 @@ def supported_models_table() -> str:
                       f"{high[0]}.{high[1]} (CI runs both): {'; '.join(everything)}. Attention implementations: "
                       "**bold** the one the tests run (CPU); the others, where transformers offers them for the class, "
                       "take the same path (the prompt: the model's own kernel; steps over the compressed cache: "
-                      "cakekv's).", END])
+                      "cakekv's); flash_attention_2 and flash_attention_3 run through compress in "
+                      "tests/test_attention_backends.py (a torch stand-in for the flash-attn kernels where the package "
+                      "is absent, the package itself where installed). flex_attention is refused.", END])
 
 
 def test_readme_table_is_current():
