@@ -20,7 +20,24 @@ def _load_library() -> None:
         raise ImportError(
             "cakekv: the compiled ops library (libcakekv_ops.so) is missing next to cakekv/_ops.py; "
             "build the package with `pip install --no-build-isolation .` (or `-e .`)")
+    check_built_torch(found[0], torch.__version__)
     torch.ops.load_library(found[0])
+
+
+def check_built_torch(library: str, running: str) -> None:
+    """Refuse a library built against another torch than the one running (its ABI may differ: a crash or wrong
+    results, not an error). The build records its torch beside the library; a library without the record
+    (copied by hand) is loaded as it is."""
+    record = os.path.join(os.path.dirname(library), "libcakekv_ops.torch_version")
+    if not os.path.exists(record):
+        return
+    with open(record) as f:
+        built = f.read().strip()
+    if built and built != running:
+        raise ImportError(
+            f"cakekv: the ops library was built against torch {built}, but torch {running} is running; rebuild it "
+            "against this torch: `pip install --no-build-isolation --no-deps --force-reinstall .` in the cakekv "
+            "source tree (without --no-build-isolation, pip builds against a torch it downloads)")
 
 
 _load_library()

@@ -140,3 +140,17 @@ def test_opcheck_cpu():
     torch.library.opcheck(torch.ops.cakekv.allocate_budgets.default,
                           (torch.rand(2, 5), torch.randint(0, 50, (2, 5)), torch.tensor([60, 10])))
     torch.library.opcheck(torch.ops.cakekv.gather_kept.default, (k, k * 2, torch.randint(0, 11, (2, 2, 4))))
+
+
+def test_library_built_against_another_torch_is_refused(tmp_path):
+    """The build records its torch beside the library; another torch running refuses to load it, naming both
+    versions and how to rebuild; the same torch, or no record, loads."""
+    from cakekv._ops import check_built_torch
+    library = tmp_path / "libcakekv_ops.so"
+    library.write_bytes(b"")
+    check_built_torch(str(library), "2.13.0+cpu")  # no record: loaded as it is
+    (tmp_path / "libcakekv_ops.torch_version").write_text("2.14.1\n")
+    check_built_torch(str(library), "2.14.1")
+    with pytest.raises(ImportError, match=r"built against torch 2\.14\.1, but torch 2\.13\.0\+cpu is running.*"
+                                          r"--no-build-isolation"):
+        check_built_torch(str(library), "2.13.0+cpu")
