@@ -79,8 +79,8 @@ class StepGraph:
                 raise
 
         try:
-            with _COLLECTOR_PAUSED, torch.cuda.graph(graph, pool=self.pool, stream=_side_stream(),
-                                                       capture_error_mode="thread_local"):
+            with _CAPTURE_LOCK, _COLLECTOR_PAUSED, torch.cuda.graph(graph, pool=self.pool, stream=_side_stream(),
+                                                                    capture_error_mode="thread_local"):
                 output = captured()
         except Exception as error:  # noqa: BLE001  (any failure to capture falls back to eager decode)
             error = inner[0] if inner else error
@@ -119,6 +119,9 @@ class _CollectorPause:
 
 
 _COLLECTOR_PAUSED = _CollectorPause()
+# One capture at a time in the process: entering a capture synchronizes the device and empties the allocator's
+# cache, which must not fall inside another thread's capture. A capture is one decode step: threads wait little.
+_CAPTURE_LOCK = threading.Lock()
 
 
 _SIDE_STREAMS = threading.local()  # per thread: {device: stream}
