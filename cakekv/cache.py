@@ -99,6 +99,8 @@ class CompressedLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             return self._store_prompt(key_states, value_states)
+        if self.cache.reread is not None:  # a chunk of the prompt's re-read: attends, never stored
+            return key_states, value_states
         return self._append(key_states, value_states)
 
     def get_seq_length(self) -> int:
@@ -341,6 +343,8 @@ class CompressedCache(Cache):
         self.eviction = Eviction(method, window)
         self.prompt: PromptInfo | None = None
         self.step_graph = None  # the captured decode step (step_graph.StepGraph), on CUDA
+        self.reread_rows: list[bool] | None = None  # rows to compress once the prompt is re-read (repeat_task)
+        self.reread = None  # the re-read in progress (reconstruction.Reread)
 
     @property
     def global_layers(self) -> list[CompressedLayer]:
@@ -387,10 +391,20 @@ class CompressedCache(Cache):
         compress_rows = [method.compresses_prompt(n) for n in self.prompt.host_lengths]
         if layer.sliding_window is not None:
             layer.hold_window()
-        elif method.compresses and any(compress_rows):
+        elif method.compresses and any(compress_rows) and method.repeat_task is None:
             self.eviction.score_and_recut(self, layer, query, scale, module, softcap, compress_rows)
         if layer_idx == len(self.layers) - 1:
-            self._finish_prefill(compress_rows)
+            if method.repeat_task is not None and method.compresses and any(compress_rows):
+                self.reread_rows = compress_rows  # scored and cut after the re-read (`finish_reread`)
+            else:
+                self._finish_prefill(compress_rows)
+
+    def finish_reread(self) -> None:
+        """After the prompt's re-read (reconstruction.py) left its scores in the global layers' indicators: every
+        global layer cut at once, then the prefill finished."""
+        rows, self.reread_rows = self.reread_rows, None
+        self.eviction.recut_reread(self, rows)
+        self._finish_prefill(rows)
 
     def _finish_prefill(self, compress_rows: list[bool]):
         """Decode caps set, layers with per-head counts switched to the ragged storage, and the order decode
