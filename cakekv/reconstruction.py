@@ -52,10 +52,14 @@ def attention_max(query: torch.Tensor, keys: torch.Tensor, query_pos: torch.Tens
     best = torch.zeros(b, hkv, m, dtype=torch.float32, device=query.device)
     for start in range(0, q, _QUERY_BLOCK):
         block = query[:, :, start:start + _QUERY_BLOCK].float().view(b, hkv, h // hkv, -1, d)
-        logits = soft_capped(torch.matmul(block, keys.transpose(-1, -2)) * scale, softcap)
+        logits = torch.matmul(block * scale, keys.transpose(-1, -2))
+        if softcap:
+            logits = soft_capped(logits, softcap)
         seen = visible_entries(key_pos, query_pos[:, start:start + _QUERY_BLOCK])[:, :, None]
-        probs = torch.softmax(logits.masked_fill(~seen, float("-inf")), -1).nan_to_num(0.0)
-        best = torch.maximum(best, probs.amax((2, 3)))
+        logits.masked_fill_(~seen, float("-inf"))
+        norm = logits.logsumexp(-1, keepdim=True)
+        norm.masked_fill_(norm.isinf(), float("inf"))  # a query that sees nothing gives nothing
+        best = torch.maximum(best, logits.sub_(norm).exp_().amax((2, 3)))  # in place: one block's logits at a time
     return best
 
 
