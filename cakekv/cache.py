@@ -99,6 +99,8 @@ class CompressedLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             return self._store_prompt(key_states, value_states)
+        if self.cache.reread is not None:  # a chunk of the prompt's re-read: attends, never stored
+            return key_states, value_states
         return self._append(key_states, value_states)
 
     def get_seq_length(self) -> int:
@@ -349,6 +351,8 @@ class CompressedCache(Cache):
         self.prompt: PromptInfo | None = None
         self.step_graph = None  # the captured decode step (step_graph.StepGraph), on CUDA
         self.step_tokens: int | None = None  # tokens of the step prepared by `prepare_step` (None: no step)
+        self.reread_rows: list[bool] | None = None  # rows to compress once the prompt is re-read (repeat_task)
+        self.reread = None  # the re-read in progress (reconstruction.Reread)
 
     @property
     def global_layers(self) -> list[CompressedLayer]:
@@ -364,7 +368,7 @@ class CompressedCache(Cache):
         self.prompt = PromptInfo(attention_mask, batch, length, device)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if self.layers[layer_idx].is_initialized and self.step_tokens is None:
+        if self.layers[layer_idx].is_initialized and self.step_tokens is None and self.reread is None:
             raise RuntimeError("cache: this CompressedCache is continued outside cakekv.compress(): the compression "
                                "it belongs to has ended (or the model's forward was called without it); continue "
                                "it inside an active `with cakekv.compress(model, ...)` of the same model")
@@ -401,10 +405,20 @@ class CompressedCache(Cache):
         compress_rows = [method.compresses_prompt(n) for n in self.prompt.host_lengths]
         if layer.sliding_window is not None:
             layer.hold_window()
-        elif method.compresses and any(compress_rows):
+        elif method.compresses and any(compress_rows) and method.repeat_task is None:
             self.eviction.score_and_recut(self, layer, query, scale, module, softcap, compress_rows)
         if layer_idx == len(self.layers) - 1:
-            self._finish_prefill(compress_rows)
+            if method.repeat_task is not None and method.compresses and any(compress_rows):
+                self.reread_rows = compress_rows  # scored and cut after the re-read (`finish_reread`)
+            else:
+                self._finish_prefill(compress_rows)
+
+    def finish_reread(self) -> None:
+        """After the prompt's re-read (reconstruction.py) left its scores in the global layers' indicators: every
+        global layer cut at once, then the prefill finished."""
+        rows, self.reread_rows = self.reread_rows, None
+        self.eviction.recut_reread(self, rows)
+        self._finish_prefill(rows)
 
     def _finish_prefill(self, compress_rows: list[bool]):
         """Decode caps set, layers with per-head counts switched to the ragged storage, and the order decode

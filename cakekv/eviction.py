@@ -45,10 +45,16 @@ class Eviction:
         self.preferences.append(preference.to(torch.float64))
         # Layers may live on different devices (accelerate device_map): allocate on this layer's.
         prefs = torch.stack([p.to(query.device) for p in self.preferences], 1)
-        caps = window_start[:, None].expand_as(prefs).contiguous()
-        seen = budgeted[:prefs.shape[1]]
+        self.recut(budgeted[:prefs.shape[1]], prefs, window_start, is_last, compress_rows)
+
+    def recut(self, seen: list, preferences: torch.Tensor, window_start: torch.Tensor, is_last: bool,
+              compress_rows: list[bool]) -> None:
+        """Cut the global layers `seen` so far, scored (their `indicator`), to the method's budgets; `preferences`
+        [B, l] their layer preferences, `window_start` [B] the rows' first window position."""
+        method = self.method
+        caps = window_start[:, None].expand_as(preferences).contiguous()
         indicators = [scored.indicator for scored in seen]
-        budgets = method.layer_budgets(prefs, caps, is_last, indicators=indicators)
+        budgets = method.layer_budgets(preferences, caps, is_last, indicators=indicators)
         if budgets is None:
             return
         rows = torch.tensor(compress_rows, device=caps.device)[:, None]
@@ -62,6 +68,14 @@ class Eviction:
                 scored.keep_top(budgets[:, i].tolist())
             else:
                 scored.keep_top(torch.where(rows, per_head.to(caps.device), caps[:, i, None]).tolist())
+
+    def recut_reread(self, cache, compress_rows: list[bool]) -> None:
+        """After a re-reading method's re-read (reconstruction.py) set every global layer's indicator: all of them
+        cut at once, without layer preferences."""
+        layers = cache.global_layers
+        window_start = (layers[0].next_pos - self.window).clamp(min=0)
+        preferences = torch.zeros(window_start.shape[0], len(layers), dtype=torch.float64, device=window_start.device)
+        self.recut(layers, preferences, window_start, True, compress_rows)
 
     def set_decode_caps(self, layer, compress_rows: list[bool]) -> None:
         """End of prefill: the budgets the layer's rows were given, and the caps decode-time eviction holds

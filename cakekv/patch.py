@@ -28,6 +28,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .cache import CompressedCache
+from .reconstruction import Reread
 from .step_graph import StepGraph, graphs_enabled
 
 # Families the test-suite runs every contract test on (tests/conftest.py FAMILIES and COMPOSITE, kept in step by
@@ -160,6 +161,8 @@ def _make_attention(backend: str):
                        **kwargs)
             cache.after_prefill(module.layer_idx, query, scale, module, kwargs.get("softcap"))
             return out
+        if cache.reread is not None:
+            return cache.reread.attend(layer, query, key, value, scale, kwargs.get("softcap")), None
         out = layer.attend(query, scale, kwargs.get("softcap"))
         cache.after_decode(module.layer_idx)
         return out, None
@@ -431,6 +434,25 @@ def _check_chunk_unpadded(attention_mask, q: int) -> None:
                          "tokens)")
 
 
+def _reread(forward, name: str, handle, cache: CompressedCache, prompt_ids: torch.Tensor | None) -> None:
+    """A re-reading method's scores (its `repeat_task`, reconstruction.py): after the prompt's prefill, the prompt is
+    re-read chunk by chunk through the decoder's own forward over the cache, which keeps none of it; then the
+    cache is cut and its prefill finished."""
+    if prompt_ids is None:
+        raise ValueError(f"inputs_embeds: method {cache.method.name!r} re-reads the prompt's token ids; pass input_ids")
+    cache.reread = Reread(cache, cache.method.repeat_task, prompt_ids)
+    token = _CURRENT_STEP.set(_Step(handle, cache, continues=True))
+    try:
+        with torch.no_grad():
+            for ids, positions in cache.reread.chunks():
+                forward(input_ids=ids, position_ids=positions, use_cache=True, **{name: cache})
+        cache.reread.indicators(cache.window)
+    finally:
+        cache.reread = None
+        _CURRENT_STEP.reset(token)
+    cache.finish_reread()
+
+
 class Patch:
     """Swaps the model's attention to cakekv's wrapper and its decoder forward to one that installs
     a CompressedCache; `undo` restores both exactly."""
@@ -528,6 +550,8 @@ class Patch:
                 skipped = [layer.layer_idx for layer in cache.layers if not layer.is_initialized or layer.prefilling]
                 if skipped:
                     raise _skipped_layers_error(skipped)
+                if cache.reread_rows is not None:
+                    _reread(forward, name, handle, cache, arguments.get("input_ids"))
             return out
 
         return cakekv_forward

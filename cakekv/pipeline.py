@@ -23,6 +23,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from .api import compress
 from .patch import cache_kwargs, cache_of
+from .reconstruction import with_repeat_prompt
 
 TASK = "cakekv-text-generation"
 
@@ -78,6 +79,7 @@ class CompressedContextPipeline(Pipeline):
         kwargs = {"pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **generate_kwargs}
         questions = model_inputs["question_ids"]
         answers = []
+        options = with_repeat_prompt(method, options, self.tokenizer)
         with torch.no_grad(), compress(model, method=method, budget=budget, window=window, **options):
             caches = question_caches(prefill_context(model, context), len(questions))
             for question, cache in zip(questions, caches):

@@ -41,6 +41,16 @@ def cloned(obj):
     return twin
 
 
+def visible_entries(pos: torch.Tensor, query_pos: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
+    """[B, G, q, M] bool: entry j (positions `pos` [B, G, M]) is visible to query i (positions `query_pos` [B, q]) iff
+    0 <= pos[j] <= query_pos[i], and pos[j] > query_pos[i] - sliding_window on a sliding layer."""
+    pos, query_pos = pos[:, :, None, :], query_pos[:, None, :, None]
+    visible = (pos >= 0) & (pos <= query_pos)
+    if sliding_window is not None:
+        visible &= pos > query_pos - sliding_window
+    return visible
+
+
 def masked_attention(query, keys, values, visible, scale, softcap=None):
     """Attention [B, q, H, D] of the current queries over padded storage with a per-KV-head visibility mask
     [B, Hkv, q, M]; with `softcap`, the logits are soft-capped first (Gemma 2)."""
@@ -168,11 +178,7 @@ class PaddedStorage(Storage):
 
     def visibility(self, query_pos: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
         """[B, Hkv, q, M] bool: which stored entries each query (positions [B, q]) may attend to."""
-        pos, query_pos = self.pos[:, :, None, :], query_pos[:, None, :, None]
-        visible = (pos >= 0) & (pos <= query_pos)
-        if sliding_window is not None:
-            visible &= pos > query_pos - sliding_window
-        return visible
+        return visible_entries(self.pos, query_pos, sliding_window)
 
     def attend(self, query, query_pos, scale, softcap=None, sliding_window=None) -> torch.Tensor:
         """Attention [B, q, H, D] of the step's queries: SDPA with the visibility mask (soft-capped logits

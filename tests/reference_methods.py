@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from helpers import capture_qkv
 from reference import allocate, cake_reference, pool, top_set, window_attention
 
 
@@ -420,3 +421,51 @@ def spancake_reference(layers, scale, budget, window, before=2, after=16, weight
         return None
     kept, budgets, scores = out
     return kept, [[b] * len(heads) for b, heads in zip(budgets, kept)], scores
+
+
+def kvzip_scores(model, ids, chunk_size, sinks=4, overlap=8, first=(), resume=(), answer=()):
+    """KVzip's scores [layer][Hkv, n] of one prompt `ids` [1, n], written from the paper and the official
+    `KVScore._get_score`: each chunk re-read by a plain forward over prompt + instruction + chunk (so the chunk
+    attends to the whole prompt and itself), then per layer the whole attention matrix of the re-read's queries
+    over the first `sinks` positions (those before the chunk), the chunk's span and the re-read itself (causal),
+    softmax over those; an entry's score is its largest probability over the queries and the group's heads."""
+    n = ids.shape[1]
+    row = ids[0].tolist()
+    hkv = model.config.num_key_value_heads
+    scores = [torch.zeros(hkv, n) for _ in range(model.config.num_hidden_layers)]
+    for start in range(0, n, chunk_size):
+        end = min(start + chunk_size, n)
+        head = list(first) if start == 0 else list(resume) + row[max(start - overlap, 0):start]
+        reread = head + list(answer) + row[start:end]
+        q_len = len(reread)
+        layers = capture_qkv(model, torch.tensor([row + reread]))
+        keys_at = list(range(min(sinks, start))) + list(range(start, end)) + list(range(n, n + q_len))
+        causal = torch.ones(q_len, len(keys_at), dtype=torch.bool)
+        causal[:, -q_len:] = torch.ones(q_len, q_len).tril().bool()
+        for layer, (q, k, *_) in enumerate(layers):
+            scale = model.model.layers[layer].self_attn.scaling
+            logits = (q[:, n:].float() @ k[:, keys_at].float().repeat_interleave(q.shape[0] // hkv, 0).transpose(1, 2))
+            a = torch.softmax((logits * scale).masked_fill(~causal, float("-inf")), -1)  # [H, q, keys]
+            span = a[:, :, min(sinks, start):min(sinks, start) + end - start]
+            scores[layer][:, start:end] = span.amax(1).view(hkv, -1, end - start).amax(1)
+    return scores
+
+
+def kvzip_reference(model, ids, budget, window, chunk_size, sinks=4, ranking="global", **task):
+    """KVzip's kept prefix entries: the sinks first, then the best scores of one top-k over every layer's and
+    head's candidates (ranking='global'), each layer's heads ('layer') or each head ('head')."""
+    n, nl = ids.shape[1], model.config.num_hidden_layers
+    if n <= budget:
+        return None
+    p = n - window
+    scores = [torch.where(torch.arange(p) < sinks, 2.0, s[:, :p])
+              for s in kvzip_scores(model, ids, chunk_size, sinks, **task)]
+    hkv = scores[0].shape[0]
+    if ranking == "head":
+        return _uniform(scores, [budget - window] * nl)
+    if ranking == "layer":
+        return _per_head(scores, [flat_heads(s, budget - window, 0.0) for s in scores])
+    flat = torch.stack(scores).flatten()
+    best = torch.sort(flat, descending=True, stable=True).indices[: (budget - window) * nl * hkv]
+    counts = torch.zeros(nl * hkv, dtype=torch.long).scatter_add_(0, best // p, torch.ones_like(best))
+    return _per_head(scores, counts.view(nl, hkv).tolist())

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 
+from ..reconstruction import with_repeat_prompt
 from .prompts import Encoded, check_protocol, context_groups
 
 
@@ -100,6 +101,7 @@ def generate_batch(model, tokenizer, encoded_list: Sequence[Encoded], *, method:
     Bytes are per row as :func:`summarize_stats` says."""
     check_protocol(protocol)
     eos = _eos_ids(tokenizer, model, extra_eos)
+    options = with_repeat_prompt(method, options, tokenizer)
     with compress_context(model, method, budget, window, options) as handle:
         if protocol == "question-aware":
             return _generate_padded(model, tokenizer, encoded_list, handle, eos, max_new_tokens, min_new_tokens)

@@ -1,5 +1,5 @@
 """One file per method; importing this package registers them all."""
-from . import (adakv, cake, defensivekv, full, h2o, lava, layer_defensivekv, pyramidkv,  # noqa: F401
+from . import (adakv, cake, defensivekv, full, h2o, kvzip, lava, layer_defensivekv, pyramidkv,  # noqa: F401
                snapkv, spancake, streamingllm)
 from .base import LayerView, Method
 from .options import OptionInfo, Options, option

@@ -143,6 +143,12 @@ class Method:
         raise NotImplementedError
 
     @property
+    def repeat_task(self):
+        """How the method re-reads the prompt after its prefill to score it (a `reconstruction.RepeatTask`), or
+        None: scored at prefill by `score_layer`. A re-reading method keeps every entry while prefilling."""
+        return None
+
+    @property
     def decode_evict(self) -> bool:
         return self.options.decode_evict
 

@@ -6,7 +6,8 @@ generated from the same declarations.
 
 Types: `int` (any numbers.Integral but bool; numpy ints become int), `float` (any numbers.Real but
 bool, finite; becomes float), `bool` (bool or numpy bool only: "no" and 1 are refused, not read as
-truthy), `Literal["a", "b"]` (one of the strings)."""
+truthy), `Literal["a", "b"]` (one of the strings), `tuple[int, ...]` (token ids: a sequence of non-negative
+integers, a 1-D tensor included; becomes a tuple of int)."""
 from __future__ import annotations
 
 import dataclasses
@@ -91,6 +92,17 @@ def _is_numpy_bool(value: Any) -> bool:
     return type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
 
 
+def as_token_ids(name: str, value: Any) -> tuple[int, ...]:
+    if hasattr(value, "tolist"):  # a tensor or array of ids
+        value = value.tolist()
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name}: must be a sequence of token ids, got {_shown(value)}")
+    ids = tuple(as_int(name, v) for v in value)
+    if any(i < 0 for i in ids):
+        raise ValueError(f"{name}: must be token ids >= 0, got {min(ids)}")
+    return ids
+
+
 def _choice_checker(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
     def as_choice(name: str, value: Any) -> str:
         allowed = ", ".join(map(repr, choices))
@@ -102,7 +114,7 @@ def _choice_checker(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
     return as_choice
 
 
-_CHECKERS = {int: as_int, float: as_real, bool: as_bool}
+_CHECKERS = {int: as_int, float: as_real, bool: as_bool, tuple[int, ...]: as_token_ids}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +122,7 @@ class OptionInfo:
     """One declared option, as `describe_options()` lists it."""
 
     name: str
-    type: str          # "int", "float", "bool" or the choices, e.g. "'avg' | 'max'"
+    type: str          # "int", "float", "bool", "token ids" or the choices, e.g. "'avg' | 'max'"
     default: Any
     doc: str
     constraint: str    # e.g. "odd and >= 1", "in [0, 1]"; "" when none
@@ -138,7 +150,7 @@ def declarations(cls: type) -> tuple[_Declared, ...]:
             choices = typing.get_args(hint)
             check, shown = _choice_checker(choices), " | ".join(map(repr, choices))
         elif hint in _CHECKERS:
-            check, shown = _CHECKERS[hint], hint.__name__
+            check, shown = _CHECKERS[hint], "token ids" if hint == tuple[int, ...] else hint.__name__
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: unsupported option type {hint!r}")
         constraint = f.metadata.get(_META)

@@ -40,6 +40,8 @@ EXPECTED = {
                  "head_floor": 0.2, "span_before": 2, "span_after": 16, "span_weight": 0.5, "decode_spans": True,
                  "decode_evict": True},
     "streamingllm": {"sinks": 4, "decode_evict": False},
+    "kvzip": {"ranking": "global", "chunk_size": 2000, "sinks": 4, "resume_tokens": 8, "repeat_ids": (),
+              "resume_ids": (), "answer_ids": (), "decode_evict": False},
 }
 
 # Values of the wrong type (TypeError) or not a usable value of the right type (ValueError), per type.
@@ -51,6 +53,8 @@ BAD_BY_TYPE = {
     "bool": [("yes", TypeError), ("no", TypeError), ("False", TypeError), (1, TypeError), (0, TypeError),
              (None, TypeError)],
     "choice": [("median", ValueError), ("MAX", ValueError), (3, TypeError), (None, TypeError)],
+    "token ids": [("Repeat", TypeError), (3, TypeError), (None, TypeError), ([1, 2.0], TypeError),
+                  ([1, True], TypeError), ((5, -1), ValueError)],
 }
 
 
@@ -59,7 +63,7 @@ def declared():
 
 
 def type_key(info) -> str:
-    return info.type if info.type in ("int", "float", "bool") else "choice"
+    return info.type if info.type in ("int", "float", "bool", "token ids") else "choice"
 
 
 def build(method: str, **options):

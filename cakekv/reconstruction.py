@@ -1,0 +1,183 @@
+"""Context reconstruction (KVzip; docs/methods.md#kvzip): scores that do not depend on a question.
+
+After a prompt's prefill, which stores every entry, the model re-reads the prompt chunk by chunk after a repeat
+instruction, against the prompt's cache: one forward per chunk (`Reread.chunks`). In each layer the chunk attends
+over the stored prompt and over itself (`Reread.attend`), as a continuation would, but its own keys and values are
+never stored (the cache hands them back without keeping them), so the cache and its positions are the prompt's
+afterwards. In each global layer, every query of the chunk also scores the stored entries: its softmax over the
+first `sinks` positions, the chunk's span of the prompt and the chunk itself, and each entry of the span keeps the
+largest probability it gets (over the chunk's queries and its KV head's query heads, `attention_max`). Memory is
+one chunk's: the model's attention reads the prompt with a [B, 1, q, n + q] visibility mask, the scores a
+[B, H, 256, s + 2q] block of probabilities at a time; no n x n matrix.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import torch
+
+from .methods.base import soft_capped
+from .storage import masked_attention, visible_entries
+
+SINK_SCORE = 2.0  # above any attention probability: the sinks are kept first
+_QUERY_BLOCK = 256  # queries whose probabilities `attention_max` holds at once
+
+
+@dataclasses.dataclass(frozen=True)
+class RepeatTask:
+    """How a method re-reads the prompt: chunks of `chunk_size` positions; the first after `first`, each later one
+    after `resume` and the previous chunk's last `overlap` tokens; then `answer` (the turn that answers, e.g. a chat
+    template's end of the user turn), then the chunk. `sinks`: the first positions every chunk attends to and
+    that are always kept."""
+
+    chunk_size: int
+    sinks: int
+    first: tuple[int, ...] = ()
+    resume: tuple[int, ...] = ()
+    answer: tuple[int, ...] = ()
+    overlap: int = 8
+
+
+def attention_max(query: torch.Tensor, keys: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor,
+                  scale: float, softcap: float | None = None) -> torch.Tensor:
+    """[B, Hkv, M] fp32: for each key, the largest softmax probability it gets from any real query (position >= 0)
+    of its KV head's query heads, each query's softmax over the keys it sees (0 <= key_pos <= query_pos).
+
+    query [B, H, q, D], keys [B, Hkv, M, D], query_pos [B, q], key_pos [B, Hkv, M]; logits soft-capped with
+    `softcap` as the model's."""
+    b, h, q, d = query.shape
+    hkv, m = keys.shape[1], keys.shape[2]
+    keys = keys.float()[:, :, None]
+    best = torch.zeros(b, hkv, m, dtype=torch.float32, device=query.device)
+    for start in range(0, q, _QUERY_BLOCK):
+        block = query[:, :, start:start + _QUERY_BLOCK].float().view(b, hkv, h // hkv, -1, d)
+        logits = torch.matmul(block * scale, keys.transpose(-1, -2))
+        if softcap:
+            logits = soft_capped(logits, softcap)
+        seen = visible_entries(key_pos, query_pos[:, start:start + _QUERY_BLOCK])[:, :, None]
+        logits.masked_fill_(~seen, float("-inf"))
+        norm = logits.logsumexp(-1, keepdim=True)
+        norm.masked_fill_(norm.isinf(), float("inf"))  # a query that sees nothing gives nothing
+        best = torch.maximum(best, logits.sub_(norm).exp_().amax((2, 3)))  # in place: one block's logits at a time
+    return best
+
+
+class Reread:
+    """One re-read of a prefilled prompt (`prompt_ids` [B, n], left-padded as prefilled): the chunks' inputs
+    (`chunks`), each chunk's attention in each layer (`attend`, which scores the global layers' stored entries),
+    and the scores as the layers' indicators (`indicators`)."""
+
+    def __init__(self, cache, task: RepeatTask, prompt_ids: torch.Tensor):
+        self.cache, self.task = cache, task
+        lengths = cache.prompt.host_lengths
+        width = prompt_ids.shape[1]
+        self.rows = [ids[width - n:].tolist() for ids, n in zip(prompt_ids.cpu(), lengths)]
+        self.pad = torch.tensor([width - n for n in lengths], device=prompt_ids.device)
+        self.lengths = cache.prompt.lengths.to(prompt_ids.device)
+        # per global layer: the largest probability each slot got so far
+        self.scores = {layer.layer_idx: torch.zeros(layer.storage.pos.shape, dtype=torch.float32,
+                                                    device=layer.storage.pos.device)
+                       for layer in cache.global_layers}
+        self.span_start = 0
+        self.span_end: torch.Tensor | None = None  # [B] end of each row's span (start: no span)
+        self.query_pos: torch.Tensor | None = None  # [B, q] the chunk's positions, -1 on padding
+
+    def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(input_ids, position_ids) [B, q] of each chunk's forward, left-padded; each chunk's tokens take the
+        positions right after its row's prompt, as a continuation's would."""
+        task, device = self.task, self.pad.device
+        for start in range(0, max(map(len, self.rows)), task.chunk_size):
+            inputs, ends = [], []
+            for row in self.rows:
+                end = min(start + task.chunk_size, len(row))
+                ends.append(max(end, start))
+                if end <= start:
+                    inputs.append([])  # this row is read through: padding only
+                    continue
+                head = task.first if start == 0 else (*task.resume, *row[max(start - task.overlap, 0):start])
+                inputs.append([*head, *task.answer, *row[start:end]])
+            q = max(map(len, inputs))
+            ids = torch.zeros(len(inputs), q, dtype=torch.long)
+            query_pos = torch.full((len(inputs), q), -1, dtype=torch.long)
+            for b, (tokens, n) in enumerate(zip(inputs, self.cache.prompt.host_lengths)):
+                ids[b, q - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
+                query_pos[b, q - len(tokens):] = n + torch.arange(len(tokens))
+            self.span_start, self.span_end = start, torch.tensor(ends, device=device)
+            self.query_pos = query_pos.to(device)
+            yield ids.to(device), self.query_pos.clamp(min=0)
+
+    def attend(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+               softcap: float | None) -> torch.Tensor:
+        """Attention [B, q, H, D] of the chunk (query, key, value: its own, not stored) over the layer's stored
+        entries and itself, with the visibility rule (a padding query sees itself only, so it stays finite);
+        a global layer's entries are scored on the way."""
+        stored, query_pos = layer.storage, self.query_pos
+        own = visible_entries(query_pos[:, None], query_pos, layer.sliding_window)
+        own |= torch.eye(query_pos.shape[1], dtype=torch.bool, device=own.device)
+        visible = torch.cat([visible_entries(stored.pos[:, :1], query_pos, layer.sliding_window), own], -1)
+        out = masked_attention(query, torch.cat([stored.keys, key], 2), torch.cat([stored.values, value], 2),
+                               visible, scale, softcap)
+        if layer.layer_idx in self.scores:
+            self._score(layer, query, key, scale, softcap)
+        return out
+
+    def _score(self, layer, query, key, scale, softcap):
+        """The chunk's largest attention to each entry of its span, the softmax over the sinks, the span and the
+        chunk itself; written to the span's slots (each slot is in one span)."""
+        stored, task = layer.storage, self.task
+        b, hkv, n, d = stored.keys.shape
+        start, sinks = self.span_start, torch.arange(task.sinks, device=self.pad.device)
+        span = start + torch.arange(task.chunk_size, device=self.pad.device)
+        sink_pos = torch.where((sinks < start) & (sinks < self.lengths[:, None]), sinks, -1)  # outside the span
+        span_pos = torch.where(span < self.span_end[:, None], span, -1)
+        sub_pos = torch.cat([sink_pos, span_pos], -1)  # [B, s + c]
+        slots = (self.pad[:, None] + sub_pos).clamp(0, n - 1)
+        sub_keys = stored.keys.gather(2, slots[:, None, :, None].expand(b, hkv, -1, d))
+        key_pos = torch.cat([sub_pos, self.query_pos], -1)[:, None].expand(b, hkv, -1)
+        probs = attention_max(query, torch.cat([sub_keys, key], 2), self.query_pos, key_pos, scale, softcap)
+        span_probs = probs[..., task.sinks:task.sinks + task.chunk_size]
+        span_slots = slots[:, None, task.sinks:].expand(b, hkv, -1)
+        span_probs = torch.where(span_pos[:, None] >= 0, span_probs, 0.0)
+        self.scores[layer.layer_idx].scatter_reduce_(-1, span_slots, span_probs, "amax")
+
+    def indicators(self, window: int) -> None:
+        """Each global layer's indicator from its scores: -inf on non-candidates (padding and the last `window`
+        positions), SINK_SCORE on the sinks, so the cut keeps them first."""
+        for layer in self.cache.global_layers:
+            pos = layer.storage.pos
+            window_start = (layer.next_pos - window).clamp(min=0)[:, None, None]
+            score = torch.where(pos < self.task.sinks, SINK_SCORE, self.scores.pop(layer.layer_idx))
+            layer.indicator = torch.where((pos >= 0) & (pos < window_start), score, float("-inf"))
+
+
+def repeat_prompt(tokenizer) -> dict[str, tuple[int, ...]]:
+    """KVzip's repeat instruction as the options of a re-reading method (`repeat_ids`, `resume_ids`, `answer_ids`),
+    in `tokenizer`'s ids: the official texts ("\\n\\nRepeat the previous context exactly." before the first chunk,
+    "\\n\\nRepeat the part of the previous context exactly, starting with" before the others), then the chat
+    template's end of the user turn and start of the answer when the tokenizer has a template ("\\n" otherwise,
+    as kvpress)."""
+    def ids(text: str) -> tuple[int, ...]:
+        return tuple(tokenizer.encode(text, add_special_tokens=False))
+
+    answer = "\n"
+    if getattr(tokenizer, "chat_template", None):
+        marker = "\x00cakekv-repeat\x00"
+        turn = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                             add_generation_prompt=True)
+        answer = turn.split(marker, 1)[1]
+    return {"repeat_ids": ids("\n\nRepeat the previous context exactly."),
+            "resume_ids": ids("\n\nRepeat the part of the previous context exactly, starting with"),
+            "answer_ids": ids(answer)}
+
+
+def with_repeat_prompt(method: str, options: dict | None, tokenizer) -> dict:
+    """`options` for `method`, with the repeat instruction from `tokenizer` where the method re-reads the prompt
+    and the caller gave none: what the pipeline and `cakekv eval` pass, which have the tokenizer."""
+    from .methods import method_options
+
+    options = dict(options or {})
+    if "repeat_ids" in method_options(method) and tokenizer is not None:
+        for name, value in repeat_prompt(tokenizer).items():
+            options.setdefault(name, value)
+    return options

@@ -1,0 +1,135 @@
+"""KVzip (cakekv/methods/kvzip.py, cakekv/reconstruction.py): the re-read's scores and budgets against a plain
+reference with whole attention matrices (tests/reference_methods.py), the budget contract, positions and the cache
+after the re-read (nothing of it stored), left-padded batches, families, and the repeat instruction from a
+tokenizer."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cakekv
+from cakekv import cache_kwargs, cache_of
+from cakekv.reconstruction import attention_max, repeat_prompt, with_repeat_prompt
+import reference_methods as R
+from helpers import (BUDGET, WINDOW, byte_tokenizer, kept_prefix, left_padded, masked_full_cache_logits, prefill,
+                     prompt, tiny_model)
+from reference import assert_same_selection
+
+TASK = dict(first=(3, 4, 5), resume=(6, 7), answer=(8,))  # an instruction, as a tokenizer would give
+OPTIONS = dict(chunk_size=48, repeat_ids=TASK["first"], resume_ids=TASK["resume"], answer_ids=TASK["answer"])
+
+
+@pytest.fixture(scope="module", params=[4, 2], ids=["mha", "gqa"])
+def model(request):
+    return tiny_model("llama", kv_heads=request.param)
+
+
+@pytest.mark.parametrize("ranking", ["global", "layer", "head"])
+def test_matches_the_reference(model, ranking):
+    ids = prompt(150, seed=3)
+    kept, budgets, scores = R.kvzip_reference(model, ids, BUDGET, WINDOW, 48, ranking=ranking, **TASK)
+    out, _ = prefill(model, ids, "kvzip", ranking=ranking, **OPTIONS)
+    layers = cache_of(out).layers
+    assert [layer.head_prefix[0] for layer in layers] == budgets
+    for i, layer in enumerate(layers):
+        for h, got in enumerate(kept_prefix(layer)):
+            assert_same_selection(got, kept[i][h], scores[i][h])
+            assert set(range(4)) <= set(got)  # the sinks
+
+
+def test_global_ranking_moves_budget_between_layers_and_heads(model):
+    out, _ = prefill(model, prompt(150, seed=3), "kvzip", **OPTIONS)
+    counts = [c for layer in cache_of(out).layers for c in layer.head_prefix[0]]
+    assert sum(counts) == (BUDGET - WINDOW) * len(cache_of(out).layers) * model.config.num_key_value_heads
+    assert len(set(counts)) > 1
+
+
+def test_attention_max_is_the_largest_probability_a_key_gets():
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 7, 8, generator=gen), torch.randn(2, 2, 9, 8, generator=gen)
+    q_pos = torch.tensor([[-1, -1, 5, 6, 7, 8, 9], [3, 4, 5, 6, 7, 8, 9]])
+    k_pos = torch.tensor([[-1, 0, 1, 2, 3, 4, 7, 8, 9], [0, 1, 2, 3, 4, 5, 6, 8, 9]])[:, None].expand(2, 2, 9)
+    got = attention_max(q, k, q_pos, k_pos, 0.3)
+    visible = (k_pos[:, :, None, None] >= 0) & (k_pos[:, :, None, None] <= q_pos[:, None, None, :, None])
+    logits = (q.view(2, 2, 2, 7, 8) @ k[:, :, None].transpose(-1, -2)) * 0.3
+    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)
+    torch.testing.assert_close(got, probs.amax((2, 3)))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma2", "gemma3_text", "phi3"])
+def test_continuation_sees_only_the_kept_context_at_its_positions(family):
+    """After the re-read the cache holds the prompt's kept entries only, at their positions, within the budget;
+    a continuation equals the full cache with the evicted entries hidden (the re-read left nothing behind)."""
+    model = tiny_model(family, kv_heads=2)
+    ids, cont = prompt(130, seed=7), prompt(5, seed=8)
+    out, handle = prefill(model, ids, "kvzip", chunk_size=40, decode_evict=False)
+    cache = cache_of(out)
+    for layer in cache.layers:
+        assert layer.seen == 130 and layer.next_pos.tolist() == [130]
+        pos = layer.storage.padded_pos()
+        assert pos.max().item() == 129 and pos[pos >= 0].unique().numel() <= 130
+    kept = sum(sum(s["kept_per_head"][0]) for s in handle.stats if s["budget"][0] is not None)
+    assert kept == BUDGET * len(cache.global_layers) * model.config.num_key_value_heads
+    with cakekv.compress(model, "kvzip", budget=BUDGET, window=WINDOW, decode_evict=False), torch.no_grad():
+        got = model(input_ids=cont, use_cache=True, **cache_kwargs(model, cache)).logits
+    want = masked_full_cache_logits(model, ids, cont, cache)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+
+
+def test_the_prefill_output_is_the_uncompressed_models(model):
+    ids = prompt(120, seed=2)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    out, _ = prefill(model, ids, "kvzip", chunk_size=50)
+    torch.testing.assert_close(out.logits, want)
+
+
+def test_left_padded_batch_equals_each_row_alone(model):
+    prompts = [prompt(n, seed=30 + n) for n in (33, 95, 140)]  # the 33-token row stays uncompressed
+    ids, mask = left_padded(prompts)
+    with cakekv.compress(model, "kvzip", budget=BUDGET, window=WINDOW, **OPTIONS) as handle, torch.no_grad():
+        batch = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        batch_budgets = [s["budget_per_head"] for s in handle.stats]
+        for r, p in enumerate(prompts):
+            alone = model.generate(input_ids=p, max_new_tokens=12, do_sample=False, pad_token_id=0)
+            assert torch.equal(batch[r, ids.shape[1]:], alone[0, p.shape[1]:]), f"row {r}"
+            assert [b[r] for b in batch_budgets] == [s["budget_per_head"][0] for s in handle.stats], f"row {r}"
+    assert batch_budgets[0][0] is None
+
+
+def test_clones_answer_alike_and_the_context_is_compressed_once(model):
+    ids, question = prompt(140, seed=9), prompt(6, seed=10)
+    with cakekv.compress(model, "kvzip", budget=BUDGET, window=WINDOW, chunk_size=64), torch.no_grad():
+        cache = cache_of(model(input_ids=ids, use_cache=True))
+        first = model(input_ids=question, use_cache=True, **cache_kwargs(model, cache.clone())).logits
+        second = model(input_ids=question, use_cache=True, **cache_kwargs(model, cache)).logits
+    torch.testing.assert_close(first, second)
+
+
+def test_embeddings_without_ids_are_refused(model):
+    embeds = model.get_input_embeddings()(prompt(100, seed=1))
+    with cakekv.compress(model, "kvzip", budget=BUDGET, window=WINDOW), torch.no_grad():
+        with pytest.raises(ValueError, match="^inputs_embeds: method 'kvzip' re-reads"):
+            model(inputs_embeds=embeds, use_cache=True)
+
+
+@pytest.mark.parametrize("name,value,error", [("ranking", "per-layer", ValueError), ("chunk_size", 0, ValueError),
+                                              ("sinks", -1, ValueError), ("repeat_ids", "Repeat", TypeError),
+                                              ("answer_ids", [1, -1], ValueError)])
+def test_bad_options_name_the_argument(model, name, value, error):
+    with pytest.raises(error, match=f"^{name}: must be"):
+        cakekv.compress(model, "kvzip", budget=BUDGET, window=WINDOW, **{name: value})
+
+
+def test_repeat_prompt_from_a_tokenizer():
+    plain, chat = byte_tokenizer(), byte_tokenizer(chat_template=R_CHAT)
+    ids = repeat_prompt(plain)
+    assert plain.decode(ids["repeat_ids"]) == "\n\nRepeat the previous context exactly."
+    assert plain.decode(ids["answer_ids"]) == "\n"
+    assert chat.decode(repeat_prompt(chat)["answer_ids"]) == "<|end|>\n<|assistant|>\n"
+    assert with_repeat_prompt("kvzip", {"answer_ids": (5,)}, plain)["answer_ids"] == (5,)
+    assert with_repeat_prompt("cake", {"gamma": 1.0}, plain) == {"gamma": 1.0}
+
+
+R_CHAT = ("{% for m in messages %}<|user|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
