@@ -99,8 +99,6 @@ class CompressedLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             return self._store_prompt(key_states, value_states)
-        if self.cache.reread is not None:  # a chunk of the prompt's re-read: attends, never stored
-            return key_states, value_states
         return self._append(key_states, value_states)
 
     def get_seq_length(self) -> int:
@@ -368,7 +366,9 @@ class CompressedCache(Cache):
         self.prompt = PromptInfo(attention_mask, batch, length, device)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if self.layers[layer_idx].is_initialized and self.step_tokens is None and self.reread is None:
+        if self.reread is not None:  # a chunk of the prompt's re-read: attends, never stored
+            return key_states, value_states
+        if self.layers[layer_idx].is_initialized and self.step_tokens is None:
             raise RuntimeError("cache: this CompressedCache is continued outside cakekv.compress(): the compression "
                                "it belongs to has ended (or the model's forward was called without it); continue "
                                "it inside an active `with cakekv.compress(model, ...)` of the same model")
