@@ -1,8 +1,9 @@
 """Decode speed of mixture-of-experts families against a dense model of the same attention shape.
 
-transformers' Mixtral expert loop reads back which experts a step hit (`.nonzero()`), so its decode step cannot be
-captured as a CUDA graph and cakekv decodes it eagerly (with a warning); this measures what that costs. Random
-weights built on the GPU, bf16; each family plain (transformers' own cache) and under `cake`.
+With transformers' default experts implementation a step is captured as a CUDA graph; with
+`experts_implementation="eager"` the expert loop reads back which experts a step hit (`.nonzero()`), the capture
+fails and cakekv decodes eagerly (with a warning, reported in the "captured" column). Random weights built on the
+GPU, bf16; each family plain (transformers' own cache) and under `cake`.
 
   python benchmarks/bench_moe_decode.py --context 4096 --budget 512 --out results/moe
 """
