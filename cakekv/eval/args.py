@@ -106,8 +106,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_out: str,
     g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (auto: bf16/fp16 as the "
                                                    "model's config says on GPU, float32 on CPU)")
     g.add_argument("--attn-implementation", default=None, help="sdpa (default), eager or flash_attention_2")
-    g.add_argument("--methods", nargs="+", default=",".join(DEFAULT_METHODS),
-                   help="methods to compare, comma or space separated (default: %(default)s)")
+    g.add_argument("--methods", nargs="+", default=None,
+                   help="methods to compare, comma or space separated (default: "
+                        + "; ".join(f"{','.join(m)} under {p}" for p, m in DEFAULT_METHODS.items()) + ")")
     g.add_argument("--budgets", nargs="+", default=default_budgets,
                    help="KV budgets (entries per layer per KV head, window included) (default: %(default)s)")
     g.add_argument("--window", type=int, default=32, help="observation window (default: %(default)s)")
@@ -144,7 +145,7 @@ def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 def setup_from_args(args: argparse.Namespace, model=None, tokenizer=None) -> Setup:
     """Validate the common arguments (before loading anything heavy), then load the model."""
-    methods = split_list(args.methods)
+    methods = split_list(args.methods) if args.methods else list(DEFAULT_METHODS[args.protocol])
     budgets = parse_int_list(args.budgets, "budgets")
     runs = expand_runs(methods, budgets, args.window)
     options = parse_options(args.option, methods)

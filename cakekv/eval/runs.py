@@ -9,7 +9,11 @@ from typing import Any, Callable, Sequence
 
 from .prompts import Encoded, Prompt, encode_prompt, group_indices
 
-DEFAULT_METHODS = ("full", "cake", "snapkv")
+# Methods an evaluation compares when none is named, by protocol: a context compressed before its question is
+# asked needs a method whose scores do not come from the question (QUERY_AGNOSTIC_METHOD).
+QUERY_AGNOSTIC_METHOD = "kvzip"
+DEFAULT_METHODS = {"question-aware": ("full", "cake", "snapkv"),
+                   "context-only": ("full", QUERY_AGNOSTIC_METHOD, "cake")}
 FULL = "full"
 
 
