@@ -76,7 +76,8 @@ TORCH_LIBRARY(cakekv, m) {
   // 0 <= pos[t] <= q_pos[b, i]. A[h,i,t] = softmax over visible entries of the logits (as in window_stats) in fp32 (0 where not
   // visible); out[b,h,i,:] = sum_t A[h,i,t] v[t], in q's dtype; a query that sees no entry gets zeros.
   // Returns (out [B, H, Q, D], weights): weights is fp32 [G*Q, T] with weights[j*Q + i, t] = A[g*G + j, i, t]
-  // for the segment (b, g) holding t (G = H / Hkv), or [0, T] when return_weights is false.
+  // for the segment (b, g) holding t (G = H / Hkv), or [0, T] when return_weights is false. Beyond its outputs
+  // it takes a bounded workspace whatever Q is (query rows go in tiles): long chunks need no more.
   m.def("ragged_attention(Tensor q, Tensor k, Tensor v, Tensor pos, Tensor offsets, Tensor q_pos, float scale, "
         "float softcap=0.0, bool return_weights=False) -> (Tensor, Tensor)");
 

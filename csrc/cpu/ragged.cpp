@@ -1,5 +1,6 @@
 // CPU kernels of the segment layout (contracts in register.cpp): gather_ragged (one copy per kept K and V row),
-// ragged_attention (per segment ATen math in fp32: the G*Q queries of one kv head against its entries),
+// ragged_attention (per segment ATen math in fp32: the G*Q queries of one kv head against its entries, in tiles of
+// rows whose logits fit kTileBytes),
 // append_entries (first free slots, one row copy per token) and evict_lowest (plain loops in fp32; candidates
 // and pooling neighbours read from the position order, like the CUDA kernel).
 #include <ATen/ATen.h>
@@ -25,6 +26,29 @@ namespace {
 at::Tensor checked_offsets(const at::Tensor& offsets, int64_t total, const char* op) {
   check_offsets(op, offsets, total);
   return offsets.contiguous();
+}
+
+constexpr int64_t kTileBytes = int64_t(32) << 20;
+
+// Query rows ragged_attention attends at once over a segment of n entries: their [rows, n] fp32 logits (and the
+// few temporaries of that size) within kTileBytes, so that a long chunk's memory does not grow with Q * n.
+int64_t rows_per_tile(int64_t n) {
+  return std::max<int64_t>(1, kTileBytes / (n * static_cast<int64_t>(sizeof(float))));
+}
+
+// Attention weights [rows, n] of query rows q [rows, D] at positions q_pos [rows] over one segment's keys
+// ks [n, D] at positions ps [n]: fp32 softmax over the visible entries (0 <= pos <= q_pos), zeros elsewhere and
+// on a row that sees none.
+at::Tensor visible_softmax(const at::Tensor& q, const at::Tensor& ks, const at::Tensor& ps, const at::Tensor& q_pos,
+                           double scale, double softcap) {
+  const auto visible = ps.ge(0).unsqueeze(0).logical_and(ps.unsqueeze(0).le(q_pos.unsqueeze(1)));
+  auto logits = at::matmul(q, ks.t());
+  logits_from_dots_(logits, scale, softcap)
+      .masked_fill_(visible.logical_not(), -std::numeric_limits<float>::infinity());
+  const auto mx = std::get<0>(logits.max(1, true));
+  const auto p = logits.sub_(at::where(mx.isinf(), at::zeros_like(mx), mx)).exp_();  // invisible: exp(-inf) = 0
+  const auto denom = p.sum(1, true);
+  return p.div_(at::where(denom.eq(0), at::ones_like(denom), denom));
 }
 
 }  // namespace
@@ -75,17 +99,13 @@ std::tuple<at::Tensor, at::Tensor> ragged_attention(const at::Tensor& q, const a
     if (hi == lo) continue;
     const auto ks = k.slice(0, lo, hi).to(at::kFloat), vs = v.slice(0, lo, hi).to(at::kFloat);
     const auto ps = pos.slice(0, lo, hi);
-    const auto qpos = qp[b].unsqueeze(1);                           // [G*Q, 1]
-    const auto visible = ps.ge(0).unsqueeze(0).logical_and(ps.unsqueeze(0).le(qpos));  // [G*Q, n]
-    auto logits = at::matmul(qf[b][g], ks.t());                     // [G*Q, n]
-    logits_from_dots_(logits, scale, softcap).masked_fill_(visible.logical_not(), -std::numeric_limits<float>::infinity());
-    const auto mx = std::get<0>(logits.max(1, true));
-    const auto safe_mx = at::where(mx.isinf(), at::zeros_like(mx), mx);
-    const auto p = (logits - safe_mx).exp_();                       // invisible: exp(-inf) = 0
-    const auto denom = p.sum(1, true);
-    const auto att = p / at::where(denom.eq(0), at::ones_like(denom), denom);
-    out[b][g].copy_(at::matmul(att, vs));
-    if (return_weights) weights.slice(1, lo, hi).copy_(att);
+    const int64_t tile = rows_per_tile(hi - lo);
+    for (int64_t r0 = 0; r0 < G * Q; r0 += tile) {
+      const int64_t r1 = std::min(G * Q, r0 + tile);
+      const auto att = visible_softmax(qf[b][g].slice(0, r0, r1), ks, ps, qp[b].slice(0, r0, r1), scale, softcap);
+      out[b][g].slice(0, r0, r1).copy_(at::matmul(att, vs));
+      if (return_weights) weights.slice(0, r0, r1).slice(1, lo, hi).copy_(att);
+    }
   }
   return {out.view({B, H, Q, D}).to(q.scalar_type()), weights};
 }
