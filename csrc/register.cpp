@@ -97,8 +97,9 @@ TORCH_LIBRARY(cakekv, m) {
   //   q_pos   [B, Q] int64    position of each new token
   //   order   [T] int32 or None (mutated: the new entries are listed after the V_s stored ones)
   // Token i of segment s goes to the i-th free slot of s in slot order. A segment with fewer than Q free
-  // slots is an error (the caller makes room first): CPU raises, CUDA asserts on the device. The new
-  // positions must follow every stored one (they do in decoding), so that they extend the position order.
+  // slots is an error (the caller makes room first): CPU raises before writing anything, CUDA asserts on the
+  // device. The new positions must follow every stored one (they do in decoding), so that they extend the
+  // position order.
   m.def("append_entries(Tensor(a!) k, Tensor(b!) v, Tensor(c!) pos, Tensor offsets, Tensor new_k, Tensor new_v, "
         "Tensor q_pos, Tensor(d!)? order) -> ()");
 

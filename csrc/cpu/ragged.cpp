@@ -118,6 +118,17 @@ void append_entries(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
   const auto oc = checked_offsets(offsets, k.size(0), "append_entries");
   const int64_t* o = oc.data_ptr<int64_t>();
   int64_t* p = pos.data_ptr<int64_t>();
+  // Every segment's slots first, then the writes: a segment without room leaves the layer as it was.
+  std::vector<std::vector<int64_t>> slots(B * Hkv);
+  std::vector<int64_t> stored(B * Hkv, 0);
+  for (int64_t s = 0; s < B * Hkv; ++s) {
+    for (int64_t t = o[s]; t < o[s + 1]; ++t) {
+      if (p[t] >= 0) ++stored[s];
+      else if (static_cast<int64_t>(slots[s].size()) < Q) slots[s].push_back(t);
+    }
+    TORCH_CHECK(static_cast<int64_t>(slots[s].size()) == Q, "append_entries: segment ", s, " has ", slots[s].size(),
+                " free slots for ", Q, " tokens");
+  }
   const auto nk = new_k.contiguous(), nv = new_v.contiguous(), qp = q_pos.contiguous();
   const int64_t* qpp = qp.data_ptr<int64_t>();
   const int64_t row_bytes = D * k.element_size();
@@ -128,20 +139,12 @@ void append_entries(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
   int32_t* ord = order ? order->data_ptr<int32_t>() : nullptr;
   for (int64_t s = 0; s < B * Hkv; ++s) {
     const int64_t b = s / Hkv;
-    std::vector<int64_t> free;
-    int64_t valid = 0;
-    for (int64_t t = o[s]; t < o[s + 1]; ++t) {
-      if (p[t] >= 0) ++valid;
-      else if (static_cast<int64_t>(free.size()) < Q) free.push_back(t);
-    }
-    TORCH_CHECK(static_cast<int64_t>(free.size()) == Q, "append_entries: segment ", s, " has ", free.size(),
-                " free slots for ", Q, " tokens");
     for (int64_t r = 0; r < Q; ++r) {
-      const int64_t t = free[r];
+      const int64_t t = slots[s][r];
       std::memcpy(kd + t * row_bytes, ks + (s * Q + r) * row_bytes, row_bytes);
       std::memcpy(vd + t * row_bytes, vs + (s * Q + r) * row_bytes, row_bytes);
       p[t] = qpp[b * Q + r];
-      if (ord != nullptr) ord[o[s] + valid + r] = static_cast<int32_t>(t - o[s]);  // newest positions last
+      if (ord != nullptr) ord[o[s] + stored[s] + r] = static_cast<int32_t>(t - o[s]);  // newest positions last
     }
   }
 }

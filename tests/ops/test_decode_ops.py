@@ -99,6 +99,19 @@ def test_evict_lowest_matches_reference(device, dtype, ragged, q_len, var_weight
     assert_exact_order(order, got_pos, offsets)
 
 
+def test_append_entries_that_fails_writes_nothing():
+    """The last segment lacks room: the error comes before the segments that had room are written."""
+    q, k, v, pos, offsets, q_pos = segment_case(Q=2, free=3)
+    last = torch.nonzero(pos[int(offsets[-2]):] < 0).flatten()[:2] + int(offsets[-2])
+    pos[last] = 1000 + torch.arange(2)  # the last segment keeps one free slot
+    order = ops.position_order(pos, offsets)
+    before = [t.clone() for t in (k, v, pos, order)]
+    with pytest.raises(RuntimeError, match="append_entries: segment 3 has 1 free slots for 2 tokens"):
+        ops.append_entries(k, v, pos, offsets, torch.ones(2, 2, 2, 16), torch.ones(2, 2, 2, 16), q_pos, order)
+    for got, want in zip((k, v, pos, order), before):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_evict_lowest_protects_the_window_and_stops_at_the_candidates(device):
     q, k, v, pos, offsets, q_pos = segment_case(B=1, Hkv=1, ragged=False, length=10, free=0)
