@@ -115,6 +115,9 @@ TORCH_LIBRARY(cakekv, m) {
   // Q == 1). Candidates: 0 <= pos[t] <= q_pos[b, Q-1] - P, taken in position order; pooled = the K-wide average
   // (zero padded, divided by K) or maximum of the candidates' scores, centred. The min(E, over[b,g]) candidates
   // with the lowest pooled score (ties: earlier position) get pos = -1, and over[b,g] decreases by their number.
+  // NaN: a pooled score with a NaN score in reach is NaN (both poolings), and NaN ranks below every number
+  // (evicted first: the entry's attention is unusable). `order` must list slots of the segment (CPU raises,
+  // CUDA asserts on the device).
   // The freed entries leave `order`; the others keep their relative order, or with by_score the remaining
   // candidates come first by descending pooled score (ties: earlier in the order), then the rest of the order
   // as it was: the storage order of the official CAKE decode evictor (its top-k's), along which it pools. With

@@ -149,12 +149,33 @@ void append_entries(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
   }
 }
 
+namespace {
+
+// The stored entries of each segment evict_lowest frees from (over its cap, not empty), each checked to list
+// slots of its own segment in its first `stored` ranks of the order, before any segment is touched (the CUDA
+// kernel asserts the same on the device).
+std::vector<int64_t> checked_stored_entries(const int32_t* ord, const int64_t* o, const int64_t* p, const int64_t* ov,
+                                            int64_t segs) {
+  std::vector<int64_t> stored(segs, 0);
+  for (int64_t s = 0; s < segs; ++s) {
+    const int64_t lo = o[s], n = o[s + 1] - lo;
+    if (ov[s] <= 0 || n == 0) continue;
+    stored[s] = std::count_if(p + lo, p + lo + n, [](int64_t x) { return x >= 0; });
+    for (int64_t r = 0; r < stored[s]; ++r)
+      TORCH_CHECK(ord[lo + r] >= 0 && ord[lo + r] < n, "evict_lowest: order[", lo + r, "] = ", ord[lo + r],
+                  " is not a slot of segment ", s, " (", n, " slots): order must be the segments' position order");
+  }
+  return stored;
+}
+
+}  // namespace
+
 void evict_lowest(const at::Tensor& weights, const at::Tensor& pos, const at::Tensor& order,
                   const at::Tensor& offsets, const at::Tensor& q_pos, const at::Tensor& over, double var_weight,
                   int64_t protect, int64_t kernel_size, bool max_pool, int64_t n_evict, bool by_score) {
   check_evict_lowest_args(weights, pos, order, offsets, q_pos, over, kernel_size, n_evict);
   const int64_t B = q_pos.size(0), Q = q_pos.size(1), T = pos.size(0);
-  const int64_t segs = offsets.size(0) - 1, Hkv = segs / B, half = kernel_size / 2;
+  const int64_t segs = offsets.size(0) - 1, Hkv = segs / B;
   const auto oc = checked_offsets(offsets, T, "evict_lowest");
   if (n_evict == 0 || T == 0 || Q == 0) return;
   const int64_t G = weights.size(0) / Q;
@@ -165,39 +186,30 @@ void evict_lowest(const at::Tensor& weights, const at::Tensor& pos, const at::Te
   int64_t* p = pos.data_ptr<int64_t>();
   int64_t* ov = over.data_ptr<int64_t>();
   int32_t* ord = order.data_ptr<int32_t>();
+  const auto stored = checked_stored_entries(ord, o, p, ov, segs);
   at::parallel_for(0, segs, 1, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
-      const int64_t b = s / Hkv, lo = o[s], n = o[s + 1] - lo;
-      if (ov[s] <= 0 || n == 0) continue;
-      // Candidates: the first entries of the position order; their scores (Welford mean / variance over the
-      // queries of each head, averaged over heads) pooled, then the lowest pooled scores go (ties: earlier
-      // position), and the freed entries leave the order.
+      const int64_t b = s / Hkv, lo = o[s], valid = stored[s];
+      if (valid == 0) continue;
+      // Candidates: the first entries of the position order; their scores pooled, then ranked by key
+      // (decode_score.h, the CUDA kernel's): the lowest go (ties: earlier position) and leave the order.
       const int64_t limit = qpp[b * Q + Q - 1] - protect;
-      int64_t valid = 0, nc = 0;
-      for (int64_t t = 0; t < n; ++t) {
-        valid += p[lo + t] >= 0;
-        nc += p[lo + t] >= 0 && p[lo + t] <= limit;
-      }
       int32_t* seg_order = ord + lo;
+      const int64_t nc = std::count_if(p + lo, p + o[s + 1], [&](int64_t x) { return x >= 0 && x <= limit; });
       std::vector<float> score(nc);
-      for (int64_t r = 0; r < nc; ++r) score[r] = decode_score(w, T, lo + seg_order[r], G, Q, static_cast<float>(var_weight));
-      std::vector<float> pooled(nc);
-      for (int64_t r = 0; r < nc; ++r) {
-        float acc = max_pool ? -std::numeric_limits<float>::infinity() : 0.f;
-        for (int64_t x = r - half; x <= r + half; ++x) {
-          if (x < 0 || x >= nc) continue;
-          acc = max_pool ? std::max(acc, score[x]) : acc + score[x];
-        }
-        pooled[r] = max_pool ? acc : acc / static_cast<float>(kernel_size);
-      }
+      for (int64_t r = 0; r < nc; ++r)
+        score[r] = decode_score(w, T, lo + seg_order[r], G, Q, static_cast<float>(var_weight));
+      std::vector<uint32_t> key(nc);
+      for (int64_t r = 0; r < nc; ++r)
+        key[r] = eviction_key(pooled_score(score.data(), nc, r, kernel_size, max_pool));
       std::vector<int64_t> ranked(nc);
       std::iota(ranked.begin(), ranked.end(), 0);
-      std::stable_sort(ranked.begin(), ranked.end(), [&](int64_t a, int64_t c) { return pooled[a] < pooled[c]; });
+      std::stable_sort(ranked.begin(), ranked.end(), [&](int64_t a, int64_t c) { return key[a] < key[c]; });
       const int64_t drop = std::min({n_evict, ov[s], nc});
       std::vector<bool> chosen(nc, false);
       for (int64_t r = 0; r < drop; ++r) chosen[ranked[r]] = true;
-      if (by_score) {  // the remaining candidates by descending pooled score, then the rest as it was
-        std::stable_sort(ranked.begin(), ranked.end(), [&](int64_t a, int64_t c) { return pooled[a] > pooled[c]; });
+      if (by_score) {  // the remaining candidates by descending key, then the rest as it was
+        std::stable_sort(ranked.begin(), ranked.end(), [&](int64_t a, int64_t c) { return key[a] > key[c]; });
         std::vector<int32_t> next;
         for (int64_t r : ranked)
           if (!chosen[r]) next.push_back(seg_order[r]);
