@@ -76,7 +76,8 @@ TORCH_LIBRARY(cakekv, m) {
   // 0 <= pos[t] <= q_pos[b, i]. A[h,i,t] = softmax over visible entries of the logits (as in window_stats) in fp32 (0 where not
   // visible); out[b,h,i,:] = sum_t A[h,i,t] v[t], in q's dtype; a query that sees no entry gets zeros.
   // Returns (out [B, H, Q, D], weights): weights is fp32 [G*Q, T] with weights[j*Q + i, t] = A[g*G + j, i, t]
-  // for the segment (b, g) holding t (G = H / Hkv), or [0, T] when return_weights is false.
+  // for the segment (b, g) holding t (G = H / Hkv), or [0, T] when return_weights is false. Beyond its outputs
+  // it takes a bounded workspace whatever Q is (query rows go in tiles): long chunks need no more.
   m.def("ragged_attention(Tensor q, Tensor k, Tensor v, Tensor pos, Tensor offsets, Tensor q_pos, float scale, "
         "float softcap=0.0, bool return_weights=False) -> (Tensor, Tensor)");
 
@@ -96,8 +97,9 @@ TORCH_LIBRARY(cakekv, m) {
   //   q_pos   [B, Q] int64    position of each new token
   //   order   [T] int32 or None (mutated: the new entries are listed after the V_s stored ones)
   // Token i of segment s goes to the i-th free slot of s in slot order. A segment with fewer than Q free
-  // slots is an error (the caller makes room first): CPU raises, CUDA asserts on the device. The new
-  // positions must follow every stored one (they do in decoding), so that they extend the position order.
+  // slots is an error (the caller makes room first): CPU raises before writing anything, CUDA asserts on the
+  // device. The new positions must follow every stored one (they do in decoding), so that they extend the
+  // position order.
   m.def("append_entries(Tensor(a!) k, Tensor(b!) v, Tensor(c!) pos, Tensor offsets, Tensor new_k, Tensor new_v, "
         "Tensor q_pos, Tensor(d!)? order) -> ()");
 
@@ -113,6 +115,9 @@ TORCH_LIBRARY(cakekv, m) {
   // Q == 1). Candidates: 0 <= pos[t] <= q_pos[b, Q-1] - P, taken in position order; pooled = the K-wide average
   // (zero padded, divided by K) or maximum of the candidates' scores, centred. The min(E, over[b,g]) candidates
   // with the lowest pooled score (ties: earlier position) get pos = -1, and over[b,g] decreases by their number.
+  // NaN: a pooled score with a NaN score in reach is NaN (both poolings), and NaN ranks below every number
+  // (evicted first: the entry's attention is unusable). `order` must list slots of the segment (CPU raises,
+  // CUDA asserts on the device).
   // The freed entries leave `order`; the others keep their relative order, or with by_score the remaining
   // candidates come first by descending pooled score (ties: earlier in the order), then the rest of the order
   // as it was: the storage order of the official CAKE decode evictor (its top-k's), along which it pools. With

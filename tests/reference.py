@@ -36,28 +36,31 @@ def masked_window_stats(q, k, q_pos, k_pos, scale, softcap=0.0):
     return a.mean(2), var, -(a * torch.log(a + 1e-10)).sum(2)
 
 
-def ragged_attention(q, k, v, pos, offsets, q_pos, scale, softcap=0.0):
+def ragged_attention(q, k, v, pos, offsets, q_pos, scale, softcap=0.0, weights=True, query_chunk=None):
     """Reference of the ragged_attention op: for each segment s = b * Hkv + g, the G query heads of kv head g
     attend over entries offsets[s]..offsets[s+1]-1 with a plain fp32 softmax over the visible ones
     (0 <= pos <= q_pos); a query that sees no entry gets zeros. Returns fp32 out [B, H, Q, D] and the
-    attention weights [G * Q, T] (row j * Q + i: query i of the segment's j-th query head)."""
+    attention weights [G * Q, T] (row j * Q + i: query i of the segment's j-th query head), or None without
+    `weights`, on q's device. `query_chunk`: queries per matmul (a long chunk's [G, Q, n] logits need not fit)."""
     batch, heads, q_len, _ = q.shape
     kv_heads = (offsets.numel() - 1) // batch
     group = heads // kv_heads
-    out = torch.zeros(batch, heads, q_len, v.shape[1])
-    weights = torch.zeros(group * q_len, k.shape[0])
+    out = q.new_zeros(batch, heads, q_len, v.shape[1], dtype=torch.float32)
+    att_all = q.new_zeros(group, q_len, k.shape[0], dtype=torch.float32) if weights else None
+    step = query_chunk or max(q_len, 1)
     for s in range(batch * kv_heads):
         b, g = divmod(s, kv_heads)
         lo, hi = int(offsets[s]), int(offsets[s + 1])
         ks, vs, ps = k[lo:hi].float(), v[lo:hi].float(), pos[lo:hi]
-        qs = q[b, g * group:(g + 1) * group].float()                       # [G, Q, D]
-        visible = (ps[None, :] >= 0) & (ps[None, :] <= q_pos[b][:, None])  # [Q, n]
-        logits = soft_capped(qs @ ks.T * scale, softcap).masked_fill(~visible, float("-inf"))
-        att = torch.nan_to_num(logits.softmax(-1), nan=0.0)                 # all -inf rows -> zeros
-        out[b, g * group:(g + 1) * group] = att @ vs
-        weights[:, lo:hi] = att.reshape(group * q_len, hi - lo)
-    return out, weights
-
+        for i0 in range(0, q_len, step):
+            qs = q[b, g * group:(g + 1) * group, i0:i0 + step].float()                 # [G, q, D]
+            visible = (ps[None, :] >= 0) & (ps[None, :] <= q_pos[b, i0:i0 + step][:, None])  # [q, n]
+            logits = soft_capped(qs @ ks.T * scale, softcap).masked_fill(~visible, float("-inf"))
+            att = torch.nan_to_num(logits.softmax(-1), nan=0.0)                           # all -inf rows -> zeros
+            out[b, g * group:(g + 1) * group, i0:i0 + step] = att @ vs
+            if weights:
+                att_all[:, i0:i0 + step, lo:hi] = att
+    return out, att_all.view(group * q_len, k.shape[0]) if weights else None
 
 def allocate(scores: list[float], caps: list[int], total: int) -> list[int]:
     """Budgets proportional to scores, capped, summing to min(total, sum(caps)) (contract in csrc/register.cpp)."""

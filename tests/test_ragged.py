@@ -282,6 +282,28 @@ def test_generation_matches_padded_layout_with_decode_eviction(device, monkeypat
     assert sum(s["bytes_after"] for s in stats) < sum(s["bytes_after"] for s in padded_stats)
 
 
+def continuation_logits(model, ids, cont, piece):
+    """Logits of `cont` continuing a compressed (ragged) cache of `ids`, fed `piece` tokens per forward."""
+    out, _ = prefill(model, ids, "adakv", decode_evict=False)
+    cache = cache_of(out)
+    assert ragged_layers(cache)
+    with cakekv.compress(model, method="adakv", budget=BUDGET, window=WINDOW, decode_evict=False):
+        with torch.no_grad():
+            return torch.cat([model(input_ids=part, **cache_kwargs(model, cache), use_cache=True).logits
+                              for part in cont.split(piece, 1)], 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_32k_token_continuation_chunk_on_cuda_equals_the_chunk_in_pieces():
+    """A 32K-token chunk continuing a compressed cache in one forward, at 8 query heads per kv head (262144 query
+    rows per kv head, past one grid's 65535 x 4; the attention failed to launch), gives the logits of the same
+    tokens fed 4096 at a time."""
+    model = tiny_model("llama", kv_heads=2, layers=2, num_attention_heads=16, max_position_embeddings=40000).cuda()
+    ids, cont = prompt(300, seed=21).cuda(), prompt(32768, seed=22).cuda()
+    whole = continuation_logits(model, ids, cont, 32768)
+    torch.testing.assert_close(whole, continuation_logits(model, ids, cont, 4096), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_decode_append_needs_no_host_sync():
     layer, _ = ragged_layer([5, 2, 9, 1], B=2, device="cuda")

@@ -4,10 +4,11 @@
 //
 // One block per segment. Candidates are a prefix of the segment's position order (`order`, kept exact by
 // append_entries and by this op): each candidate's score (decode_score.h) is stored by rank, so pooling reads
-// its neighbours next to it; the lowest pooled scores are found by a block minimum (one entry per step) or a
-// radix select on their float bits (4 passes of 8 bits; ties go to the earlier position), then the freed slots
-// get pos = -1 and leave `order` by a stable compaction. All O(n). With by_score (CAKE's official mode), the
-// survivors are re-listed by descending pooled score instead, ranked by counting (O(n^2 / threads)).
+// its neighbours next to it; the lowest rank keys of the pooled scores (decode_score.h: NaN lowest) are found
+// by a block minimum (one entry per step) or a radix select (4 passes of 8 bits; ties go to the earlier
+// position), then the freed slots get pos = -1 and leave `order` by a stable compaction. All O(n). With by_score
+// (CAKE's official mode), the survivors are re-listed by descending key instead, ranked by counting
+// (O(n^2 / threads)).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -27,12 +28,6 @@ namespace cakekv::cuda {
 namespace {
 
 constexpr int kSelectThreads = 1024;
-
-// Float bits mapped to unsigned ints of the same order.
-__device__ __forceinline__ uint32_t ordered_bits(float f) {
-  const uint32_t u = __float_as_uint(f);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
 
 using u64 = unsigned long long;
 constexpr int kHalfBits = 32;  // two counts packed in one uint64 scan
@@ -100,7 +95,7 @@ __global__ void __launch_bounds__(kSelectThreads) evict_select_kernel(
     const float* __restrict__ weights, int64_t* __restrict__ pos, int32_t* __restrict__ order,
     const int64_t* __restrict__ offsets, const int64_t* __restrict__ q_pos, int64_t* __restrict__ over,
     float* __restrict__ score, uint32_t* __restrict__ keys, int32_t* __restrict__ stash, int64_t T, int64_t Q,
-    int64_t Hkv, int64_t G, int64_t protect, float var_weight, int half, int kernel_size, bool max_pool,
+    int64_t Hkv, int64_t G, int64_t protect, float var_weight, int kernel_size, bool max_pool,
     int64_t n_evict, bool by_score) {
   __shared__ u64 scratch[33];
   __shared__ int hist[256];
@@ -132,13 +127,10 @@ __global__ void __launch_bounds__(kSelectThreads) evict_select_kernel(
     seg_score[i] = decode_score(weights, T, lo + slot, G, Q, var_weight);
   }
   __syncthreads();
-  // Pooled over its neighbours in position order.
+  // Pooled over its neighbours in position order; ranked by its key (NaN lowest: decode_score.h).
   uint32_t lowest = 0xFFFFFFFFu;
   for (int i = threadIdx.x; i < ncand; i += kSelectThreads) {
-    float acc = max_pool ? -INFINITY : 0.f;
-    for (int x = std::max(i - half, 0); x <= std::min(i + half, ncand - 1); ++x)
-      acc = max_pool ? fmaxf(acc, seg_score[x]) : acc + seg_score[x];
-    const uint32_t key = ordered_bits(max_pool ? acc : acc / float(kernel_size));
+    const uint32_t key = eviction_key(pooled_score(seg_score, ncand, i, kernel_size, max_pool));
     seg_keys[i] = key;
     lowest = min(lowest, key);
   }
@@ -216,7 +208,7 @@ void evict_lowest(const at::Tensor& weights, const at::Tensor& pos, const at::Te
       offsets.const_data_ptr<int64_t>(), q_pos.const_data_ptr<int64_t>(), over.mutable_data_ptr<int64_t>(),
       score.mutable_data_ptr<float>(), reinterpret_cast<uint32_t*>(keys.mutable_data_ptr<int32_t>()),
       stash.mutable_data_ptr<int32_t>(), T, Q, Hkv, weights.size(0) / Q, protect, static_cast<float>(var_weight),
-      int(kernel_size / 2), int(kernel_size), max_pool, n_evict, by_score);
+      int(kernel_size), max_pool, n_evict, by_score);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

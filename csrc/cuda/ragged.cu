@@ -13,7 +13,9 @@
 // the G*Q query rows of one kv head, a team of threads per row; their K/V reads are the same rows (L1 serves all
 // but the first). In a team, lane groups split the head dim (16-byte slices, shuffle reductions) and each group
 // loads its next entries' positions, keys and values at once, then keeps its own online softmax in registers;
-// the groups are combined once per piece. A second kernel merges the pieces of every (segment, row).
+// the groups are combined once per piece. A second kernel merges the pieces of every (segment, row). A long
+// chunk's rows go in tiles, a launch pair each, so that the partial results stay within kPartialBytes and the
+// grid within CUDA's limits whatever Q is (decode steps are one tile).
 // Asked for the attention weights (what decode-time eviction scores), the first kernel also writes each
 // entry's logit per row and the merge turns the segment's logits into weights with the row's max and sum: the
 // keys are read once per step for both attention and eviction.
@@ -28,6 +30,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 
 #include <torch/library.h>
 
@@ -56,6 +59,8 @@ __global__ void gather_ragged_kernel(const scalar_t* __restrict__ k, const scala
 }
 
 constexpr int kAttnRows = 4;          // query rows per ragged_attention block (more rows: more blocks in y)
+constexpr int64_t kMaxGridY = 65535;  // CUDA's limit on gridDim.y
+constexpr int64_t kPartialBytes = int64_t(32) << 20;  // partial results of one tile of query rows, at most
 constexpr int kRowThreads = 128;      // the team of threads that attends for one query row
 constexpr int kEntriesPerGroup = 4;   // entries a lane group takes per step, all loaded before any is used
 constexpr int kMaxHeadDim = 256;
@@ -107,15 +112,17 @@ __global__ void __launch_bounds__(kRowThreads * kAttnRows) ragged_attention_part
     const scalar_t* __restrict__ q, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
     const int64_t* __restrict__ pos, const int64_t* __restrict__ offsets, const int64_t* __restrict__ q_pos,
     float* __restrict__ part_acc, float* __restrict__ part_ml, float* __restrict__ weights, int64_t T, int64_t segs,
-    int64_t chunk, int64_t H, int64_t Q, int64_t D, int64_t Hkv, float scale, float softcap, bool vector) {
+    int64_t chunk, int row0, int tile, int64_t H, int64_t Q, int64_t D, int64_t Hkv, float scale, float softcap,
+    bool vector) {
   constexpr int kGroups = kRowThreads / kLanes, kStep = kGroups * kEntriesPerGroup, kWidth = kLanes * kVec;
   using SliceT = Slice<scalar_t, kVec>;
   __shared__ float red_s[kAttnRows][kGroups][kWidth];  // the groups' P·V, rescaled to the team's max
   __shared__ float ml_s[kAttnRows][kGroups][2];        // the groups' running max and sum
   __shared__ int64_t first_seg_s;
-  const int G = int(H / Hkv), rows = G * int(Q), team = threadIdx.x / kRowThreads, tid = threadIdx.x % kRowThreads;
-  const int r = int(blockIdx.y) * kAttnRows + team;  // this team's row; past the last row it only takes barriers
-  const bool active = r < rows;
+  const int G = int(H / Hkv), team = threadIdx.x / kRowThreads, tid = threadIdx.x % kRowThreads;
+  const int local = int(blockIdx.y) * kAttnRows + team;  // this team's row in the tile (rows row0 .. row0 + tile)
+  const int r = row0 + local;
+  const bool active = local < tile;  // past the tile's last row a team only takes barriers
   const int64_t start = int64_t(blockIdx.x) * chunk, end = std::min(T, start + chunk);
   const int group = tid / kLanes, lane = tid % kLanes, first = lane * kVec, dim = int(D);
   // The segment holding `start` (the one non-empty segment around it), found in one parallel pass.
@@ -199,7 +206,7 @@ __global__ void __launch_bounds__(kRowThreads * kAttnRows) ragged_attention_part
 #pragma unroll
     for (int c = 0; c < kVec; ++c) red_s[team][group][first + c] = acc[c] * mine;
     __syncthreads();
-    const int64_t slot = piece * rows + r;
+    const int64_t slot = piece * tile + local;
     for (int d = tid; active && d < dim; d += kRowThreads) {
       float sum = 0.f;
 #pragma unroll
@@ -221,10 +228,10 @@ __global__ void __launch_bounds__(kRowThreads * kAttnRows) ragged_attention_part
 template <typename scalar_t>
 __global__ void ragged_attention_merge_kernel(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
                                               const int64_t* __restrict__ offsets, scalar_t* __restrict__ out,
-                                              float* __restrict__ weights, int64_t T, int64_t chunk, int64_t H,
-                                              int64_t Q, int64_t D, int64_t Hkv) {
-  const int G = int(H / Hkv), rows = G * int(Q), r = int(blockIdx.x) % rows;
-  const int64_t seg = blockIdx.x / rows, b = seg / Hkv, g = seg % Hkv;
+                                              float* __restrict__ weights, int64_t T, int64_t chunk, int row0,
+                                              int tile, int64_t H, int64_t Q, int64_t D, int64_t Hkv) {
+  const int G = int(H / Hkv), local = int(blockIdx.x % unsigned(tile)), r = row0 + local;
+  const int64_t seg = blockIdx.x / unsigned(tile), b = seg / Hkv, g = seg % Hkv;
   const int64_t lo = offsets[seg], hi = offsets[seg + 1];
   // The segment's pieces: blocks first .. last (none when it is empty), merged online, kLoads at a time.
   constexpr int kLoads = 16;
@@ -238,7 +245,7 @@ __global__ void ragged_attention_merge_kernel(const float* __restrict__ part_acc
       float m[kLoads], l[kLoads], a[kLoads];
 #pragma unroll
       for (int u = 0; u < kLoads; ++u) {
-        const int64_t slot = (j0 + u + seg) * rows + r;
+        const int64_t slot = (j0 + u + seg) * tile + local;
         const bool in = j0 + u <= last;
         m[u] = in ? part_ml[2 * slot] : -INFINITY;
         l[u] = in ? part_ml[2 * slot + 1] : 0.f;
@@ -260,7 +267,7 @@ __global__ void ragged_attention_merge_kernel(const float* __restrict__ part_acc
   }
   const float inv = denom > 0.f ? 1.f / denom : 0.f;
   if (weights != nullptr) {  // the row's logits over the segment become weights; loads batched before stores
-    float* w = weights + r * T;
+    float* w = weights + int64_t(r) * T;
     for (int64_t t0 = lo + threadIdx.x; t0 < hi; t0 += kLoads * int64_t(blockDim.x)) {
       float logit[kLoads];
 #pragma unroll
@@ -276,6 +283,38 @@ __global__ void ragged_attention_merge_kernel(const float* __restrict__ part_acc
     }
   }
 }
+
+// One launch pair of ragged_attention over `rows` consecutive query rows: the layer's entries cut into `blocks`
+// chunks of `chunk` entries, times row_blocks() blocks of kAttnRows rows.
+struct RowTile {
+  int64_t rows, chunk, blocks;
+  int64_t row_blocks() const { return (rows + kAttnRows - 1) / kAttnRows; }
+  int64_t pieces(int64_t segs) const { return blocks + segs; }  // partial results per row (see the top)
+  int64_t partial_bytes(int64_t segs, int64_t D) const {
+    return pieces(segs) * rows * (D + 2) * int64_t(sizeof(float));
+  }
+};
+
+// How ragged_attention cuts its G*Q query rows into tiles: each tile's blocks make one wave of `wave` blocks,
+// with at least `step` entries each (the host does not read the offsets), and its partial results fit
+// kPartialBytes (down to one block of rows: then they grow with the segments, never with Q).
+struct RowTiling {
+  int64_t T, segs, D, wave, step;
+
+  RowTile tile(int64_t rows) const {
+    const int64_t row_blocks = (rows + kAttnRows - 1) / kAttnRows;
+    const int64_t chunk = std::max(step, (T * row_blocks + wave - 1) / wave);
+    return {rows, chunk, std::max<int64_t>(1, (T + chunk - 1) / chunk)};
+  }
+
+  // Rows of every tile but the last (which has fewer, and no larger partial results).
+  int64_t tile_rows(int64_t rows) const {
+    int64_t n = std::min(rows, kMaxGridY * kAttnRows);
+    while (n > kAttnRows && tile(n).partial_bytes(segs, D) > kPartialBytes)
+      n = (n / 2 + kAttnRows - 1) / kAttnRows * kAttnRows;
+    return n;
+  }
+};
 
 constexpr int kAppendThreads = 512;
 
@@ -367,44 +406,46 @@ std::tuple<at::Tensor, at::Tensor> ragged_attention(const at::Tensor& q_in, cons
   const int64_t B = q_in.size(0), H = q_in.size(1), Q = q_in.size(2), D = q_in.size(3), T = k_in.size(0);
   const int64_t segs = offsets_in.size(0) - 1, Hkv = segs / B, rows = (H / Hkv) * Q;
   TORCH_CHECK(D <= kMaxHeadDim, "ragged_attention (CUDA): head dim ", D, " above ", kMaxHeadDim);
+  TORCH_CHECK(rows <= std::numeric_limits<int>::max(), "ragged_attention (CUDA): ", rows,
+              " query rows per kv head (query heads per kv head times Q) above 2^31 - 1");
   auto out = at::empty({B, H, Q, D}, q_in.options());
   auto weights = at::empty({return_weights ? rows : 0, T}, q_in.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, weights.zero_()};
   const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), pos = pos_in.contiguous(),
              offsets = offsets_in.contiguous(), q_pos = q_pos_in.contiguous();
-  // One wave of blocks, at least a step of entries each (the host does not read the offsets); a team of
-  // threads per query row, up to kAttnRows rows per block.
+  // A team of threads per query row, up to kAttnRows rows per block.
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t tiles = (rows + kAttnRows - 1) / kAttnRows;
   const auto threads = unsigned(kRowThreads * std::min<int64_t>(kAttnRows, rows));
-  auto f32 = q_in.options().dtype(at::kFloat);
   float* weights_ptr = return_weights ? weights.mutable_data_ptr<float>() : nullptr;
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "ragged_attention_cuda", [&] {
     with_row_layout<scalar_t>(D, [&](auto vec, auto lanes) {
       constexpr int kVec = decltype(vec)::value, kLanes = decltype(lanes)::value;
-      constexpr int64_t kStep = kRowThreads / kLanes * kEntriesPerGroup;
       const auto kernel = ragged_attention_partial_kernel<scalar_t, kVec, kLanes>;
-      int resident = 1;  // blocks per SM: the chunk makes one wave
+      int resident = 1;  // blocks per SM: a tile's blocks make one wave
       C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, int(threads), 0));
-      const int64_t wave = std::max(1, resident) * sms * tiles;
-      const int64_t chunk = std::max<int64_t>(kStep, (T * tiles + wave - 1) / wave);
-      const int64_t blocks = std::max<int64_t>(1, (T + chunk - 1) / chunk), pieces = blocks + segs;
-      auto part_acc = at::empty({pieces * rows, D}, f32), part_ml = at::empty({pieces * rows, 2}, f32);
+      const RowTiling tiling{T, segs, D, std::max(1, resident) * sms, kRowThreads / kLanes * kEntriesPerGroup};
       const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; };
       const bool vector = D % kVec == 0 && aligned(q) && aligned(k) && aligned(v);
-      if (T > 0) {
-        kernel<<<dim3(unsigned(blocks), unsigned(tiles)), threads, 0, stream>>>(
-            q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-            pos.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), q_pos.const_data_ptr<int64_t>(),
-            part_acc.mutable_data_ptr<float>(), part_ml.mutable_data_ptr<float>(), weights_ptr, T, segs, chunk, H,
-            Q, D, Hkv, static_cast<float>(scale), static_cast<float>(softcap), vector);
+      const int64_t tile_rows = tiling.tile_rows(rows);
+      for (int64_t row0 = 0; row0 < rows; row0 += tile_rows) {
+        const RowTile tile = tiling.tile(std::min(tile_rows, rows - row0));
+        auto part_acc = at::empty({tile.pieces(segs) * tile.rows, D}, q_in.options().dtype(at::kFloat));
+        auto part_ml = at::empty({tile.pieces(segs) * tile.rows, 2}, part_acc.options());
+        if (T > 0) {
+          kernel<<<dim3(unsigned(tile.blocks), unsigned(tile.row_blocks())), threads, 0, stream>>>(
+              q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+              pos.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), q_pos.const_data_ptr<int64_t>(),
+              part_acc.mutable_data_ptr<float>(), part_ml.mutable_data_ptr<float>(), weights_ptr, T, segs,
+              tile.chunk, int(row0), int(tile.rows), H, Q, D, Hkv, static_cast<float>(scale),
+              static_cast<float>(softcap), vector);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        ragged_attention_merge_kernel<scalar_t><<<unsigned(segs * tile.rows), 128, 0, stream>>>(
+            part_acc.const_data_ptr<float>(), part_ml.const_data_ptr<float>(), offsets.const_data_ptr<int64_t>(),
+            out.mutable_data_ptr<scalar_t>(), weights_ptr, T, tile.chunk, int(row0), int(tile.rows), H, Q, D, Hkv);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      ragged_attention_merge_kernel<scalar_t><<<unsigned(segs * rows), 128, 0, stream>>>(
-          part_acc.const_data_ptr<float>(), part_ml.const_data_ptr<float>(), offsets.const_data_ptr<int64_t>(),
-          out.mutable_data_ptr<scalar_t>(), weights_ptr, T, chunk, H, Q, D, Hkv);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return {out, weights};

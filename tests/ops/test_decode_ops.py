@@ -99,6 +99,83 @@ def test_evict_lowest_matches_reference(device, dtype, ragged, q_len, var_weight
     assert_exact_order(order, got_pos, offsets)
 
 
+def test_append_entries_that_fails_writes_nothing():
+    """The last segment lacks room: the error comes before the segments that had room are written."""
+    q, k, v, pos, offsets, q_pos = segment_case(Q=2, free=3)
+    last = torch.nonzero(pos[int(offsets[-2]):] < 0).flatten()[:2] + int(offsets[-2])
+    pos[last] = 1000 + torch.arange(2)  # the last segment keeps one free slot
+    order = ops.position_order(pos, offsets)
+    before = [t.clone() for t in (k, v, pos, order)]
+    with pytest.raises(RuntimeError, match="append_entries: segment 3 has 1 free slots for 2 tokens"):
+        ops.append_entries(k, v, pos, offsets, torch.ones(2, 2, 2, 16), torch.ones(2, 2, 2, 16), q_pos, order)
+    for got, want in zip((k, v, pos, order), before):
+        assert torch.equal(got, want)
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("by_score", [False, True])
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["nan", "negative-nan"])
+@pytest.mark.parametrize("scores,kernel,pooling,n_evict,freed", [
+    ([NAN, .5, .1], 1, "avg", 1, [0]),                # a NaN score goes first, whatever its sign bit
+    ([.5, .1, NAN], 1, "max", 1, [2]),
+    ([NAN, NAN, NAN], 1, "avg", 2, [0, 1]),           # among NaNs, the earlier positions
+    ([.4, .3, NAN, .2, .9], 3, "avg", 2, [1, 2]),     # pooled with a NaN is NaN: its neighbours rank with it
+    ([.4, .3, NAN, .2, .9], 3, "max", 4, [1, 2, 3, 0]),
+])
+def test_evict_lowest_evicts_nan_scores_first(device, by_score, sign, scores, kernel, pooling, n_evict, freed):
+    """One rule on both backends: a NaN pooled score ranks below every number (decode_score.h)."""
+    n = len(scores)
+    weights = torch.tensor([scores], dtype=torch.float32)
+    weights = torch.where(weights.isnan(), weights * sign, weights)  # the sign bit of NaN is not its rank
+    pos, offsets, q_pos = torch.arange(n), torch.tensor([0, n]), torch.tensor([[n + 10]])
+    weights, pos, offsets, q_pos, over = on(device, weights, pos, offsets, q_pos, torch.tensor([[n_evict]]))
+    order = ops.position_order(pos, offsets)
+    ops.evict_lowest(weights, pos, order, offsets, q_pos, over, 0.0, 0, kernel, pooling, n_evict, by_score)
+    assert [t for t in range(n) if pos[t] < 0] == sorted(freed)
+    if not by_score:
+        assert_exact_order(order, pos, offsets)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("by_score", [False, True])
+@pytest.mark.parametrize("kernel,pooling", [(1, "avg"), (5, "avg"), (7, "max")])
+def test_evict_lowest_nan_weights_free_the_same_entries_on_cpu_and_cuda(by_score, kernel, pooling):
+    q, k, v, pos, offsets, q_pos = segment_case(Q=3, seed=kernel)
+    _, weights = ops.ragged_attention_with_weights(q, k, v, pos, offsets, q_pos, 0.25)
+    holes = torch.rand(weights.shape, generator=torch.Generator().manual_seed(kernel)) < 0.02
+    weights[holes] = NAN
+    weights[:, ::7] *= -1  # NaNs of both signs
+    got = {}
+    for device in ("cpu", "cuda"):
+        p, o, over = on(device, pos.clone(), ops.position_order(pos, offsets), torch.tensor([[4, 2], [6, 1]]))
+        ops.evict_lowest(*on(device, weights), p, o, *on(device, offsets, q_pos), over, 200.0, 2, kernel, pooling, 4,
+                         by_score)
+        got[device] = [t.cpu() for t in (p, o, over)]
+    (pos_cpu, order_cpu, over_cpu), (pos_cuda, order_cuda, over_cuda) = got["cpu"], got["cuda"]
+    assert torch.equal(pos_cpu, pos_cuda) and torch.equal(over_cpu, over_cuda)
+    for s in range(offsets.numel() - 1):  # each segment's order up to its stored entries (the rest is unspecified)
+        lo, hi = int(offsets[s]), int(offsets[s + 1])
+        stored = lo + int((pos_cpu[lo:hi] >= 0).sum())
+        assert torch.equal(order_cpu[lo:stored], order_cuda[lo:stored]), f"segment {s}"
+
+
+def test_evict_lowest_refuses_an_order_outside_its_segment_before_evicting():
+    """The CPU kernel checks the order's slots (the CUDA one asserts them) before it frees anything."""
+    q, k, v, pos, offsets, q_pos = segment_case()
+    _, weights = ops.ragged_attention_with_weights(q, k, v, pos, offsets, q_pos, 0.25)
+    order, over = ops.position_order(pos, offsets), torch.ones(2, 2, dtype=torch.long)
+    order[int(offsets[3])] = int(offsets[4] - offsets[3])  # one past the last segment's slots
+    before = [t.clone() for t in (pos, order, over)]
+    with pytest.raises(RuntimeError, match=rf"evict_lowest: order\[{int(offsets[3])}\] = \d+ is not a slot of "
+                                           "segment 3"):
+        ops.evict_lowest(weights, pos, order, offsets, q_pos, over, 0.0, 4, 5, "avg", 1)
+    for got, want in zip((pos, order, over), before):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_evict_lowest_protects_the_window_and_stops_at_the_candidates(device):
     q, k, v, pos, offsets, q_pos = segment_case(B=1, Hkv=1, ragged=False, length=10, free=0)

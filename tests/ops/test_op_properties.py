@@ -380,9 +380,9 @@ RAGGED_HEAD_DIMS = [1, 3, 8, 16, 32, 64, 100, 128, 256]   # the CUDA kernel take
 
 
 @st.composite
-def ragged_attention_cases(draw, max_work: int = 1 << 23):
+def ragged_attention_cases(draw, max_work: int = 1 << 23, max_q: int = 64):
     B, Hkv, G = draw(st.integers(1, 8)), draw(st.integers(1, 8)), draw(st.integers(1, 8))
-    Q, D = draw(st.integers(1, 64)), draw(st.sampled_from(RAGGED_HEAD_DIMS))
+    Q, D = draw(st.integers(1, max_q)), draw(st.sampled_from(RAGGED_HEAD_DIMS))
     # the reference does B * H * Q * (segment length) * D multiply-adds: bound the longest segment
     longest = max(1, min(MAX_LEN, max_work // (B * Hkv * G * Q * D)))
     window = draw(st.integers(1, 64))
@@ -451,6 +451,32 @@ def test_ragged_attention_large_logits_stay_finite(device, dtype, c, magnitude):
     assert torch.isfinite(got).all()
     bound = v.float().abs().max().item() if v.numel() else 0.0
     assert (got.abs() <= bound * (1 + torch.finfo(dtype).eps)).all()
+
+
+def tiled_case(B, Hkv, count, D, seed):
+    """A long chunk: 8 query heads per kv head, 4096 queries (32768 rows of a kv head), `count` entries per segment."""
+    return dict(B=B, Hkv=Hkv, G=8, Q=4096, D=D, counts=[count] * (B * Hkv), holes=0.1, shuffled=True, tail=True,
+                seed=seed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@examples(6)
+@given(c=ragged_attention_cases(max_work=1 << 24, max_q=4096), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       with_weights=st.booleans())
+@example(c=tiled_case(1, 1, 300, 8, seed=3), dtype=torch.float32, with_weights=True)  # CPU: logits past 32 MiB
+@example(c=tiled_case(8, 8, 4, 8, seed=4), dtype=torch.float32, with_weights=False)   # CUDA: partials past 32 MiB
+def test_ragged_attention_long_chunks_equal_reference(device, c, dtype, with_weights):
+    """Continuation chunks of up to 4096 queries: the kernels go through the query rows in tiles of bounded
+    workspace, and tiles change nothing (the examples cross tile boundaries on each backend)."""
+    q, k, v, pos, offsets, q_pos = ragged_attention_inputs(c, dtype)
+    scale = c["D"] ** -0.5
+    inputs = [t.to(device) for t in (q, k, v, pos, offsets, q_pos)]
+    got, weights = torch.ops.cakekv.ragged_attention(*inputs, scale, 0.0, with_weights)
+    want, want_weights = ragged_attention_ref(q, k, v, pos, offsets, q_pos, scale, weights=with_weights)
+    rtol = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
+    torch.testing.assert_close(got.cpu().float(), want, rtol=rtol, atol=1e-5)
+    if with_weights:
+        torch.testing.assert_close(weights.cpu(), want_weights, rtol=1e-5, atol=1e-6)
 
 
 # ---- evict_lowest (on ragged_attention's weights) ----------------------------------------------------------

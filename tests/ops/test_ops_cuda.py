@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import cakekv._ops  # noqa: F401  (loads the ops library and registers the fake kernels)
+import reference as ref
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -224,3 +225,46 @@ def test_gather_kept_misaligned_and_noncontiguous(dtype):
 def test_gather_kept_opcheck():
     k, v, idx = _gather_inputs(2, 2, 50, 64, 20, torch.bfloat16)
     torch.library.opcheck(ops.gather_kept.default, (k.cuda(), v.cuda(), idx.cuda()))
+
+
+def _long_chunk_inputs(Hkv, G, Q, kept, appended, D, dtype, seed=0):
+    """One row continuing a compressed 8K prompt with a Q-token chunk, on the GPU: per kv head `kept` prompt
+    entries (positions below 8192) and the chunk's first `appended` tokens (positions 8192..), storage shuffled,
+    2% of the slots free; the queries at positions 8192 + i."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    per_seg = [torch.cat([torch.randperm(8192, generator=g, device="cuda")[:kept],
+                          8192 + torch.arange(appended, device="cuda")]) for _ in range(Hkv)]
+    pos = torch.cat([p[torch.randperm(p.numel(), generator=g, device="cuda")] for p in per_seg])
+    pos[torch.rand(pos.shape, generator=g, device="cuda") < 0.02] = -1
+    offsets = torch.arange(Hkv + 1, device="cuda") * (kept + appended)
+    q = torch.randn(1, Hkv * G, Q, D, generator=g, device="cuda").to(dtype)
+    k, v = (torch.randn(pos.numel(), D, generator=g, device="cuda").to(dtype) for _ in range(2))
+    return q, k, v, pos, offsets, 8192 + torch.arange(Q, device="cuda")[None]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_ragged_attention_32k_token_chunk_matches_chunked_reference(dtype):
+    """A 32K-token continuation chunk at 8 query heads per kv head: 262144 query rows per kv head, past the
+    65535 x 4 rows of one grid, whose partial results once took gigabytes. The op goes through the rows in tiles of
+    bounded workspace and matches the reference computed 2048 queries at a time."""
+    q, k, v, pos, offsets, q_pos = _long_chunk_inputs(Hkv=2, G=8, Q=32768, kept=1024, appended=32768, D=64,
+                                                      dtype=dtype)
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    got = torch.ops.cakekv.ragged_attention(q, k, v, pos, offsets, q_pos, 0.125)[0]
+    workspace = torch.cuda.max_memory_allocated() - before - got.nbytes
+    assert workspace <= 64 * 2**20, f"{workspace / 2**20:.0f} MiB of workspace beyond the output"
+    want, _ = ref.ragged_attention(q, k, v, pos, offsets, q_pos, 0.125, weights=False, query_chunk=2048)
+    rtol = 1e-4 if dtype == torch.float32 else torch.finfo(dtype).eps
+    torch.testing.assert_close(got.float(), want, rtol=rtol, atol=1e-4)
+
+
+def test_ragged_attention_with_weights_past_the_grid_limit_matches_chunked_reference():
+    """The weights variant (what decode eviction scores) over 262208 query rows per kv head: a short cache, so
+    that the [rows, T] weights themselves stay small."""
+    q, k, v, pos, offsets, q_pos = _long_chunk_inputs(Hkv=1, G=8, Q=32776, kept=600, appended=0, D=32,
+                                                      dtype=torch.float32, seed=1)
+    got, weights = torch.ops.cakekv.ragged_attention(q, k, v, pos, offsets, q_pos, 0.2, 0.0, True)
+    want, want_weights = ref.ragged_attention(q, k, v, pos, offsets, q_pos, 0.2, query_chunk=4096)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(weights, want_weights, rtol=1e-5, atol=1e-6)
