@@ -230,14 +230,25 @@ class CompressedLayer(CacheLayerMixin):
 
     def attend(self, query: torch.Tensor, scale: float, softcap: float | None = None) -> torch.Tensor:
         """Decode attention [B, q, H, D] of the step's queries over the stored entries. A step that evicts
-        (decided on the host by `prepare_step`) runs the segment kernel for both layouts and keeps its
-        attention weights for `evict_to_caps`, so that the keys are read once; otherwise the storage attends
+        (decided on the host by `prepare_step`) runs the segment kernel for both layouts and keeps the attention
+        weights of its ranking queries (`ranking_queries`) for `evict_to_caps`, so that the keys are read once for
+        a decode step; otherwise the storage attends
         (padded: SDPA with a visibility mask; ragged: the segment kernel). `softcap`: the model's logit
         soft-capping, applied by all."""
         if self.step_evict > 0:
-            out, self.step_weights = self.storage.attend_with_weights(query, self.query_pos, scale, softcap)
-            return out
+            ranked = self.ranking_queries(query.shape[2])
+            if ranked == query.shape[2]:
+                out, self.step_weights = self.storage.attend_with_weights(query, self.query_pos, scale, softcap)
+                return out
+            _, self.step_weights = self.storage.attend_with_weights(query[:, :, -ranked:], self.query_pos[:, -ranked:],
+                                                                    scale, softcap)
         return self.storage.attend(query, self.query_pos, scale, softcap, self.sliding_window)
+
+    def ranking_queries(self, q: int) -> int:
+        """How many of a step's last queries rank its eviction: all of a decode step or a short chunk, the last
+        `window` of a longer chunk (its observation window, as at prefill). Their attention weights are [queries x
+        every entry]: ranking by all of a 40K-token chunk's queries would ask for hundreds of GiB."""
+        return min(q, self.cache.window)
 
     def evict_to_caps(self, method: Method):
         """Decode-time eviction after `attend`: rows above their cap drop their lowest-scoring entries (the
@@ -246,7 +257,8 @@ class CompressedLayer(CacheLayerMixin):
             return
         kernel_size, pooling = method.pooling
         weights, self.step_weights = self.step_weights, None
-        self.storage.evict(weights, self.query_pos, self.over_t, method.decode_variance_weight, self.cache.window,
+        ranked = self.ranking_queries(self.query_pos.shape[1])
+        self.storage.evict(weights, self.query_pos[:, -ranked:], self.over_t, method.decode_variance_weight, self.cache.window,
                            kernel_size, pooling, self.step_evict, method.decode_score_order)
 
     # ---- host side of a step (outside any captured graph) ---------------------------------------

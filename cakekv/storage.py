@@ -51,6 +51,9 @@ def visible_entries(pos: torch.Tensor, query_pos: torch.Tensor, sliding_window: 
     return visible
 
 
+_MASK_ELEMENTS = 1 << 28  # visibility-mask elements one padded attention call holds (256 MiB of bool)
+
+
 def masked_attention(query, keys, values, visible, scale, softcap=None):
     """Attention [B, q, H, D] of the current queries over padded storage with a per-KV-head visibility mask
     [B, Hkv, q, M]; with `softcap`, the logits are soft-capped first (Gemma 2)."""
@@ -182,9 +185,15 @@ class PaddedStorage(Storage):
 
     def attend(self, query, query_pos, scale, softcap=None, sliding_window=None) -> torch.Tensor:
         """Attention [B, q, H, D] of the step's queries: SDPA with the visibility mask (soft-capped logits
-        with `softcap`; within the last `sliding_window` positions of each query on a sliding layer)."""
-        return masked_attention(query, self.keys, self.values, self.visibility(query_pos, sliding_window), scale,
-                                softcap)
+        with `softcap`; within the last `sliding_window` positions of each query on a sliding layer). A long
+        chunk attends in tiles of queries, each with its own mask, so that no mask holds more than
+        `_MASK_ELEMENTS` (a 40K-token chunk's whole mask would take tens of GiB)."""
+        b, h, q, _ = query.shape
+        tile = max(1, _MASK_ELEMENTS // (b * h * self.pos.shape[-1]))
+        tiles = [masked_attention(query[:, :, s:s + tile], self.keys, self.values,
+                                  self.visibility(query_pos[:, s:s + tile], sliding_window), scale, softcap)
+                 for s in range(0, q, tile)]
+        return tiles[0] if len(tiles) == 1 else torch.cat(tiles, 1)
 
 
 class RaggedStorage(Storage):

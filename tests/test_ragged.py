@@ -317,3 +317,65 @@ def test_decode_append_needs_no_host_sync():
         finally:
             torch.cuda.set_sync_debug_mode("default")
         layer.finish_step(1)
+
+
+def evicting_chunk(model, ids, cont, method, **kw):
+    """(logits of `cont` continuing a compressed cache of `ids` in one forward, the cache, per evicting layer the
+    shape of the weights its eviction ranked by)."""
+    ranked = []
+    original = CompressedLayer.evict_to_caps
+
+    def recording(self, method):
+        if self.step_evict > 0:
+            ranked.append(tuple(self.step_weights.shape))
+        return original(self, method)
+
+    CompressedLayer.evict_to_caps = recording
+    try:
+        with cakekv.compress(model, method=method, budget=BUDGET, window=WINDOW, **kw), torch.no_grad():
+            cache = cache_of(model(input_ids=ids, use_cache=True))
+            logits = model(input_ids=cont, use_cache=True, **cache_kwargs(model, cache)).logits
+    finally:
+        CompressedLayer.evict_to_caps = original
+    return logits, cache, ranked
+
+
+@pytest.mark.parametrize("method", ["cake", "adakv"])
+def test_long_evicting_chunk_ranks_by_its_last_window_queries(method):
+    """A chunk longer than the window under decode eviction attends with every query but ranks its eviction by its
+    last `window` queries (weights of G * window rows, not G * chunk: memory bounded whatever the chunk), holds its
+    caps after, and its logits are those without decode eviction (eviction follows the chunk's attention)."""
+    model = tiny_model("llama", kv_heads=2, layers=2)
+    ids, cont = prompt(120, seed=31), prompt(50, seed=32)
+    logits, cache, ranked = evicting_chunk(model, ids, cont, method, decode_evict=True)
+    want, _, _ = evicting_chunk(model, ids, cont, method, decode_evict=False)
+    groups = model.config.num_attention_heads // model.config.num_key_value_heads
+    assert ranked and all(rows == groups * WINDOW for rows, _ in ranked)
+    assert all(c <= cap for layer in cache.layers for cs, caps in zip(layer.head_counts, layer.head_caps)
+               for c, cap in zip(cs, caps))
+    assert all(layer.next_pos.tolist() == [170] for layer in cache.layers)
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_40k_token_evicting_chunk_on_cuda():
+    """The issue's case: a 40,000-token chunk after an 8K prompt under `cake` with decode eviction (32 query / 4 KV
+    heads, head_dim 32, 2 layers, budget 1024) asked ragged_attention for 195.8 GiB of weights; now it runs with the
+    memory of its ranking queries, and its logits equal the same model's with decode eviction off (eviction only
+    follows the chunk's attention)."""
+    model = tiny_model("llama", kv_heads=4, layers=2, num_attention_heads=32, head_dim=32, hidden_size=256,
+                       max_position_embeddings=50000).cuda()
+    ids, cont = prompt(8192, seed=41).cuda(), prompt(40000, seed=42).cuda()
+    results = []
+    for decode_evict in (True, False):
+        torch.cuda.reset_peak_memory_stats()
+        with cakekv.compress(model, method="cake", budget=1024, window=32, decode_evict=decode_evict), \
+                torch.no_grad():
+            cache = cache_of(model(input_ids=ids, use_cache=True))
+            base = torch.cuda.memory_allocated()
+            logits = model(input_ids=cont, use_cache=True, logits_to_keep=64, **cache_kwargs(model, cache)).logits
+        results.append((logits, torch.cuda.max_memory_allocated() - base, cache))
+    (evicting, peak, cache), (growing, _, _) = results
+    assert peak < 8 * 2 ** 30, f"{peak / 2 ** 30:.1f} GiB"
+    assert all(max(c for row in layer.head_counts for c in row) <= 1024 for layer in cache.layers)
+    torch.testing.assert_close(evicting, growing, rtol=1e-4, atol=1e-4)
