@@ -13,6 +13,9 @@ when the pipeline is built hold for every call; one given at a call replaces the
 (`options` as a whole); those given nowhere are `compress`'s defaults. They are checked, with
 `compress`'s errors, when the pipeline is built and at each call, before any work.
 
+The model stays on the device it is on: unlike transformers' pipelines, which move a model to the first
+accelerator when no `device` is given, this one moves it only when `device` is passed (`device="cuda"`).
+
 The context is read and compressed by one prefill (`prefill_context`); each question continues from its
 own copy of the compressed cache (`question_caches`), so questions neither re-read the context nor see
 each other. `cakekv eval --protocol context-only` answers the questions sharing a context the same way.
@@ -68,6 +71,13 @@ class CompressedContextPipeline(Pipeline):
     _load_image_processor = False
     _load_feature_extractor = False
     _load_tokenizer = True
+
+    def __init__(self, model, *args, device=None, **kwargs):
+        # transformers moves a model to the first accelerator when no device is given; keep it where it is
+        # (a model sharded by accelerate has no single device and is never moved)
+        if device is None and getattr(model, "hf_device_map", None) is None:
+            device = model.device
+        super().__init__(model, *args, device=device, **kwargs)
 
     def __call__(self, context: str, questions: str | list[str], **kwargs):
         if not isinstance(context, str):

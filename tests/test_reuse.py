@@ -166,3 +166,17 @@ def test_pipeline_refuses_options_that_are_not_a_dict():
     with pytest.raises(TypeError, match="options: must be a dict"):
         tiny_pipeline(options="gamma=200")
 
+
+def test_pipeline_leaves_the_model_where_it_is_unless_device_is_passed(monkeypatch):
+    """transformers' Pipeline moves the model to the first accelerator when no device is given (to cuda:0 on
+    a GPU machine): simulated here with an accelerator reported available and the model's moves recorded."""
+    import transformers.pipelines.base
+
+    monkeypatch.setattr(transformers.pipelines.base, "is_torch_cuda_available", lambda: True)
+    model, tok = shipped_tiny_llama()
+    moves = []
+    monkeypatch.setattr(model, "to", lambda *args, **kwargs: moves.append(args) or model)
+    qa = cakekv_pipeline(model, tok)
+    assert moves == [] and qa.device == model.device == torch.device("cpu")
+    cakekv_pipeline(model, tok, device="cuda:0")  # the user's choice: moved
+    assert moves == [(torch.device("cuda:0"),)]
