@@ -74,6 +74,17 @@ def check_arguments(method: str, budget: Any, window: Any) -> tuple[type, int, i
     return method_cls, budget, window
 
 
+def checked_method(model, method: str, budget: Any, window: Any, options: dict[str, Any]):
+    """The method instance `compress` would use, every argument and the model checked (`check_arguments`,
+    the options against their declarations, the model supported); touches nothing, so the pipeline can
+    refuse bad settings when it is built rather than at its first call."""
+    method_cls, budget, window = check_arguments(method, budget, window)
+    check_supported(model)
+    instance = method_cls(decoder_config(model), budget, window, **options)  # a composite model's text config
+    check_method(model, instance)
+    return instance
+
+
 def compress(model, method: str = "cake", budget: int = 1024, window: int = 32, **options: Any) -> CompressionHandle:
     """Compress `model`'s KV cache with `method` while the returned handle is active.
 
@@ -81,9 +92,6 @@ def compress(model, method: str = "cake", budget: int = 1024, window: int = 32, 
     prompt tokens, always kept and used as the observation window (both any integer type, numpy
     included). options: the method's keyword options, each checked against its declared type and
     constraints (`cakekv.describe_options(name)`)."""
-    method_cls, budget, window = check_arguments(method, budget, window)
-    check_supported(model)
+    instance = checked_method(model, method, budget, window, options)
     warn_if_untested_transformers()
-    instance = method_cls(decoder_config(model), budget, window, **options)  # a composite model's text config
-    check_method(model, instance)
-    return CompressionHandle(model, instance, budget, window)
+    return CompressionHandle(model, instance, instance.budget, instance.window)

@@ -390,7 +390,8 @@ def check_supported(model) -> None:
     if model.config.model_type not in TESTED_MODEL_TYPES:
         warnings.warn(f"cakekv: model type {model.config.model_type!r} is not among the tested families "
                       f"{list(TESTED_MODEL_TYPES)}; its attention layers look standard and are checked at the "
-                      "first prefill, results may still differ", UserWarning, stacklevel=3)
+                      "first prefill, results may still differ", UserWarning,
+                      stacklevel=4)  # the caller of compress (through checked_method)
 
 
 def _softcaps(model) -> list:

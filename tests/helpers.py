@@ -8,6 +8,7 @@ import contextlib
 import math
 import sys
 
+import pytest
 import torch
 from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
                           Gemma3ForConditionalGeneration, Gemma3TextConfig, LlamaConfig,
@@ -284,6 +285,13 @@ def tiny_lm(vocab: int = 259, seed: int = 0):
                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=4096,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="sdpa")
     return LlamaForCausalLM(config).eval()
+
+
+def needs_eval_extra(*modules: str) -> None:
+    """Skip the calling test, naming the package, where a package of the optional `eval` extra is not installed
+    (CI installs the extra, so there it runs)."""
+    for module in modules:
+        pytest.importorskip(module, reason=f"needs {module}, of the eval extra: pip install 'cakekv[eval]'")
 
 
 def eval_args(parser_fn, argv) -> argparse.Namespace:

@@ -56,26 +56,65 @@ def test_clone_refused_mid_prefill():
             cache.clone()
 
 
-def test_pipeline_answers_each_question_from_the_context_compressed_once():
-    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+CONTEXT = ("The secret code of Ada Berg is 48213. The harbour of Lisbon opens at dawn. " * 12
+           + "The secret code of Tom Lane is 99120. ")  # about 450 tokens: compressed at budget 64
 
-    import cakekv.pipeline  # noqa: F401  (registers the task)
+
+def shipped_tiny_llama():
+    """The shipped tiny Llama (loaded afresh: tests may spy on it) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from cakekv.eval.common import tiny_model_path
 
     path = tiny_model_path()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(path)
-    context = ("The secret code of Ada Berg is 48213. The harbour of Lisbon opens at dawn. " * 12
-               + "The secret code of Tom Lane is 99120. ")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def cakekv_pipeline(model, tok, **settings):
+    from transformers import pipeline
+
+    import cakekv.pipeline  # noqa: F401  (registers the task)
+
+    return pipeline("cakekv-text-generation", model=model, tokenizer=tok, **settings)
+
+
+def tiny_pipeline(**settings):
+    """The cakekv pipeline built with `settings` on the shipped tiny Llama, with the model and tokenizer."""
+    model, tok = shipped_tiny_llama()
+    return cakekv_pipeline(model, tok, **settings), model, tok
+
+
+def recorded_compressions(monkeypatch) -> list:
+    """The handles of the pipeline's `compress` calls, in order, once its calls are made."""
+    import cakekv.pipeline
+
+    handles = []
+
+    def recording(model, **kwargs):
+        handles.append(cakekv.compress(model, **kwargs))
+        return handles[-1]
+
+    monkeypatch.setattr(cakekv.pipeline, "compress", recording)
+    return handles
+
+
+def evicted(handle) -> bool:
+    """Whether every layer of the handle's last cache holds fewer entries than the tokens it has seen."""
+    return bool(handle.stats) and all(s["kept"][0] < s["tokens"][0] for s in handle.stats)
+
+
+def test_pipeline_answers_each_question_from_the_context_compressed_once(monkeypatch):
+    handles = recorded_compressions(monkeypatch)
+    qa, model, tok = tiny_pipeline(method="cake", budget=64, window=8)
     questions = ["What is the secret code of Ada Berg?", "What is the secret code of Tom Lane?"]
-    qa = pipeline("cakekv-text-generation", model=model, tokenizer=tok, method="cake", budget=64, window=8)
-    got = qa(context=context, questions=questions, max_new_tokens=6, do_sample=False)
+    got = qa(context=CONTEXT, questions=questions, max_new_tokens=6, do_sample=False)
     assert [g["question"] for g in got] == questions
+    assert len(handles) == 1 and evicted(handles[0])  # the context was compressed, once
     for question, result in zip(questions, got):
-        ids = torch.cat([tok(context, return_tensors="pt")["input_ids"],
-                         tok(question, return_tensors="pt", add_special_tokens=False)["input_ids"]], 1)
+        context_ids = tok(CONTEXT, return_tensors="pt")["input_ids"].to(model.device)
+        question_ids = tok(question, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
+        ids = torch.cat([context_ids, question_ids], 1)
         with torch.no_grad(), cakekv.compress(model, method="cake", budget=64, window=8):
-            context_ids = ids[:, :-len(tok(question, add_special_tokens=False)["input_ids"])]
             fresh = cache_of(model(input_ids=context_ids, use_cache=True))  # the context compressed again
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
                                  do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id,
@@ -83,4 +122,72 @@ def test_pipeline_answers_each_question_from_the_context_compressed_once():
         assert result["answer"] == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     assert not any(name.startswith("cakekv_") for name in [model.config._attn_implementation])  # unpatched
     with pytest.raises(TypeError, match="questions"):
-        qa(context=context, questions=[])
+        qa(context=CONTEXT, questions=[])
+
+
+def settings_of(handle) -> tuple:
+    return handle.method.name, handle.budget, handle.window, handle.method.options.kernel_size
+
+
+def test_pipeline_compresses_with_its_settings_unless_a_call_gives_others(monkeypatch):
+    handles = recorded_compressions(monkeypatch)
+    qa, _, _ = tiny_pipeline(method="snapkv", budget=64, window=8, options={"kernel_size": 3})
+    ask = dict(context=CONTEXT, questions="What is the secret code of Tom Lane?", max_new_tokens=1)
+    qa(**ask)
+    qa(**ask, budget=48)              # this call only
+    qa(**ask, options={})             # options replaced as a whole: snapkv's default kernel
+    qa(**ask, method="cake", window=4)
+    qa(**ask)
+    assert [settings_of(h) for h in handles] == [("snapkv", 64, 8, 3), ("snapkv", 48, 8, 3), ("snapkv", 64, 8, 7),
+                                                 ("cake", 64, 4, 3), ("snapkv", 64, 8, 3)]
+    assert all(evicted(h) for h in handles)
+
+
+BAD_SETTINGS = [dict(budget=0), dict(window=0), dict(budget=8, window=8), dict(budget=64.0),
+                dict(method="nosuch"), dict(options={"gamma": "high"}), dict(options={"tau3": 1.0}),
+                dict(method="snapkv", options={"gamma": 200.0})]
+
+
+@pytest.mark.parametrize("bad", BAD_SETTINGS, ids=lambda bad: "-".join(f"{k}={v}" for k, v in bad.items()))
+def test_pipeline_refuses_bad_settings_as_compress_does_when_built_and_called(monkeypatch, bad):
+    handles = recorded_compressions(monkeypatch)
+    qa, model, _ = tiny_pipeline()
+    with pytest.raises((TypeError, ValueError)) as want:
+        cakekv.compress(model, **{k: v for k, v in bad.items() if k != "options"}, **bad.get("options", {}))
+    with pytest.raises(want.type) as built:
+        tiny_pipeline(**bad)
+    with pytest.raises(want.type) as called:
+        qa(context=CONTEXT, questions="Who?", max_new_tokens=1, **bad)
+    assert str(built.value) == str(called.value) == str(want.value)
+    assert not handles  # refused before any compression
+
+
+def test_pipeline_refuses_options_that_are_not_a_dict():
+    with pytest.raises(TypeError, match="options: must be a dict"):
+        tiny_pipeline(options="gamma=200")
+
+
+def test_pipeline_leaves_the_model_where_it_is_unless_device_is_passed(monkeypatch):
+    """transformers' Pipeline moves the model to the first accelerator when no device is given (to cuda:0 on
+    a GPU machine): simulated here with an accelerator reported available and the model's moves recorded."""
+    import transformers.pipelines.base
+
+    monkeypatch.setattr(transformers.pipelines.base, "is_torch_cuda_available", lambda: True)
+    model, tok = shipped_tiny_llama()
+    moves = []
+    monkeypatch.setattr(model, "to", lambda *args, **kwargs: moves.append(args) or model)
+    qa = cakekv_pipeline(model, tok)
+    assert moves == [] and qa.device == model.device == torch.device("cpu")
+    cakekv_pipeline(model, tok, device="cuda:0")  # the user's choice: moved
+    assert moves == [(torch.device("cuda:0"),)]
+
+
+def test_pipeline_defaults_to_the_query_agnostic_method(monkeypatch):
+    """No method named: the pipeline compresses its context, before any question, with the query-agnostic method,
+    given the tokenizer's repeat instruction."""
+    from cakekv.defaults import QUERY_AGNOSTIC_METHOD
+    handles = recorded_compressions(monkeypatch)
+    qa, _, _ = tiny_pipeline(budget=64, window=8)
+    qa(context=CONTEXT, questions="What is the secret code of Tom Lane?", max_new_tokens=1)
+    assert QUERY_AGNOSTIC_METHOD == "kvzip" and [h.method.name for h in handles] == ["kvzip"]
+    assert handles[0].method.options.repeat_ids and all(evicted(h) for h in handles)

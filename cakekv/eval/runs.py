@@ -7,11 +7,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Sequence
 
+from ..defaults import QUERY_AGNOSTIC_METHOD
 from .prompts import Encoded, Prompt, encode_prompt, group_indices
 
 # Methods an evaluation compares when none is named, by protocol: a context compressed before its question is
-# asked needs a method whose scores do not come from the question (QUERY_AGNOSTIC_METHOD).
-QUERY_AGNOSTIC_METHOD = "kvzip"
+# asked needs a method whose scores do not come from the question.
 DEFAULT_METHODS = {"question-aware": ("full", "cake", "snapkv"),
                    "context-only": ("full", QUERY_AGNOSTIC_METHOD, "cake")}
 FULL = "full"

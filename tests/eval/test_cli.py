@@ -12,7 +12,7 @@ import torch
 import cakekv
 from cakekv import cli
 from cakekv.eval import models
-from helpers import byte_tokenizer, tiny_lm
+from helpers import byte_tokenizer, needs_eval_extra, tiny_lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
@@ -113,6 +113,7 @@ def test_generate_help_describes_every_flag(capsys):
 
 
 def test_eval_batch_size(tmp_path, model_dir):
+    needs_eval_extra("matplotlib")
     out = tmp_path / "synthetic"
     argv = ["eval", "synthetic", "--model", model_dir, "--tasks", "niah_single", "--lengths", "120", "--samples", "3",
             "--methods", "full", "--window", "8", "--max-new-tokens", "2", "--batch-size", "2", "--device", "cpu",
@@ -154,6 +155,7 @@ def test_experiment_scripts(monkeypatch, capsys):
 def test_merge_renames_runs_and_confidence_counts_trials(tmp_path, monkeypatch, capsys):
     """merge_results DIR=NAME renames a folder's runs (ablations of one method side by side); confidence.py
     gives each run its found / trials with a Wilson interval."""
+    needs_eval_extra("matplotlib")
     def folder(name, found):
         d = tmp_path / name
         d.mkdir()

@@ -14,7 +14,7 @@ import cakekv.pipeline
 from cakekv.eval import generation, haystack, longbench, models, prompts, report, synthetic
 from cakekv.eval.args import setup_from_args
 from cakekv.eval.runs import evaluate_items, item_batches
-from helpers import byte_tokenizer, eval_args, tiny_lm
+from helpers import byte_tokenizer, eval_args, needs_eval_extra, tiny_lm
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -92,6 +92,7 @@ def test_shared_prefill_answers_like_one_prompt_at_a_time(shipped, prefills, met
 def test_evaluate_items_groups_the_prompts_of_a_context(monkeypatch):
     """Context-only items go to ``generate_batch`` one context (and answer length) at a time, whatever
     --batch-size, and come back in the items' order."""
+    needs_eval_extra("matplotlib")  # setup_from_args checks that the report can plot
     tok = byte_tokenizer()
     texts = [("a" * 60, "?1"), ("b" * 40, "?2"), ("a" * 60, "?3"), ("a" * 60, "?4"), ("b" * 40, "?5")]
     items = [(prompts.encode_prompt(tok, prompts.Prompt(c, q), "context-only"), 5 if i == 3 else 3, i)
@@ -122,6 +123,7 @@ def test_longbench_shares_prefills_and_writes_in_data_order(tmp_path, shipped, p
     """LongBench examples with the same context (not consecutive in the file) share a prefill; the
     predictions file keeps the data's order and equals the per-question answers; the report counts
     the prefills against the examples."""
+    needs_eval_extra("matplotlib")
     model, tok = shipped
     data_dir = tmp_path / "data"
     os.makedirs(data_dir)

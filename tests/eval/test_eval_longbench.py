@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cakekv.eval import generation, longbench, metrics, prompts
-from helpers import CHAT_TEMPLATE, byte_tokenizer, eval_args, tiny_lm
+from helpers import CHAT_TEMPLATE, byte_tokenizer, eval_args, needs_eval_extra, tiny_lm
 
 
 # ------------------------------------------------------------------------------------------------
@@ -47,6 +47,7 @@ def test_qa_f1_zh():
 
 
 def test_rouge_l():
+    needs_eval_extra("rouge")
     # one sentence each: LCS "the cat on the mat" -> word set {the, cat, on, mat} = 4;
     # distinct words m = n = 5 -> R = P = 0.8
     assert metrics.rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(0.8)
@@ -62,6 +63,7 @@ def test_rouge_l():
 
 
 def test_rouge_zh():
+    needs_eval_extra("rouge")
     # chars: hyp [今 天 天 气 很 好], ref [今 天 天 气 不 错]; LCS set {今, 天, 气} = 3; m = n = 5 -> 0.6
     assert metrics.rouge_zh_score("今天天气很好", "今天天气不错", zh_tokenizer="char") == pytest.approx(0.6)
 
@@ -96,7 +98,6 @@ def test_retrieval_and_count():
 def test_fuzz_ratio_and_code_sim():
     # kitten / sitting: difflib blocks "itt" + "n" = 4 matches; LCS = 4 -> 2 * 4 / 13 = 0.615 -> 62
     assert metrics.fuzz_ratio("kitten", "sitting") == 62
-    assert metrics.fuzz_ratio("kitten", "sitting", backend="indel") == 62
     # "x = foo(1)" vs "x = foo(2)": 9 of 10 characters match -> 90
     assert metrics.fuzz_ratio("x = foo(1)", "x = foo(2)") == 90
     assert metrics.fuzz_ratio("", "") == 100  # equality is checked before emptiness
@@ -112,13 +113,22 @@ def test_fuzz_ratio_and_code_sim():
     assert metrics.code_sim_score("# only", "x") == 0.0
 
 
+def test_fuzz_ratio_indel():
+    needs_eval_extra("rapidfuzz")
+    assert metrics.fuzz_ratio("kitten", "sitting", backend="indel") == 62
+
+
 FIXTURES = os.path.join(os.path.dirname(__file__), "data")
+# What scoring each fixture needs: difflib's scores every dataset (ROUGE-L summaries, jieba-segmented Chinese),
+# indel's only the code datasets (rapidfuzz's ratio).
+FIXTURE_PACKAGES = {"difflib": ("rouge", "jieba"), "indel": ("rapidfuzz",)}
 
 
 @pytest.mark.parametrize("backend", metrics.FUZZ_BACKENDS)
 def test_scores_equal_longbench_official(backend):
     """Every example and dataset score equals what LongBench's eval.py / metrics.py computed (with
     fuzzywuzzy on difflib, LongBench's environment, or on python-Levenshtein for "indel")."""
+    needs_eval_extra(*FIXTURE_PACKAGES[backend])
     with open(os.path.join(FIXTURES, f"longbench_official_{backend}.json"), encoding="utf-8") as f:
         official = json.load(f)
     assert official["fuzz_backend"] == backend
@@ -272,6 +282,7 @@ def write_fixture(data_dir) -> dict[str, list[dict]]:
 
 @pytest.mark.parametrize("protocol, batch_size", [("question-aware", 1), ("question-aware", 2), ("context-only", 2)])
 def test_pipeline_end_to_end(tmp_path, protocol, batch_size):
+    needs_eval_extra("matplotlib")
     data = write_fixture(tmp_path / "data")
     out = tmp_path / "out"
     args = eval_args(longbench.add_arguments, [
@@ -314,6 +325,7 @@ def test_pipeline_end_to_end(tmp_path, protocol, batch_size):
 def test_pipeline_scores_known_predictions(tmp_path, monkeypatch):
     """With generation replaced by known answers, the written table equals hand-computed scores, and
     each dataset is generated with its official max_new_tokens (samsum rules included)."""
+    needs_eval_extra("rouge", "matplotlib")
     write_fixture(tmp_path / "data")
     with open(tmp_path / "data" / "samsum.jsonl", "w", encoding="utf-8") as f:
         f.write(json.dumps({"input": "Dialogue: A: hi\nSummary: ", "context": "Dialogue: B: yo\nSummary: B greets.",
@@ -366,6 +378,7 @@ def test_pipeline_scores_known_predictions(tmp_path, monkeypatch):
 
 
 def test_resume_keeps_existing_predictions(tmp_path, monkeypatch):
+    needs_eval_extra("matplotlib")
     write_fixture(tmp_path / "data")
     batches = []
 

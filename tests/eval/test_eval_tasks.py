@@ -2,6 +2,7 @@
 results written; the shared runner (protocols, runs, PNG writer)."""
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import re
@@ -15,7 +16,7 @@ import torch
 from cakekv.eval import generation, haystack, models, needle, prompts, report, synthetic
 from cakekv.eval.args import parse_int_list, parse_options, setup_from_args, split_list
 from cakekv.eval.runs import Run, evaluate_items, expand_runs
-from helpers import byte_tokenizer, eval_args, tiny_lm
+from helpers import byte_tokenizer, eval_args, needs_eval_extra, tiny_lm
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +206,7 @@ def test_batch_equals_one_at_a_time(shipped, method, budget):
 def test_evaluate_items_batches_in_item_order(tok, monkeypatch):
     """Batches of at most --batch-size prompts of one max_new_tokens, sorted by length; the records
     come back in the items' order, equal to one-at-a-time records."""
+    needs_eval_extra("matplotlib")  # setup_from_args checks that the report can plot
     items = [(prompts.encode_prompt(tok, prompts.Prompt("a" * n, "?"), "question-aware"), max_new, i)
              for i, (n, max_new) in enumerate([(50, 3), (20, 3), (80, 3), (35, 3), (60, 5)])]
     batches = []
@@ -241,11 +243,15 @@ def _png_size(path):
     return struct.unpack(">II", data[16:24]), data
 
 
-def test_needle_end_to_end(tmp_path, monkeypatch):
-    out = tmp_path / "needle"
-    args = eval_args(needle.add_arguments, [
+def needle_args(out) -> argparse.Namespace:
+    return eval_args(needle.add_arguments, [
         "--lengths", "400,500", "--depths", "0", "100", "--methods", "full,cake", "--budgets", "40",
         "--window", "8", "--max-new-tokens", "3", "--style", "ruler", "--out", str(out), "--no-progress"])
+
+
+def test_needle_end_to_end(tmp_path):
+    needs_eval_extra("matplotlib")
+    args = needle_args(tmp_path / "needle")
     paths = needle.run(args, model=tiny_lm(), tokenizer=byte_tokenizer())
     (w, h), _ = _png_size(paths["png"])
     assert w > 20 and h > 20
@@ -274,13 +280,16 @@ def test_needle_end_to_end(tmp_path, monkeypatch):
     from matplotlib.image import imread
     pixels = {tuple(round(255 * c) for c in px[:3]) for row in imread(paths["png"]) for px in row}
     assert {(0xF0, 0x49, 0x6E), (0x0C, 0xD7, 0x9F)} <= pixels  # missed (red) and found (green) cells
-    # without matplotlib an evaluation stops before loading the model, naming the package
-    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+
+
+def test_missing_matplotlib_stops_an_evaluation_before_the_model_naming_the_package(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if not installed
     with pytest.raises(ImportError, match=r"plot with matplotlib.*pip install matplotlib"):
-        setup_from_args(args)
+        setup_from_args(needle_args(tmp_path / "needle"))
 
 
 def test_synthetic_end_to_end(tmp_path):
+    needs_eval_extra("matplotlib")
     out = tmp_path / "synthetic"
     args = eval_args(synthetic.add_arguments, [
         "--tasks", "niah_multivalue,common_words", "--lengths", "300", "--samples", "1", "--methods", "full",
