@@ -7,6 +7,7 @@ import torch
 
 import cakekv
 from cakekv import cache_kwargs, cache_of
+from cakekv.defaults import QUERY_AGNOSTIC_METHOD
 from helpers import BUDGET, WINDOW, prompt, tiny_model
 
 
@@ -152,8 +153,9 @@ BAD_SETTINGS = [dict(budget=0), dict(window=0), dict(budget=8, window=8), dict(b
 def test_pipeline_refuses_bad_settings_as_compress_does_when_built_and_called(monkeypatch, bad):
     handles = recorded_compressions(monkeypatch)
     qa, model, _ = tiny_pipeline()
-    with pytest.raises((TypeError, ValueError)) as want:
-        cakekv.compress(model, **{k: v for k, v in bad.items() if k != "options"}, **bad.get("options", {}))
+    settings = {"method": QUERY_AGNOSTIC_METHOD, **{k: v for k, v in bad.items() if k != "options"}}
+    with pytest.raises((TypeError, ValueError)) as want:  # the pipeline's method when none is named
+        cakekv.compress(model, **settings, **bad.get("options", {}))
     with pytest.raises(want.type) as built:
         tiny_pipeline(**bad)
     with pytest.raises(want.type) as called:
@@ -185,7 +187,6 @@ def test_pipeline_leaves_the_model_where_it_is_unless_device_is_passed(monkeypat
 def test_pipeline_defaults_to_the_query_agnostic_method(monkeypatch):
     """No method named: the pipeline compresses its context, before any question, with the query-agnostic method,
     given the tokenizer's repeat instruction."""
-    from cakekv.defaults import QUERY_AGNOSTIC_METHOD
     handles = recorded_compressions(monkeypatch)
     qa, _, _ = tiny_pipeline(budget=64, window=8)
     qa(context=CONTEXT, questions="What is the secret code of Tom Lane?", max_new_tokens=1)
