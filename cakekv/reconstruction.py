@@ -6,9 +6,9 @@ over the stored prompt and over itself (`Reread.attend`), as a continuation woul
 never stored (the cache hands them back without keeping them), so the cache and its positions are the prompt's
 afterwards. In each global layer, every query of the chunk also scores the stored entries: its softmax over the
 first `sinks` positions, the chunk's span of the prompt and the chunk itself, and each entry of the span keeps the
-largest probability it gets (over the chunk's queries and its KV head's query heads, `attention_max`). Memory is
-one chunk's: the model's attention reads the prompt with a [B, 1, q, n + q] visibility mask, the scores a
-[B, H, 256, s + 2q] block of probabilities at a time; no n x n matrix.
+largest probability it gets (over the chunk's queries and its KV head's query heads, the `attention_max` op).
+Memory is one chunk's: the model's attention reads the prompt with a [B, 1, q, n + q] visibility mask, the
+scores stream in the op; no n x n matrix.
 """
 from __future__ import annotations
 
@@ -17,11 +17,10 @@ from typing import Iterator
 
 import torch
 
-from .methods.base import soft_capped
+from ._ops import attention_max
 from .storage import masked_attention, visible_entries
 
 SINK_SCORE = 2.0  # above any attention probability: the sinks are kept first
-_QUERY_BLOCK = 256  # queries whose probabilities `attention_max` holds at once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,30 +36,6 @@ class RepeatTask:
     resume: tuple[int, ...] = ()
     answer: tuple[int, ...] = ()
     overlap: int = 8
-
-
-def attention_max(query: torch.Tensor, keys: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor,
-                  scale: float, softcap: float | None = None) -> torch.Tensor:
-    """[B, Hkv, M] fp32: for each key, the largest softmax probability it gets from any real query (position >= 0)
-    of its KV head's query heads, each query's softmax over the keys it sees (0 <= key_pos <= query_pos).
-
-    query [B, H, q, D], keys [B, Hkv, M, D], query_pos [B, q], key_pos [B, Hkv, M]; logits soft-capped with
-    `softcap` as the model's."""
-    b, h, q, d = query.shape
-    hkv, m = keys.shape[1], keys.shape[2]
-    keys = keys.float()[:, :, None]
-    best = torch.zeros(b, hkv, m, dtype=torch.float32, device=query.device)
-    for start in range(0, q, _QUERY_BLOCK):
-        block = query[:, :, start:start + _QUERY_BLOCK].float().view(b, hkv, h // hkv, -1, d)
-        logits = torch.matmul(block * scale, keys.transpose(-1, -2))
-        if softcap:
-            logits = soft_capped(logits, softcap)
-        seen = visible_entries(key_pos, query_pos[:, start:start + _QUERY_BLOCK])[:, :, None]
-        logits.masked_fill_(~seen, float("-inf"))
-        norm = logits.logsumexp(-1, keepdim=True)
-        norm.masked_fill_(norm.isinf(), float("inf"))  # a query that sees nothing gives nothing
-        best = torch.maximum(best, logits.sub_(norm).exp_().amax((2, 3)))  # in place: one block's logits at a time
-    return best
 
 
 class Reread:

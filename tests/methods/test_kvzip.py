@@ -9,7 +9,8 @@ import torch
 
 import cakekv
 from cakekv import cache_kwargs, cache_of
-from cakekv.reconstruction import attention_max, repeat_prompt, with_repeat_prompt
+from cakekv._ops import attention_max
+from cakekv.reconstruction import repeat_prompt, with_repeat_prompt
 import reference_methods as R
 from helpers import (BUDGET, WINDOW, byte_tokenizer, kept_prefix, left_padded, masked_full_cache_logits, prefill,
                      prompt, tiny_model)
