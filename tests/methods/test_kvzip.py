@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import cakekv
+from cakekv import reconstruction
 from cakekv import cache_kwargs, cache_of
 from cakekv._ops import attention_max
 from cakekv.reconstruction import repeat_prompt, with_repeat_prompt
@@ -96,6 +97,24 @@ def test_left_padded_batch_equals_each_row_alone(model):
             assert torch.equal(batch[r, ids.shape[1]:], alone[0, p.shape[1]:]), f"row {r}"
             assert [b[r] for b in batch_budgets] == [s["budget_per_head"][0] for s in handle.stats], f"row {r}"
     assert batch_budgets[0][0] is None
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_query_tiles_give_the_untiled_attention(family, monkeypatch):
+    """The masked re-read (a padded batch; Gemma 2: sliding windows and soft-capping) in tiles of 2 queries keeps
+    what it keeps in one tile, and the compressed caches continue alike."""
+    model = tiny_model(family, kv_heads=2)
+    ids, mask = left_padded([prompt(n, seed=50 + n) for n in (90, 130)])
+
+    def compressed():
+        with cakekv.compress(model, "kvzip", budget=BUDGET, window=WINDOW, **OPTIONS), torch.no_grad():
+            cache = cache_of(model(input_ids=ids, attention_mask=mask, use_cache=True))
+            return [layer.storage.padded_pos() for layer in cache.layers]
+
+    whole = compressed()
+    monkeypatch.setattr(reconstruction, "_QUERY_TILE_ELEMENTS", 2 * model.config.num_attention_heads * 2 * ids.shape[1])
+    for got, want in zip(compressed(), whole):
+        assert torch.equal(got.sort(-1).values, want.sort(-1).values)
 
 
 def test_clones_answer_alike_and_the_context_is_compressed_once(model):
