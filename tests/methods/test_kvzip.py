@@ -11,6 +11,7 @@ import cakekv
 from cakekv import reconstruction
 from cakekv import cache_kwargs, cache_of
 from cakekv._ops import attention_max
+from cakekv.methods.layer_defensivekv import global_counts
 from cakekv.reconstruction import repeat_prompt, with_repeat_prompt
 import reference_methods as R
 from helpers import (BUDGET, WINDOW, byte_tokenizer, kept_prefix, left_padded, masked_full_cache_logits, prefill,
@@ -44,6 +45,22 @@ def test_global_ranking_moves_budget_between_layers_and_heads(model):
     counts = [c for layer in cache_of(out).layers for c in layer.head_prefix[0]]
     assert sum(counts) == (BUDGET - WINDOW) * len(cache_of(out).layers) * model.config.num_key_value_heads
     assert len(set(counts)) > 1
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_global_counts_equal_a_stable_sort_with_ties(seed):
+    """The ranking's threshold search keeps what one stable sort keeps: ties broken by layer, head, slot."""
+    gen = torch.Generator().manual_seed(seed)
+    b, hkv, levels = 1 + seed % 3, 1 + seed % 4, 1 + seed % 5
+    indicators = []
+    for n in torch.randint(1, 12, (1 + seed % 4,), generator=gen).tolist():
+        x = torch.randint(0, levels, (b, hkv, n), generator=gen) / levels
+        x[torch.rand(b, hkv, n, generator=gen) < 0.3] = float("-inf")
+        x[torch.rand(b, hkv, n, generator=gen) < 0.1] = 2.0
+        indicators.append(x)
+    size = sum(x[0].numel() for x in indicators)
+    for total in (0, 1, size // 3, size // 2, size - 1, size, size + 2):
+        assert torch.equal(global_counts(indicators, total), R.global_counts(indicators, total)), total
 
 
 def test_attention_max_is_the_largest_probability_a_key_gets():
