@@ -50,6 +50,11 @@ def _window_stats_fake(q, k, q_pos, k_pos, scale, softcap=0.0):
     return tuple(q.new_empty(shape, dtype=torch.float32) for _ in range(3))
 
 
+@torch.library.register_fake("cakekv::attention_max")
+def _attention_max_fake(q, k, q_pos, k_pos, scale, softcap=0.0):
+    return q.new_empty(k.shape[:3], dtype=torch.float32)
+
+
 @torch.library.register_fake("cakekv::allocate_budgets")
 def _allocate_budgets_fake(scores, caps, total):
     return caps.new_empty(caps.shape)
@@ -89,6 +94,14 @@ def window_stats(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: t
     """Per-key (mean, unbiased variance, entropy) of the window queries' attention, each [B, H, N] fp32; with
     ``softcap``, of the soft-capped logits (Gemma 2)."""
     return _ops.window_stats(q, k, q_pos, k_pos, float(scale), float(softcap or 0.0))
+
+
+def attention_max(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float,
+                  softcap: float | None = None) -> torch.Tensor:
+    """[B, Hkv, N] fp32: each key's largest softmax probability over the real queries (q_pos >= 0) of its KV
+    head's query heads, each query's softmax over the keys it sees (0 <= k_pos <= q_pos); with ``softcap``, of
+    the soft-capped logits. KVzip's scores, streamed: no [Q, N] block."""
+    return _ops.attention_max(q, k, q_pos, k_pos, float(scale), float(softcap or 0.0))
 
 
 def allocate_budgets(scores: torch.Tensor, caps: torch.Tensor, total: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,10 @@ over the stored prompt and over itself (`Reread.attend`), as a continuation woul
 never stored (the cache hands them back without keeping them), so the cache and its positions are the prompt's
 afterwards. In each global layer, every query of the chunk also scores the stored entries: its softmax over the
 first `sinks` positions, the chunk's span of the prompt and the chunk itself, and each entry of the span keeps the
-largest probability it gets (over the chunk's queries and its KV head's query heads, `attention_max`). Memory is
-one chunk's: the model's attention reads the prompt with a [B, 1, q, n + q] visibility mask, the scores a
-[B, H, 256, s + 2q] block of probabilities at a time; no n x n matrix.
+largest probability it gets (over the chunk's queries and its KV head's query heads, the `attention_max` op).
+Memory is one chunk's, never an n x n or q x n matrix of all heads: an unpadded chunk of a global layer attends
+with SDPA's lower-right causal bias (no mask: flash attention on the GPU); a padded batch, a sliding window or
+soft-capping take masks of a few query rows at a time (`_QUERY_TILE_ELEMENTS`); the scores stream in the op.
 """
 from __future__ import annotations
 
@@ -17,11 +18,15 @@ from typing import Iterator
 
 import torch
 
-from .methods.base import soft_capped
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+from ._ops import attention_max
 from .storage import masked_attention, visible_entries
 
 SINK_SCORE = 2.0  # above any attention probability: the sinks are kept first
-_QUERY_BLOCK = 256  # queries whose probabilities `attention_max` holds at once
+# elements of one query tile's visibility mask (and soft-capped logits) in a masked re-read: 64M, 256 MiB in fp32
+_QUERY_TILE_ELEMENTS = 1 << 26
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,30 +42,6 @@ class RepeatTask:
     resume: tuple[int, ...] = ()
     answer: tuple[int, ...] = ()
     overlap: int = 8
-
-
-def attention_max(query: torch.Tensor, keys: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor,
-                  scale: float, softcap: float | None = None) -> torch.Tensor:
-    """[B, Hkv, M] fp32: for each key, the largest softmax probability it gets from any real query (position >= 0)
-    of its KV head's query heads, each query's softmax over the keys it sees (0 <= key_pos <= query_pos).
-
-    query [B, H, q, D], keys [B, Hkv, M, D], query_pos [B, q], key_pos [B, Hkv, M]; logits soft-capped with
-    `softcap` as the model's."""
-    b, h, q, d = query.shape
-    hkv, m = keys.shape[1], keys.shape[2]
-    keys = keys.float()[:, :, None]
-    best = torch.zeros(b, hkv, m, dtype=torch.float32, device=query.device)
-    for start in range(0, q, _QUERY_BLOCK):
-        block = query[:, :, start:start + _QUERY_BLOCK].float().view(b, hkv, h // hkv, -1, d)
-        logits = torch.matmul(block * scale, keys.transpose(-1, -2))
-        if softcap:
-            logits = soft_capped(logits, softcap)
-        seen = visible_entries(key_pos, query_pos[:, start:start + _QUERY_BLOCK])[:, :, None]
-        logits.masked_fill_(~seen, float("-inf"))
-        norm = logits.logsumexp(-1, keepdim=True)
-        norm.masked_fill_(norm.isinf(), float("inf"))  # a query that sees nothing gives nothing
-        best = torch.maximum(best, logits.sub_(norm).exp_().amax((2, 3)))  # in place: one block's logits at a time
-    return best
 
 
 class Reread:
@@ -82,6 +63,8 @@ class Reread:
         self.span_start = 0
         self.span_end: torch.Tensor | None = None  # [B] end of each row's span (start: no span)
         self.query_pos: torch.Tensor | None = None  # [B, q] the chunk's positions, -1 on padding
+        self.width = width
+        self.unpadded = False  # no padding in the prompt nor in the chunk: the attention needs no mask
 
     def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(input_ids, position_ids) [B, q] of each chunk's forward, left-padded; each chunk's tokens take the
@@ -104,6 +87,7 @@ class Reread:
                 ids[b, q - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
                 query_pos[b, q - len(tokens):] = n + torch.arange(len(tokens))
             self.span_start, self.span_end = start, torch.tensor(ends, device=device)
+            self.unpadded = all(len(tokens) == q for tokens in inputs) and self.width == min(map(len, self.rows))
             self.query_pos = query_pos.to(device)
             yield ids.to(device), self.query_pos.clamp(min=0)
 
@@ -112,15 +96,36 @@ class Reread:
         """Attention [B, q, H, D] of the chunk (query, key, value: its own, not stored) over the layer's stored
         entries and itself, with the visibility rule (a padding query sees itself only, so it stays finite);
         a global layer's entries are scored on the way."""
-        stored, query_pos = layer.storage, self.query_pos
-        own = visible_entries(query_pos[:, None], query_pos, layer.sliding_window)
-        own |= torch.eye(query_pos.shape[1], dtype=torch.bool, device=own.device)
-        visible = torch.cat([visible_entries(stored.pos[:, :1], query_pos, layer.sliding_window), own], -1)
-        out = masked_attention(query, torch.cat([stored.keys, key], 2), torch.cat([stored.values, value], 2),
-                               visible, scale, softcap)
+        stored = layer.storage
+        keys, values = torch.cat([stored.keys, key], 2), torch.cat([stored.values, value], 2)
+        if self.unpadded and layer.sliding_window is None and softcap is None:
+            # every query sees the whole prompt and the chunk up to itself: lower-right causal, no mask
+            out = F.scaled_dot_product_attention(query, keys, values, scale=scale, enable_gqa=True,
+                                                 attn_mask=causal_lower_right(query.shape[2], keys.shape[2]))
+            out = out.transpose(1, 2).contiguous()
+        else:
+            tile = max(1, _QUERY_TILE_ELEMENTS // (query.shape[0] * query.shape[1] * keys.shape[2]))
+            out = torch.cat([self._attend_tile(layer, query[:, :, start:start + tile], keys, values, start, scale,
+                                               softcap) for start in range(0, query.shape[2], tile)], 1)
         if layer.layer_idx in self.scores:
             self._score(layer, query, key, scale, softcap)
         return out
+
+    def _attend_tile(self, layer, query, keys, values, start, scale, softcap):
+        """`attend` for the chunk's queries start.. (query [B, H, t, D]) with a visibility mask: the query heads of
+        a KV head are folded into its rows, so that the mask is built once per row ([B, 1, G * t, n + q], no
+        copy per head) and SDPA needs no GQA (which would take its math kernel with a mask)."""
+        stored, query_pos = layer.storage, self.query_pos
+        b, h, t, d = query.shape
+        hkv = keys.shape[1]
+        tile_pos = query_pos[:, start:start + t]
+        own = visible_entries(query_pos[:, None], tile_pos, layer.sliding_window)
+        own |= torch.arange(query_pos.shape[1], device=own.device) == start + torch.arange(t, device=own.device)[:, None]
+        visible = torch.cat([visible_entries(stored.pos[:, :1], tile_pos, layer.sliding_window), own], -1)
+        rows = query.reshape(b, hkv, h // hkv * t, d)
+        mask = visible.expand(b, h // hkv, t, -1).reshape(b, 1, h // hkv * t, -1)
+        out = masked_attention(rows, keys, values, mask, scale, softcap)  # [B, G * t, Hkv, D]
+        return out.view(b, h // hkv, t, hkv, d).permute(0, 2, 3, 1, 4).reshape(b, t, h, d)
 
     def _score(self, layer, query, key, scale, softcap):
         """The chunk's largest attention to each entry of its span, the softmax over the sinks, the span and the

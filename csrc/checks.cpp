@@ -10,26 +10,26 @@ void check_softcap(const char* op, double softcap) {
               "soft-capping), got ", softcap);
 }
 
-void check_window_stats_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_pos,
-                             const at::Tensor& k_pos, double softcap) {
-  check_softcap("window_stats", softcap);
-  TORCH_CHECK(q.dim() == 4, "window_stats: q must be [B, H, Q, D], got ", q.sizes());
-  TORCH_CHECK(k.dim() == 4, "window_stats: k must be [B, Hkv, N, D], got ", k.sizes());
-  TORCH_CHECK(q.scalar_type() == k.scalar_type(), "window_stats: q and k dtypes differ");
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()), "window_stats: q must be floating point");
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3), "window_stats: q ", q.sizes(),
+void check_attention_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_pos,
+                          const at::Tensor& k_pos, double softcap) {
+  check_softcap(op, softcap);
+  TORCH_CHECK(q.dim() == 4, op, ": q must be [B, H, Q, D], got ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, op, ": k must be [B, Hkv, N, D], got ", k.sizes());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type(), op, ": q and k dtypes differ");
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()), op, ": q must be floating point");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3), op, ": q ", q.sizes(),
               " and k ", k.sizes(), " disagree on batch or head dim");
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "window_stats: H=", q.size(1),
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": H=", q.size(1),
               " is not a multiple of Hkv=", k.size(1));
   TORCH_CHECK(q_pos.scalar_type() == at::kLong && k_pos.scalar_type() == at::kLong,
-              "window_stats: q_pos and k_pos must be int64");
+              op, ": q_pos and k_pos must be int64");
   TORCH_CHECK(q_pos.dim() == 2 && q_pos.size(0) == q.size(0) && q_pos.size(1) == q.size(2),
-              "window_stats: q_pos must be [B, Q]");
+              op, ": q_pos must be [B, Q]");
   TORCH_CHECK(k_pos.dim() == 3 && k_pos.size(0) == k.size(0) && k_pos.size(1) == k.size(1) &&
                   k_pos.size(2) == k.size(2),
-              "window_stats: k_pos must be [B, Hkv, N]");
+              op, ": k_pos must be [B, Hkv, N]");
   TORCH_CHECK(q.device() == k.device() && q.device() == q_pos.device() && q.device() == k_pos.device(),
-              "window_stats: all inputs must be on one device");
+              op, ": all inputs must be on one device");
 }
 
 void check_allocate_budgets_args(const at::Tensor& scores, const at::Tensor& caps, const at::Tensor& total) {

@@ -11,8 +11,9 @@ namespace cakekv {
 // parallel loops (an exception must not leave one). The decode ops trust the segment tables the cache builds.
 void check_indices_in_range(const char* op, const at::Tensor& idx, int64_t n);
 void check_offsets(const char* op, const at::Tensor& offsets, int64_t total);
-void check_window_stats_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_pos,
-                             const at::Tensor& k_pos, double softcap);
+// Queries [B, H, Q, D] against keys [B, Hkv, N, D] with positions (window_stats, attention_max).
+void check_attention_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_pos,
+                          const at::Tensor& k_pos, double softcap);
 void check_softcap(const char* op, double softcap);
 void check_allocate_budgets_args(const at::Tensor& scores, const at::Tensor& caps, const at::Tensor& total);
 void check_allocate_budgets_values(const at::Tensor& scores, const at::Tensor& caps, const at::Tensor& total);

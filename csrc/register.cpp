@@ -27,6 +27,17 @@ TORCH_LIBRARY(cakekv, m) {
         "(Tensor, Tensor, Tensor)");
 
   // ---------------------------------------------------------------------------------------------
+  // attention_max — per key, the largest attention probability it gets (KVzip's re-read scores)
+  //
+  //   q, k, q_pos, k_pos, scale, softcap as in window_stats (q_pos -1 marks a padding query: it sees no key)
+  //
+  // With A[b,h,i,j] the softmax of window_stats (fp32 over the keys query i sees, 0 elsewhere), returns fp32
+  // [B, Hkv, N]: out[b,g,j] = max over the query heads h of kv head g and over the queries i of A[b,h,i,j]
+  // (0 for a key no query sees). Kernels: two passes per query (row max and sum of exp, then each key's
+  // largest normalised probability), streaming over keys; never a [Q, N] block of all heads.
+  m.def("attention_max(Tensor q, Tensor k, Tensor q_pos, Tensor k_pos, float scale, float softcap=0.0) -> Tensor");
+
+  // ---------------------------------------------------------------------------------------------
   // allocate_budgets — integer budgets proportional to scores, exact total, capped per entry
   //
   //   scores [R, L]  float >= 0 (R independent rows, e.g. batch rows; L layers or heads)

@@ -36,6 +36,26 @@ def masked_window_stats(q, k, q_pos, k_pos, scale, softcap=0.0):
     return a.mean(2), var, -(a * torch.log(a + 1e-10)).sum(2)
 
 
+def attention_max(query, keys, query_pos, key_pos, scale, softcap=0.0, block=256):
+    """Reference of the attention_max op (KVzip's scores; the PyTorch code the op replaced): [B, Hkv, M] fp32, each
+    key's largest softmax probability over the real queries of its KV head's query heads, `block` queries at a
+    time, each query's softmax over the keys it sees (0 <= key_pos <= query_pos)."""
+    b, h, q, d = query.shape
+    hkv, m = keys.shape[1], keys.shape[2]
+    keys = keys.float()[:, :, None]
+    best = torch.zeros(b, hkv, m, dtype=torch.float32)
+    for start in range(0, q, block):
+        rows = query[:, :, start:start + block].float().view(b, hkv, h // hkv, -1, d)
+        logits = soft_capped(torch.matmul(rows * scale, keys.transpose(-1, -2)), softcap)
+        qp = query_pos[:, None, None, start:start + block, None]
+        kp = key_pos[:, :, None, None, :]
+        logits = logits.masked_fill(~((kp >= 0) & (kp <= qp)), float("-inf"))
+        norm = logits.logsumexp(-1, keepdim=True)
+        norm = norm.masked_fill(norm.isinf(), float("inf"))  # a query that sees nothing gives nothing
+        best = torch.maximum(best, (logits - norm).exp().amax((2, 3)))
+    return best
+
+
 def ragged_attention(q, k, v, pos, offsets, q_pos, scale, softcap=0.0, weights=True, query_chunk=None):
     """Reference of the ragged_attention op: for each segment s = b * Hkv + g, the G query heads of kv head g
     attend over entries offsets[s]..offsets[s+1]-1 with a plain fp32 softmax over the visible ones

@@ -469,3 +469,16 @@ def kvzip_reference(model, ids, budget, window, chunk_size, sinks=4, ranking="gl
     best = torch.sort(flat, descending=True, stable=True).indices[: (budget - window) * nl * hkv]
     counts = torch.zeros(nl * hkv, dtype=torch.long).scatter_add_(0, best // p, torch.ones_like(best))
     return _per_head(scores, counts.view(nl, hkv).tolist())
+
+
+def global_counts(indicators, total):
+    """Reference of layer_defensivekv.global_counts: one stable descending sort of every layer's, head's and
+    slot's score in that order; the first `total` finite ones win. [B, l, Hkv] winners."""
+    b, hkv = indicators[0].shape[:2]
+    owner = torch.cat([torch.full((hkv * x.shape[-1],), i * hkv) + torch.arange(hkv).repeat_interleave(x.shape[-1])
+                       for i, x in enumerate(indicators)])
+    flat = torch.cat([x.float().flatten(1) for x in indicators], 1)
+    order = torch.sort(flat, dim=-1, descending=True, stable=True)
+    win = (torch.arange(flat.shape[1])[None] < total) & torch.isfinite(order.values)
+    counts = torch.zeros(b, len(indicators) * hkv, dtype=torch.long)
+    return counts.scatter_add_(1, owner[order.indices], win.long()).view(b, len(indicators), hkv)

@@ -68,7 +68,7 @@ class KVzip(Method):
         if self.options.ranking != "global":
             return super().layer_budgets(preferences, caps, is_last, indicators)
         total = (self.budget - self.window) * self.num_layers * indicators[0].shape[1]
-        return global_counts([x.cpu() for x in indicators], total).to(caps.device)
+        return global_counts(indicators, total).to(caps.device)
 
     def head_budgets(self, indicator, budgets):
         return flat_head_budgets(indicator, budgets) if self.options.ranking == "layer" else None

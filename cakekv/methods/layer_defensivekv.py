@@ -54,18 +54,17 @@ def official_global_counts(indicators: list[torch.Tensor], window: int, total: i
 
 def global_counts(indicators: list[torch.Tensor], total: int) -> torch.Tensor:
     """[B, l, Hkv] winners of one top-`total` over all layers' candidate scores (ties: lower layer,
-    then lower head, then earlier slot)."""
+    then lower head, then earlier slot), on the indicators' device with nothing read back: the scores above
+    the total-th largest win, then those equal to it in that order (what a stable descending sort keeps)."""
     b, hkv = indicators[0].shape[:2]
-    sizes = [x.shape[-1] for x in indicators]
-    owner = torch.cat([torch.full((hkv * s,), i) for i, s in enumerate(sizes)])
-    head = torch.cat([torch.arange(hkv).repeat_interleave(s) for s in sizes])
-    slot_of = owner * hkv + head
     flat = torch.cat([x.float().flatten(1) for x in indicators], 1)
-    order = torch.sort(flat, dim=-1, descending=True, stable=True)
-    win = (torch.arange(flat.shape[1])[None] < total) & torch.isfinite(order.values)
-    counts = torch.zeros(b, len(indicators) * hkv, dtype=torch.long)
-    counts.scatter_add_(1, slot_of[order.indices], win.long())
-    return counts.view(b, len(indicators), hkv)
+    wins = torch.isfinite(flat) & (total > 0)
+    if 0 < total < flat.shape[1]:
+        threshold = flat.kthvalue(flat.shape[1] - total + 1, -1, keepdim=True).values
+        above, tied = flat > threshold, flat == threshold
+        wins &= above | (tied & (tied.cumsum(-1, dtype=torch.int32) <= total - above.sum(-1, keepdim=True)))
+    per_layer = wins.split([hkv * x.shape[-1] for x in indicators], 1)
+    return torch.stack([w.view(b, hkv, -1).sum(-1) for w in per_layer], 1)
 
 
 @dataclass(frozen=True, kw_only=True)

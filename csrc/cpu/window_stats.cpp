@@ -1,8 +1,5 @@
 // CPU kernel of window_stats (contract in register.cpp): per (batch, kv head), two streaming passes over
 // key chunks — softmax statistics first, then the per-key column statistics.
-#include <limits>
-#include <vector>
-
 #include <torch/library.h>
 
 #include "../checks.h"
@@ -10,31 +7,16 @@
 
 namespace cakekv::cpu {
 
-namespace {
-constexpr int64_t kKeyChunk = 1024;
-constexpr int64_t kQueryTile = 256;
-
-// Logits of one head's queries over one key chunk, with invisible keys set to -inf.
-at::Tensor chunk_logits(const at::Tensor& qh, const at::Tensor& kc, const at::Tensor& qp, const at::Tensor& kpc,
-                        double scale, double softcap, at::Tensor& visible) {
-  visible = kpc.unsqueeze(0).ge(0).logical_and(kpc.unsqueeze(0).le(qp.unsqueeze(1)));
-  auto logits = at::matmul(qh, kc.t());
-  return logits_from_dots_(logits, scale, softcap)
-      .masked_fill_(visible.logical_not(), -std::numeric_limits<float>::infinity());
-}
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> window_stats(const at::Tensor& q, const at::Tensor& k,
                                                             const at::Tensor& q_pos, const at::Tensor& k_pos,
                                                             double scale, double softcap) {
-  check_window_stats_args(q, k, q_pos, k_pos, softcap);
+  check_attention_args("window_stats", q, k, q_pos, k_pos, softcap);
   const int64_t B = q.size(0), H = q.size(1), Q = q.size(2), Hkv = k.size(1), N = k.size(2);
   const int64_t G = H / Hkv;
   auto opts = q.options().dtype(at::kFloat);
   auto mean = at::zeros({B, H, N}, opts), var = at::zeros({B, H, N}, opts), ent = at::zeros({B, H, N}, opts);
   if (B * H * Q * N == 0) return {mean, var, ent};
   const auto qf = q.to(at::kFloat);
-  const float neg_inf = -std::numeric_limits<float>::infinity();
 
   // One (batch row, kv head) at a time with its G heads' queries in each matrix product: the ATen ops
   // parallelise inside (a parallel loop around them would nest thread pools and oversubscribe). Queries go
@@ -52,28 +34,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_stats(const at::Tensor& q,
         const auto qg = qf[b].narrow(0, g * G, G).narrow(1, i0, qt).reshape({G * qt, q.size(3)});
         const auto qp = q_pos[b].narrow(0, i0, qt).repeat({G});  // [G*qt], query-major within each head
         // Key chunks no query of the tile sees (all empty or after the tile's last query) are skipped.
-        const int64_t last_query = qp.max().item<int64_t>();
-        std::vector<bool> seen_chunk;
-        for (int64_t s = 0; s < N; s += kKeyChunk) {
-          const auto kpc = kp.narrow(0, s, std::min(kKeyChunk, N - s));
-          seen_chunk.push_back(kpc.ge(0).logical_and(kpc.le(last_query)).any().item<bool>());
-        }
-        // Pass 1: running max and sum of exponentials per query.
-        auto row_max = at::full({G * qt}, neg_inf, opts);
-        auto row_sum = at::zeros({G * qt}, opts);
+        const auto seen_chunk = seen_chunks(kp, qp.max().item<int64_t>());
+        // Pass 1: row max and sum of exponentials per query.
+        const auto [safe_max, inv_sum] = softmax_rows(qg, kh, qp, kp, seen_chunk, scale, softcap);
         at::Tensor visible;
-        for (int64_t s = 0; s < N; s += kKeyChunk) {
-          const int64_t len = std::min(kKeyChunk, N - s);
-          if (!seen_chunk[s / kKeyChunk]) continue;
-          auto logits = chunk_logits(qg, kh.narrow(0, s, len).to(at::kFloat), qp, kp.narrow(0, s, len), scale, softcap,
-                                     visible);
-          auto new_max = at::maximum(row_max, std::get<0>(logits.max(1)));
-          auto safe_max = at::where(new_max.isinf(), at::zeros_like(new_max), new_max);
-          row_sum = row_sum * at::exp(row_max - safe_max) + at::exp(logits - safe_max.unsqueeze(1)).sum(1);
-          row_max = new_max;
-        }
-        const auto safe_max = at::where(row_max.isinf(), at::zeros_like(row_max), row_max);
-        const auto inv_sum = at::where(row_sum.gt(0), row_sum.reciprocal(), at::zeros_like(row_sum));
         // Pass 2: normalised probabilities of each chunk, reduced over the tile's queries of each head.
         for (int64_t s = 0; s < N; s += kKeyChunk) {
           const int64_t len = std::min(kKeyChunk, N - s);

@@ -8,8 +8,11 @@ import pytest
 import torch
 
 import cakekv
+from cakekv import reconstruction
 from cakekv import cache_kwargs, cache_of
-from cakekv.reconstruction import attention_max, repeat_prompt, with_repeat_prompt
+from cakekv._ops import attention_max
+from cakekv.methods.layer_defensivekv import global_counts
+from cakekv.reconstruction import repeat_prompt, with_repeat_prompt
 import reference_methods as R
 from helpers import (BUDGET, WINDOW, byte_tokenizer, kept_prefix, left_padded, masked_full_cache_logits, prefill,
                      prompt, tiny_model)
@@ -42,6 +45,22 @@ def test_global_ranking_moves_budget_between_layers_and_heads(model):
     counts = [c for layer in cache_of(out).layers for c in layer.head_prefix[0]]
     assert sum(counts) == (BUDGET - WINDOW) * len(cache_of(out).layers) * model.config.num_key_value_heads
     assert len(set(counts)) > 1
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_global_counts_equal_a_stable_sort_with_ties(seed):
+    """The ranking's threshold search keeps what one stable sort keeps: ties broken by layer, head, slot."""
+    gen = torch.Generator().manual_seed(seed)
+    b, hkv, levels = 1 + seed % 3, 1 + seed % 4, 1 + seed % 5
+    indicators = []
+    for n in torch.randint(1, 12, (1 + seed % 4,), generator=gen).tolist():
+        x = torch.randint(0, levels, (b, hkv, n), generator=gen) / levels
+        x[torch.rand(b, hkv, n, generator=gen) < 0.3] = float("-inf")
+        x[torch.rand(b, hkv, n, generator=gen) < 0.1] = 2.0
+        indicators.append(x)
+    size = sum(x[0].numel() for x in indicators)
+    for total in (0, 1, size // 3, size // 2, size - 1, size, size + 2):
+        assert torch.equal(global_counts(indicators, total), R.global_counts(indicators, total)), total
 
 
 def test_attention_max_is_the_largest_probability_a_key_gets():
@@ -95,6 +114,24 @@ def test_left_padded_batch_equals_each_row_alone(model):
             assert torch.equal(batch[r, ids.shape[1]:], alone[0, p.shape[1]:]), f"row {r}"
             assert [b[r] for b in batch_budgets] == [s["budget_per_head"][0] for s in handle.stats], f"row {r}"
     assert batch_budgets[0][0] is None
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_query_tiles_give_the_untiled_attention(family, monkeypatch):
+    """The masked re-read (a padded batch; Gemma 2: sliding windows and soft-capping) in tiles of 2 queries keeps
+    what it keeps in one tile, and the compressed caches continue alike."""
+    model = tiny_model(family, kv_heads=2)
+    ids, mask = left_padded([prompt(n, seed=50 + n) for n in (90, 130)])
+
+    def compressed():
+        with cakekv.compress(model, "kvzip", budget=BUDGET, window=WINDOW, **OPTIONS), torch.no_grad():
+            cache = cache_of(model(input_ids=ids, attention_mask=mask, use_cache=True))
+            return [layer.storage.padded_pos() for layer in cache.layers]
+
+    whole = compressed()
+    monkeypatch.setattr(reconstruction, "_QUERY_TILE_ELEMENTS", 2 * model.config.num_attention_heads * 2 * ids.shape[1])
+    for got, want in zip(compressed(), whole):
+        assert torch.equal(got.sort(-1).values, want.sort(-1).values)
 
 
 def test_clones_answer_alike_and_the_context_is_compressed_once(model):

@@ -136,6 +136,8 @@ LONG_WINDOW = WindowCase(B=1, Hkv=1, G=2, Q=3, N=4100, D=8, pad=7, holes=0.1, ta
 MOST_HEADS = WindowCase(B=8, Hkv=8, G=8, Q=64, N=3, D=16, pad=1, holes=0.0, tail=True, seed=2)
 SHORT_ROWS = WindowCase(B=3, Hkv=2, G=3, Q=64, N=9, D=5, pad=9, holes=0.1, tail=True, seed=3)
 NEAR_ONE_HOT = WindowCase(B=1, Hkv=1, G=1, Q=1, N=4, D=5, pad=0, holes=0.0, tail=True, seed=1504)  # p = 0.9993
+# a re-read chunk's shape: more queries than one CPU query tile (256) and than one CUDA row group (128)
+REREAD_CHUNK = WindowCase(B=2, Hkv=2, G=4, Q=300, N=700, D=16, pad=40, holes=0.0, tail=True, seed=4)
 
 
 def visible_fraction(q_pos: torch.Tensor, k_pos: torch.Tensor, heads: int) -> torch.Tensor:
@@ -194,6 +196,44 @@ def test_window_stats_large_logits_stay_finite(device, dtype, case, magnitude):
     assert (var >= -1e-6).all() and (ent >= -1e-6).all()
     torch.testing.assert_close(mean.sum(-1), visible_fraction(q_pos, k_pos, case.Hkv * case.G),
                                rtol=1e-4, atol=1e-4)
+
+
+# ---- attention_max ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device", DEVICES)
+@examples(25)
+@given(case=window_cases(), scale_factor=st.sampled_from([0.1, 1.0, 4.0]),
+       softcap=st.sampled_from([0.0, 0.5, 5.0]))
+@example(case=LONG_WINDOW, scale_factor=1.0, softcap=0.0)
+@example(case=MOST_HEADS, scale_factor=4.0, softcap=0.0)
+@example(case=SHORT_ROWS, scale_factor=1.0, softcap=0.5)
+@example(case=NEAR_ONE_HOT, scale_factor=4.0, softcap=0.0)
+@example(case=REREAD_CHUNK, scale_factor=1.0, softcap=0.0)
+def test_attention_max_equals_reference(device, dtype, case, scale_factor, softcap):
+    """Each key's largest probability over its KV head's query heads and real queries (GQA, left padding and free
+    slots at -1, queries at -1 or seeing nothing, soft-capping) equals the PyTorch reference's."""
+    q, k, q_pos, k_pos = window_inputs(case, dtype)
+    scale = scale_factor * case.D ** -0.5
+    got = ops.attention_max(q.to(device), k.to(device), q_pos.to(device), k_pos.to(device), scale, softcap)
+    want = ref.attention_max(q, k, q_pos, k_pos, scale, softcap)
+    assert got.dtype == torch.float32 and got.shape == (case.B, case.Hkv, case.N) and got.device.type == device
+    rtol = 1e-4 if device == "cuda" and dtype != torch.float32 else 1e-5
+    assert_close_scaled(got, want, rtol, "attention_max")
+    assert (got.cpu()[k_pos < 0] == 0).all()  # free slots: no query sees them
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("device", DEVICES)
+@examples(10)
+@given(case=window_cases(max_block=1 << 18), magnitude=st.sampled_from([30.0, 3e3, 3e4]))
+def test_attention_max_large_logits_stay_probabilities(device, dtype, case, magnitude):
+    """Logits far beyond the half-precision range: fp32 softmax with its maximum subtracted, so every score is a
+    probability and each real query that sees a key gives some key of each head its largest probability >= 1/N."""
+    q, k, q_pos, k_pos = window_inputs(case, dtype, magnitude)
+    got = ops.attention_max(q.to(device), k.to(device), q_pos.to(device), k_pos.to(device), 1.0).cpu()
+    assert torch.isfinite(got).all() and (got >= 0).all() and (got <= 1 + 1e-6).all()
+    sees = (visible_fraction(q_pos, k_pos, case.Hkv) > 0)  # [B, Hkv]: some query sees a key of the head
+    assert (got.amax(-1)[sees] >= 1 / case.N - 1e-6).all()
 
 
 # ---- allocate_budgets -----------------------------------------------------------------------------
@@ -511,7 +551,7 @@ def test_evict_lowest_equals_reference(device, dtype, c, n_evict, protect, kerne
 # never crash the process, never answer. Small valid arguments per op, one thing broken per case.
 def _valid_args(op: str, device: str) -> dict:
     g = seeded(0)
-    if op == "window_stats":
+    if op in ("window_stats", "attention_max"):
         return dict(q=torch.randn(2, 4, 3, 8, generator=g), k=torch.randn(2, 2, 5, 8, generator=g),
                     q_pos=torch.tensor([[2, 3, 4], [2, 3, 4]]), k_pos=torch.arange(5).repeat(2, 2, 1),
                     scale=0.3)
@@ -565,21 +605,25 @@ def _to_cpu(name):
 # kind: "shape" checked on the host before any kernel runs; "value" depends on tensor values (on CUDA a kernel
 # could read them on the device: run there in a child process, a device-side fault must not take the test
 # session's CUDA context with it); "devices" needs two devices (CUDA only).
+# window_stats and attention_max take the same arguments and refuse the same inputs
+_ATTENTION_CASES = [
+    ("q-rank-3", _edit("q", lambda t: t[0]), r"\bq\b", "shape"),
+    ("k-rank-5", _edit("k", lambda t: t[None]), r"\bk\b", "shape"),
+    ("q-k-dtypes", _edit("k", lambda t: t.half()), "dtype", "shape"),
+    ("integer-q-k", lambda a: {**a, "q": a["q"].long(), "k": a["k"].long()}, "floating", "shape"),
+    ("q_pos-int32", _edit("q_pos", lambda t: t.int()), "int64", "shape"),
+    ("k_pos-int32", _edit("k_pos", lambda t: t.int()), "int64", "shape"),
+    ("q_pos-shape", _edit("q_pos", lambda t: t[:, :2]), "q_pos", "shape"),
+    ("k_pos-shape", _edit("k_pos", lambda t: t[..., :4]), "k_pos", "shape"),
+    ("heads-not-multiple", _edit("q", lambda t: t[:, :3]), "multiple of Hkv", "shape"),
+    ("head-dim", _edit("k", lambda t: t[..., :4]), "disagree", "shape"),
+    ("batch", _edit("q", lambda t: t[:1]), "disagree", "shape"),
+    ("devices", _to_cpu("k_pos"), "device", "devices"),
+    ("softcap-negative", _set(softcap=-1.0), "softcap", "shape"),
+    ("softcap-nan", _set(softcap=float("nan")), "softcap", "shape"),
+]
 INVALID = [
-    ("window_stats", "q-rank-3", _edit("q", lambda t: t[0]), r"\bq\b", "shape"),
-    ("window_stats", "k-rank-5", _edit("k", lambda t: t[None]), r"\bk\b", "shape"),
-    ("window_stats", "q-k-dtypes", _edit("k", lambda t: t.half()), "dtype", "shape"),
-    ("window_stats", "integer-q-k", lambda a: {**a, "q": a["q"].long(), "k": a["k"].long()}, "floating", "shape"),
-    ("window_stats", "q_pos-int32", _edit("q_pos", lambda t: t.int()), "int64", "shape"),
-    ("window_stats", "k_pos-int32", _edit("k_pos", lambda t: t.int()), "int64", "shape"),
-    ("window_stats", "q_pos-shape", _edit("q_pos", lambda t: t[:, :2]), "q_pos", "shape"),
-    ("window_stats", "k_pos-shape", _edit("k_pos", lambda t: t[..., :4]), "k_pos", "shape"),
-    ("window_stats", "heads-not-multiple", _edit("q", lambda t: t[:, :3]), "multiple of Hkv", "shape"),
-    ("window_stats", "head-dim", _edit("k", lambda t: t[..., :4]), "disagree", "shape"),
-    ("window_stats", "batch", _edit("q", lambda t: t[:1]), "disagree", "shape"),
-    ("window_stats", "devices", _to_cpu("k_pos"), "device", "devices"),
-    ("window_stats", "softcap-negative", _set(softcap=-1.0), "softcap", "shape"),
-    ("window_stats", "softcap-nan", _set(softcap=float("nan")), "softcap", "shape"),
+    *[(op, *case) for op in ("window_stats", "attention_max") for case in _ATTENTION_CASES],
 
     ("allocate_budgets", "scores-rank-1", _edit("scores", lambda t: t[0]), "scores", "shape"),
     ("allocate_budgets", "scores-rank-3", _edit("scores", lambda t: t[None]), "scores", "shape"),

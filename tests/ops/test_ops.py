@@ -25,7 +25,7 @@ def positions(batch, kv_heads, n, pad, holes=0, seed=0):
     return pos
 
 
-OP_NAMES = ["window_stats", "allocate_budgets", "gather_kept", "gather_ragged", "ragged_attention", "append_entries",
+OP_NAMES = ["window_stats", "attention_max", "allocate_budgets", "gather_kept", "gather_ragged", "ragged_attention", "append_entries",
             "evict_lowest"]
 
 
@@ -137,6 +137,7 @@ def test_opcheck_cpu():
     k_pos = positions(2, 2, 11, pad=2)
     q_pos = torch.tensor([[8, 9, 10], [6, 7, 8]])
     torch.library.opcheck(torch.ops.cakekv.window_stats.default, (q, k, q_pos, k_pos, 0.3))
+    torch.library.opcheck(torch.ops.cakekv.attention_max.default, (q, k, q_pos, k_pos, 0.3, 2.0))
     torch.library.opcheck(torch.ops.cakekv.allocate_budgets.default,
                           (torch.rand(2, 5), torch.randint(0, 50, (2, 5)), torch.tensor([60, 10])))
     torch.library.opcheck(torch.ops.cakekv.gather_kept.default, (k, k * 2, torch.randint(0, 11, (2, 2, 4))))

@@ -268,3 +268,38 @@ def test_ragged_attention_with_weights_past_the_grid_limit_matches_chunked_refer
     want, want_weights = ref.ragged_attention(q, k, v, pos, offsets, q_pos, 0.2, query_chunk=4096)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(weights, want_weights, rtol=1e-5, atol=1e-6)
+
+
+def _reread_inputs(B, H, Hkv, Q, N, D, dtype, seed=0):
+    """A re-read chunk's scoring inputs: keys = N - Q prompt entries (sinks and span, all visible) then the chunk's
+    own Q keys (causal); row 1 left-padded (its first queries and keys at -1)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Q, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, N, D, generator=g).to(dtype)
+    q_pos = (N - Q + torch.arange(Q)).expand(B, Q).clone()
+    k_pos = torch.arange(N).expand(B, Hkv, N).clone()
+    if B > 1:
+        q_pos[1, : Q // 7] = -1
+        k_pos[1, :, N - Q: N - Q + Q // 7] = -1
+    return q, k, q_pos, k_pos
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("simt", [False, True], ids=["auto", "simt"])
+@pytest.mark.parametrize("B,H,Hkv,Q,N,D", [(2, 32, 8, 300, 1100, 128), (1, 4, 4, 1, 7, 64), (2, 6, 2, 130, 257, 80),
+                                           (1, 8, 1, 2100, 4200, 128)])
+def test_attention_max_matches_cpu(monkeypatch, dtype, simt, B, H, Hkv, Q, N, D):
+    if simt:
+        monkeypatch.setenv("CAKEKV_WINDOW_STATS_SIMT", "1")
+    q, k, q_pos, k_pos = _reread_inputs(B, H, Hkv, Q, N, D, dtype)
+    for softcap in (0.0, 30.0):
+        want = ops.attention_max(q, k, q_pos, k_pos, D ** -0.5, softcap)
+        got = ops.attention_max(q.cuda(), k.cuda(), q_pos.cuda(), k_pos.cuda(), D ** -0.5, softcap)
+        assert got.is_cuda and got.dtype == torch.float32 and got.shape == (B, Hkv, N)
+        _assert_close_scaled(got, want, dtype, f"attention_max softcap={softcap}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_attention_max_opcheck(dtype):
+    q, k, q_pos, k_pos = _reread_inputs(2, 8, 2, 40, 100, 64, dtype)
+    torch.library.opcheck(ops.attention_max.default, (q.cuda(), k.cuda(), q_pos.cuda(), k_pos.cuda(), 0.125))
