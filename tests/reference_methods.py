@@ -491,8 +491,8 @@ def window_on_reread_scale(w, r, normalise):
 
 def spanzip_reference(model, ids, budget, window, chunk_size, sinks=4, ranking="global", normalise="rank",
                       window_weight=1.0, before=2, after=16, weight=0.5, gamma=200.0, kernel=5, **task):
-    """SpanZip's kept prefix entries: per head, max(re-read score, window_weight x CAKE's window score on the
-    re-read's scale) over the non-sink candidates, spans lent over them, the sinks first; budgets by one top-k over
+    """SpanZip's kept prefix entries: per head, max(re-read score, window_weight x CAKE's window score with spans
+    lent over the non-sink candidates, on the re-read's scale), the sinks first; budgets by one top-k over
     all layers and heads ('global') or CAKE's layer preferences (taus 1), heads uniform ('cake')."""
     n, nl = ids.shape[1], model.config.num_hidden_layers
     if n <= budget:
@@ -504,10 +504,10 @@ def spanzip_reference(model, ids, budget, window, chunk_size, sinks=4, ranking="
         a = window_attention(q[:, -window:], k, model.model.layers[layer].self_attn.scaling)
         w, dispersion, shift = cake_layer(a, k.shape[0], window, gamma, kernel)
         prefs.append(dispersion * shift)
-        r = reread[layer][:, sinks:p]
+        r, w = reread[layer][:, sinks:p], lend_spans(w[:, sinks:], before, after, weight)
         combined = torch.stack([torch.maximum(rh, window_weight * window_on_reread_scale(wh, rh, normalise))
-                                for rh, wh in zip(r, w[:, sinks:])])
-        scores.append(torch.cat([torch.full((k.shape[0], sinks), 2.0), lend_spans(combined, before, after, weight)], 1))
+                                for rh, wh in zip(r, w)])
+        scores.append(torch.cat([torch.full((k.shape[0], sinks), 2.0), combined], 1))
     if ranking == "global":
         return _global(scores, budget - window)
     return _uniform(scores, allocate(prefs, [p] * nl, (budget - window) * nl))

@@ -38,9 +38,9 @@ def test_matches_the_reference(model, ranking, normalise, window_weight):
             assert set(range(4)) <= set(got)  # the sinks
 
 
-def test_without_window_and_spans_it_keeps_what_kvzip_keeps(model):
+def test_without_window_it_keeps_what_kvzip_keeps(model):
     ids = prompt(150, seed=5)
-    out, _ = prefill(model, ids, "spanzip", window_weight=0.0, span_weight=0.0, **OPTIONS)
+    out, _ = prefill(model, ids, "spanzip", window_weight=0.0, **OPTIONS)
     want, _ = prefill(model, ids, "kvzip", **OPTIONS)
     for got_layer, want_layer in zip(cache_of(out).layers, cache_of(want).layers):
         assert kept_prefix(got_layer) == kept_prefix(want_layer)
