@@ -409,8 +409,9 @@ class CompressedCache(Cache):
     def after_prefill(self, layer_idx: int, query: torch.Tensor, scale: float, module,
                       softcap: float | None = None) -> None:
         """After layer `layer_idx`'s prefill attention: a global layer is scored and the global layers seen so
-        far re-cut (`Eviction.score_and_recut`); a sliding layer is not scored: it drops what its window no
-        longer reaches. After the last layer the prefill is finished."""
+        far re-cut (`Eviction.score_and_recut`), or for a re-reading method kept whole, its window scores kept for
+        after the re-read where the method `scores_window`; a sliding layer is not scored: it drops what its window
+        no longer reaches. After the last layer the prefill is finished."""
         layer = self.layers[layer_idx]
         layer.prefilling = False
         method = self.method
@@ -419,6 +420,8 @@ class CompressedCache(Cache):
             layer.hold_window()
         elif method.compresses and any(compress_rows) and method.repeat_task is None:
             self.eviction.score_and_recut(self, layer, query, scale, module, softcap, compress_rows)
+        elif method.compresses and any(compress_rows) and method.scores_window:
+            self.eviction.score_window(self, layer, query, scale, module, softcap)
         if layer_idx == len(self.layers) - 1:
             if method.repeat_task is not None and method.compresses and any(compress_rows):
                 self.reread_rows = compress_rows  # scored and cut after the re-read (`finish_reread`)

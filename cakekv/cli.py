@@ -3,7 +3,8 @@
     cakekv methods [NAME ...]                    list the compression methods and their options (with
                                                  NAMEs: each option's type, default, constraint and doc)
     cakekv demo [--device cpu]                   facts hidden in a long document, answered by the shipped
-                                                 tiny model with the full cache and compressed caches
+                                                 tiny model with the full cache and compressed caches, then
+                                                 every fact asked of one document compressed once
     cakekv generate --model PATH --method cake --budget 1024 --prompt-file F
                                                  one compressed generation with any local causal LM
     cakekv eval needle|synthetic|longbench ...   the evaluations (see `cakekv eval NAME --help`)
@@ -42,10 +43,10 @@ def cmd_methods(args) -> int:
 # demo
 # ----------------------------------------------------------------------------------------------
 DEMO_METHODS = ("full", "cake", "spancake", "snapkv", "streamingllm")
+DEMO_REUSE_METHOD = "kvzip"  # query-agnostic: its scores do not depend on the question, asked after compression
 
 
-def _demo_table(rows) -> str:
-    header = ("method", "budget", "answer", "correct", "KV kept", "KV memory", "time")
+def _demo_table(rows, header=("method", "budget", "answer", "correct", "KV kept", "KV memory", "time")) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = "  ".join("{:<%d}" % w for w in widths)
     out = [line.format(*header), line.format(*("-" * w for w in widths))]
@@ -57,18 +58,20 @@ def cmd_demo(args) -> int:
     import torch
 
     from .eval.args import parse_int_list, split_list
-    from .eval.runs import expand_runs
+    from .eval.runs import check_compression, expand_runs
     from .methods import available_methods
 
     known = available_methods()
     methods = split_list(args.methods) if args.methods else [m for m in DEMO_METHODS if m in known]
-    runs = expand_runs(methods, parse_int_list(args.budgets, "budgets"), args.window)
+    budgets = parse_int_list(args.budgets, "budgets")
+    runs = expand_runs(methods, budgets, args.window)
+    check_compression(args.reuse_method, budgets[0], args.window)  # the last table's, before the model loads
     if args.length < 64:
         raise ValueError("length: the document needs at least 64 tokens")
     if args.threads:
         torch.set_num_threads(args.threads)
     with _quiet_transformers():  # a clean table: no loading bars or length notices
-        return _demo(args, runs)
+        return _demo(args, runs, budgets[0])
 
 
 @contextlib.contextmanager
@@ -85,7 +88,7 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def _demo(args, runs) -> int:
+def _demo(args, runs, reuse_budget: int) -> int:
     from .eval.generation import generate
     from .eval.haystack import TokenCounter, haystack_sentences
     from .eval.models import load_model
@@ -117,7 +120,33 @@ def _demo(args, runs) -> int:
     print(_demo_table(rows))
     print("\nKV kept: entries per layer per KV head after the run (mean over layers) / prompt tokens; "
           "KV memory: K/V bytes of the entries kept after the run (% of a full cache of the same tokens).")
+    print(f"\nOne document, every fact asked after it was compressed once with {args.reuse_method} at budget "
+          f"{reuse_budget} (each question from its own copy of the compressed cache):\n")
+    print(_demo_table(_demo_questions(args, model, tok, sample, reuse_budget),
+                      ("question", "expected", "answer", "correct")))
     return 0
+
+
+def _demo_questions(args, model, tok, sample, budget: int) -> list[tuple]:
+    """Rows (question, expected, answer, correct) of each fact of `sample` asked of its document under the
+    context-only protocol: one compressed prefill of the document, then each question from a clone of its cache
+    (cakekv.pipeline's prefill_context and question_caches, through generate_batch)."""
+    import dataclasses
+
+    from .eval.generation import generate_batch
+    from .eval.haystack import fact_question
+    from .eval.prompts import encode_prompt
+    from .eval.synthetic import score_items
+
+    facts = sample.meta["facts"]
+    asked = [dataclasses.replace(sample, after=after, answer_prefix=prefix)
+             for after, prefix in (fact_question("secret code", name) for name in facts)]
+    encoded = [encode_prompt(tok, s.prompt(tok, chat=False), "context-only") for s in asked]
+    gens = generate_batch(model, tok, encoded, method=args.reuse_method, budget=budget, window=args.window,
+                          protocol="context-only", max_new_tokens=args.max_new_tokens)
+    return [(s.after.strip(), code, gen.text.strip().split("\n")[0][:32],
+             "yes" if score_items(gen.text, [code]) == 1.0 else "no")
+            for s, code, gen in zip(asked, facts.values(), gens)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=float, default=0.3,
                    help="where the asked fact sits, 0 = start, 1 = end (default: %(default)s)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="question-aware")
+    p.add_argument("--reuse-method", default=DEMO_REUSE_METHOD,
+                   help="method of the last table, every fact asked of one document compressed once at the first "
+                        "budget (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

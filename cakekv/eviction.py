@@ -24,28 +24,41 @@ class Eviction:
         self.method = method
         self.window = window
         self.preferences: list[torch.Tensor] = []
+        self.window_scores: list[torch.Tensor] = []  # a re-reading method's window indicators, until its re-read
 
-    def score_and_recut(self, cache, layer, query: torch.Tensor, scale: float, module, softcap: float | None,
-                        compress_rows: list[bool]) -> None:
-        """Score global `layer` from its window queries (over logits soft-capped by `softcap`, as the model's)
-        and re-cut the global layers seen so far. The method sees the global layers only, numbered in order
-        (its budgets and `LayerView.layer_idx` count them)."""
-        method, window = self.method, self.window
-        budgeted = cache.global_layers
-        rank = budgeted.index(layer)
-        is_last = rank == len(budgeted) - 1
+    def score(self, cache, layer, query: torch.Tensor, scale: float, module, softcap: float | None) -> torch.Tensor:
+        """The method's indicator of global `layer` from its window queries (over logits soft-capped by `softcap`,
+        as the model's); its layer preference joins `preferences`. The method sees the global layers only,
+        numbered in order (its budgets and `LayerView.layer_idx` count them)."""
+        window = self.window
         window_start = (layer.next_pos - window).clamp(min=0)
         stored = layer.storage  # padded while prefilling
         view = LayerView(query[:, :, -window:], stored.keys, stored.values, stored.pos, stored.pos[:, 0, -window:],
-                         window_start, scale, rank, module, queries=query, query_positions=stored.pos[:, 0, :],
-                         softcap=softcap or 0.0)
-        layer.indicator, preference = method.score_layer(view)
+                         window_start, scale, cache.global_layers.index(layer), module, queries=query,
+                         query_positions=stored.pos[:, 0, :], softcap=softcap or 0.0)
+        indicator, preference = self.method.score_layer(view)
         if preference is None:
             preference = torch.zeros(query.shape[0], dtype=torch.float64, device=query.device)
         self.preferences.append(preference.to(torch.float64))
-        # Layers may live on different devices (accelerate device_map): allocate on this layer's.
-        prefs = torch.stack([p.to(query.device) for p in self.preferences], 1)
-        self.recut(budgeted[:prefs.shape[1]], prefs, window_start, is_last, compress_rows)
+        return indicator
+
+    def stacked_preferences(self, device) -> torch.Tensor:
+        """[B, l] the preferences of the layers scored so far. Layers may live on different devices (accelerate
+        device_map): on `device`, the one budgets are allocated on."""
+        return torch.stack([p.to(device) for p in self.preferences], 1)
+
+    def score_and_recut(self, cache, layer, query: torch.Tensor, scale: float, module, softcap: float | None,
+                        compress_rows: list[bool]) -> None:
+        """Score global `layer` (`score`) and re-cut the global layers seen so far."""
+        layer.indicator = self.score(cache, layer, query, scale, module, softcap)
+        budgeted = cache.global_layers
+        prefs = self.stacked_preferences(query.device)
+        window_start = (layer.next_pos - self.window).clamp(min=0)
+        self.recut(budgeted[:prefs.shape[1]], prefs, window_start, prefs.shape[1] == len(budgeted), compress_rows)
+
+    def score_window(self, cache, layer, query: torch.Tensor, scale: float, module, softcap: float | None) -> None:
+        """A re-reading method's window indicator of global `layer` (`score`), kept until its re-read."""
+        self.window_scores.append(self.score(cache, layer, query, scale, module, softcap))
 
     def recut(self, seen: list, preferences: torch.Tensor, window_start: torch.Tensor, is_last: bool,
               compress_rows: list[bool]) -> None:
@@ -70,11 +83,19 @@ class Eviction:
                 scored.keep_top(torch.where(rows, per_head.to(caps.device), caps[:, i, None]).tolist())
 
     def recut_reread(self, cache, compress_rows: list[bool]) -> None:
-        """After a re-reading method's re-read (reconstruction.py) set every global layer's indicator: all of them
-        cut at once, without layer preferences."""
+        """After a re-reading method's re-read (reconstruction.py) left its scores in every global layer's indicator:
+        each becomes the method's `reread_indicator` (with the layer's window indicator where the method scored
+        it), then all are cut at once, with the window's layer preferences (zero where it scored no window)."""
         layers = cache.global_layers
+        windows, self.window_scores = self.window_scores or [None] * len(layers), []
+        for layer, window in zip(layers, windows):
+            layer.indicator = self.method.reread_indicator(layer.indicator, window)
         window_start = (layers[0].next_pos - self.window).clamp(min=0)
-        preferences = torch.zeros(window_start.shape[0], len(layers), dtype=torch.float64, device=window_start.device)
+        if self.preferences:
+            preferences = self.stacked_preferences(window_start.device)
+        else:
+            preferences = torch.zeros(window_start.shape[0], len(layers), dtype=torch.float64,
+                                      device=window_start.device)
         self.recut(layers, preferences, window_start, True, compress_rows)
 
     def set_decode_caps(self, layer, compress_rows: list[bool]) -> None:

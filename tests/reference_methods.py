@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import capture_qkv
-from reference import allocate, cake_reference, pool, top_set, window_attention
+from reference import allocate, cake_layer, cake_reference, pool, top_set, window_attention
 
 
 def _uniform(scores, budgets):
@@ -460,13 +460,18 @@ def kvzip_reference(model, ids, budget, window, chunk_size, sinks=4, ranking="gl
     p = n - window
     scores = [torch.where(torch.arange(p) < sinks, 2.0, s[:, :p])
               for s in kvzip_scores(model, ids, chunk_size, sinks, **task)]
-    hkv = scores[0].shape[0]
     if ranking == "head":
         return _uniform(scores, [budget - window] * nl)
     if ranking == "layer":
         return _per_head(scores, [flat_heads(s, budget - window, 0.0) for s in scores])
+    return _global(scores, budget - window)
+
+
+def _global(scores, prefix_budget):
+    """Each (layer, head) keeps its winners of one top-k of prefix_budget x layers x heads over all the scores."""
+    nl, (hkv, p) = len(scores), scores[0].shape
     flat = torch.stack(scores).flatten()
-    best = torch.sort(flat, descending=True, stable=True).indices[: (budget - window) * nl * hkv]
+    best = torch.sort(flat, descending=True, stable=True).indices[: prefix_budget * nl * hkv]
     counts = torch.zeros(nl * hkv, dtype=torch.long).scatter_add_(0, best // p, torch.ones_like(best))
     return _per_head(scores, counts.view(nl, hkv).tolist())
 
@@ -482,3 +487,40 @@ def global_counts(indicators, total):
     win = (torch.arange(flat.shape[1])[None] < total) & torch.isfinite(order.values)
     counts = torch.zeros(b, len(indicators) * hkv, dtype=torch.long)
     return counts.scatter_add_(1, owner[order.indices], win.long()).view(b, len(indicators), hkv)
+
+
+def window_on_reread_scale(w, r, normalise):
+    """One head's window scores w [m] on the scale of its re-read scores r [m]: the re-read score of the same rank
+    (ties in w: the earlier entry ranks first) or w x max(r) / max(w)."""
+    if normalise == "max":
+        return w * (r.max() / w.max())
+    ranked = sorted(r.tolist(), reverse=True)
+    order = sorted(range(len(w)), key=lambda i: (-w[i].item(), i))
+    out = torch.empty_like(r)
+    for rank, i in enumerate(order):
+        out[i] = ranked[rank]
+    return out
+
+
+def spanzip_reference(model, ids, budget, window, chunk_size, sinks=4, ranking="global", normalise="rank",
+                      window_weight=1.0, before=2, after=16, weight=0.5, gamma=200.0, kernel=5, **task):
+    """SpanZip's kept prefix entries: per head, max(re-read score, window_weight x CAKE's window score with spans
+    lent over the non-sink candidates, on the re-read's scale), the sinks first; budgets by one top-k over
+    all layers and heads ('global') or CAKE's layer preferences (taus 1), heads uniform ('cake')."""
+    n, nl = ids.shape[1], model.config.num_hidden_layers
+    if n <= budget:
+        return None
+    p = n - window
+    reread = kvzip_scores(model, ids, chunk_size, sinks, **task)
+    scores, prefs = [], []
+    for layer, (q, k, *_) in enumerate(capture_qkv(model, ids)):
+        a = window_attention(q[:, -window:], k, model.model.layers[layer].self_attn.scaling)
+        w, dispersion, shift = cake_layer(a, k.shape[0], window, gamma, kernel)
+        prefs.append(dispersion * shift)
+        r, w = reread[layer][:, sinks:p], lend_spans(w[:, sinks:], before, after, weight)
+        combined = torch.stack([torch.maximum(rh, window_weight * window_on_reread_scale(wh, rh, normalise))
+                                for rh, wh in zip(r, w)])
+        scores.append(torch.cat([torch.full((k.shape[0], sinks), 2.0), combined], 1))
+    if ranking == "global":
+        return _global(scores, budget - window)
+    return _uniform(scores, allocate(prefs, [p] * nl, (budget - window) * nl))

@@ -148,6 +148,15 @@ class Method:
         None: scored at prefill by `score_layer`. A re-reading method keeps every entry while prefilling."""
         return None
 
+    # A re-reading method that also scores the prompt's window at prefill (`score_layer`, layer preferences
+    # included) and combines both scores in `reread_indicator`.
+    scores_window: ClassVar[bool] = False
+
+    def reread_indicator(self, reread: torch.Tensor, window: torch.Tensor | None) -> torch.Tensor:
+        """A global layer's indicator [B, Hkv, N] after the re-read, from its re-read scores (-inf on non-candidates,
+        reconstruction.SINK_SCORE on the sinks) and, where the method `scores_window`, its window indicator."""
+        return reread
+
     @property
     def decode_evict(self) -> bool:
         return self.options.decode_evict

@@ -60,19 +60,26 @@ def default_taus(name_or_path: str, budget: int) -> tuple[float, float]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class CakeCoreOptions(Options):
-    """CAKE's options but `official` (shared with methods built on CAKE)."""
+class CakeScoreOptions(Options):
+    """CAKE's options but `official` and `cascading`: its scores and budgets (shared with methods built on CAKE,
+    also those that cut every layer at once)."""
 
     tau1: float = option(1.0, "dispersion exponent 1/tau1 of the layer preference (default: the official "
                               "value for the model and budget, else 1.0)", gt=0)
     tau2: float = option(1.0, "shift exponent 1/tau2 of the layer preference (default as tau1)", gt=0)
     gamma: float = option(200.0, "weight of the attention variance in the indicator mean + gamma * var", ge=0)
     kernel_size: int = kernel_size_option(5)
-    cascading: bool = cascading_option(True)
     # Not in the CAKE paper (our decision): AdaKV-style head budgets with AdaKV's floor.
     head_budgets: bool = per_head_option(False)
     head_floor: float = head_floor_option(0.2)
     decode_evict: bool = decode_evict_option(True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CakeCoreOptions(CakeScoreOptions):
+    """CAKE's options but `official` (shared with methods built on CAKE's cascade)."""
+
+    cascading: bool = cascading_option(True)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -32,6 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 from .base import Method, flat_head_budgets
 from .layer_defensivekv import global_counts
 from .options import Options, option
@@ -54,6 +56,19 @@ class KVzipOptions(Options):
                                              "end of the user turn)")
 
 
+def repeat_task(options: KVzipOptions) -> RepeatTask:
+    """The re-read the options describe (shared with the methods that re-read as KVzip does)."""
+    o = options
+    return RepeatTask(o.chunk_size, o.sinks, o.repeat_ids, o.resume_ids, o.answer_ids, o.resume_tokens)
+
+
+def ranked_budgets(method: Method, caps: torch.Tensor, indicators: list[torch.Tensor]) -> torch.Tensor:
+    """[B, l, Hkv] budgets of one top-k of the whole prefix budget over every layer's and KV head's scores: a layer
+    or head whose scores are higher than another's gets more of the budget (KVzip's non-uniform budgets)."""
+    total = (method.budget - method.window) * method.num_layers * indicators[0].shape[1]
+    return global_counts(indicators, total).to(caps.device)
+
+
 @register
 class KVzip(Method):
     name = "kvzip"
@@ -61,14 +76,12 @@ class KVzip(Method):
 
     @property
     def repeat_task(self) -> RepeatTask:
-        o = self.options
-        return RepeatTask(o.chunk_size, o.sinks, o.repeat_ids, o.resume_ids, o.answer_ids, o.resume_tokens)
+        return repeat_task(self.options)
 
     def layer_budgets(self, preferences, caps, is_last, indicators=None):
         if self.options.ranking != "global":
             return super().layer_budgets(preferences, caps, is_last, indicators)
-        total = (self.budget - self.window) * self.num_layers * indicators[0].shape[1]
-        return global_counts(indicators, total).to(caps.device)
+        return ranked_budgets(self, caps, indicators)
 
     def head_budgets(self, indicator, budgets):
         return flat_head_budgets(indicator, budgets) if self.options.ranking == "layer" else None

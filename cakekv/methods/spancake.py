@@ -39,13 +39,19 @@ from .registry import register
 
 
 @dataclass(frozen=True, kw_only=True)
-class SpanCakeOptions(CakeCoreOptions):
+class SpanOptions:
+    """The spans' options (a mixin of the options of the methods that lend scores to spans)."""
+
     span_before: int = option(2, "entries before a peak that share its score", ge=0)
     span_after: int = option(16, "entries after a peak that share its score (the value that follows a key)", ge=0)
     span_weight: float = option(0.5, "share of a peak's score its span gets (0: CAKE's token-level top-k, "
                                      "1: whole spans)", ge=0, le=1)
     decode_spans: bool = option(True, "decode-time eviction pools scores by max over the span radius, so the "
                                       "neighbours of attended entries stay (False: CAKE's average pooling)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpanCakeOptions(SpanOptions, CakeCoreOptions):
     official: ClassVar[bool] = False  # CAKE's official mode does not apply
 
 

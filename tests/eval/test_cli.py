@@ -139,6 +139,25 @@ def test_demo(capsys, monkeypatch, model_dir, tmp_path):
     assert lines[header].split() == ["method", "budget", "answer", "correct", "KV", "kept", "KV", "memory", "time"]
     rows = [line.split()[0] for line in lines[header + 2:header + 4]]
     assert rows == ["full", "cake"]
+    assert "compressed once with kvzip at budget 40" in out
+
+
+def test_demo_asks_every_fact_of_one_document_compressed_once(capsys, monkeypatch, model_dir):
+    """The last table: one row per fact, each asked of the same compressed document, with its expected code and
+    whether the answer holds it."""
+    monkeypatch.setattr(models, "tiny_model_path", lambda: model_dir)
+    argv = ["demo", "--length", "300", "--budgets", "40", "--window", "8", "--facts", "3", "--max-new-tokens", "3",
+            "--methods", "full", "--reuse-method", "spanzip"]
+    assert cli.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("question "))
+    assert lines[header].split() == ["question", "expected", "answer", "correct"]
+    rows = [line for line in lines[header + 2:] if line.strip()]
+    assert len(rows) == 3 and all(row.startswith("What is the secret code of") for row in rows)
+    assert len({row.split("?")[0] for row in rows}) == 3
+    assert all(row.split()[-1] in ("yes", "no") for row in rows)
+    assert cli.main(["demo", "--reuse-method", "nope"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
 
 
 def test_experiment_scripts(monkeypatch, capsys):
