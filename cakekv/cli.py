@@ -16,6 +16,8 @@ import contextlib
 import random
 import sys
 
+from .defaults import QUERY_AGNOSTIC_METHOD
+
 # Only what a command needs is imported, inside it: torch and transformers cost seconds, and help or
 # argument errors need neither.
 
@@ -43,7 +45,6 @@ def cmd_methods(args) -> int:
 # demo
 # ----------------------------------------------------------------------------------------------
 DEMO_METHODS = ("full", "cake", "spancake", "snapkv", "streamingllm")
-DEMO_REUSE_METHOD = "kvzip"  # query-agnostic: its scores do not depend on the question, asked after compression
 
 
 def _demo_table(rows, header=("method", "budget", "answer", "correct", "KV kept", "KV memory", "time")) -> str:
@@ -227,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=float, default=0.3,
                    help="where the asked fact sits, 0 = start, 1 = end (default: %(default)s)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="question-aware")
-    p.add_argument("--reuse-method", default=DEMO_REUSE_METHOD,
+    p.add_argument("--reuse-method", default=QUERY_AGNOSTIC_METHOD,
                    help="method of the last table, every fact asked of one document compressed once at the first "
                         "budget (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=8)
