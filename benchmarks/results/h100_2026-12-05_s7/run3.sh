@@ -10,6 +10,6 @@ OMP_NUM_THREADS=2 timeout 170 python3 -m pytest -q -n 8 -p no:cacheprovider --du
   | tee "$OUT/run3_gpu_suite.log" | tail -8
 TIMEOUT=${GRID_SECONDS:-270} bash experiments/run_kvzip_grid.sh /tmp/grid 16 > "$OUT/run3_grid.log" 2>&1
 tail -4 "$OUT/run3_grid.log"
-[ "${SKIP_COST:-0}" = 1 ] || timeout 110 python3 benchmarks/bench_generate.py --contexts 32768 131072 --methods cake kvzip --budgets 1024 \
-  --new-tokens 8 --no-static-baseline --out /tmp/grid/kvzip_cost 2>&1 | tee "$OUT/run3_kvzip_cost.log" | tail -12
 tar czf "$OUT/run3_grid.tgz" -C /tmp grid
+[ "${SKIP_COST:-0}" = 1 ] || timeout 110 python3 benchmarks/bench_generate.py --contexts 32768 131072 --methods cake kvzip --budgets 1024 \
+  --new-tokens 8 --no-static-baseline --out "$OUT/kvzip_cost" 2>&1 | tee "$OUT/run3_kvzip_cost.log" | tail -12
