@@ -324,3 +324,18 @@ def assert_exact_order(order, pos, offsets):
         lo, hi = int(offsets[s]), int(offsets[s + 1])
         stored = sorted((int(pos[t]), t - lo) for t in range(lo, hi) if pos[t] >= 0)
         assert order[lo:lo + len(stored)].tolist() == [slot for _, slot in stored], f"segment {s}: order not exact"
+
+
+def assert_batch_rows_alone(model, method: str, seed: int, **options):
+    """A left-padded batch of prompts of 33, 95 and 140 tokens (the first stays uncompressed) generates, row by
+    row, what each prompt generates alone, with the same per-head budgets."""
+    prompts = [prompt(n, seed=seed + n) for n in (33, 95, 140)]
+    ids, mask = left_padded(prompts)
+    with cakekv.compress(model, method, budget=BUDGET, window=WINDOW, **options) as handle, torch.no_grad():
+        batch = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        batch_budgets = [s["budget_per_head"] for s in handle.stats]
+        for r, p in enumerate(prompts):
+            alone = model.generate(input_ids=p, max_new_tokens=12, do_sample=False, pad_token_id=0)
+            assert torch.equal(batch[r, ids.shape[1]:], alone[0, p.shape[1]:]), f"row {r}"
+            assert [b[r] for b in batch_budgets] == [s["budget_per_head"][0] for s in handle.stats], f"row {r}"
+    assert batch_budgets[0][0] is None

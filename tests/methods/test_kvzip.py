@@ -14,8 +14,8 @@ from cakekv._ops import attention_max
 from cakekv.methods.layer_defensivekv import global_counts
 from cakekv.reconstruction import repeat_prompt, with_repeat_prompt
 import reference_methods as R
-from helpers import (BUDGET, WINDOW, byte_tokenizer, kept_prefix, left_padded, masked_full_cache_logits, prefill,
-                     prompt, tiny_model)
+from helpers import (BUDGET, WINDOW, assert_batch_rows_alone, byte_tokenizer, kept_prefix, left_padded,
+                     masked_full_cache_logits, prefill, prompt, tiny_model)
 from reference import assert_same_selection
 
 TASK = dict(first=(3, 4, 5), resume=(6, 7), answer=(8,))  # an instruction, as a tokenizer would give
@@ -104,16 +104,7 @@ def test_the_prefill_output_is_the_uncompressed_models(model):
 
 
 def test_left_padded_batch_equals_each_row_alone(model):
-    prompts = [prompt(n, seed=30 + n) for n in (33, 95, 140)]  # the 33-token row stays uncompressed
-    ids, mask = left_padded(prompts)
-    with cakekv.compress(model, "kvzip", budget=BUDGET, window=WINDOW, **OPTIONS) as handle, torch.no_grad():
-        batch = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
-        batch_budgets = [s["budget_per_head"] for s in handle.stats]
-        for r, p in enumerate(prompts):
-            alone = model.generate(input_ids=p, max_new_tokens=12, do_sample=False, pad_token_id=0)
-            assert torch.equal(batch[r, ids.shape[1]:], alone[0, p.shape[1]:]), f"row {r}"
-            assert [b[r] for b in batch_budgets] == [s["budget_per_head"][0] for s in handle.stats], f"row {r}"
-    assert batch_budgets[0][0] is None
+    assert_batch_rows_alone(model, "kvzip", 30, **OPTIONS)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])

@@ -9,7 +9,8 @@ import torch
 import cakekv
 from cakekv import cache_kwargs, cache_of
 import reference_methods as R
-from helpers import BUDGET, WINDOW, kept_prefix, left_padded, masked_full_cache_logits, prefill, prompt, tiny_model
+from helpers import (BUDGET, WINDOW, assert_batch_rows_alone, kept_prefix, masked_full_cache_logits, prefill, prompt,
+                     tiny_model)
 from reference import assert_same_selection
 
 TASK = dict(first=(3, 4, 5), resume=(6, 7), answer=(8,))
@@ -59,17 +60,7 @@ def test_continuation_sees_only_the_kept_context_at_its_positions(model):
 
 @pytest.mark.parametrize("ranking", ["global", "cake"])
 def test_left_padded_batch_equals_each_row_alone(model, ranking):
-    prompts = [prompt(n, seed=40 + n) for n in (33, 95, 140)]  # the 33-token row stays uncompressed
-    ids, mask = left_padded(prompts)
-    with cakekv.compress(model, "spanzip", budget=BUDGET, window=WINDOW, ranking=ranking, **OPTIONS) as handle, \
-            torch.no_grad():
-        batch = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
-        batch_budgets = [s["budget_per_head"] for s in handle.stats]
-        for r, p in enumerate(prompts):
-            alone = model.generate(input_ids=p, max_new_tokens=12, do_sample=False, pad_token_id=0)
-            assert torch.equal(batch[r, ids.shape[1]:], alone[0, p.shape[1]:]), f"row {r}"
-            assert [b[r] for b in batch_budgets] == [s["budget_per_head"][0] for s in handle.stats], f"row {r}"
-    assert batch_budgets[0][0] is None
+    assert_batch_rows_alone(model, "spanzip", 40, ranking=ranking, **OPTIONS)
 
 
 @pytest.mark.parametrize("name,value,error", [("ranking", "layer", ValueError), ("normalise", "mean", ValueError),
