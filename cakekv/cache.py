@@ -258,8 +258,8 @@ class CompressedLayer(CacheLayerMixin):
         kernel_size, pooling = method.pooling
         weights, self.step_weights = self.step_weights, None
         ranked = self.ranking_queries(self.query_pos.shape[1])
-        self.storage.evict(weights, self.query_pos[:, -ranked:], self.over_t, method.decode_variance_weight, self.cache.window,
-                           kernel_size, pooling, self.step_evict, method.decode_score_order)
+        self.storage.evict(weights, self.query_pos[:, -ranked:], self.over_t, method.decode_variance_weight,
+                           self.cache.window, kernel_size, pooling, self.step_evict, method.decode_score_order)
 
     # ---- host side of a step (outside any captured graph) ---------------------------------------
     @property

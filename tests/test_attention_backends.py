@@ -90,8 +90,8 @@ def flash_model(implementation: str, **kw):
 
 def generate(model, ids, mask, method, budget=40, window=8, steps=6):
     with cakekv.compress(model, method=method, budget=budget, window=window) as handle, torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                             pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps,
+                             do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     return out, handle
 
 
