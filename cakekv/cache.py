@@ -416,15 +416,17 @@ class CompressedCache(Cache):
         layer.prefilling = False
         method = self.method
         compress_rows = [method.compresses_prompt(n) for n in self.prompt.host_lengths]
+        compressing = method.compresses and any(compress_rows)
+        rereads = compressing and method.repeat_task is not None  # scored and cut after the re-read
         if layer.sliding_window is not None:
             layer.hold_window()
-        elif method.compresses and any(compress_rows) and method.repeat_task is None:
+        elif compressing and not rereads:
             self.eviction.score_and_recut(self, layer, query, scale, module, softcap, compress_rows)
-        elif method.compresses and any(compress_rows) and method.scores_window:
+        elif rereads and method.scores_window:
             self.eviction.score_window(self, layer, query, scale, module, softcap)
         if layer_idx == len(self.layers) - 1:
-            if method.repeat_task is not None and method.compresses and any(compress_rows):
-                self.reread_rows = compress_rows  # scored and cut after the re-read (`finish_reread`)
+            if rereads:
+                self.reread_rows = compress_rows  # `finish_reread` cuts them
             else:
                 self._finish_prefill(compress_rows)
 
