@@ -34,7 +34,9 @@ class RepeatTask:
     """How a method re-reads the prompt: chunks of `chunk_size` positions; the first after `first`, each later one
     after `resume` and the previous chunk's last `overlap` tokens; then `answer` (the turn that answers, e.g. a chat
     template's end of the user turn), then the chunk. `sinks`: the first positions every chunk attends to and
-    that are always kept."""
+    that are always kept. `lookback`: None, each chunk attends to the whole stored prompt in every layer (KVzip);
+    k, in a global layer only to the sinks, the k positions before its span and the span (the part it repeats):
+    the re-read's attention then costs O(chunk) per query instead of O(prompt)."""
 
     chunk_size: int
     sinks: int
@@ -42,6 +44,7 @@ class RepeatTask:
     resume: tuple[int, ...] = ()
     answer: tuple[int, ...] = ()
     overlap: int = 8
+    lookback: int | None = None  # None: a chunk attends to the whole stored prompt; k: to the sinks, k before its span, the span
 
 
 class Reread:
@@ -60,7 +63,7 @@ class Reread:
         self.scores = {layer.layer_idx: torch.zeros(layer.storage.pos.shape, dtype=torch.float32,
                                                     device=layer.storage.pos.device)
                        for layer in cache.global_layers}
-        self.span_start = 0
+        self.span_start = self.span_stop = 0  # the chunk's span: start, and end over the rows
         self.span_end: torch.Tensor | None = None  # [B] end of each row's span (start: no span)
         self.query_pos: torch.Tensor | None = None  # [B, q] the chunk's positions, -1 on padding
         self.width = width
@@ -86,7 +89,7 @@ class Reread:
             for b, (tokens, n) in enumerate(zip(inputs, self.cache.prompt.host_lengths)):
                 ids[b, q - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
                 query_pos[b, q - len(tokens):] = n + torch.arange(len(tokens))
-            self.span_start, self.span_end = start, torch.tensor(ends, device=device)
+            self.span_start, self.span_stop, self.span_end = start, max(ends), torch.tensor(ends, device=device)
             self.unpadded = all(len(tokens) == q for tokens in inputs) and self.width == min(map(len, self.rows))
             self.query_pos = query_pos.to(device)
             yield ids.to(device), self.query_pos.clamp(min=0)
@@ -94,56 +97,79 @@ class Reread:
     def attend(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
                softcap: float | None) -> torch.Tensor:
         """Attention [B, q, H, D] of the chunk (query, key, value: its own, not stored) over the layer's stored
-        entries and itself, with the visibility rule (a padding query sees itself only, so it stays finite);
-        a global layer's entries are scored on the way."""
+        entries (those of `lookback`'s reach on a global layer) and itself, with the visibility rule (a padding
+        query sees itself only, so it stays finite); a global layer's entries are scored on the way."""
         stored = layer.storage
-        keys, values = torch.cat([stored.keys, key], 2), torch.cat([stored.values, value], 2)
+        local = self.task.lookback is not None and layer.sliding_window is None
+        if local:
+            start = self.span_start
+            first = max(start - self.task.lookback, 0)
+            reach = torch.arange(first, self.span_stop, device=self.pad.device)[None].expand(len(self.pad), -1)
+            sub_keys, sub_values, sub_pos = self._gather(stored, torch.cat([self._sinks(first), reach], -1),
+                                                         values=True)
+        else:
+            sub_keys, sub_values, sub_pos = stored.keys, stored.values, stored.pos[:, :1]
+        keys, values = torch.cat([sub_keys, key], 2), torch.cat([sub_values, value], 2)
         if self.unpadded and layer.sliding_window is None and softcap is None:
-            # every query sees the whole prompt and the chunk up to itself: lower-right causal, no mask
+            # every query sees every entry given and the chunk up to itself: lower-right causal, no mask
             out = F.scaled_dot_product_attention(query, keys, values, scale=scale, enable_gqa=True,
                                                  attn_mask=causal_lower_right(query.shape[2], keys.shape[2]))
             out = out.transpose(1, 2).contiguous()
         else:
             tile = max(1, _QUERY_TILE_ELEMENTS // (query.shape[0] * query.shape[1] * keys.shape[2]))
-            out = torch.cat([self._attend_tile(layer, query[:, :, start:start + tile], keys, values, start, scale,
-                                               softcap) for start in range(0, query.shape[2], tile)], 1)
+            out = torch.cat([self._attend_tile(layer, query[:, :, start:start + tile], keys, values, sub_pos,
+                                               start, scale, softcap) for start in range(0, query.shape[2], tile)], 1)
         if layer.layer_idx in self.scores:
             self._score(layer, query, key, scale, softcap)
         return out
 
-    def _attend_tile(self, layer, query, keys, values, start, scale, softcap):
+    def _attend_tile(self, layer, query, keys, values, stored_pos, start, scale, softcap):
         """`attend` for the chunk's queries start.. (query [B, H, t, D]) with a visibility mask: the query heads of
-        a KV head are folded into its rows, so that the mask is built once per row ([B, 1, G * t, n + q], no
-        copy per head) and SDPA needs no GQA (which would take its math kernel with a mask)."""
-        stored, query_pos = layer.storage, self.query_pos
+        a KV head are folded into its rows, so that the mask is built once per row ([B, 1, G * t, m + q], no
+        copy per head) and SDPA needs no GQA (which would take its math kernel with a mask). `stored_pos`
+        [B, 1, m]: the positions of the stored entries in `keys` (-1: none)."""
+        query_pos = self.query_pos
         b, h, t, d = query.shape
         hkv = keys.shape[1]
         tile_pos = query_pos[:, start:start + t]
         own = visible_entries(query_pos[:, None], tile_pos, layer.sliding_window)
         own |= torch.arange(query_pos.shape[1], device=own.device) == start + torch.arange(t, device=own.device)[:, None]
-        visible = torch.cat([visible_entries(stored.pos[:, :1], tile_pos, layer.sliding_window), own], -1)
+        visible = torch.cat([visible_entries(stored_pos, tile_pos, layer.sliding_window), own], -1)
         rows = query.reshape(b, hkv, h // hkv * t, d)
         mask = visible.expand(b, h // hkv, t, -1).reshape(b, 1, h // hkv * t, -1)
         out = masked_attention(rows, keys, values, mask, scale, softcap)  # [B, G * t, Hkv, D]
         return out.view(b, h // hkv, t, hkv, d).permute(0, 2, 3, 1, 4).reshape(b, t, h, d)
 
+    def _sinks(self, first: int) -> torch.Tensor:
+        """[B, min(sinks, first)] the sink positions below `first` (the others are in the part that follows
+        them), -1 past a row's prompt."""
+        sinks = torch.arange(min(self.task.sinks, first), device=self.pad.device)
+        return torch.where(sinks < self.lengths[:, None], sinks, -1)
+
+    def _gather(self, stored, positions: torch.Tensor, values: bool = False):
+        """The stored keys (and values) [B, Hkv, m, D] at prompt `positions` [B, m] (those at or past a row's span
+        end become -1), with their positions [B, 1, m]."""
+        b, hkv, n, d = stored.keys.shape
+        positions = torch.where(positions < self.span_end[:, None], positions, -1)
+        slots = (self.pad[:, None] + positions).clamp(0, n - 1)[:, None, :, None].expand(b, hkv, -1, d)
+        return (stored.keys.gather(2, slots), stored.values.gather(2, slots) if values else None,
+                positions[:, None])
+
     def _score(self, layer, query, key, scale, softcap):
         """The chunk's largest attention to each entry of its span, the softmax over the sinks, the span and the
         chunk itself; written to the span's slots (each slot is in one span)."""
         stored, task = layer.storage, self.task
-        b, hkv, n, d = stored.keys.shape
-        start, sinks = self.span_start, torch.arange(task.sinks, device=self.pad.device)
+        start = self.span_start
         span = start + torch.arange(task.chunk_size, device=self.pad.device)
-        sink_pos = torch.where((sinks < start) & (sinks < self.lengths[:, None]), sinks, -1)  # outside the span
-        span_pos = torch.where(span < self.span_end[:, None], span, -1)
-        sub_pos = torch.cat([sink_pos, span_pos], -1)  # [B, s + c]
-        slots = (self.pad[:, None] + sub_pos).clamp(0, n - 1)
-        sub_keys = stored.keys.gather(2, slots[:, None, :, None].expand(b, hkv, -1, d))
-        key_pos = torch.cat([sub_pos, self.query_pos], -1)[:, None].expand(b, hkv, -1)
+        sinks = self._sinks(start)
+        sub_keys, _, sub_pos = self._gather(stored, torch.cat([sinks, span[None].expand(len(self.pad), -1)], -1))
+        b, hkv = sub_keys.shape[:2]
+        key_pos = torch.cat([sub_pos[:, 0], self.query_pos], -1)[:, None].expand(b, hkv, -1)
         probs = attention_max(query, torch.cat([sub_keys, key], 2), self.query_pos, key_pos, scale, softcap)
-        span_probs = probs[..., task.sinks:task.sinks + task.chunk_size]
-        span_slots = slots[:, None, task.sinks:].expand(b, hkv, -1)
-        span_probs = torch.where(span_pos[:, None] >= 0, span_probs, 0.0)
+        s = sinks.shape[1]
+        span_pos = sub_pos[:, :, s:]  # [B, 1, c]
+        span_probs = torch.where(span_pos >= 0, probs[..., s:s + task.chunk_size], 0.0)
+        span_slots = (self.pad[:, None, None] + span_pos).clamp(0, stored.keys.shape[2] - 1).expand(b, hkv, -1)
         self.scores[layer.layer_idx].scatter_reduce_(-1, span_slots, span_probs, "amax")
 
     def indicators(self, window: int) -> None:

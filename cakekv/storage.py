@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from . import _ops
-from .methods.base import soft_capped
 
 
 def cloned(obj):
@@ -39,6 +38,12 @@ def cloned(obj):
         elif isinstance(value, Storage):
             setattr(twin, name, cloned(value))
     return twin
+
+
+def soft_capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Scaled attention logits soft-capped as transformers' eager kernels do (Gemma 2): softcap * tanh(logits /
+    softcap); as they are without a cap (None or 0)."""
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
 
 
 def visible_entries(pos: torch.Tensor, query_pos: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:

@@ -102,6 +102,7 @@ def tiny_model(family: str = "llama", kv_heads: int = 2, dtype=torch.float32, la
 
 
 _CAPTURED: dict = {}
+_CAPTURE_MASK: list = [None]  # a boolean mask [q, k] the captured forward attends with (None: causal)
 
 
 def _capture(module, query, key, value):
@@ -111,6 +112,12 @@ def _capture(module, query, key, value):
 
 def _capture_sdpa(module, query, key, value, attention_mask, **kwargs):
     _capture(module, query, key, value)
+    if _CAPTURE_MASK[0] is not None:
+        groups = query.shape[1] // key.shape[1]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1),
+            attn_mask=_CAPTURE_MASK[0].to(query.device), scale=kwargs.get("scaling"))
+        return out.transpose(1, 2).contiguous(), None
     return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
 
 
@@ -126,11 +133,13 @@ for _name, _fn, _mask in (("test_capture", _capture_sdpa, "sdpa"), ("test_captur
     ALL_MASK_ATTENTION_FUNCTIONS.register(_name, ALL_MASK_ATTENTION_FUNCTIONS[_mask])
 
 
-def capture_qkv(model, input_ids) -> list[tuple[torch.Tensor, ...]]:
+def capture_qkv(model, input_ids, mask: torch.Tensor | None = None) -> list[tuple[torch.Tensor, ...]]:
     """Per layer (q [H, n, D], k [Hkv, n, D], v [Hkv, n, D], o_proj weight) of a single unpadded
-    prompt, after RoPE."""
+    prompt, after RoPE; with `mask` [n, n] (bool, SDPA models only), every layer attends under it instead of
+    causally."""
     original = model.config._attn_implementation
     model.config._attn_implementation = "test_capture_eager" if original == "eager" else "test_capture"
+    _CAPTURE_MASK[0] = mask
     try:
         _CAPTURED.clear()
         with torch.no_grad():
@@ -138,6 +147,7 @@ def capture_qkv(model, input_ids) -> list[tuple[torch.Tensor, ...]]:
         return [_CAPTURED[i] for i in range(model.config.num_hidden_layers)]
     finally:
         model.config._attn_implementation = original
+        _CAPTURE_MASK[0] = None
 
 
 def capture_qk(model, input_ids) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -423,12 +423,14 @@ def spancake_reference(layers, scale, budget, window, before=2, after=16, weight
     return kept, [[b] * len(heads) for b, heads in zip(budgets, kept)], scores
 
 
-def kvzip_scores(model, ids, chunk_size, sinks=4, overlap=8, first=(), resume=(), answer=()):
+def kvzip_scores(model, ids, chunk_size, sinks=4, overlap=8, first=(), resume=(), answer=(), lookback=None):
     """KVzip's scores [layer][Hkv, n] of one prompt `ids` [1, n], written from the paper and the official
     `KVScore._get_score`: each chunk re-read by a plain forward over prompt + instruction + chunk (so the chunk
     attends to the whole prompt and itself), then per layer the whole attention matrix of the re-read's queries
     over the first `sinks` positions (those before the chunk), the chunk's span and the re-read itself (causal),
-    softmax over those; an entry's score is its largest probability over the queries and the group's heads."""
+    softmax over those; an entry's score is its largest probability over the queries and the group's heads.
+    With `lookback` (kvzip's reread='span'), the re-read's forward attends only to the first `sinks` positions,
+    the `lookback` positions before the span, the span and itself (a mask over the plain forward)."""
     n = ids.shape[1]
     row = ids[0].tolist()
     hkv = model.config.num_key_value_heads
@@ -438,7 +440,14 @@ def kvzip_scores(model, ids, chunk_size, sinks=4, overlap=8, first=(), resume=()
         head = list(first) if start == 0 else list(resume) + row[max(start - overlap, 0):start]
         reread = head + list(answer) + row[start:end]
         q_len = len(reread)
-        layers = capture_qkv(model, torch.tensor([row + reread]))
+        mask = None
+        if lookback is not None:
+            mask = torch.ones(n + q_len, n + q_len).tril().bool()
+            seen = torch.zeros(n, dtype=torch.bool)
+            seen[:sinks] = True
+            seen[max(start - lookback, 0):end] = True
+            mask[n:, :n] = seen
+        layers = capture_qkv(model, torch.tensor([row + reread]), mask)
         keys_at = list(range(min(sinks, start))) + list(range(start, end)) + list(range(n, n + q_len))
         causal = torch.ones(q_len, len(keys_at), dtype=torch.bool)
         causal[:, -q_len:] = torch.ones(q_len, q_len).tril().bool()

@@ -10,13 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ops
+from ..storage import soft_capped
 from .options import Options, option
-
-
-def soft_capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    """Scaled attention logits soft-capped as transformers' eager kernels do (Gemma 2): softcap * tanh(logits /
-    softcap); as they are without a cap (None or 0)."""
-    return torch.tanh(logits / softcap) * softcap if softcap else logits
 
 
 @dataclass

@@ -54,12 +54,18 @@ class KVzipOptions(Options):
     resume_ids: tuple[int, ...] = option((), "token ids of the instruction before each later chunk")
     answer_ids: tuple[int, ...] = option((), "token ids between the instruction and the chunk (a chat template's "
                                              "end of the user turn)")
+    reread: Literal["full", "span"] = option(
+        "full", "what a re-read chunk attends to in a global layer: the whole stored prompt ('full', the paper's) or "
+                "the sinks, reread_lookback positions before its span and the span ('span': cheaper at long prompts)")
+    reread_lookback: int = option(2000, "with reread='span': prompt positions before a chunk's span it attends to",
+                                  ge=0)
 
 
 def repeat_task(options: KVzipOptions) -> RepeatTask:
     """The re-read the options describe (shared with the methods that re-read as KVzip does)."""
     o = options
-    return RepeatTask(o.chunk_size, o.sinks, o.repeat_ids, o.resume_ids, o.answer_ids, o.resume_tokens)
+    return RepeatTask(o.chunk_size, o.sinks, o.repeat_ids, o.resume_ids, o.answer_ids, o.resume_tokens,
+                      o.reread_lookback if o.reread == "span" else None)
 
 
 def ranked_budgets(method: Method, caps: torch.Tensor, indicators: list[torch.Tensor]) -> torch.Tensor:

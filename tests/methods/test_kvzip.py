@@ -40,6 +40,23 @@ def test_matches_the_reference(model, ranking):
             assert set(range(4)) <= set(got)  # the sinks
 
 
+@pytest.mark.parametrize("lookback", [0, 20])
+def test_span_reread_matches_the_reference(model, lookback):
+    """reread='span': each chunk's forward sees only the sinks, `lookback` positions before its span, the span and
+    itself; the reference masks a plain forward so."""
+    ids = prompt(150, seed=4)
+    kept, budgets, scores = R.kvzip_reference(model, ids, BUDGET, WINDOW, 48, lookback=lookback, **TASK)
+    out, _ = prefill(model, ids, "kvzip", reread="span", reread_lookback=lookback, **OPTIONS)
+    layers = cache_of(out).layers
+    assert [layer.head_prefix[0] for layer in layers] == budgets
+    for i, layer in enumerate(layers):
+        for h, got in enumerate(kept_prefix(layer)):
+            assert_same_selection(got, kept[i][h], scores[i][h])
+    full, _ = prefill(model, ids, "kvzip", **OPTIONS)  # the span re-read is another one
+    assert any(a.head_prefix != b.head_prefix or not torch.equal(a.storage.padded_pos(), b.storage.padded_pos())
+               for a, b in zip(layers, cache_of(full).layers))
+
+
 def test_global_ranking_moves_budget_between_layers_and_heads(model):
     out, _ = prefill(model, prompt(150, seed=3), "kvzip", **OPTIONS)
     counts = [c for layer in cache_of(out).layers for c in layer.head_prefix[0]]
@@ -103,19 +120,22 @@ def test_the_prefill_output_is_the_uncompressed_models(model):
     torch.testing.assert_close(out.logits, want)
 
 
-def test_left_padded_batch_equals_each_row_alone(model):
-    assert_batch_rows_alone(model, "kvzip", 30, **OPTIONS)
+@pytest.mark.parametrize("reread", ["full", "span"])
+def test_left_padded_batch_equals_each_row_alone(model, reread):
+    assert_batch_rows_alone(model, "kvzip", 30, reread=reread, reread_lookback=10, **OPTIONS)
 
 
+@pytest.mark.parametrize("reread", ["full", "span"])
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_query_tiles_give_the_untiled_attention(family, monkeypatch):
+def test_query_tiles_give_the_untiled_attention(family, reread, monkeypatch):
     """The masked re-read (a padded batch; Gemma 2: sliding windows and soft-capping) in tiles of 2 queries keeps
     what it keeps in one tile, and the compressed caches continue alike."""
     model = tiny_model(family, kv_heads=2)
     ids, mask = left_padded([prompt(n, seed=50 + n) for n in (90, 130)])
 
     def compressed():
-        with cakekv.compress(model, "kvzip", budget=BUDGET, window=WINDOW, **OPTIONS), torch.no_grad():
+        with cakekv.compress(model, "kvzip", budget=BUDGET, window=WINDOW, reread=reread, reread_lookback=10,
+                             **OPTIONS), torch.no_grad():
             cache = cache_of(model(input_ids=ids, attention_mask=mask, use_cache=True))
             return [layer.storage.padded_pos() for layer in cache.layers]
 

@@ -41,11 +41,12 @@ EXPECTED = {
                  "decode_evict": True},
     "streamingllm": {"sinks": 4, "decode_evict": False},
     "spanzip": {"ranking": "global", "chunk_size": 2000, "sinks": 4, "resume_tokens": 8, "repeat_ids": (),
-                "resume_ids": (), "answer_ids": (), "tau1": 1.0, "tau2": 1.0, "gamma": 200.0, "kernel_size": 5,
+                "resume_ids": (), "answer_ids": (), "reread": "full", "reread_lookback": 2000, "tau1": 1.0,
+                "tau2": 1.0, "gamma": 200.0, "kernel_size": 5,
                 "head_budgets": False, "head_floor": 0.2, "span_before": 2, "span_after": 16, "span_weight": 0.5,
                 "decode_spans": True, "window_weight": 1.0, "normalise": "rank", "decode_evict": True},
     "kvzip": {"ranking": "global", "chunk_size": 2000, "sinks": 4, "resume_tokens": 8, "repeat_ids": (),
-              "resume_ids": (), "answer_ids": (), "decode_evict": False},
+              "resume_ids": (), "answer_ids": (), "reread": "full", "reread_lookback": 2000, "decode_evict": False},
 }
 
 # Values of the wrong type (TypeError) or not a usable value of the right type (ValueError), per type.
