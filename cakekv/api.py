@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from .arguments import check_arguments
 from .cache import CompressedCache
 from .methods import get_method
-from .methods.options import as_int
 from .patch import (Patch, check_method, check_supported, decoder_config, sliding_windows,
                     warn_if_untested_transformers)
 
@@ -62,25 +62,13 @@ class CompressionHandle:
         return f"CompressionHandle(method={self.method.name!r}, budget={self.budget}, window={self.window}, {state})"
 
 
-def check_arguments(method: str, budget: Any, window: Any) -> tuple[type, int, int]:
-    """What compress() checks before it touches the model (method known, integer budget and window,
-    window >= 1, budget >= window + 1); the command line calls it before loading a model."""
-    method_cls = get_method(method)
-    budget, window = as_int("budget", budget), as_int("window", window)
-    if window < 1:
-        raise ValueError(f"window: must be >= 1, got {window}")
-    if budget < window + 1:
-        raise ValueError(f"budget: must be >= window + 1 = {window + 1}, got {budget}")
-    return method_cls, budget, window
-
-
 def checked_method(model, method: str, budget: Any, window: Any, options: dict[str, Any]):
     """The method instance `compress` would use, every argument and the model checked (`check_arguments`,
     the options against their declarations, the model supported); touches nothing, so the pipeline can
     refuse bad settings when it is built rather than at its first call."""
-    method_cls, budget, window = check_arguments(method, budget, window)
+    method, budget, window = check_arguments(method, budget, window)
     check_supported(model)
-    instance = method_cls(decoder_config(model), budget, window, **options)  # a composite model's text config
+    instance = get_method(method)(decoder_config(model), budget, window, **options)  # a composite model's text config
     check_method(model, instance)
     return instance
 

@@ -56,8 +56,6 @@ def _demo_table(rows, header=("method", "budget", "answer", "correct", "KV kept"
 
 
 def cmd_demo(args) -> int:
-    import torch
-
     from .eval.args import parse_int_list, split_list
     from .eval.runs import check_compression, expand_runs
     from .methods import available_methods
@@ -69,6 +67,7 @@ def cmd_demo(args) -> int:
     check_compression(args.reuse_method, budgets[0], args.window)  # the last table's, before the model loads
     if args.length < 64:
         raise ValueError("length: the document needs at least 64 tokens")
+    import torch  # after the checks: a mistyped flag fails at once
     if args.threads:
         torch.set_num_threads(args.threads)
     with _quiet_transformers():  # a clean table: no loading bars or length notices
@@ -121,6 +120,10 @@ def _demo(args, runs, reuse_budget: int) -> int:
     print(_demo_table(rows))
     print("\nKV kept: entries per layer per KV head after the run (mean over layers) / prompt tokens; "
           "KV memory: K/V bytes of the entries kept after the run (% of a full cache of the same tokens).")
+    if any(row[3] == "no" and row[1] != "-" for row in rows):
+        print("A wrong answer that begins like the code is cut by token-level selection: the question's attention "
+              "peaks on the fact's first tokens, so a method that ranks each token alone keeps those and evicts "
+              "the rest of the value; spancake keeps the span after each peak (README, Methods).")
     print(f"\nOne document, every fact asked after it was compressed once with {args.reuse_method} at budget "
           f"{reuse_budget} (each question from its own copy of the compressed cache):\n")
     print(_demo_table(_demo_questions(args, model, tok, sample, reuse_budget),
@@ -154,14 +157,15 @@ def _demo_questions(args, model, tok, sample, budget: int) -> list[tuple]:
 # generate
 # ----------------------------------------------------------------------------------------------
 def cmd_generate(args) -> int:
-    from .eval.args import parse_options
-    from .eval.generation import generate
-    from .eval.models import load_model
-    from .eval.prompts import encode_prompt, make_prompt, use_chat
-    from .eval.report import fmt_bytes
+    from .eval.args import split_options
     from .eval.runs import FULL, check_compression
 
-    check_compression(args.method, args.budget, args.window)
+    # the checks that need no torch first: a mistyped flag fails at once
+    if args.method != FULL:
+        check_compression(args.method, args.budget, args.window)
+    else:
+        check_compression(FULL, args.window + 1, args.window)  # full keeps everything: its budget means nothing
+    split_options(args.option)
     if args.prompt_file == "-":
         prompt_text = sys.stdin.read()
     else:
@@ -170,7 +174,13 @@ def cmd_generate(args) -> int:
                 prompt_text = f.read()
         except OSError as e:
             raise FileNotFoundError(f"prompt-file: cannot read {args.prompt_file!r}: {e.strerror or e}") from None
-    options = parse_options(args.option, [args.method])
+    from .eval.args import parse_options
+    options = parse_options(args.option, [args.method])  # the method's declarations (torch, not transformers)
+    from .eval.generation import generate
+    from .eval.models import load_model
+    from .eval.prompts import encode_prompt, make_prompt, use_chat
+    from .eval.report import fmt_bytes
+
     model, tok = load_model(args.model, args.device, args.dtype, args.attn_implementation)
     chat = use_chat(tok, args.chat)
     encoded = encode_prompt(tok, make_prompt(tok, "", prompt_text, "", chat=chat), "question-aware")
@@ -182,7 +192,8 @@ def cmd_generate(args) -> int:
     mem = (f"{fmt_bytes(gen.bytes_kept)} of {fmt_bytes(gen.bytes_before)} "
            f"({100 * gen.kv_fraction:.1f}%; {fmt_bytes(gen.bytes_after)} allocated)"
            if gen.kv_fraction is not None else "-")
-    print(f"[cakekv] method {args.method}, budget {args.budget}, window {args.window}, chat {chat}: "
+    budget = "- (full cache)" if args.method == FULL else args.budget
+    print(f"[cakekv] method {args.method}, budget {budget}, window {args.window}, chat {chat}: "
           f"{gen.prompt_tokens} prompt tokens, {len(gen.tokens)} new tokens, {kept} KV entries kept per layer "
           f"and KV head, KV memory {mem}, {gen.seconds:.2f} s", file=sys.stderr)
     return 0
@@ -213,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list the compression methods and their options")
     p.add_argument("names", nargs="*", metavar="NAME",
                    help="methods whose options to describe (type, default, constraint, doc)")
-    p.set_defaults(func=cmd_methods)
+    p.set_defaults(func=cmd_methods, parser=p)
 
     p = sub.add_parser("demo", help="answer a question about a long document with the shipped tiny model, "
                                     "with the full cache and compressed caches")
@@ -234,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, parser=p)
 
     p = sub.add_parser("generate", help="generate with a compressed KV cache from any local causal LM")
     p.add_argument("--model", default=None, help="local model folder or cached Hugging Face id, loaded offline "
@@ -256,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="method option (repeatable), e.g. --option decode_evict=False; Python or JSON spelling "
                         "(see `cakekv methods NAME`)")
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=cmd_generate, parser=p)
 
     p = sub.add_parser("eval", help="run an evaluation: needle, synthetic or longbench")
     tasks = p.add_subparsers(dest="task", metavar="TASK")
@@ -266,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
                                ("longbench", longbench, "LongBench predictions and official metrics")):
         q = tasks.add_parser(name, help=text, description=module.__doc__.split("\n")[0])
         module.add_arguments(q)
-        q.set_defaults(func=cmd_eval)
+        q.set_defaults(func=cmd_eval, parser=q)
     return parser
 
 
@@ -275,7 +286,7 @@ def main(argv=None) -> int:
     from .eval.errors import report_user_errors
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_ranges(parser, args)
+    check_ranges(args.parser, args)  # the subcommand's usage line with the error
     return report_user_errors(args.func)(args)
 
 

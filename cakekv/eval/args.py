@@ -74,16 +74,27 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def parse_options(items: Sequence[str] | None, methods: Sequence[str] = ()) -> dict[str, Any]:
-    """``KEY=VALUE`` strings (``--option``) to method options, checked against the declared options of
-    each of ``methods`` (before any model is loaded); errors are ValueErrors naming ``--option``."""
-    from ..methods import get_method
+def split_options(items: Sequence[str] | None) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (``--option``) to a dict, without checking them against any method (no torch): a
+    malformed item or a key given twice is a ValueError naming ``--option``."""
     options: dict[str, Any] = {}
+    given: dict[str, str] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise ValueError(f"--option: expected KEY=VALUE, got {item!r}")
-        options[key.strip()] = parse_value(value)
+        if key in given:
+            raise ValueError(f"--option: {key} given twice ({given[key]!r} and {item!r}); give it once")
+        given[key], options[key] = item, parse_value(value)
+    return options
+
+
+def parse_options(items: Sequence[str] | None, methods: Sequence[str] = ()) -> dict[str, Any]:
+    """`split_options`, then checked against the declared options of each of ``methods`` (before any model is
+    loaded); errors are ValueErrors naming ``--option``."""
+    from ..methods import get_method
+    options = split_options(items)
     for method in methods:
         declared = get_method(method).Options
         try:

@@ -2,6 +2,7 @@
 the device and dtype resolved from the command line's spelling ("auto", "bf16", "cuda:1", ...)."""
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -67,6 +68,18 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((os.sep, ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    from transformers.utils import logging as hf_logging
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(model: str | None, device: str | None = None, dtype: str | None = None,
                attn_implementation: str | None = None, trust_remote_code: bool = False):
     """Load a causal LM and its tokenizer from local files only (nothing is ever downloaded).
@@ -85,7 +98,9 @@ def load_model(model: str | None, device: str | None = None, dtype: str | None =
         model_kwargs = dict(kwargs, dtype=torch_dtype)
         if attn_implementation:
             model_kwargs["attn_implementation"] = attn_implementation
-        lm = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
+        # the shipped model loads at once: no loading bar on stderr (a user's model keeps it: loads take minutes)
+        with contextlib.nullcontext() if model is not None else _no_progress_bars():
+            lm = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
         if _looks_like_path(path) and not os.path.isdir(path):
             raise ModelLoadError(f"--model: no such folder {path!r} (cakekv never downloads: pass a folder with "

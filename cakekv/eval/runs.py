@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Sequence
 
+from ..arguments import check_arguments
 from ..defaults import QUERY_AGNOSTIC_METHOD
 from .prompts import Encoded, Prompt, encode_prompt, group_indices
 
@@ -21,7 +22,6 @@ def check_compression(method: str, budget: int, window: int) -> None:
     """What ``cakekv.compress()`` checks before it touches the model -- the method is known, budget
     and window are integers, window >= 1, budget >= window + 1 -- with compress()'s own messages, so
     that a command stops in one line before it loads a model."""
-    from ..api import check_arguments
     check_arguments(method, budget, window)
 
 

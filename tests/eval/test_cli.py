@@ -38,7 +38,8 @@ def test_methods(capsys):
     (["bogus"], "invalid choice"),
     (["eval"], "required"),
     (["eval", "needle", "--protocol", "both"], "invalid choice"),
-    (["eval", "needle", "--window", "0"], "--window must be >= 1"),
+    (["eval", "needle", "--window", "0"], "cakekv eval needle: error: --window must be >= 1"),
+    (["generate", "--prompt-file", "x", "--window", "0"], "cakekv generate: error: --window must be >= 1"),
     (["eval", "synthetic", "--samples", "0"], "--samples must be >= 1"),
     (["generate", "--model", "m"], "--prompt-file"),
     (["generate", "--model", "m", "--prompt-file", "x", "--budget", "many"], "invalid int"),
@@ -49,6 +50,31 @@ def test_argument_errors(capsys, argv, message):
         cli.main(argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+ARGUMENT_ERRORS = [  # (argv, message): refused before torch is imported
+    (["generate", "--prompt-file", "p", "--budget", "0"], "budget: must be >= window + 1 = 33, got 0"),
+    (["generate", "--prompt-file", "p", "--method", "nope"], "unknown method 'nope'"),
+    (["generate", "--prompt-file", "p", "--option", "gamma"], "--option: expected KEY=VALUE, got 'gamma'"),
+    (["generate", "--prompt-file", "p", "--option", "gamma=1", "--option", "gamma=2"],
+     "--option: gamma given twice ('gamma=1' and 'gamma=2')"),
+    (["generate", "--prompt-file", "/no/such/file", "--method", "full", "--budget", "8"],
+     "prompt-file: cannot read"),  # full's budget is not checked: it keeps everything
+    (["demo", "--budgets", "8"], "budget: must be >= window + 1 = 17, got 8"),
+]
+
+
+def test_argument_errors_load_no_torch():
+    """Each error above, in a fresh interpreter: exit 2, the message, and torch never imported (what makes a
+    mistyped flag fail at once; benchmarks/bench_cli_errors.py times them)."""
+    import subprocess
+    for argv, message in ARGUMENT_ERRORS:
+        code = ("import sys\nfrom cakekv import cli\ntry:\n    code = cli.main(%r)\nexcept SystemExit as e:\n"
+                "    code = e.code\nprint('exit', code, 'torch' in sys.modules)\n" % argv)
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                              env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+        assert done.stdout.split() == ["exit", "2", "False"], (argv, done.stdout, done.stderr)
+        assert message in done.stderr, (argv, done.stderr)
 
 
 def test_runtime_errors_are_one_clear_line(capsys, tmp_path, model_dir):
@@ -139,6 +165,10 @@ def test_demo(capsys, monkeypatch, model_dir, tmp_path):
     assert lines[header].split() == ["method", "budget", "answer", "correct", "KV", "kept", "KV", "memory", "time"]
     rows = [line.split()[0] for line in lines[header + 2:header + 4]]
     assert rows == ["full", "cake"]
+    at = lines[header].index("correct")
+    correct = [line[at:].split()[0] for line in lines[header + 2:header + 4]]
+    assert set(correct) <= {"yes", "no"}
+    assert ("cut by token-level selection" in out) == (correct[1] == "no")  # why, under the table, when cake errs
     assert "compressed once with kvzip at budget 40" in out
 
 

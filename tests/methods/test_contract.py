@@ -27,6 +27,19 @@ def test_available_methods():
     assert cakekv.method_options("cake")["gamma"] == 200.0
 
 
+def test_every_method_module_is_listed_and_loads_by_name():
+    """Methods load lazily by name (cakekv/methods/<name>.py): every module that registers a method is listed, each
+    listed name loads its class, and an unlisted or misplaced method is refused at registration."""
+    import pathlib
+    from cakekv.methods import Method, get_method, registry
+    folder = pathlib.Path(registry.__file__).parent
+    defining = sorted(p.stem for p in folder.glob("*.py") if "@register" in p.read_text())
+    assert defining == sorted(registry.METHOD_NAMES) == METHODS
+    assert all(get_method(name).name == name for name in METHODS)
+    with pytest.raises(TypeError, match="METHOD_NAMES"):
+        registry.register(type("Extra", (Method,), {"name": "extra"}))
+
+
 # ---- identity ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
