@@ -15,7 +15,9 @@ Options: chunk_size = 2000 (official; kvpress 2048), sinks = 4 (kvpress's n_sink
 `prev_postfix_size`), the instruction as token ids (`repeat_ids`, `resume_ids`, `answer_ids`):
 `cakekv.reconstruction.repeat_prompt(tokenizer)` builds the official texts, and the pipeline and `cakekv eval`
 pass them; given none (`compress()` has no tokenizer), each chunk is re-read after the previous chunk's last
-`resume_tokens` tokens only.
+`resume_tokens` tokens only. reread = "full" (the paper's: a chunk attends to the whole prompt); "span" (ours): in a
+global layer a chunk attends only to the sinks, `reread_lookback` = 2000 positions before its span, the span and
+itself, so the re-read's attention no longer grows with the prompt.
 
 Deliberate deviations from the official code:
 * the budget contract: the last `window` prompt positions are kept outside the ranking, and exactly the budget is
