@@ -44,7 +44,7 @@ class RepeatTask:
     resume: tuple[int, ...] = ()
     answer: tuple[int, ...] = ()
     overlap: int = 8
-    lookback: int | None = None  # None: a chunk attends to the whole stored prompt; k: to the sinks, k before its span, the span
+    lookback: int | None = None  # None: the whole stored prompt; k: the sinks, k positions before the span, the span
 
 
 class Reread:
