@@ -6,7 +6,9 @@ Per example (``pred.py`` of LongBench, and the CAKE / SnapKV / AdaKV / LAVa scri
    ``input``;
 2. tokenize it; when longer than ``max_length`` tokens keep the first and the last
    ``int(max_length / 2)`` tokens, each half decoded with ``skip_special_tokens=True`` and the two
-   strings joined (middle truncation);
+   strings joined (middle truncation); ``max_length`` is one value per model, the official table's
+   (:data:`OFFICIAL_MODELS`, the model named by ``--model-name`` or recognised from its path), else
+   :func:`max_length_rule` of its ``max_position_embeddings``;
 3. wrap it with the tokenizer's chat template (when it has one; ``--chat``), except for the few-shot
    and code datasets in :data:`NO_CHAT_DATASETS`;
 4. decode greedily ``DATASET2MAXLEN[name]`` new tokens (samsum: at least one new token, and ``"\\n"``
@@ -24,6 +26,11 @@ Data: ``{data_dir}/{name}.jsonl`` in LongBench's format (one JSON object per lin
 ``context``, ``answers``, ``length``, ``dataset``, ``language``, ``all_classes``, ``_id``), e.g. the
 files of LongBench's ``data.zip`` unpacked into one folder. Nothing is downloaded.
 
+Outputs under ``--out``: ``settings.json`` (what decides the predictions, each setting as resolved, the
+runs' method options included, written before the predictions), ``pred/{run}/{dataset}.jsonl`` and the
+report (``results.json`` with the settings, ``results.md``, ``results.png``). A folder holding an
+earlier run is refused unless ``--resume`` (its recorded settings must match) or ``--overwrite``.
+
 Differences from the official scripts, on purpose (the intended behaviour by default, the
 official quirk as an option): with a chat template that writes the BOS token as text, BOS is not added a
 second time (``--double-bos`` restores the doubling of the official Llama-3 / Mistral scripts).
@@ -36,6 +43,8 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
+import warnings
 from typing import Any, Sequence
 
 from . import metrics, report
@@ -122,13 +131,45 @@ DATASET2MAXLEN: dict[str, int] = {
     "passage_retrieval_en": 32, "passage_retrieval_zh": 32, "lcc": 64, "repobench-p": 64,
 }
 
-# Prompt budget (tokens) of the official configs (model2maxlen.json of the CAKE scripts).
-MODEL2MAXLEN = {"llama2-7b": 3500, "llama2-13b": 3500, "llama3.1-8b": 127500, "mistral-0.3": 31500,
-                "qwen2.5": 31500}
+
+
+@dataclasses.dataclass(frozen=True)
+class OfficialModel:
+    """A model of the official runs: the name their scripts take (``--model-name``), its Hugging Face id
+    (``config/model2path.json``) and its prompt budget in tokens (``config/model2maxlen.json``)."""
+    name: str
+    hub_id: str
+    max_length: int
+
+    @property
+    def pattern(self) -> str:
+        """What a model's path contains when it is this model: the id's last part, lowercased, without "-hf" (how
+        CAKE's tau table names the same models)."""
+        return self.hub_id.rsplit("/", 1)[-1].lower().removesuffix("-hf")
+
+
+# LongBench's table (THUDM/LongBench config/, pred.py), then the models CAKE's scripts add (pred_cake.py).
+OFFICIAL_MODELS = (
+    OfficialModel("llama2-7b-chat-4k", "meta-llama/Llama-2-7b-chat-hf", 3500),
+    OfficialModel("longchat-v1.5-7b-32k", "lmsys/longchat-7b-v1.5-32k", 31500),
+    OfficialModel("xgen-7b-8k", "Salesforce/xgen-7b-8k-inst", 7500),
+    OfficialModel("internlm-7b-8k", "internlm/internlm-chat-7b-8k", 7500),
+    OfficialModel("chatglm2-6b", "THUDM/chatglm2-6b", 31500),
+    OfficialModel("chatglm2-6b-32k", "THUDM/chatglm2-6b-32k", 31500),
+    OfficialModel("chatglm3-6b-32k", "THUDM/chatglm3-6b-32k", 31500),
+    OfficialModel("vicuna-v1.5-7b-16k", "lmsys/vicuna-7b-v1.5-16k", 15500),
+    OfficialModel("llama2-13b-chat-4k", "meta-llama/Llama-2-13b-chat-hf", 3500),
+    OfficialModel("llama3.1-8b-128k", "meta-llama/Llama-3.1-8B-Instruct", 127500),
+    OfficialModel("mistral-0.3-7b-32k", "mistralai/Mistral-7B-Instruct-v0.3", 31500),
+    OfficialModel("qwen2.5-7b-instruct", "Qwen/Qwen2.5-7B-Instruct", 31500),
+)
+OFFICIAL_NAMES = tuple(m.name for m in OFFICIAL_MODELS)
 
 DATASET_GROUPS = {"en": DATASETS_EN, "zh": DATASETS_ZH, "all": DATASETS}
 
 PRED_DIR = "pred"
+SETTINGS = "settings.json"  # what decides the predictions, written before them (--resume checks it)
+REPORT = ("results.json", "results.md", "results.png")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,32 +179,22 @@ def data_path(data_dir: str, name: str) -> str:
     return os.path.join(data_dir, f"{name}.jsonl")
 
 
+def check_data_files(data_dir: str, names: Sequence[str]) -> None:
+    """One error naming every missing ``{name}.jsonl``, so that one look at the folder fixes them all."""
+    missing = [data_path(data_dir, n) for n in names if not os.path.isfile(data_path(data_dir, n))]
+    if missing:
+        raise FileNotFoundError(
+            f"--data-dir: no LongBench data for {len(missing)} dataset{'s' * (len(missing) > 1)}: "
+            f"{', '.join(missing)}. cakekv never downloads data: put LongBench's {{name}}.jsonl files (from the "
+            "LongBench release's data.zip) in one folder and pass it as --data-dir")
+
+
 def load_data(data_dir: str, name: str, limit: int | None = None) -> list[dict]:
     """The examples of ``{data_dir}/{name}.jsonl`` (first ``limit`` ones)."""
     if name not in DATASET2PROMPT:
         raise ValueError(f"datasets: unknown LongBench dataset {name!r}; known: {', '.join(DATASETS)}")
-    path = data_path(data_dir, name)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"LongBench data for {name!r} not found: {path} does not exist. cakekv never downloads data: "
-            "put LongBench's {name}.jsonl files (from the LongBench release's data.zip) in one folder and pass "
-            "it as --data-dir")
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                ex = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            missing = [k for k in ("context", "input", "answers") if k not in ex]
-            if missing:
-                raise ValueError(f"{path}:{lineno}: missing field(s) {missing}")
-            examples.append(ex)
-            if limit is not None and len(examples) >= limit:
-                break
-    return examples
+    check_data_files(data_dir, [name])
+    return read_jsonl(data_path(data_dir, name), ("context", "input", "answers"), limit)
 
 
 def resolve_datasets(names: Sequence[str]) -> list[str]:
@@ -178,6 +209,135 @@ def resolve_datasets(names: Sequence[str]) -> list[str]:
             raise ValueError(f"datasets: unknown LongBench dataset {n!r}; known: {', '.join(DATASETS)} "
                              "(or en, zh, all)")
     return list(dict.fromkeys(out))
+
+
+# ----------------------------------------------------------------------------------------------
+# the model's official settings
+# ----------------------------------------------------------------------------------------------
+def official_model(name: str | None, model_path: str | None) -> OfficialModel | None:
+    """The official model named by ``--model-name``, else the one whose pattern the model's path contains (the
+    longest: chatglm2-6b-32k before chatglm2-6b), else None."""
+    if name is not None:
+        return next(m for m in OFFICIAL_MODELS if m.name == name)
+    path = (model_path or "").lower()
+    found = [m for m in OFFICIAL_MODELS if m.pattern in path]
+    return max(found, key=lambda m: len(m.pattern)) if found else None
+
+
+def max_length_rule(max_position_embeddings: int) -> int:
+    """The prompt budget of a model the official tables lack, by the rule their entries follow: the context in
+    thousands (``max_position_embeddings // 1024``) times 1000, minus 500 (4K: 3500, 32K: 31500, 128K: 127500),
+    which leaves room for the longest answer (512 tokens) and the chat wrapping."""
+    return 1000 * (max_position_embeddings // 1024) - 500
+
+
+def resolve_max_length(given: int | None, official: OfficialModel | None, config) -> tuple[int, str]:
+    """(max_length, where it comes from): ``--max-length``, else the official model's, else the rule's. One
+    value for every dataset of a run, as in the official scripts."""
+    if given is not None:
+        return given, "--max-length"
+    if official is not None:
+        return official.max_length, f"official ({official.name})"
+    positions = getattr(config, "max_position_embeddings", None)
+    if not positions or positions < 1024:
+        raise ValueError(f"--max-length: the model's max_position_embeddings {positions} gives no prompt budget "
+                         "(the rule needs 1024 or more); pass --max-length")
+    return max_length_rule(positions), f"rule (max_position_embeddings {positions})"
+
+
+def run_options(setup: Setup, run: Run, official: OfficialModel | None) -> dict[str, Any]:
+    """``--option``'s values for ``run``, plus CAKE's (tau1, tau2) where the method reads CAKE's tau table and
+    ``--option`` does not set both: the row of the official model (named or recognised), else the row the
+    model's path names; a model the table lacks gets 1.0 (the official fallback) and a warning."""
+    from ..methods import method_options
+    from ..methods.cake import default_taus, tau_entry
+    options = dict(setup.options)
+    if run.budget is None or "tau1" not in method_options(run.method) or {"tau1", "tau2"} <= options.keys():
+        return options
+    source = official.hub_id if official else setup.model_name
+    if tau_entry(source) is None:
+        names = ", ".join(m.name for m in OFFICIAL_MODELS if tau_entry(m.hub_id))
+        warnings.warn(f"{run.method}: CAKE's tau table has no entry for {setup.model_name!r}, so tau1 = tau2 = 1.0 "
+                      f"(the official fallback); name the model with --model-name ({names}) or set "
+                      "--option tau1=... --option tau2=...", UserWarning, stacklevel=2)
+    tau1, tau2 = default_taus(source, run.budget)
+    return {"tau1": tau1, "tau2": tau2, **options}
+
+
+def resolved_options(setup: Setup, run: Run, options: dict[str, Any]) -> dict[str, Any]:
+    """Every option of ``run``'s method as the method resolves it for this model and budget (defaults included)."""
+    from ..api import checked_method
+    from ..reconstruction import with_repeat_prompt
+    from .generation import run_budget
+    method = checked_method(setup.model, run.method, run_budget(run.budget, setup.window), setup.window,
+                            with_repeat_prompt(run.method, options, setup.tokenizer))
+    return dataclasses.asdict(method.options)
+
+
+def prediction_settings(setup: Setup, *, official: OfficialModel | None, max_length: int, double_bos: bool,
+                        max_new_tokens: int | None, options: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What decides the predictions (written to settings.json before them; --resume refuses to add to
+    predictions made under others), each as resolved: the runs' method options are the methods' own."""
+    import torch
+    import transformers
+    return {"model": setup.model_name, "official_model": official.name if official else None,
+            "dtype": str(next(setup.model.parameters()).dtype).removeprefix("torch."),
+            "attn_implementation": getattr(setup.model.config, "_attn_implementation", None),
+            "max_length": max_length, "chat": setup.chat, "double_bos": double_bos, "protocol": setup.protocol,
+            "window": setup.window, "max_new_tokens": max_new_tokens or "official",
+            "transformers": transformers.__version__, "torch": torch.__version__,
+            "runs": {run.label: resolved_options(setup, run, options[run.label]) for run in setup.runs}}
+
+
+# ----------------------------------------------------------------------------------------------
+# the output folder
+# ----------------------------------------------------------------------------------------------
+def earlier_outputs(out: str) -> list[str]:
+    """The outputs of an earlier run found in ``out``."""
+    return [name for name in (SETTINGS, PRED_DIR, *REPORT) if os.path.exists(os.path.join(out, name))]
+
+
+def check_out(out: str, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to write into an earlier run's folder unless told to continue it or to replace it (before the model
+    loads)."""
+    if resume and overwrite:
+        raise ValueError("--resume, --overwrite: pass one of them (continue the earlier run, or replace it)")
+    found = earlier_outputs(out)
+    if found and not (resume or overwrite):
+        raise ValueError(f"--out: {out} holds an earlier run ({', '.join(found)}); pass --resume to continue it or "
+                         "--overwrite to replace it")
+
+
+def remove_outputs(out: str) -> None:
+    """--overwrite: the earlier run's outputs go (nothing else in ``out``)."""
+    for name in earlier_outputs(out):
+        path = os.path.join(out, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def _differences(recorded: Any, now: Any, prefix: str = "") -> list[str]:
+    if isinstance(recorded, dict) and isinstance(now, dict):
+        return [d for key in recorded if key in now for d in _differences(recorded[key], now[key], f"{prefix}{key}.")]
+    return [] if recorded == now else [f"{prefix[:-1]} (recorded {recorded!r}, now {now!r})"]
+
+
+def resumed_settings(out: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """--resume: the earlier run's settings must be these (its runs' where both have them); returns both runs'
+    settings together."""
+    path = os.path.join(out, SETTINGS)
+    if not os.path.isfile(path):
+        if earlier_outputs(out):
+            raise ValueError(f"--resume: {path} is missing, so the predictions in {out} cannot be checked against "
+                             "these settings; pass --overwrite to start again")
+        return settings
+    with open(path, encoding="utf-8") as f:
+        recorded = json.load(f)
+    now = json.loads(json.dumps(settings, default=str))  # as JSON holds it (tuples as lists)
+    differ = _differences(recorded, now)
+    if differ:
+        raise ValueError(f"--resume: the settings differ from the earlier run in {out}: {', '.join(differ)}; rerun "
+                         "with the recorded settings, or pass --overwrite to start again")
+    return {**now, "runs": {**recorded.get("runs", {}), **now["runs"]}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,15 +387,34 @@ def pred_path(out: str, run: Run, dataset: str) -> str:
     return os.path.join(out, PRED_DIR, run.label, f"{dataset}.jsonl")
 
 
-def read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str, fields: Sequence[str] = ("pred", "answers"), limit: int | None = None) -> list[dict]:
+    """The objects of a JSON-lines file (the first ``limit`` ones), each with ``fields``; a bad line (one cut
+    short by an interrupted run) is an error naming the file and line."""
+    records = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for lineno, line in enumerate(f, 1):
+            if limit is not None and len(records) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{lineno}: not a JSON object")
+            missing = [k for k in fields if k not in record]
+            if missing:
+                raise ValueError(f"{path}:{lineno}: missing field(s) {missing}")
+            records.append(record)
+    return records
 
 
 def predict(setup: Setup, data_dir: str, datasets: Sequence[str], *, max_length: int | None,
             limit: int | None = None, max_new_tokens: int | None = None, double_bos: bool = False,
-            resume: bool = False) -> dict[tuple[str, str], str]:
-    """Write ``{out}/pred/{run}/{dataset}.jsonl`` for every run and dataset; returns their paths."""
+            resume: bool = False, options: dict[str, dict] | None = None) -> dict[tuple[str, str], str]:
+    """Write ``{out}/pred/{run}/{dataset}.jsonl`` for every run and dataset (method options per run label, default
+    ``setup.options``); returns their paths."""
     from . import generation
     data = {name: load_data(data_dir, name, limit) for name in datasets}  # fail early on missing files
     tok = setup.tokenizer
@@ -265,7 +444,8 @@ def predict(setup: Setup, data_dir: str, datasets: Sequence[str], *, max_length:
                         gens = generation.generate_batch(
                             setup.model, tok, [encoded[i] for i in batch],
                             method=run.method, budget=run.budget, window=setup.window, protocol=setup.protocol,
-                            options=setup.options, max_new_tokens=max_new_tokens or DATASET2MAXLEN[name],
+                            options=(options or {}).get(run.label, setup.options),
+                            max_new_tokens=max_new_tokens or DATASET2MAXLEN[name],
                             extra_eos=[newline] if samsum and newline is not None else (),
                             min_new_tokens=1 if samsum else 0)
                         for i, gen in zip(batch, gens):
@@ -387,16 +567,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder with LongBench's {dataset}.jsonl files (required unless --score-only)")
     parser.add_argument("--datasets", nargs="+", default="en",
                         help="dataset names, or en (the 16 English), zh (the 5 Chinese), all (default: en)")
+    parser.add_argument("--model-name", choices=OFFICIAL_NAMES, default=None,
+                        help="the official runs' name of the model (their max length, CAKE's tau row); default: "
+                             "recognised from --model's path (e.g. .../Llama-3.1-8B-Instruct: llama3.1-8b-128k)")
     parser.add_argument("--max-length", type=int, default=None,
-                        help="prompt budget in tokens, middle truncation beyond it (official: 3500 for "
-                             "Llama-2, 127500 for Llama-3.1-8B, 31500 for Mistral-0.3 / Qwen2.5); default: "
-                             "the model's max_position_embeddings minus the longest answer")
+                        help="prompt budget in tokens, middle truncation beyond it; default: the official value "
+                             "of the model (3500 for Llama-2, 127500 for Llama-3.1-8B, 31500 for Mistral-0.3 / "
+                             "Qwen2.5), else 1000 * (max_position_embeddings // 1024) - 500, the rule of the "
+                             "official values")
     parser.add_argument("--limit", type=int, default=None, help="first N examples of each dataset")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="override the official per-dataset max_new_tokens (smoke tests only)")
     parser.add_argument("--double-bos", action="store_true",
                         help="add BOS even when the chat template wrote it (the official scripts' quirk)")
-    parser.add_argument("--resume", action="store_true", help="keep existing predictions and continue")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out: keep its predictions (its recorded settings must match)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run in --out (its outputs are removed)")
     parser.add_argument("--score-only", action="store_true", help="only score the predictions under --out")
     parser.add_argument("--zh-tokenizer", choices=("jieba", "char"), default="jieba",
                         help="Chinese word segmentation for qa_f1_zh / rouge_zh (official: jieba)")
@@ -426,21 +612,28 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, str]:
     if not args.data_dir:
         raise ValueError("--data-dir is required (a folder with LongBench's {dataset}.jsonl files)")
     datasets = resolve_datasets(split_list(args.datasets))
-    for name in datasets:  # check the data and the scorer before loading the model
-        if not os.path.isfile(data_path(args.data_dir, name)):
-            load_data(args.data_dir, name)
+    # the data, the scorers and the output folder are checked before the model loads
+    check_data_files(args.data_dir, datasets)
+    for name in datasets:
         metrics.check_scorer(name, **metric_options(args))
+    check_out(args.out, resume=args.resume, overwrite=args.overwrite)
+    official = official_model(args.model_name, args.model)
     setup = setup_from_args(args, model, tokenizer)
-    max_length = args.max_length
-    if max_length is None:
-        limit = getattr(setup.model.config, "max_position_embeddings", None)
-        max_length = limit - max(DATASET2MAXLEN[d] for d in datasets) if limit else None
+    from ..patch import decoder_config
+    max_length, max_length_source = resolve_max_length(args.max_length, official, decoder_config(setup.model))
+    options = {run.label: run_options(setup, run, official) for run in setup.runs}
+    settings = prediction_settings(setup, official=official, max_length=max_length, double_bos=args.double_bos,
+                                   max_new_tokens=args.max_new_tokens, options=options)
+    if args.resume:
+        settings = resumed_settings(args.out, settings)
+    elif args.overwrite:
+        remove_outputs(args.out)
+    report.write_json(os.path.join(args.out, SETTINGS), settings)
     predict(setup, args.data_dir, datasets, max_length=max_length, limit=args.limit,
-            max_new_tokens=args.max_new_tokens, double_bos=args.double_bos, resume=args.resume)
+            max_new_tokens=args.max_new_tokens, double_bos=args.double_bos, resume=args.resume, options=options)
     table = score_predictions(args.out, [r.label for r in setup.runs], datasets, **metric_options(args))
-    info = report.environment_info(setup, max_length=max_length, limit=args.limit, datasets=datasets,
-                                   metric_options=metric_options(args),
-                                   max_new_tokens=args.max_new_tokens or "official", double_bos=args.double_bos)
+    info = report.environment_info(setup, **settings, max_length_source=max_length_source, limit=args.limit,
+                                   datasets=datasets, metric_options=metric_options(args))
     paths = write_report(args.out, table, info)
     report.print_file(paths["markdown"])
     return paths
