@@ -9,8 +9,8 @@ Per example (``pred.py`` of LongBench, and the CAKE / SnapKV / AdaKV / LAVa scri
    strings joined (middle truncation); ``max_length`` is one value per model, the official table's
    (:data:`OFFICIAL_MODELS`, the model named by ``--model-name`` or recognised from its path), else
    :func:`max_length_rule` of its ``max_position_embeddings``;
-3. wrap it with the tokenizer's chat template (when it has one; ``--chat``), except for the few-shot
-   and code datasets in :data:`NO_CHAT_DATASETS`;
+3. wrap it in the model's chat format (``--chat``: the official string, :func:`resolve_chat`), except
+   for the few-shot and code datasets in :data:`NO_CHAT_DATASETS`;
 4. decode greedily ``DATASET2MAXLEN[name]`` new tokens (samsum: at least one new token, and ``"\\n"``
    is an extra EOS), decode the new tokens with ``skip_special_tokens=True``.
 
@@ -34,8 +34,7 @@ earlier run is refused unless ``--resume`` (its recorded settings must match) or
 Differences from the official scripts, on purpose (the intended behaviour by default, the
 official quirk as an option): with a chat template that writes the BOS token as text, BOS is not added a
 second time (``--double-bos`` restores the doubling of the official Llama-3 / Mistral scripts).
-The chat wrapping of the official scripts is model specific (``[INST]...[/INST]`` for Llama-2, a
-hand-written header for Llama-3, ...); here it is the tokenizer's own chat template.
+A model outside the official tables is wrapped in its tokenizer's chat template (``--chat off``: none).
 """
 from __future__ import annotations
 
@@ -45,12 +44,12 @@ import json
 import os
 import shutil
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import metrics, report
 from .args import add_common_arguments, script_main, setup_from_args, split_list
 from .plots import plot_scores_vs_budget
-from .prompts import Encoded, Prompt, context_groups, make_prompt
+from .prompts import Encoded, Prompt, chat_wrap, context_groups, has_chat_template, make_prompt
 from .runs import Run, Setup, progress_bar
 
 DATASETS_EN = ("narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "musique",
@@ -136,10 +135,14 @@ DATASET2MAXLEN: dict[str, int] = {
 @dataclasses.dataclass(frozen=True)
 class OfficialModel:
     """A model of the official runs: the name their scripts take (``--model-name``), its Hugging Face id
-    (``config/model2path.json``) and its prompt budget in tokens (``config/model2maxlen.json``)."""
+    (``config/model2path.json``), its prompt budget in tokens (``config/model2maxlen.json``) and its chat format
+    in their ``build_chat``: a string around ``{prompt}``, or the tokenizer's chat template with a system message
+    (None and None: the tokenizer's own methods, which only remote code has)."""
     name: str
     hub_id: str
     max_length: int
+    chat: str | None = None
+    system: str | None = None
 
     @property
     def pattern(self) -> str:
@@ -148,21 +151,32 @@ class OfficialModel:
         return self.hub_id.rsplit("/", 1)[-1].lower().removesuffix("-hf")
 
 
+_LLAMA2_CHAT = "[INST]{prompt}[/INST]"
+# fastchat's "vicuna" conversation (vicuna_v1.1), which pred.py uses for LongChat and Vicuna
+_VICUNA_CHAT = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+                "detailed, and polite answers to the user's questions. USER: {prompt} ASSISTANT:")
+
 # LongBench's table (THUDM/LongBench config/, pred.py), then the models CAKE's scripts add (pred_cake.py).
 OFFICIAL_MODELS = (
-    OfficialModel("llama2-7b-chat-4k", "meta-llama/Llama-2-7b-chat-hf", 3500),
-    OfficialModel("longchat-v1.5-7b-32k", "lmsys/longchat-7b-v1.5-32k", 31500),
-    OfficialModel("xgen-7b-8k", "Salesforce/xgen-7b-8k-inst", 7500),
-    OfficialModel("internlm-7b-8k", "internlm/internlm-chat-7b-8k", 7500),
+    OfficialModel("llama2-7b-chat-4k", "meta-llama/Llama-2-7b-chat-hf", 3500, _LLAMA2_CHAT),
+    OfficialModel("longchat-v1.5-7b-32k", "lmsys/longchat-7b-v1.5-32k", 31500, _VICUNA_CHAT),
+    OfficialModel("xgen-7b-8k", "Salesforce/xgen-7b-8k-inst", 7500,
+                  "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                  "helpful, detailed, and polite answers to the human's questions.\n\n ### Human: {prompt}\n###"),
+    OfficialModel("internlm-7b-8k", "internlm/internlm-chat-7b-8k", 7500, "<|User|>:{prompt}<eoh>\n<|Bot|>:"),
     OfficialModel("chatglm2-6b", "THUDM/chatglm2-6b", 31500),
     OfficialModel("chatglm2-6b-32k", "THUDM/chatglm2-6b-32k", 31500),
     OfficialModel("chatglm3-6b-32k", "THUDM/chatglm3-6b-32k", 31500),
-    OfficialModel("vicuna-v1.5-7b-16k", "lmsys/vicuna-7b-v1.5-16k", 15500),
-    OfficialModel("llama2-13b-chat-4k", "meta-llama/Llama-2-13b-chat-hf", 3500),
-    OfficialModel("llama3.1-8b-128k", "meta-llama/Llama-3.1-8B-Instruct", 127500),
-    OfficialModel("mistral-0.3-7b-32k", "mistralai/Mistral-7B-Instruct-v0.3", 31500),
-    OfficialModel("qwen2.5-7b-instruct", "Qwen/Qwen2.5-7B-Instruct", 31500),
+    OfficialModel("vicuna-v1.5-7b-16k", "lmsys/vicuna-7b-v1.5-16k", 15500, _VICUNA_CHAT),
+    OfficialModel("llama2-13b-chat-4k", "meta-llama/Llama-2-13b-chat-hf", 3500, _LLAMA2_CHAT),
+    OfficialModel("llama3.1-8b-128k", "meta-llama/Llama-3.1-8B-Instruct", 127500,
+                  "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
+                  "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    OfficialModel("mistral-0.3-7b-32k", "mistralai/Mistral-7B-Instruct-v0.3", 31500, "<s>[INST] {prompt} [/INST]"),
+    OfficialModel("qwen2.5-7b-instruct", "Qwen/Qwen2.5-7B-Instruct", 31500,
+                  system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
 )
+CHAT_FORMATS = ("official", "template", "off")
 OFFICIAL_NAMES = tuple(m.name for m in OFFICIAL_MODELS)
 
 DATASET_GROUPS = {"en": DATASETS_EN, "zh": DATASETS_ZH, "all": DATASETS}
@@ -245,6 +259,36 @@ def resolve_max_length(given: int | None, official: OfficialModel | None, config
     return max_length_rule(positions), f"rule (max_position_embeddings {positions})"
 
 
+def resolve_chat(chat: str | None, official: OfficialModel | None, tokenizer,
+                 model_name: str) -> tuple[str, bool | Callable[[str], str]]:
+    """(the chat format, :func:`build_prompt`'s ``chat``) of ``--chat``; by default the official format where the
+    official runs have one for the model, else the tokenizer's chat template where it has one, else none. A
+    template that writes today's date (``strftime_now``) would make the prompts depend on the day: refused by
+    default, a warning when ``--chat`` names it."""
+    has_official = official is not None and (official.chat or official.system) is not None
+    chosen = chat is not None
+    if chat is None:
+        chat = "official" if has_official else "template" if has_chat_template(tokenizer) else "off"
+    if chat == "off":
+        return chat, False
+    if chat == "official" and not has_official:
+        whose = f"the official model {official.name}" if official else f"{model_name} (no --model-name)"
+        raise ValueError(f"--chat official: the official runs give no chat string for {whose}; pass --chat template "
+                         "or --chat off")
+    if chat == "official" and official.chat:
+        return chat, lambda text: official.chat.replace("{prompt}", text)
+    if not has_chat_template(tokenizer):
+        raise ValueError(f"--chat {chat}: the tokenizer of {model_name} has no chat template; pass --chat off")
+    if "strftime_now" in str(tokenizer.chat_template):
+        dated = (f"the chat template of {model_name} writes today's date into every prompt, so the predictions "
+                 "depend on the day they are made")
+        if not chosen:
+            raise ValueError(f"--chat: {dated}; pass --chat {chat} to use it anyway, or --chat off")
+        warnings.warn(f"--chat {chat}: {dated}", UserWarning, stacklevel=2)
+    system = official.system if chat == "official" else None
+    return chat, True if system is None else lambda text: chat_wrap(tokenizer, text, system)
+
+
 def run_options(setup: Setup, run: Run, official: OfficialModel | None) -> dict[str, Any]:
     """``--option``'s values for ``run``, plus CAKE's (tau1, tau2) where the method reads CAKE's tau table and
     ``--option`` does not set both: the row of the official model (named or recognised), else the row the
@@ -274,8 +318,9 @@ def resolved_options(setup: Setup, run: Run, options: dict[str, Any]) -> dict[st
     return dataclasses.asdict(method.options)
 
 
-def prediction_settings(setup: Setup, *, official: OfficialModel | None, max_length: int, double_bos: bool,
-                        max_new_tokens: int | None, options: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def prediction_settings(setup: Setup, *, official: OfficialModel | None, max_length: int, chat: str,
+                        double_bos: bool, max_new_tokens: int | None,
+                        options: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """What decides the predictions (written to settings.json before them; --resume refuses to add to
     predictions made under others), each as resolved: the runs' method options are the methods' own."""
     import torch
@@ -283,7 +328,7 @@ def prediction_settings(setup: Setup, *, official: OfficialModel | None, max_len
     return {"model": setup.model_name, "official_model": official.name if official else None,
             "dtype": str(next(setup.model.parameters()).dtype).removeprefix("torch."),
             "attn_implementation": getattr(setup.model.config, "_attn_implementation", None),
-            "max_length": max_length, "chat": setup.chat, "double_bos": double_bos, "protocol": setup.protocol,
+            "max_length": max_length, "chat": chat, "double_bos": double_bos, "protocol": setup.protocol,
             "window": setup.window, "max_new_tokens": max_new_tokens or "official",
             "transformers": transformers.__version__, "torch": torch.__version__,
             "runs": {run.label: resolved_options(setup, run, options[run.label]) for run in setup.runs}}
@@ -367,16 +412,17 @@ def _split_after_context(prompt: str, question_tail: str) -> int:
     return len(prompt) - n
 
 
-def build_prompt(tokenizer, example: dict, dataset: str, *, max_length: int | None, chat: bool,
-                 double_bos: bool = False) -> tuple[Prompt, bool]:
-    """The LongBench prompt of one example, split where its context ends; (prompt, truncated?)."""
+def build_prompt(tokenizer, example: dict, dataset: str, *, max_length: int | None,
+                 chat: bool | Callable[[str], str], double_bos: bool = False) -> tuple[Prompt, bool]:
+    """The LongBench prompt of one example, split where its context ends; (prompt, truncated?). ``chat``: the
+    tokenizer's chat template (True), a wrapping of the text (:func:`chat_wrapper`) or none (False)."""
     template = DATASET2PROMPT[dataset]
     text = template.format(**example)
     text, truncated = truncate_middle(tokenizer, text, max_length)
     # The question part: what the template puts after {context}, filled in.
     tail = template.split("{context}", 1)[1].format(**example)
     at = _split_after_context(text, tail)
-    wrap = chat and dataset not in NO_CHAT_DATASETS
+    wrap = chat if dataset not in NO_CHAT_DATASETS else False
     return make_prompt(tokenizer, "", text[:at], text[at:], chat=wrap, double_bos=double_bos), truncated
 
 
@@ -412,9 +458,10 @@ def read_jsonl(path: str, fields: Sequence[str] = ("pred", "answers"), limit: in
 
 def predict(setup: Setup, data_dir: str, datasets: Sequence[str], *, max_length: int | None,
             limit: int | None = None, max_new_tokens: int | None = None, double_bos: bool = False,
-            resume: bool = False, options: dict[str, dict] | None = None) -> dict[tuple[str, str], str]:
+            resume: bool = False, options: dict[str, dict] | None = None,
+            chat: bool | Callable[[str], str] | None = None) -> dict[tuple[str, str], str]:
     """Write ``{out}/pred/{run}/{dataset}.jsonl`` for every run and dataset (method options per run label, default
-    ``setup.options``); returns their paths."""
+    ``setup.options``; ``chat`` as :func:`build_prompt` takes it, default ``setup.chat``); returns their paths."""
     from . import generation
     data = {name: load_data(data_dir, name, limit) for name in datasets}  # fail early on missing files
     tok = setup.tokenizer
@@ -433,7 +480,8 @@ def predict(setup: Setup, data_dir: str, datasets: Sequence[str], *, max_length:
                 mode = "a" if done else "w"
                 samsum = name == "samsum"
                 examples = data[name][done:]
-                prompts = [build_prompt(tok, ex, name, max_length=max_length, chat=setup.chat,
+                prompts = [build_prompt(tok, ex, name, max_length=max_length,
+                                        chat=setup.chat if chat is None else chat,
                                         double_bos=double_bos) for ex in examples]
                 encoded = [setup.encode(p) for p, _ in prompts]
                 ready: dict[int, dict] = {}
@@ -590,7 +638,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="code_sim ratio (lcc, repobench-p): difflib (LongBench's environment: fuzzywuzzy "
                              "without python-Levenshtein) or indel (fuzzywuzzy with python-Levenshtein, "
                              "thefuzz; computed with rapidfuzz)")
-    add_common_arguments(parser, default_out="results/longbench")
+    parser.add_argument("--chat", dest="chat_format", choices=CHAT_FORMATS, default=None,
+                        help="chat format of the prompts but the few-shot and code datasets: official (the official "
+                             "runs' string for the model: LongBench's build_chat, CAKE's for the models it adds), "
+                             "template (the tokenizer's chat template) or off; default: official where the model "
+                             "has one, else template where the tokenizer has one, else off")
+    add_common_arguments(parser, default_out="results/longbench", chat=False)
 
 
 def metric_options(args) -> dict[str, Any]:
@@ -621,16 +674,19 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, str]:
     setup = setup_from_args(args, model, tokenizer)
     from ..patch import decoder_config
     max_length, max_length_source = resolve_max_length(args.max_length, official, decoder_config(setup.model))
+    chat_format, chat = resolve_chat(args.chat_format, official, setup.tokenizer, setup.model_name)
+    setup.chat = chat is not False
     options = {run.label: run_options(setup, run, official) for run in setup.runs}
-    settings = prediction_settings(setup, official=official, max_length=max_length, double_bos=args.double_bos,
-                                   max_new_tokens=args.max_new_tokens, options=options)
+    settings = prediction_settings(setup, official=official, max_length=max_length, chat=chat_format,
+                                   double_bos=args.double_bos, max_new_tokens=args.max_new_tokens, options=options)
     if args.resume:
         settings = resumed_settings(args.out, settings)
     elif args.overwrite:
         remove_outputs(args.out)
     report.write_json(os.path.join(args.out, SETTINGS), settings)
     predict(setup, args.data_dir, datasets, max_length=max_length, limit=args.limit,
-            max_new_tokens=args.max_new_tokens, double_bos=args.double_bos, resume=args.resume, options=options)
+            max_new_tokens=args.max_new_tokens, double_bos=args.double_bos, resume=args.resume, options=options,
+            chat=chat)
     table = score_predictions(args.out, [r.label for r in setup.runs], datasets, **metric_options(args))
     info = report.environment_info(setup, **settings, max_length_source=max_length_source, limit=args.limit,
                                    datasets=datasets, metric_options=metric_options(args))

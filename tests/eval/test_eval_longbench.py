@@ -502,7 +502,7 @@ def test_every_resolved_setting_is_recorded(tmp_path, monkeypatch):
     assert info["transformers"] == settings["transformers"] == transformers.__version__
     assert info["torch"] == settings["torch"] == torch.__version__
     assert settings["dtype"] == "float32" and settings["attn_implementation"] == "sdpa"
-    assert settings["max_length"] == 127500 and settings["chat"] is False and settings["double_bos"] is False
+    assert settings["max_length"] == 127500 and settings["chat"] == "official" and settings["double_bos"] is False
     runs = settings["runs"]
     assert set(runs) == {"full", "cake-128", "cake-1024", "snapkv-128", "snapkv-1024"}
     # CAKE's taus of the named model at each budget (its table: 1.6 / 0.6 at 128, 1.6 / 0.4 at 1024)
@@ -594,3 +594,63 @@ def test_every_missing_dataset_is_named_before_the_model_loads(tmp_path, monkeyp
     with pytest.raises(FileNotFoundError, match=r"^--data-dir: no LongBench data for 2 datasets: .*qasper.jsonl, "
                                                 r".*trec.jsonl\. cakekv never downloads"):
         longbench.run(args)
+
+
+# pred.py's build_chat (LongBench) and pred_cake.py's (CAKE), retyped from their code
+OFFICIAL_CHAT = {
+    "llama2-7b-chat-4k": "[INST]{prompt}[/INST]",
+    "llama3.1-8b-128k": ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
+                         "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    "mistral-0.3-7b-32k": "<s>[INST] {prompt} [/INST]",
+    "internlm-7b-8k": "<|User|>:{prompt}<eoh>\n<|Bot|>:",
+    "xgen-7b-8k": ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                   "helpful, detailed, and polite answers to the human's questions.\n\n" + " ### Human: {prompt}\n###"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_CHAT))
+def test_official_chat_strings(name):
+    tok = byte_tokenizer(CHAT_TEMPLATE)
+    official = longbench.official_model(name, None)
+    fmt, chat = longbench.resolve_chat(None, official, tok, "m")  # the default for a model that has one
+    assert fmt == "official"
+    ex = {"context": "some passages", "input": "Who?"}
+    prompt, _ = longbench.build_prompt(tok, ex, "hotpotqa", max_length=None, chat=chat)
+    assert prompt.text == OFFICIAL_CHAT[name].format(prompt=longbench.DATASET2PROMPT["hotpotqa"].format(**ex))
+    assert prompt.context.endswith("some passages")
+    # BOS written as text (Mistral's <s>, this tokenizer's BOS) is not added again unless --double-bos
+    assert prompt.add_special_tokens == (name != "mistral-0.3-7b-32k")
+    code, _ = longbench.build_prompt(tok, {"context": "x = 1\n", "input": ""}, "lcc", max_length=None, chat=chat)
+    assert code.text == longbench.DATASET2PROMPT["lcc"].format(context="x = 1\n")  # never wrapped
+
+
+def test_chat_format_choice():
+    tok, plain = byte_tokenizer(CHAT_TEMPLATE), byte_tokenizer()
+    qwen, glm = longbench.official_model("qwen2.5-7b-instruct", None), longbench.official_model("chatglm2-6b", None)
+    assert longbench.resolve_chat(None, None, tok, "m") == ("template", True)
+    assert longbench.resolve_chat(None, None, plain, "m") == ("off", False)
+    assert longbench.resolve_chat(None, glm, tok, "m") == ("template", True)  # ChatGLM's format is remote code
+    assert longbench.resolve_chat("off", qwen, tok, "m") == ("off", False)
+    # Qwen2.5: its chat template with Qwen's system message (pred_cake.py)
+    fmt, chat = longbench.resolve_chat(None, qwen, tok, "m")
+    assert fmt == "official" and chat("Q") == ("<s><|user|>\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+                                             "assistant.<|end|>\n<|user|>\nQ<|end|>\n<|assistant|>\n")
+    with pytest.raises(ValueError, match="^--chat official: the official runs give no chat string for m "):
+        longbench.resolve_chat("official", None, tok, "m")
+    with pytest.raises(ValueError, match="^--chat official: .*chatglm2-6b; pass --chat template or --chat off"):
+        longbench.resolve_chat("official", glm, tok, "m")
+    with pytest.raises(ValueError, match="^--chat template: the tokenizer of m has no chat template"):
+        longbench.resolve_chat("template", None, plain, "m")
+
+
+def test_a_template_that_writes_the_date_is_never_used_silently():
+    tok = byte_tokenizer("{{ bos_token }}Today is {{ strftime_now('%d %b %Y') }}.{% for m in messages %}"
+                         "{{ m['content'] }}{% endfor %}")
+    with pytest.raises(ValueError, match="^--chat: the chat template of m writes today's date .*--chat template "
+                                         "to use it anyway, or --chat off"):
+        longbench.resolve_chat(None, None, tok, "m")
+    with pytest.warns(UserWarning, match="^--chat template: the chat template of m writes today's date"):
+        assert longbench.resolve_chat("template", None, tok, "m") == ("template", True)
+    assert longbench.resolve_chat("off", None, tok, "m") == ("off", False)
+    # the official string of a model needs no template
+    assert longbench.resolve_chat(None, longbench.official_model("llama3.1-8b-128k", None), tok, "m")[0] == "official"
