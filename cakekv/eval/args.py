@@ -108,8 +108,8 @@ def parse_options(items: Sequence[str] | None, methods: Sequence[str] = ()) -> d
 # arguments
 # ----------------------------------------------------------------------------------------------
 def add_common_arguments(parser: argparse.ArgumentParser, *, default_out: str,
-                         default_budgets: str = "128,256,512") -> None:
-    """The arguments every evaluation takes."""
+                         default_budgets: str = "128,256,512", chat: bool = True) -> None:
+    """The arguments every evaluation takes (``--chat`` only where ``chat``: LongBench has chat formats of its own)."""
     g = parser.add_argument_group("model and compression")
     g.add_argument("--model", default=None,
                    help="local model folder or cached Hugging Face id (offline); default: the shipped tiny model")
@@ -128,8 +128,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_out: str,
     g.add_argument("--protocol", choices=PROTOCOLS, default="question-aware",
                    help="question-aware: compress the whole prompt; context-only: compress the context "
                         "once, then append each of its questions to a copy (default: %(default)s)")
-    g.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
-                   help="wrap prompts with the tokenizer's chat template (auto: when it has one)")
+    if chat:
+        g.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
+                       help="wrap prompts with the tokenizer's chat template (auto: when it has one)")
     g.add_argument("--batch-size", type=int, default=1,
                    help="prompts generated together, left-padded (question-aware protocol; context-only "
                         "answers the prompts of one context together, from one prefill of it) "
@@ -171,8 +172,9 @@ def setup_from_args(args: argparse.Namespace, model=None, tokenizer=None) -> Set
         model, tokenizer = load_model(args.model, args.device, args.dtype, args.attn_implementation)
     torch.manual_seed(args.seed)
     name = args.model or "cakekv/tiny-llama"
-    return Setup(model, tokenizer, name, runs, args.window, options, args.protocol,
-                 use_chat(tokenizer, args.chat), args.out, args.seed, not args.no_progress, batch_size)
+    chat = use_chat(tokenizer, getattr(args, "chat", "off"))  # without --chat (LongBench) the evaluation sets it
+    return Setup(model, tokenizer, name, runs, args.window, options, args.protocol, chat, args.out, args.seed,
+                 not args.no_progress, batch_size)
 
 
 def script_main(prog: str, doc: str, add_arguments: Callable[[argparse.ArgumentParser], None],

@@ -70,13 +70,16 @@ def newline_token_id(tokenizer) -> int | None:
     return ids[-1] if ids else None
 
 
+def run_budget(budget: int | None, window: int) -> int:
+    """The budget a run compresses with: ``full`` (budget None) gets the smallest valid one, which it ignores."""
+    return window + 1 if budget is None else int(budget)
+
+
 def compress_context(model, method: str, budget: int | None, window: int, options: dict | None = None):
-    """``cakekv.compress`` for one run; ``full`` (budget None) gets the smallest valid budget, which
-    it ignores."""
+    """``cakekv.compress`` for one run (:func:`run_budget`)."""
     import cakekv
-    if budget is None:
-        budget = window + 1
-    return cakekv.compress(model, method=method, budget=int(budget), window=int(window), **(options or {}))
+    return cakekv.compress(model, method=method, budget=run_budget(budget, window), window=int(window),
+                           **(options or {}))
 
 
 def generate(model, tokenizer, encoded: Encoded, **kwargs) -> Generation:

@@ -6,9 +6,11 @@ Per example (``pred.py`` of LongBench, and the CAKE / SnapKV / AdaKV / LAVa scri
    ``input``;
 2. tokenize it; when longer than ``max_length`` tokens keep the first and the last
    ``int(max_length / 2)`` tokens, each half decoded with ``skip_special_tokens=True`` and the two
-   strings joined (middle truncation);
-3. wrap it with the tokenizer's chat template (when it has one; ``--chat``), except for the few-shot
-   and code datasets in :data:`NO_CHAT_DATASETS`;
+   strings joined (middle truncation); ``max_length`` is one value per model, the official table's
+   (:data:`OFFICIAL_MODELS`, the model named by ``--model-name`` or recognised from its path), else
+   :func:`max_length_rule` of its ``max_position_embeddings``;
+3. wrap it in the model's chat format (``--chat``: the official string, :func:`resolve_chat`), except
+   for the few-shot and code datasets in :data:`NO_CHAT_DATASETS`;
 4. decode greedily ``DATASET2MAXLEN[name]`` new tokens (samsum: at least one new token, and ``"\\n"``
    is an extra EOS), decode the new tokens with ``skip_special_tokens=True``.
 
@@ -24,11 +26,15 @@ Data: ``{data_dir}/{name}.jsonl`` in LongBench's format (one JSON object per lin
 ``context``, ``answers``, ``length``, ``dataset``, ``language``, ``all_classes``, ``_id``), e.g. the
 files of LongBench's ``data.zip`` unpacked into one folder. Nothing is downloaded.
 
+Outputs under ``--out``: ``settings.json`` (what decides the predictions, each setting as resolved, the
+runs' method options included, written before the predictions), ``pred/{run}/{dataset}.jsonl`` and the
+report (``results.json`` with the settings, ``results.md``, ``results.png``). A folder holding an
+earlier run is refused unless ``--resume`` (its recorded settings must match) or ``--overwrite``.
+
 Differences from the official scripts, on purpose (the intended behaviour by default, the
 official quirk as an option): with a chat template that writes the BOS token as text, BOS is not added a
 second time (``--double-bos`` restores the doubling of the official Llama-3 / Mistral scripts).
-The chat wrapping of the official scripts is model specific (``[INST]...[/INST]`` for Llama-2, a
-hand-written header for Llama-3, ...); here it is the tokenizer's own chat template.
+A model outside the official tables is wrapped in its tokenizer's chat template (``--chat off``: none).
 """
 from __future__ import annotations
 
@@ -36,12 +42,14 @@ import argparse
 import dataclasses
 import json
 import os
-from typing import Any, Sequence
+import shutil
+import warnings
+from typing import Any, Callable, Sequence
 
 from . import metrics, report
 from .args import add_common_arguments, script_main, setup_from_args, split_list
 from .plots import plot_scores_vs_budget
-from .prompts import Encoded, Prompt, context_groups, make_prompt
+from .prompts import Encoded, Prompt, chat_wrap, context_groups, has_chat_template, make_prompt
 from .runs import Run, Setup, progress_bar
 
 DATASETS_EN = ("narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "musique",
@@ -122,13 +130,60 @@ DATASET2MAXLEN: dict[str, int] = {
     "passage_retrieval_en": 32, "passage_retrieval_zh": 32, "lcc": 64, "repobench-p": 64,
 }
 
-# Prompt budget (tokens) of the official configs (model2maxlen.json of the CAKE scripts).
-MODEL2MAXLEN = {"llama2-7b": 3500, "llama2-13b": 3500, "llama3.1-8b": 127500, "mistral-0.3": 31500,
-                "qwen2.5": 31500}
+
+
+@dataclasses.dataclass(frozen=True)
+class OfficialModel:
+    """A model of the official runs: the name their scripts take (``--model-name``), its Hugging Face id
+    (``config/model2path.json``), its prompt budget in tokens (``config/model2maxlen.json``) and its chat format
+    in their ``build_chat``: a string around ``{prompt}``, or the tokenizer's chat template with a system message
+    (None and None: the tokenizer's own methods, which only remote code has)."""
+    name: str
+    hub_id: str
+    max_length: int
+    chat: str | None = None
+    system: str | None = None
+
+    @property
+    def pattern(self) -> str:
+        """What a model's path contains when it is this model: the id's last part, lowercased, without "-hf" (how
+        CAKE's tau table names the same models)."""
+        return self.hub_id.rsplit("/", 1)[-1].lower().removesuffix("-hf")
+
+
+_LLAMA2_CHAT = "[INST]{prompt}[/INST]"
+# fastchat's "vicuna" conversation (vicuna_v1.1), which pred.py uses for LongChat and Vicuna
+_VICUNA_CHAT = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+                "detailed, and polite answers to the user's questions. USER: {prompt} ASSISTANT:")
+
+# LongBench's table (THUDM/LongBench config/, pred.py), then the models CAKE's scripts add (pred_cake.py).
+OFFICIAL_MODELS = (
+    OfficialModel("llama2-7b-chat-4k", "meta-llama/Llama-2-7b-chat-hf", 3500, _LLAMA2_CHAT),
+    OfficialModel("longchat-v1.5-7b-32k", "lmsys/longchat-7b-v1.5-32k", 31500, _VICUNA_CHAT),
+    OfficialModel("xgen-7b-8k", "Salesforce/xgen-7b-8k-inst", 7500,
+                  "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                  "helpful, detailed, and polite answers to the human's questions.\n\n ### Human: {prompt}\n###"),
+    OfficialModel("internlm-7b-8k", "internlm/internlm-chat-7b-8k", 7500, "<|User|>:{prompt}<eoh>\n<|Bot|>:"),
+    OfficialModel("chatglm2-6b", "THUDM/chatglm2-6b", 31500),
+    OfficialModel("chatglm2-6b-32k", "THUDM/chatglm2-6b-32k", 31500),
+    OfficialModel("chatglm3-6b-32k", "THUDM/chatglm3-6b-32k", 31500),
+    OfficialModel("vicuna-v1.5-7b-16k", "lmsys/vicuna-7b-v1.5-16k", 15500, _VICUNA_CHAT),
+    OfficialModel("llama2-13b-chat-4k", "meta-llama/Llama-2-13b-chat-hf", 3500, _LLAMA2_CHAT),
+    OfficialModel("llama3.1-8b-128k", "meta-llama/Llama-3.1-8B-Instruct", 127500,
+                  "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
+                  "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    OfficialModel("mistral-0.3-7b-32k", "mistralai/Mistral-7B-Instruct-v0.3", 31500, "<s>[INST] {prompt} [/INST]"),
+    OfficialModel("qwen2.5-7b-instruct", "Qwen/Qwen2.5-7B-Instruct", 31500,
+                  system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
+)
+CHAT_FORMATS = ("official", "template", "off")
+OFFICIAL_NAMES = tuple(m.name for m in OFFICIAL_MODELS)
 
 DATASET_GROUPS = {"en": DATASETS_EN, "zh": DATASETS_ZH, "all": DATASETS}
 
 PRED_DIR = "pred"
+SETTINGS = "settings.json"  # what decides the predictions, written before them (--resume checks it)
+REPORT = ("results.json", "results.md", "results.png")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,32 +193,22 @@ def data_path(data_dir: str, name: str) -> str:
     return os.path.join(data_dir, f"{name}.jsonl")
 
 
+def check_data_files(data_dir: str, names: Sequence[str]) -> None:
+    """One error naming every missing ``{name}.jsonl``, so that one look at the folder fixes them all."""
+    missing = [data_path(data_dir, n) for n in names if not os.path.isfile(data_path(data_dir, n))]
+    if missing:
+        raise FileNotFoundError(
+            f"--data-dir: no LongBench data for {len(missing)} dataset{'s' * (len(missing) > 1)}: "
+            f"{', '.join(missing)}. cakekv never downloads data: put LongBench's {{name}}.jsonl files (from the "
+            "LongBench release's data.zip) in one folder and pass it as --data-dir")
+
+
 def load_data(data_dir: str, name: str, limit: int | None = None) -> list[dict]:
     """The examples of ``{data_dir}/{name}.jsonl`` (first ``limit`` ones)."""
     if name not in DATASET2PROMPT:
         raise ValueError(f"datasets: unknown LongBench dataset {name!r}; known: {', '.join(DATASETS)}")
-    path = data_path(data_dir, name)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"LongBench data for {name!r} not found: {path} does not exist. cakekv never downloads data: "
-            "put LongBench's {name}.jsonl files (from the LongBench release's data.zip) in one folder and pass "
-            "it as --data-dir")
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                ex = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            missing = [k for k in ("context", "input", "answers") if k not in ex]
-            if missing:
-                raise ValueError(f"{path}:{lineno}: missing field(s) {missing}")
-            examples.append(ex)
-            if limit is not None and len(examples) >= limit:
-                break
-    return examples
+    check_data_files(data_dir, [name])
+    return read_jsonl(data_path(data_dir, name), ("context", "input", "answers"), limit)
 
 
 def resolve_datasets(names: Sequence[str]) -> list[str]:
@@ -178,6 +223,166 @@ def resolve_datasets(names: Sequence[str]) -> list[str]:
             raise ValueError(f"datasets: unknown LongBench dataset {n!r}; known: {', '.join(DATASETS)} "
                              "(or en, zh, all)")
     return list(dict.fromkeys(out))
+
+
+# ----------------------------------------------------------------------------------------------
+# the model's official settings
+# ----------------------------------------------------------------------------------------------
+def official_model(name: str | None, model_path: str | None) -> OfficialModel | None:
+    """The official model named by ``--model-name``, else the one whose pattern the model's path contains (the
+    longest: chatglm2-6b-32k before chatglm2-6b), else None."""
+    if name is not None:
+        return next(m for m in OFFICIAL_MODELS if m.name == name)
+    path = (model_path or "").lower()
+    found = [m for m in OFFICIAL_MODELS if m.pattern in path]
+    return max(found, key=lambda m: len(m.pattern)) if found else None
+
+
+def max_length_rule(max_position_embeddings: int) -> int:
+    """The prompt budget of a model the official tables lack, by the rule their entries follow: the context in
+    thousands (``max_position_embeddings // 1024``) times 1000, minus 500 (4K: 3500, 32K: 31500, 128K: 127500),
+    which leaves room for the longest answer (512 tokens) and the chat wrapping."""
+    return 1000 * (max_position_embeddings // 1024) - 500
+
+
+def resolve_max_length(given: int | None, official: OfficialModel | None, config) -> tuple[int, str]:
+    """(max_length, where it comes from): ``--max-length``, else the official model's, else the rule's. One
+    value for every dataset of a run, as in the official scripts."""
+    if given is not None:
+        return given, "--max-length"
+    if official is not None:
+        return official.max_length, f"official ({official.name})"
+    positions = getattr(config, "max_position_embeddings", None)
+    if not positions or positions < 1024:
+        raise ValueError(f"--max-length: the model's max_position_embeddings {positions} gives no prompt budget "
+                         "(the rule needs 1024 or more); pass --max-length")
+    return max_length_rule(positions), f"rule (max_position_embeddings {positions})"
+
+
+def resolve_chat(chat: str | None, official: OfficialModel | None, tokenizer,
+                 model_name: str) -> tuple[str, bool | Callable[[str], str]]:
+    """(the chat format, :func:`build_prompt`'s ``chat``) of ``--chat``; by default the official format where the
+    official runs have one for the model, else the tokenizer's chat template where it has one, else none. A
+    template that writes today's date (``strftime_now``) would make the prompts depend on the day: refused by
+    default, a warning when ``--chat`` names it."""
+    has_official = official is not None and (official.chat or official.system) is not None
+    chosen = chat is not None
+    if chat is None:
+        chat = "official" if has_official else "template" if has_chat_template(tokenizer) else "off"
+    if chat == "off":
+        return chat, False
+    if chat == "official" and not has_official:
+        whose = f"the official model {official.name}" if official else f"{model_name} (no --model-name)"
+        raise ValueError(f"--chat official: the official runs give no chat string for {whose}; pass --chat template "
+                         "or --chat off")
+    if chat == "official" and official.chat:
+        return chat, lambda text: official.chat.replace("{prompt}", text)
+    if not has_chat_template(tokenizer):
+        raise ValueError(f"--chat {chat}: the tokenizer of {model_name} has no chat template; pass --chat off")
+    if "strftime_now" in str(tokenizer.chat_template):
+        dated = (f"the chat template of {model_name} writes today's date into every prompt, so the predictions "
+                 "depend on the day they are made")
+        if not chosen:
+            raise ValueError(f"--chat: {dated}; pass --chat {chat} to use it anyway, or --chat off")
+        warnings.warn(f"--chat {chat}: {dated}", UserWarning, stacklevel=2)
+    system = official.system if chat == "official" else None
+    return chat, True if system is None else lambda text: chat_wrap(tokenizer, text, system)
+
+
+def run_options(setup: Setup, run: Run, official: OfficialModel | None) -> dict[str, Any]:
+    """``--option``'s values for ``run``, plus CAKE's (tau1, tau2) where the method reads CAKE's tau table and
+    ``--option`` does not set both: the row of the official model (named or recognised), else the row the
+    model's path names; a model the table lacks gets 1.0 (the official fallback) and a warning."""
+    from ..methods import method_options
+    from ..methods.cake import default_taus, tau_entry
+    options = dict(setup.options)
+    if run.budget is None or "tau1" not in method_options(run.method) or {"tau1", "tau2"} <= options.keys():
+        return options
+    source = official.hub_id if official else setup.model_name
+    if tau_entry(source) is None:
+        names = ", ".join(m.name for m in OFFICIAL_MODELS if tau_entry(m.hub_id))
+        warnings.warn(f"{run.method}: CAKE's tau table has no entry for {setup.model_name!r}, so tau1 = tau2 = 1.0 "
+                      f"(the official fallback); name the model with --model-name ({names}) or set "
+                      "--option tau1=... --option tau2=...", UserWarning, stacklevel=2)
+    tau1, tau2 = default_taus(source, run.budget)
+    return {"tau1": tau1, "tau2": tau2, **options}
+
+
+def resolved_options(setup: Setup, run: Run, options: dict[str, Any]) -> dict[str, Any]:
+    """Every option of ``run``'s method as the method resolves it for this model and budget (defaults included)."""
+    from ..api import checked_method
+    from ..reconstruction import with_repeat_prompt
+    from .generation import run_budget
+    method = checked_method(setup.model, run.method, run_budget(run.budget, setup.window), setup.window,
+                            with_repeat_prompt(run.method, options, setup.tokenizer))
+    return dataclasses.asdict(method.options)
+
+
+def prediction_settings(setup: Setup, *, official: OfficialModel | None, max_length: int, chat: str,
+                        double_bos: bool, max_new_tokens: int | None,
+                        options: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What decides the predictions (written to settings.json before them; --resume refuses to add to
+    predictions made under others), each as resolved: the runs' method options are the methods' own."""
+    import torch
+    import transformers
+    return {"model": setup.model_name, "official_model": official.name if official else None,
+            "dtype": str(next(setup.model.parameters()).dtype).removeprefix("torch."),
+            "attn_implementation": getattr(setup.model.config, "_attn_implementation", None),
+            "max_length": max_length, "chat": chat, "double_bos": double_bos, "protocol": setup.protocol,
+            "window": setup.window, "max_new_tokens": max_new_tokens or "official",
+            "transformers": transformers.__version__, "torch": torch.__version__,
+            "runs": {run.label: resolved_options(setup, run, options[run.label]) for run in setup.runs}}
+
+
+# ----------------------------------------------------------------------------------------------
+# the output folder
+# ----------------------------------------------------------------------------------------------
+def earlier_outputs(out: str) -> list[str]:
+    """The outputs of an earlier run found in ``out``."""
+    return [name for name in (SETTINGS, PRED_DIR, *REPORT) if os.path.exists(os.path.join(out, name))]
+
+
+def check_out(out: str, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to write into an earlier run's folder unless told to continue it or to replace it (before the model
+    loads)."""
+    if resume and overwrite:
+        raise ValueError("--resume, --overwrite: pass one of them (continue the earlier run, or replace it)")
+    found = earlier_outputs(out)
+    if found and not (resume or overwrite):
+        raise ValueError(f"--out: {out} holds an earlier run ({', '.join(found)}); pass --resume to continue it or "
+                         "--overwrite to replace it")
+
+
+def remove_outputs(out: str) -> None:
+    """--overwrite: the earlier run's outputs go (nothing else in ``out``)."""
+    for name in earlier_outputs(out):
+        path = os.path.join(out, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def _differences(recorded: Any, now: Any, prefix: str = "") -> list[str]:
+    if isinstance(recorded, dict) and isinstance(now, dict):
+        return [d for key in recorded if key in now for d in _differences(recorded[key], now[key], f"{prefix}{key}.")]
+    return [] if recorded == now else [f"{prefix[:-1]} (recorded {recorded!r}, now {now!r})"]
+
+
+def resumed_settings(out: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """--resume: the earlier run's settings must be these (its runs' where both have them); returns both runs'
+    settings together."""
+    path = os.path.join(out, SETTINGS)
+    if not os.path.isfile(path):
+        if earlier_outputs(out):
+            raise ValueError(f"--resume: {path} is missing, so the predictions in {out} cannot be checked against "
+                             "these settings; pass --overwrite to start again")
+        return settings
+    with open(path, encoding="utf-8") as f:
+        recorded = json.load(f)
+    now = json.loads(json.dumps(settings, default=str))  # as JSON holds it (tuples as lists)
+    differ = _differences(recorded, now)
+    if differ:
+        raise ValueError(f"--resume: the settings differ from the earlier run in {out}: {', '.join(differ)}; rerun "
+                         "with the recorded settings, or pass --overwrite to start again")
+    return {**now, "runs": {**recorded.get("runs", {}), **now["runs"]}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,16 +412,17 @@ def _split_after_context(prompt: str, question_tail: str) -> int:
     return len(prompt) - n
 
 
-def build_prompt(tokenizer, example: dict, dataset: str, *, max_length: int | None, chat: bool,
-                 double_bos: bool = False) -> tuple[Prompt, bool]:
-    """The LongBench prompt of one example, split where its context ends; (prompt, truncated?)."""
+def build_prompt(tokenizer, example: dict, dataset: str, *, max_length: int | None,
+                 chat: bool | Callable[[str], str], double_bos: bool = False) -> tuple[Prompt, bool]:
+    """The LongBench prompt of one example, split where its context ends; (prompt, truncated?). ``chat``: the
+    tokenizer's chat template (True), a wrapping of the text (:func:`chat_wrapper`) or none (False)."""
     template = DATASET2PROMPT[dataset]
     text = template.format(**example)
     text, truncated = truncate_middle(tokenizer, text, max_length)
     # The question part: what the template puts after {context}, filled in.
     tail = template.split("{context}", 1)[1].format(**example)
     at = _split_after_context(text, tail)
-    wrap = chat and dataset not in NO_CHAT_DATASETS
+    wrap = chat if dataset not in NO_CHAT_DATASETS else False
     return make_prompt(tokenizer, "", text[:at], text[at:], chat=wrap, double_bos=double_bos), truncated
 
 
@@ -227,15 +433,35 @@ def pred_path(out: str, run: Run, dataset: str) -> str:
     return os.path.join(out, PRED_DIR, run.label, f"{dataset}.jsonl")
 
 
-def read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str, fields: Sequence[str] = ("pred", "answers"), limit: int | None = None) -> list[dict]:
+    """The objects of a JSON-lines file (the first ``limit`` ones), each with ``fields``; a bad line (one cut
+    short by an interrupted run) is an error naming the file and line."""
+    records = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for lineno, line in enumerate(f, 1):
+            if limit is not None and len(records) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{lineno}: not a JSON object")
+            missing = [k for k in fields if k not in record]
+            if missing:
+                raise ValueError(f"{path}:{lineno}: missing field(s) {missing}")
+            records.append(record)
+    return records
 
 
 def predict(setup: Setup, data_dir: str, datasets: Sequence[str], *, max_length: int | None,
             limit: int | None = None, max_new_tokens: int | None = None, double_bos: bool = False,
-            resume: bool = False) -> dict[tuple[str, str], str]:
-    """Write ``{out}/pred/{run}/{dataset}.jsonl`` for every run and dataset; returns their paths."""
+            resume: bool = False, options: dict[str, dict] | None = None,
+            chat: bool | Callable[[str], str] | None = None) -> dict[tuple[str, str], str]:
+    """Write ``{out}/pred/{run}/{dataset}.jsonl`` for every run and dataset (method options per run label, default
+    ``setup.options``; ``chat`` as :func:`build_prompt` takes it, default ``setup.chat``); returns their paths."""
     from . import generation
     data = {name: load_data(data_dir, name, limit) for name in datasets}  # fail early on missing files
     tok = setup.tokenizer
@@ -254,7 +480,8 @@ def predict(setup: Setup, data_dir: str, datasets: Sequence[str], *, max_length:
                 mode = "a" if done else "w"
                 samsum = name == "samsum"
                 examples = data[name][done:]
-                prompts = [build_prompt(tok, ex, name, max_length=max_length, chat=setup.chat,
+                prompts = [build_prompt(tok, ex, name, max_length=max_length,
+                                        chat=setup.chat if chat is None else chat,
                                         double_bos=double_bos) for ex in examples]
                 encoded = [setup.encode(p) for p, _ in prompts]
                 ready: dict[int, dict] = {}
@@ -265,7 +492,8 @@ def predict(setup: Setup, data_dir: str, datasets: Sequence[str], *, max_length:
                         gens = generation.generate_batch(
                             setup.model, tok, [encoded[i] for i in batch],
                             method=run.method, budget=run.budget, window=setup.window, protocol=setup.protocol,
-                            options=setup.options, max_new_tokens=max_new_tokens or DATASET2MAXLEN[name],
+                            options=(options or {}).get(run.label, setup.options),
+                            max_new_tokens=max_new_tokens or DATASET2MAXLEN[name],
                             extra_eos=[newline] if samsum and newline is not None else (),
                             min_new_tokens=1 if samsum else 0)
                         for i, gen in zip(batch, gens):
@@ -387,16 +615,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder with LongBench's {dataset}.jsonl files (required unless --score-only)")
     parser.add_argument("--datasets", nargs="+", default="en",
                         help="dataset names, or en (the 16 English), zh (the 5 Chinese), all (default: en)")
+    parser.add_argument("--model-name", choices=OFFICIAL_NAMES, default=None,
+                        help="the official runs' name of the model (their max length, CAKE's tau row); default: "
+                             "recognised from --model's path (e.g. .../Llama-3.1-8B-Instruct: llama3.1-8b-128k)")
     parser.add_argument("--max-length", type=int, default=None,
-                        help="prompt budget in tokens, middle truncation beyond it (official: 3500 for "
-                             "Llama-2, 127500 for Llama-3.1-8B, 31500 for Mistral-0.3 / Qwen2.5); default: "
-                             "the model's max_position_embeddings minus the longest answer")
+                        help="prompt budget in tokens, middle truncation beyond it; default: the official value "
+                             "of the model (3500 for Llama-2, 127500 for Llama-3.1-8B, 31500 for Mistral-0.3 / "
+                             "Qwen2.5), else 1000 * (max_position_embeddings // 1024) - 500, the rule of the "
+                             "official values")
     parser.add_argument("--limit", type=int, default=None, help="first N examples of each dataset")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="override the official per-dataset max_new_tokens (smoke tests only)")
     parser.add_argument("--double-bos", action="store_true",
                         help="add BOS even when the chat template wrote it (the official scripts' quirk)")
-    parser.add_argument("--resume", action="store_true", help="keep existing predictions and continue")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out: keep its predictions (its recorded settings must match)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run in --out (its outputs are removed)")
     parser.add_argument("--score-only", action="store_true", help="only score the predictions under --out")
     parser.add_argument("--zh-tokenizer", choices=("jieba", "char"), default="jieba",
                         help="Chinese word segmentation for qa_f1_zh / rouge_zh (official: jieba)")
@@ -404,7 +638,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="code_sim ratio (lcc, repobench-p): difflib (LongBench's environment: fuzzywuzzy "
                              "without python-Levenshtein) or indel (fuzzywuzzy with python-Levenshtein, "
                              "thefuzz; computed with rapidfuzz)")
-    add_common_arguments(parser, default_out="results/longbench")
+    parser.add_argument("--chat", dest="chat_format", choices=CHAT_FORMATS, default=None,
+                        help="chat format of the prompts but the few-shot and code datasets: official (the official "
+                             "runs' string for the model: LongBench's build_chat, CAKE's for the models it adds), "
+                             "template (the tokenizer's chat template) or off; default: official where the model "
+                             "has one, else template where the tokenizer has one, else off")
+    add_common_arguments(parser, default_out="results/longbench", chat=False)
 
 
 def metric_options(args) -> dict[str, Any]:
@@ -426,21 +665,31 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, str]:
     if not args.data_dir:
         raise ValueError("--data-dir is required (a folder with LongBench's {dataset}.jsonl files)")
     datasets = resolve_datasets(split_list(args.datasets))
-    for name in datasets:  # check the data and the scorer before loading the model
-        if not os.path.isfile(data_path(args.data_dir, name)):
-            load_data(args.data_dir, name)
+    # the data, the scorers and the output folder are checked before the model loads
+    check_data_files(args.data_dir, datasets)
+    for name in datasets:
         metrics.check_scorer(name, **metric_options(args))
+    check_out(args.out, resume=args.resume, overwrite=args.overwrite)
+    official = official_model(args.model_name, args.model)
     setup = setup_from_args(args, model, tokenizer)
-    max_length = args.max_length
-    if max_length is None:
-        limit = getattr(setup.model.config, "max_position_embeddings", None)
-        max_length = limit - max(DATASET2MAXLEN[d] for d in datasets) if limit else None
+    from ..patch import decoder_config
+    max_length, max_length_source = resolve_max_length(args.max_length, official, decoder_config(setup.model))
+    chat_format, chat = resolve_chat(args.chat_format, official, setup.tokenizer, setup.model_name)
+    setup.chat = chat is not False
+    options = {run.label: run_options(setup, run, official) for run in setup.runs}
+    settings = prediction_settings(setup, official=official, max_length=max_length, chat=chat_format,
+                                   double_bos=args.double_bos, max_new_tokens=args.max_new_tokens, options=options)
+    if args.resume:
+        settings = resumed_settings(args.out, settings)
+    elif args.overwrite:
+        remove_outputs(args.out)
+    report.write_json(os.path.join(args.out, SETTINGS), settings)
     predict(setup, args.data_dir, datasets, max_length=max_length, limit=args.limit,
-            max_new_tokens=args.max_new_tokens, double_bos=args.double_bos, resume=args.resume)
+            max_new_tokens=args.max_new_tokens, double_bos=args.double_bos, resume=args.resume, options=options,
+            chat=chat)
     table = score_predictions(args.out, [r.label for r in setup.runs], datasets, **metric_options(args))
-    info = report.environment_info(setup, max_length=max_length, limit=args.limit, datasets=datasets,
-                                   metric_options=metric_options(args),
-                                   max_new_tokens=args.max_new_tokens or "official", double_bos=args.double_bos)
+    info = report.environment_info(setup, **settings, max_length_source=max_length_source, limit=args.limit,
+                                   datasets=datasets, metric_options=metric_options(args))
     paths = write_report(args.out, table, info)
     report.print_file(paths["markdown"])
     return paths

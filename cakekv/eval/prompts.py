@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import TYPE_CHECKING, Hashable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Hashable, Iterable, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -42,8 +42,10 @@ def use_chat(tokenizer, chat: str | bool) -> bool:
     raise ValueError(f"chat: expected auto/on/off, got {chat!r}")
 
 
-def chat_wrap(tokenizer, text: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+def chat_wrap(tokenizer, text: str, system: str | None = None) -> str:
+    """``text`` as the user's message (after ``system``'s, if given) in the tokenizer's chat template."""
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    return tokenizer.apply_chat_template(messages + [{"role": "user", "content": text}], tokenize=False,
                                          add_generation_prompt=True)
 
 
@@ -63,16 +65,18 @@ class Prompt:
         return self.context + self.question
 
 
-def make_prompt(tokenizer, before: str, context: str, after: str, *, chat: bool,
+def make_prompt(tokenizer, before: str, context: str, after: str, *, chat: bool | Callable[[str], str],
                 answer_prefix: str = "", double_bos: bool = False) -> Prompt:
-    """The prompt ``before + context + after`` (chat-wrapped when ``chat``) + ``answer_prefix``,
-    split right after ``context``.
+    """The prompt ``before + context + after`` (chat-wrapped when ``chat``: by the tokenizer's chat
+    template, or by ``chat`` itself when it is a function of the text) + ``answer_prefix``, split right
+    after ``context``.
 
     With a chat template whose text starts with the BOS token, the BOS is not added a second time
     when tokenizing unless ``double_bos`` (the official LongBench/CAKE scripts double it for
     Llama-3 and Mistral [quirk])."""
     if chat:
-        wrapped = chat_wrap(tokenizer, before + context + _SPLIT + after)
+        text = before + context + _SPLIT + after
+        wrapped = chat(text) if callable(chat) else chat_wrap(tokenizer, text)
         if wrapped.count(_SPLIT) != 1:
             raise ValueError("the chat template altered the prompt so that the context cannot be located; "
                              "use --chat off")

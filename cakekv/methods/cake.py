@@ -51,12 +51,15 @@ TAU_TABLE: dict[str, dict[int, tuple[float, float]]] = {
 }
 
 
-def default_taus(name_or_path: str, budget: int) -> tuple[float, float]:
+def tau_entry(name_or_path: str) -> str | None:
+    """The TAU_TABLE key found in a model's name or path (lowercased), as the official scripts pick a row by the
+    model's name; None for a model the table lacks (its taus are then 1.0)."""
     name = (name_or_path or "").lower()
-    for key, by_budget in TAU_TABLE.items():
-        if key in name and budget in by_budget:
-            return by_budget[budget]
-    return 1.0, 1.0
+    return next((key for key in TAU_TABLE if key in name), None)
+
+
+def default_taus(name_or_path: str, budget: int) -> tuple[float, float]:
+    return TAU_TABLE.get(tau_entry(name_or_path), {}).get(budget, (1.0, 1.0))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -396,3 +396,261 @@ def test_resume_keeps_existing_predictions(tmp_path, monkeypatch):
                   tokenizer=byte_tokenizer())
     assert batches == [1, 1]  # only the second example was generated
     assert len(longbench.read_jsonl(tmp_path / "out" / "pred" / "full" / "hotpotqa.jsonl")) == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# the official settings, the recorded settings, the output folder
+# ------------------------------------------------------------------------------------------------
+# The official tables, as their files say: LongBench's config/model2maxlen.json and model2path.json (THUDM/LongBench,
+# pred.py), and CAKE's experiments/LongBench/config/ (pred_cake.py).
+LONGBENCH_MODEL2MAXLEN = {"llama2-7b-chat-4k": 3500, "longchat-v1.5-7b-32k": 31500, "xgen-7b-8k": 7500,
+                          "internlm-7b-8k": 7500, "chatglm2-6b": 31500, "chatglm2-6b-32k": 31500,
+                          "chatglm3-6b-32k": 31500, "vicuna-v1.5-7b-16k": 15500}
+LONGBENCH_MODEL2PATH = {"llama2-7b-chat-4k": "meta-llama/Llama-2-7b-chat-hf",
+                        "longchat-v1.5-7b-32k": "lmsys/longchat-7b-v1.5-32k",
+                        "xgen-7b-8k": "Salesforce/xgen-7b-8k-inst",
+                        "internlm-7b-8k": "internlm/internlm-chat-7b-8k", "chatglm2-6b": "THUDM/chatglm2-6b",
+                        "chatglm2-6b-32k": "THUDM/chatglm2-6b-32k", "chatglm3-6b-32k": "THUDM/chatglm3-6b-32k",
+                        "vicuna-v1.5-7b-16k": "lmsys/vicuna-7b-v1.5-16k"}
+CAKE_MODEL2MAXLEN = {"llama2-7b-chat-4k": 3500, "llama2-13b-chat-4k": 3500, "llama3.1-8b-128k": 127500,
+                     "mistral-0.3-7b-32k": 31500, "qwen2.5-7b-instruct": 31500}
+CAKE_MODEL2PATH = {"llama2-7b-chat-4k": "meta-llama/Llama-2-7b-chat-hf",
+                   "llama2-13b-chat-4k": "meta-llama/Llama-2-13b-chat-hf",
+                   "llama3.1-8b-128k": "meta-llama/Llama-3.1-8B-Instruct",
+                   "mistral-0.3-7b-32k": "mistralai/Mistral-7B-Instruct-v0.3",
+                   "qwen2.5-7b-instruct": "Qwen/Qwen2.5-7B-Instruct"}
+# max_position_embeddings of the CAKE models' configs
+CAKE_POSITIONS = {"llama2-7b-chat-4k": 4096, "llama2-13b-chat-4k": 4096, "llama3.1-8b-128k": 131072,
+                  "mistral-0.3-7b-32k": 32768, "qwen2.5-7b-instruct": 32768}
+
+
+def test_official_models_are_the_official_tables():
+    by_name = {m.name: m for m in longbench.OFFICIAL_MODELS}
+    assert {n: m.max_length for n, m in by_name.items()} == {**LONGBENCH_MODEL2MAXLEN, **CAKE_MODEL2MAXLEN}
+    assert {n: m.hub_id for n, m in by_name.items()} == {**LONGBENCH_MODEL2PATH, **CAKE_MODEL2PATH}
+    # the rule for other models gives the official value from each CAKE model's own config
+    for name, positions in CAKE_POSITIONS.items():
+        assert longbench.max_length_rule(positions) == CAKE_MODEL2MAXLEN[name], name
+    assert longbench.max_length_rule(8192) == 7500 and longbench.max_length_rule(1024) == 500
+
+
+def test_official_model_is_named_or_recognised_from_the_path():
+    find = longbench.official_model
+    assert find(None, "/models/Meta-Llama-3.1-8B-Instruct").name == "llama3.1-8b-128k"
+    assert find(None, "meta-llama/Llama-2-13b-chat-hf").name == "llama2-13b-chat-4k"
+    assert find(None, "mistralai/Mistral-7B-Instruct-v0.3").name == "mistral-0.3-7b-32k"
+    assert find(None, "THUDM/chatglm2-6b-32k").name == "chatglm2-6b-32k"  # the longest match
+    assert find(None, "THUDM/chatglm2-6b").name == "chatglm2-6b"
+    assert find(None, "/models/my-llama3") is None and find(None, None) is None
+    assert find("qwen2.5-7b-instruct", "/models/my-llama3").name == "qwen2.5-7b-instruct"
+    # CAKE's tau rows are found from the same names
+    from cakekv.methods.cake import TAU_TABLE, tau_entry
+    assert {tau_entry(longbench.official_model(n, None).hub_id) for n in CAKE_MODEL2PATH} == set(TAU_TABLE)
+
+
+def test_max_length_resolution():
+    config = type("Config", (), {"max_position_embeddings": 32768})()
+    llama3 = longbench.official_model("llama3.1-8b-128k", None)
+    assert longbench.resolve_max_length(None, llama3, config) == (127500, "official (llama3.1-8b-128k)")
+    assert longbench.resolve_max_length(None, None, config) == (31500, "rule (max_position_embeddings 32768)")
+    assert longbench.resolve_max_length(2000, llama3, config) == (2000, "--max-length")
+    config.max_position_embeddings = 512
+    with pytest.raises(ValueError, match="^--max-length: .*max_position_embeddings 512"):
+        longbench.resolve_max_length(None, None, config)
+
+
+def fake_generation(monkeypatch) -> list[dict]:
+    """Generation replaced by a fixed answer; returns the keyword arguments of each call."""
+    calls = []
+
+    def fake_generate_batch(model, tokenizer, encoded_list, **kw):
+        calls.append(kw)
+        return [generation.Generation("town 3", [5], 10, 0.0, None, None, None, None) for _ in encoded_list]
+
+    monkeypatch.setattr(generation, "generate_batch", fake_generate_batch)
+    return calls
+
+
+def run_fixture(tmp_path, *argv, datasets="hotpotqa", **kw):
+    args = eval_args(longbench.add_arguments, ["--data-dir", str(tmp_path / "data"), "--datasets", datasets,
+                                               "--out", str(tmp_path / "out"), "--no-progress", *argv])
+    return longbench.run(args, model=kw.get("model") or tiny_lm(), tokenizer=byte_tokenizer())
+
+
+def test_default_max_length_is_the_same_for_every_dataset_and_recorded(tmp_path, monkeypatch):
+    needs_eval_extra("matplotlib")
+    write_fixture(tmp_path / "data")
+    fake_generation(monkeypatch)
+    paths = run_fixture(tmp_path, "--methods", "full")  # tiny_lm: 4096 positions -> the rule's 3500
+    info = json.load(open(paths["json"], encoding="utf-8"))["info"]
+    assert info["max_length"] == 3500 and info["max_length_source"] == "rule (max_position_embeddings 4096)"
+    paths = run_fixture(tmp_path, "--methods", "full", "--model-name", "llama3.1-8b-128k", "--overwrite",
+                        datasets="hotpotqa,lcc")
+    info = json.load(open(paths["json"], encoding="utf-8"))["info"]
+    assert info["max_length"] == 127500 and info["official_model"] == "llama3.1-8b-128k"
+
+
+def test_every_resolved_setting_is_recorded(tmp_path, monkeypatch):
+    needs_eval_extra("matplotlib")
+    write_fixture(tmp_path / "data")
+    calls = fake_generation(monkeypatch)
+    paths = run_fixture(tmp_path, "--methods", "full", "cake", "snapkv", "--budgets", "128", "1024", "--window", "8",
+                        "--model-name", "llama3.1-8b-128k", "--option", "decode_evict=False")
+    info = json.load(open(paths["json"], encoding="utf-8"))["info"]
+    settings = json.load(open(tmp_path / "out" / "settings.json", encoding="utf-8"))
+    import transformers
+    assert info["transformers"] == settings["transformers"] == transformers.__version__
+    assert info["torch"] == settings["torch"] == torch.__version__
+    assert settings["dtype"] == "float32" and settings["attn_implementation"] == "sdpa"
+    assert settings["max_length"] == 127500 and settings["chat"] == "official" and settings["double_bos"] is False
+    runs = settings["runs"]
+    assert set(runs) == {"full", "cake-128", "cake-1024", "snapkv-128", "snapkv-1024"}
+    # CAKE's taus of the named model at each budget (its table: 1.6 / 0.6 at 128, 1.6 / 0.4 at 1024)
+    assert (runs["cake-128"]["tau1"], runs["cake-128"]["tau2"]) == (1.6, 0.6)
+    assert (runs["cake-1024"]["tau1"], runs["cake-1024"]["tau2"]) == (1.6, 0.4)
+    assert runs["cake-128"]["gamma"] == 200.0 and runs["cake-128"]["kernel_size"] == 5  # every option
+    assert runs["full"] == {"decode_evict": False} and runs["cake-128"]["decode_evict"] is False
+    assert "tau1" not in runs["snapkv-128"] and runs["snapkv-128"]["pooling"] == "max"
+    assert info["runs"] == runs
+    cake_calls = [c for c in calls if c["method"] == "cake"]
+    assert [(c["options"]["tau1"], c["options"]["tau2"]) for c in cake_calls] == [(1.6, 0.6)] * 2 + [(1.6, 0.4)] * 2
+
+
+def test_cake_tau_warns_for_a_model_its_table_lacks(tmp_path, monkeypatch):
+    needs_eval_extra("matplotlib")
+    write_fixture(tmp_path / "data")
+    fake_generation(monkeypatch)
+    with pytest.warns(UserWarning, match="tau table has no entry for 'cakekv/tiny-llama'.*--model-name"):
+        run_fixture(tmp_path, "--methods", "cake", "--budgets", "128", "--window", "8")
+    settings = json.load(open(tmp_path / "out" / "settings.json", encoding="utf-8"))
+    assert (settings["runs"]["cake-128"]["tau1"], settings["runs"]["cake-128"]["tau2"]) == (1.0, 1.0)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # both taus given: nothing to warn about
+        run_fixture(tmp_path, "--methods", "cake", "--budgets", "128", "--window", "8", "--option", "tau1=2",
+                    "--option", "tau2=3", "--overwrite")
+    settings = json.load(open(tmp_path / "out" / "settings.json", encoding="utf-8"))
+    assert (settings["runs"]["cake-128"]["tau1"], settings["runs"]["cake-128"]["tau2"]) == (2.0, 3.0)
+
+
+def test_an_earlier_run_is_kept_unless_resume_or_overwrite(tmp_path, monkeypatch):
+    needs_eval_extra("matplotlib")
+    write_fixture(tmp_path / "data")
+    fake_generation(monkeypatch)
+    run_fixture(tmp_path, "--methods", "full")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=f"^--out: {out} holds an earlier run .*--resume.*--overwrite"):
+        run_fixture(tmp_path, "--methods", "full")
+    with pytest.raises(ValueError, match="^--resume, --overwrite: pass one of them"):
+        run_fixture(tmp_path, "--methods", "full", "--resume", "--overwrite")
+    stale = out / "pred" / "snapkv-64" / "hotpotqa.jsonl"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}\n")
+    run_fixture(tmp_path, "--methods", "full", "--overwrite")
+    assert not stale.exists()  # the earlier run's outputs are gone
+    assert len(longbench.read_jsonl(out / "pred" / "full" / "hotpotqa.jsonl")) == 2
+
+
+def test_resume_checks_the_recorded_settings(tmp_path, monkeypatch):
+    needs_eval_extra("matplotlib")
+    write_fixture(tmp_path / "data")
+    fake_generation(monkeypatch)
+    run_fixture(tmp_path, "--methods", "full", "cake", "--budgets", "64", "--window", "8", "--limit", "1")
+    with pytest.raises(ValueError, match=r"^--resume: .* differ from the earlier run in .*out: max_length "
+                                         r"\(recorded 3500, now 2000\), window \(recorded 8, now 16\); .*--overwrite"):
+        run_fixture(tmp_path, "--methods", "full", "--max-length", "2000", "--window", "16", "--resume")
+    with pytest.raises(ValueError, match=r"^--resume: .*runs\.cake-64\.gamma \(recorded 200.0, now 50.0\)"):
+        run_fixture(tmp_path, "--methods", "cake", "--budgets", "64", "--window", "8", "--option", "gamma=50",
+                    "--resume")
+    # the same settings (another run added): resumed, the runs of both recorded
+    run_fixture(tmp_path, "--methods", "cake", "snapkv", "--budgets", "64", "--window", "8", "--resume")
+    settings = json.load(open(tmp_path / "out" / "settings.json", encoding="utf-8"))
+    assert set(settings["runs"]) == {"full", "cake-64", "snapkv-64"}
+    # a folder without recorded settings cannot be checked
+    os.remove(tmp_path / "out" / "settings.json")
+    with pytest.raises(ValueError, match=r"^--resume: .*settings.json is missing.*--overwrite"):
+        run_fixture(tmp_path, "--methods", "full", "--window", "8", "--resume")
+
+
+def test_a_bad_prediction_line_names_its_file_and_line(tmp_path):
+    path = tmp_path / "hotpotqa.jsonl"
+    path.write_text('{"pred": "a", "answers": ["a"]}\n{"pred": "b", "answ')
+    with pytest.raises(ValueError, match=f"^{path}:2: not valid JSON"):
+        longbench.read_jsonl(path)
+    path.write_text('{"pred": "a", "answers": ["a"]}\n\n{"pred": "b"}\n')
+    with pytest.raises(ValueError, match=rf"^{path}:3: missing field\(s\) \['answers'\]"):
+        longbench.score_file(str(path), "hotpotqa")
+
+
+def test_every_missing_dataset_is_named_before_the_model_loads(tmp_path, monkeypatch):
+    write_fixture(tmp_path / "data")
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(longbench, "setup_from_args", no_model)
+    args = eval_args(longbench.add_arguments, ["--data-dir", str(tmp_path / "data"), "--datasets",
+                                               "hotpotqa,qasper,lcc,trec", "--out", str(tmp_path / "out")])
+    with pytest.raises(FileNotFoundError, match=r"^--data-dir: no LongBench data for 2 datasets: .*qasper.jsonl, "
+                                                r".*trec.jsonl\. cakekv never downloads"):
+        longbench.run(args)
+
+
+# pred.py's build_chat (LongBench) and pred_cake.py's (CAKE), retyped from their code
+OFFICIAL_CHAT = {
+    "llama2-7b-chat-4k": "[INST]{prompt}[/INST]",
+    "llama3.1-8b-128k": ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
+                         "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    "mistral-0.3-7b-32k": "<s>[INST] {prompt} [/INST]",
+    "internlm-7b-8k": "<|User|>:{prompt}<eoh>\n<|Bot|>:",
+    "xgen-7b-8k": ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                   "helpful, detailed, and polite answers to the human's questions.\n\n" + " ### Human: {prompt}\n###"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_CHAT))
+def test_official_chat_strings(name):
+    tok = byte_tokenizer(CHAT_TEMPLATE)
+    official = longbench.official_model(name, None)
+    fmt, chat = longbench.resolve_chat(None, official, tok, "m")  # the default for a model that has one
+    assert fmt == "official"
+    ex = {"context": "some passages", "input": "Who?"}
+    prompt, _ = longbench.build_prompt(tok, ex, "hotpotqa", max_length=None, chat=chat)
+    assert prompt.text == OFFICIAL_CHAT[name].format(prompt=longbench.DATASET2PROMPT["hotpotqa"].format(**ex))
+    assert prompt.context.endswith("some passages")
+    # BOS written as text (Mistral's <s>, this tokenizer's BOS) is not added again unless --double-bos
+    assert prompt.add_special_tokens == (name != "mistral-0.3-7b-32k")
+    code, _ = longbench.build_prompt(tok, {"context": "x = 1\n", "input": ""}, "lcc", max_length=None, chat=chat)
+    assert code.text == longbench.DATASET2PROMPT["lcc"].format(context="x = 1\n")  # never wrapped
+
+
+def test_chat_format_choice():
+    tok, plain = byte_tokenizer(CHAT_TEMPLATE), byte_tokenizer()
+    qwen, glm = longbench.official_model("qwen2.5-7b-instruct", None), longbench.official_model("chatglm2-6b", None)
+    assert longbench.resolve_chat(None, None, tok, "m") == ("template", True)
+    assert longbench.resolve_chat(None, None, plain, "m") == ("off", False)
+    assert longbench.resolve_chat(None, glm, tok, "m") == ("template", True)  # ChatGLM's format is remote code
+    assert longbench.resolve_chat("off", qwen, tok, "m") == ("off", False)
+    # Qwen2.5: its chat template with Qwen's system message (pred_cake.py)
+    fmt, chat = longbench.resolve_chat(None, qwen, tok, "m")
+    assert fmt == "official" and chat("Q") == ("<s><|user|>\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+                                             "assistant.<|end|>\n<|user|>\nQ<|end|>\n<|assistant|>\n")
+    with pytest.raises(ValueError, match="^--chat official: the official runs give no chat string for m "):
+        longbench.resolve_chat("official", None, tok, "m")
+    with pytest.raises(ValueError, match="^--chat official: .*chatglm2-6b; pass --chat template or --chat off"):
+        longbench.resolve_chat("official", glm, tok, "m")
+    with pytest.raises(ValueError, match="^--chat template: the tokenizer of m has no chat template"):
+        longbench.resolve_chat("template", None, plain, "m")
+
+
+def test_a_template_that_writes_the_date_is_never_used_silently():
+    tok = byte_tokenizer("{{ bos_token }}Today is {{ strftime_now('%d %b %Y') }}.{% for m in messages %}"
+                         "{{ m['content'] }}{% endfor %}")
+    with pytest.raises(ValueError, match="^--chat: the chat template of m writes today's date .*--chat template "
+                                         "to use it anyway, or --chat off"):
+        longbench.resolve_chat(None, None, tok, "m")
+    with pytest.warns(UserWarning, match="^--chat template: the chat template of m writes today's date"):
+        assert longbench.resolve_chat("template", None, tok, "m") == ("template", True)
+    assert longbench.resolve_chat("off", None, tok, "m") == ("off", False)
+    # the official string of a model needs no template
+    assert longbench.resolve_chat(None, longbench.official_model("llama3.1-8b-128k", None), tok, "m")[0] == "official"
