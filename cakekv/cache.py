@@ -6,7 +6,8 @@ no other bookkeeping. A layer's entries live in its `storage` (storage.py), padd
 the layer does the rest:
   * prefill, on the padded storage: the prompt is stored, the method's cuts keep, per (row, KV head),
     [left padding | kept prefix in position order | window] (`keep_top`), and a layer whose KV heads end
-    with different numbers of entries switches to the ragged storage once (`to_ragged`);
+    with different numbers of entries switches to the ragged storage once (`to_ragged`); a chunked prefill stores
+    each later chunk after the entries kept so far (`_store_chunk`) and cuts again, before that switch;
   * decoding: the host side of a step (`prepare_step`: room, reallocation, how many entries to evict;
     `finish_step`: counters) runs outside the step; the device side (`_append`, `attend`, `evict_to_caps`)
     writes new entries into free slots and frees evicted ones (pos = -1) in place, so a layer stays at a
@@ -447,7 +448,7 @@ class CompressedCache(Cache):
         """After layer `layer_idx`'s prefill attention: a global layer is scored and the global layers seen so
         far re-cut (`Eviction.score_and_recut`), or for a re-reading method kept whole, its window scores kept for
         after the re-read where the method `scores_window`; a sliding layer is not scored: it drops what its window
-        no longer reaches. After the last layer the prefill is finished."""
+        no longer reaches. After the last layer the prefill is finished, or the chunk ended if more chunks follow."""
         layer = self.layers[layer_idx]
         layer.prefilling = False
         method = self.method

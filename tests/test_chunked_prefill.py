@@ -35,21 +35,21 @@ UNIFORM_HEADS = ("cake", "snapkv", "pyramidkv", "streamingllm", "spancake")  # e
 
 @pytest.fixture
 def record(monkeypatch):
-    """What each layer held when each chunk attended: a list of chunks, each {layer: positions [B, Hkv, slots]} of
-    the layer at its attention (its cut entries and the chunk, before it is cut again), plus under "end" every
-    layer's positions once the chunk's last layer has cut them."""
+    """Per chunk read (a prompt is one): `attended[layer]`, the positions [B, Hkv, slots] the layer held when the
+    chunk attended (its cut entries and the chunk, before it is cut again); `slots`, at each layer's attention,
+    every layer's slots; `end`, every layer's positions once the chunk's last layer has cut them."""
     chunks = []
     original = CompressedCache.after_prefill
 
     def after_prefill(self, layer_idx, *args, **kwargs):
         if layer_idx == 0:
-            chunks.append({})
-        chunks[-1][layer_idx] = self.layers[layer_idx].storage.padded_pos().clone()
-        chunks[-1]["slots"] = chunks[-1].get("slots", []) + [[layer.storage.pos.shape[-1] if layer.is_initialized
-                                                              else 0 for layer in self.layers]]
+            chunks.append(SimpleNamespace(attended={}, slots=[], end=None))
+        chunk = chunks[-1]
+        chunk.attended[layer_idx] = self.layers[layer_idx].storage.padded_pos().clone()
+        chunk.slots.append([layer.storage.pos.shape[-1] if layer.is_initialized else 0 for layer in self.layers])
         original(self, layer_idx, *args, **kwargs)
         if layer_idx == len(self.layers) - 1:
-            chunks[-1]["end"] = [layer.storage.padded_pos().clone() for layer in self.layers]
+            chunk.end = [layer.storage.padded_pos().clone() for layer in self.layers]
 
     monkeypatch.setattr(CompressedCache, "after_prefill", after_prefill)
     return chunks
@@ -75,9 +75,9 @@ def reference_logits(model, ids, chunks, recorded, row=0):
     masks = {}
     for layer, window in enumerate(sliding_windows(model.config)):
         visible = torch.zeros(model.config.num_key_value_heads, n, n, dtype=torch.bool)
-        for (start, end), seen in zip(chunks, recorded):
-            visible[:, start:end] = held(seen[layer], row, n)[:, None]
-        visible[:, prompt_end:] = held(recorded[-1]["end"][layer], row, n)[:, None] | (i >= prompt_end)
+        for (start, end), chunk in zip(chunks, recorded):
+            visible[:, start:end] = held(chunk.attended[layer], row, n)[:, None]
+        visible[:, prompt_end:] = held(recorded[-1].end[layer], row, n)[:, None] | (i >= prompt_end)
         visible &= causal
         if window is not None:
             visible &= i[None, :] > i[:, None] - window
@@ -86,8 +86,7 @@ def reference_logits(model, ids, chunks, recorded, row=0):
         return model(input_ids=ids, use_cache=False).logits[0]
 
 
-def kept_positions(handle_or_cache):
-    cache = handle_or_cache if isinstance(handle_or_cache, CompressedCache) else handle_or_cache.last_cache
+def kept_positions(cache: CompressedCache) -> list:
     return [layer.storage.padded_pos().tolist() for layer in cache.layers]
 
 
@@ -180,15 +179,14 @@ def test_memory_is_the_budget_plus_one_chunk(llama, record, method, length):
     layers = llama.config.num_hidden_layers
     before = [prefill_chunks(length, CHUNK, None)[0][1]] * layers  # the first chunk: at most its own tokens
     for chunk in record:
-        for slots in chunk["slots"]:
+        for slots in chunk.slots:
             assert all(s <= b + CHUNK for s, b in zip(slots, before)), (slots, before)
             if method in UNIFORM_HEADS:
                 assert sum(slots) <= layers * (BUDGET + CHUNK)
-        end = chunk["end"]
-        kept = sum((pos[0] >= 0).sum().item() / pos.shape[1] for pos in end)
+        kept = sum((pos[0] >= 0).sum().item() / pos.shape[1] for pos in chunk.end)
         if method != "full":
             assert kept <= layers * BUDGET
-        before = [pos.shape[-1] for pos in end]
+        before = [pos.shape[-1] for pos in chunk.end]
 
 
 def test_inputs_embeds_are_cut_as_input_ids(llama):
