@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .arguments import check_arguments
+from .arguments import check_arguments, check_prefill_chunk
 from .cache import CompressedCache
 from .methods import get_method
 from .patch import (Patch, check_method, check_supported, decoder_config, sliding_windows,
@@ -13,11 +13,12 @@ from .patch import (Patch, check_method, check_supported, decoder_config, slidin
 class CompressionHandle:
     """Returned by `compress`: a context manager and handle (`remove()`, `stats`)."""
 
-    def __init__(self, model, method, budget: int, window: int):
+    def __init__(self, model, method, budget: int, window: int, prefill_chunk: int | None = None):
         self.model = model
         self.budget = budget
         self.window = window
         self.method = method
+        self.prefill_chunk = prefill_chunk  # longest prompt read in one forward (None: any)
         self.last_cache: CompressedCache | None = None
         self.warned_replaced_cache = False  # an empty non-dynamic cache given to the model was replaced (warned)
         self._patch: Patch | None = Patch(model, self)
@@ -62,24 +63,33 @@ class CompressionHandle:
         return f"CompressionHandle(method={self.method.name!r}, budget={self.budget}, window={self.window}, {state})"
 
 
-def checked_method(model, method: str, budget: Any, window: Any, options: dict[str, Any]):
+def checked_method(model, method: str, budget: Any, window: Any, options: dict[str, Any], prefill_chunk: Any = None):
     """The method instance `compress` would use, every argument and the model checked (`check_arguments`,
-    the options against their declarations, the model supported); touches nothing, so the pipeline can
-    refuse bad settings when it is built rather than at its first call."""
+    `check_prefill_chunk` and whether the method can prefill in chunks, the options against their declarations,
+    the model supported); touches nothing, so the pipeline can refuse bad settings when it is built rather than at
+    its first call."""
     method, budget, window = check_arguments(method, budget, window)
+    prefill_chunk = check_prefill_chunk(prefill_chunk, window)
     check_supported(model)
     instance = get_method(method)(decoder_config(model), budget, window, **options)  # a composite model's text config
     check_method(model, instance)
+    why = instance.chunked_prefill_refusal() if prefill_chunk is not None else None
+    if why:
+        raise ValueError(f"prefill_chunk: method {method!r} cannot read a prompt in chunks: {why}")
     return instance
 
 
-def compress(model, method: str = "cake", budget: int = 1024, window: int = 32, **options: Any) -> CompressionHandle:
+def compress(model, method: str = "cake", budget: int = 1024, window: int = 32, prefill_chunk: int | None = None,
+             **options: Any) -> CompressionHandle:
     """Compress `model`'s KV cache with `method` while the returned handle is active.
 
     budget: entries kept per layer per KV head on average, window included. window: the last `window`
     prompt tokens, always kept and used as the observation window (both any integer type, numpy
-    included). options: the method's keyword options, each checked against its declared type and
-    constraints (`cakekv.describe_options(name)`)."""
-    instance = checked_method(model, method, budget, window, options)
+    included). prefill_chunk: a longer prompt is read `prefill_chunk` tokens at a time, the cache cut back to
+    the budget after each chunk, so that prefill memory no longer grows with the prompt (>= window + 1; see
+    docs/cache.md, "Chunked prefill"). options: the method's keyword options, each checked against its declared
+    type and constraints (`cakekv.describe_options(name)`)."""
+    instance = checked_method(model, method, budget, window, options, prefill_chunk)
     warn_if_untested_transformers()
-    return CompressionHandle(model, instance, instance.budget, instance.window)
+    chunk = None if prefill_chunk is None else int(prefill_chunk)  # checked by checked_method
+    return CompressionHandle(model, instance, instance.budget, instance.window, chunk)

@@ -17,3 +17,15 @@ def check_arguments(method: str, budget: Any, window: Any) -> tuple[str, int, in
     if budget < window + 1:
         raise ValueError(f"budget: must be >= window + 1 = {window + 1}, got {budget}")
     return method, budget, window
+
+
+def check_prefill_chunk(prefill_chunk: Any, window: int) -> int | None:
+    """None (the prompt is read in one forward), or an integer >= window + 1: every chunk after the first holds its
+    own observation window (its last `window` tokens, whose queries score the cache) and at least one token before
+    it, so that no window reaches back into a chunk whose queries are gone."""
+    if prefill_chunk is None:
+        return None
+    prefill_chunk = as_int("prefill_chunk", prefill_chunk)
+    if prefill_chunk < window + 1:
+        raise ValueError(f"prefill_chunk: must be >= window + 1 = {window + 1}, got {prefill_chunk}")
+    return prefill_chunk

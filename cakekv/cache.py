@@ -6,7 +6,8 @@ no other bookkeeping. A layer's entries live in its `storage` (storage.py), padd
 the layer does the rest:
   * prefill, on the padded storage: the prompt is stored, the method's cuts keep, per (row, KV head),
     [left padding | kept prefix in position order | window] (`keep_top`), and a layer whose KV heads end
-    with different numbers of entries switches to the ragged storage once (`to_ragged`);
+    with different numbers of entries switches to the ragged storage once (`to_ragged`); a chunked prefill stores
+    each later chunk after the entries kept so far (`_store_chunk`) and cuts again, before that switch;
   * decoding: the host side of a step (`prepare_step`: room, reallocation, how many entries to evict;
     `finish_step`: counters) runs outside the step; the device side (`_append`, `attend`, `evict_to_caps`)
     writes new entries into free slots and frees evicted ones (pos = -1) in place, so a layer stays at a
@@ -99,6 +100,8 @@ class CompressedLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             return self._store_prompt(key_states, value_states)
+        if self.prefilling:
+            return self._store_chunk(key_states, value_states)
         return self._append(key_states, value_states)
 
     def get_seq_length(self) -> int:
@@ -137,6 +140,21 @@ class CompressedLayer(CacheLayerMixin):
         self.head_budgets = [None] * b
         self.seen = n
         self.prefilling = True
+        return self.keys, self.values
+
+    def _store_chunk(self, keys, values):
+        """A later chunk of a chunked prefill (no padding: `CompressedCache.begin_chunk`), stored after what the layer
+        kept so far, at the rows' next positions. Everything held before becomes a candidate again, the chunk's last
+        `window` tokens are the new window: the layer is then scored and cut as a prompt is."""
+        b, h, q, _ = keys.shape
+        self.query_pos = self.next_pos[:, None] + torch.arange(q, device=self.next_pos.device)
+        held = self.storage
+        pos = torch.cat([held.pos, self.query_pos[:, None, :].expand(b, h, q)], 2)
+        self.storage = PaddedStorage(torch.cat([held.keys, keys], 2), torch.cat([held.values, values], 2), pos)
+        self.next_pos = self.next_pos + q
+        self.head_counts = [[c + q for c in row] for row in self.head_counts]
+        self.head_prefix = [[c - self.cache.window for c in row] for row in self.head_counts]
+        self.seen += q
         return self.keys, self.values
 
     def hold_window(self):
@@ -342,6 +360,11 @@ class PromptInfo:
         self.lengths = mask.sum(-1)
         self.host_lengths = self.lengths.tolist()
 
+    def extend(self, q: int) -> None:
+        """The next chunk of a chunked prefill: `q` more real tokens in every row."""
+        self.lengths = self.lengths + q
+        self.host_lengths = [n + q for n in self.host_lengths]
+
 
 class CompressedCache(Cache):
     """One CompressedLayer per decoder layer; the attention hook (patch.py) calls it after each layer's
@@ -359,6 +382,7 @@ class CompressedCache(Cache):
         self.window = window
         self.eviction = Eviction(method, window)
         self.prompt: PromptInfo | None = None
+        self.more_chunks = False  # a chunked prefill has chunks after the one in progress
         self.step_graph = None  # the captured decode step (step_graph.StepGraph), on CUDA
         self.step_tokens: int | None = None  # tokens of the step prepared by `prepare_step` (None: no step)
         self.reread_rows: list[bool] | None = None  # rows to compress once the prompt is re-read (repeat_task)
@@ -374,13 +398,26 @@ class CompressedCache(Cache):
     def is_fresh(self) -> bool:
         return not self.layers[0].is_initialized
 
-    def begin_prefill(self, attention_mask, batch: int, length: int, device):
+    def begin_prefill(self, attention_mask, batch: int, length: int, device, more_chunks: bool = False):
+        """The prompt, or the first chunk of a chunked prefill (`more_chunks`: the cut prefill is continued by
+        `begin_chunk` instead of finished)."""
         self.prompt = PromptInfo(attention_mask, batch, length, device)
+        self.more_chunks = more_chunks
+
+    def begin_chunk(self, q: int, more_chunks: bool) -> None:
+        """A later chunk of a chunked prefill, `q` real tokens in every row: each layer stores it after its cut
+        entries (`CompressedLayer._store_chunk`), the chunk attends over both, and the layers are scored and cut
+        again by `after_prefill`, as for a prompt."""
+        self.prompt.extend(q)
+        self.more_chunks = more_chunks
+        for layer in self.layers:
+            layer.prefilling = True
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self.reread is not None:  # a chunk of the prompt's re-read: attends, never stored
             return key_states, value_states
-        if self.layers[layer_idx].is_initialized and self.step_tokens is None:
+        layer = self.layers[layer_idx]
+        if layer.is_initialized and not layer.prefilling and self.step_tokens is None:
             raise RuntimeError("cache: this CompressedCache is continued outside cakekv.compress(): the compression "
                                "it belongs to has ended (or the model's forward was called without it); continue "
                                "it inside an active `with cakekv.compress(model, ...)` of the same model")
@@ -411,7 +448,7 @@ class CompressedCache(Cache):
         """After layer `layer_idx`'s prefill attention: a global layer is scored and the global layers seen so
         far re-cut (`Eviction.score_and_recut`), or for a re-reading method kept whole, its window scores kept for
         after the re-read where the method `scores_window`; a sliding layer is not scored: it drops what its window
-        no longer reaches. After the last layer the prefill is finished."""
+        no longer reaches. After the last layer the prefill is finished, or the chunk ended if more chunks follow."""
         layer = self.layers[layer_idx]
         layer.prefilling = False
         method = self.method
@@ -427,8 +464,17 @@ class CompressedCache(Cache):
         if layer_idx == len(self.layers) - 1:
             if rereads:
                 self.reread_rows = compress_rows  # `finish_reread` cuts them
+            elif self.more_chunks:
+                self._end_chunk()
             else:
                 self._finish_prefill(compress_rows)
+
+    def _end_chunk(self) -> None:
+        """After a chunk of a chunked prefill that is not the last: the layers stay in the padded storage, as cut,
+        for the next chunk; their scores and the layer preferences are recomputed by it."""
+        for layer in self.layers:
+            layer.indicator = None
+        self.eviction.reset()
 
     def finish_reread(self) -> None:
         """After the prompt's re-read (reconstruction.py) left its scores in the global layers' indicators: every
@@ -456,7 +502,7 @@ class CompressedCache(Cache):
             if layer.head_caps is not None:
                 layer.start_eviction_order()
             layer.indicator = None
-        self.eviction.preferences = []
+        self.eviction.reset()
 
     def after_decode(self, layer_idx: int) -> None:
         self.eviction.decode_layer(self.layers[layer_idx])

@@ -6,6 +6,8 @@ scores; this module drives the method over the layers:
     layer preferences seen so far are turned into layer budgets (re-cut after every layer when the method
     cascades, so memory never holds more than the total), per-head budgets where the method has them, and every
     layer seen so far keeps its top entries (`CompressedLayer.keep_top`);
+  * a chunked prefill (`compress(prefill_chunk=...)`) does the same for each later chunk, over what each layer kept
+    of the chunks before and the chunk itself, with the chunk's own window and preferences;
   * at the end of prefill: the caps decode-time eviction holds (the layer's budget per head);
   * at each decode step: a layer over its caps frees its lowest-scoring entries (`CompressedLayer.evict_to_caps`).
 """
@@ -17,29 +19,37 @@ from .methods.base import LayerView, Method
 
 
 class Eviction:
-    """The decisions of one compressed generation (one per cache); `preferences` are the global layers' layer
-    preferences of the prefill in progress."""
+    """The decisions of one compressed generation (one per cache); `preferences` and `caps` are the global layers'
+    layer preferences and evictable lengths of the prefill (or chunk) in progress."""
 
     def __init__(self, method: Method, window: int):
         self.method = method
         self.window = window
         self.preferences: list[torch.Tensor] = []
+        self.caps: list[torch.Tensor] = []
         self.window_scores: list[torch.Tensor] = []  # a re-reading method's window indicators, until its re-read
+
+    def reset(self) -> None:
+        """The end of a prefill or of a chunk of one: the next is scored afresh."""
+        self.preferences, self.caps = [], []
 
     def score(self, cache, layer, query: torch.Tensor, scale: float, module, softcap: float | None) -> torch.Tensor:
         """The method's indicator of global `layer` from its window queries (over logits soft-capped by `softcap`,
-        as the model's); its layer preference joins `preferences`. The method sees the global layers only,
-        numbered in order (its budgets and `LayerView.layer_idx` count them)."""
+        as the model's); its layer preference joins `preferences`, its evictable length per row (the mean over KV
+        heads of its candidates: `n - window` for a prompt, less for a later chunk of a chunked prefill) `caps`.
+        The method sees the global layers only, numbered in order (its budgets and `LayerView.layer_idx` count
+        them)."""
         window = self.window
         window_start = (layer.next_pos - window).clamp(min=0)
         stored = layer.storage  # padded while prefilling
-        view = LayerView(query[:, :, -window:], stored.keys, stored.values, stored.pos, stored.pos[:, 0, -window:],
+        view = LayerView(query[:, :, -window:], stored.keys, stored.values, stored.pos, layer.query_pos[:, -window:],
                          window_start, scale, cache.global_layers.index(layer), module, queries=query,
-                         query_positions=stored.pos[:, 0, :], softcap=softcap or 0.0)
+                         query_positions=layer.query_pos, softcap=softcap or 0.0)
         indicator, preference = self.method.score_layer(view)
         if preference is None:
             preference = torch.zeros(query.shape[0], dtype=torch.float64, device=query.device)
         self.preferences.append(preference.to(torch.float64))
+        self.caps.append(torch.tensor([sum(row) // len(row) for row in layer.head_prefix], device=query.device))
         return indicator
 
     def stacked_preferences(self, device) -> torch.Tensor:
@@ -53,19 +63,18 @@ class Eviction:
         layer.indicator = self.score(cache, layer, query, scale, module, softcap)
         budgeted = cache.global_layers
         prefs = self.stacked_preferences(query.device)
-        window_start = (layer.next_pos - self.window).clamp(min=0)
-        self.recut(budgeted[:prefs.shape[1]], prefs, window_start, prefs.shape[1] == len(budgeted), compress_rows)
+        caps = torch.stack([c.to(query.device) for c in self.caps], 1)
+        self.recut(budgeted[:prefs.shape[1]], prefs, caps, prefs.shape[1] == len(budgeted), compress_rows)
 
     def score_window(self, cache, layer, query: torch.Tensor, scale: float, module, softcap: float | None) -> None:
         """A re-reading method's window indicator of global `layer` (`score`), kept until its re-read."""
         self.window_scores.append(self.score(cache, layer, query, scale, module, softcap))
 
-    def recut(self, seen: list, preferences: torch.Tensor, window_start: torch.Tensor, is_last: bool,
+    def recut(self, seen: list, preferences: torch.Tensor, caps: torch.Tensor, is_last: bool,
               compress_rows: list[bool]) -> None:
         """Cut the global layers `seen` so far, scored (their `indicator`), to the method's budgets; `preferences`
-        [B, l] their layer preferences, `window_start` [B] the rows' first window position."""
+        [B, l] their layer preferences, `caps` [B, l] their evictable lengths."""
         method = self.method
-        caps = window_start[:, None].expand_as(preferences).contiguous()
         indicators = [scored.indicator for scored in seen]
         budgets = method.layer_budgets(preferences, caps, is_last, indicators=indicators)
         if budgets is None:
@@ -96,7 +105,8 @@ class Eviction:
         else:
             preferences = torch.zeros(window_start.shape[0], len(layers), dtype=torch.float64,
                                       device=window_start.device)
-        self.recut(layers, preferences, window_start, True, compress_rows)
+        caps = window_start[:, None].expand_as(preferences).contiguous()
+        self.recut(layers, preferences, caps, True, compress_rows)
 
     def set_decode_caps(self, layer, compress_rows: list[bool]) -> None:
         """End of prefill: the budgets the layer's rows were given, and the caps decode-time eviction holds

@@ -61,6 +61,11 @@ _CURRENT_STEP: contextvars.ContextVar[_Step | None] = contextvars.ContextVar("ca
 # Keyword arguments a captured decode step may receive besides the cache; anything else runs eagerly.
 _GRAPH_TENSORS = ("input_ids", "position_ids", "cache_position")
 _GRAPH_FLAGS = ("use_cache", "return_dict", "output_attentions", "output_hidden_states")
+# Arguments of the decoder's forward that run along the prompt, cut per chunk of a chunked prefill (along their
+# second dimension for inputs_embeds, their last for the others); and the outputs such a prefill cannot give.
+_SEQUENCE_ARGUMENTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "cache_position",
+                       "token_type_ids")
+_WHOLE_PROMPT_OUTPUTS = ("output_attentions", "output_hidden_states")
 # Arguments of a composite model's base forward that bring another modality's tokens (refused at prefill).
 _OTHER_MODALITIES = ("pixel_values", "mm_encoder_outputs", "image_", "video_", "audio_", "input_features")
 
@@ -153,12 +158,14 @@ def _make_attention(backend: str):
             raise unsupported_release(f"{type(module).__name__} ran without the cakekv cache: the model's forward "
                                       "did not hand the cache to its attention layers")
         if layer.prefilling:
-            _check_attention_call(module, query, key, value, layer, kwargs)
             _check_layers_before(cache, module.layer_idx)
-            # The prompt attends over its full K/V with the model's own kernel and mask; only the
-            # stored cache is compressed afterwards.
-            out = call(original, module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                       **kwargs)
+            if step.continues:  # a later chunk of a chunked prefill: over the cut cache and itself, by positions
+                out = layer.attend(query, scale, kwargs.get("softcap")), None
+            else:  # the prompt attends over its full K/V with the model's own kernel and mask
+                _check_attention_call(module, query, key, value, layer, kwargs)
+                out = call(original, module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                           **kwargs)
+            # only the stored cache is compressed afterwards
             cache.after_prefill(module.layer_idx, query, scale, module, kwargs.get("softcap"))
             return out
         if cache.reread is not None:
@@ -435,6 +442,28 @@ def _check_chunk_unpadded(attention_mask, q: int) -> None:
                          "tokens)")
 
 
+def prefill_chunks(length: int, size: int, attention_mask: torch.Tensor | None) -> list[tuple[int, int]]:
+    """Column ranges [start, end) of a prompt of `length` columns read `size` tokens at a time. Cut from the end:
+    every chunk but the first holds exactly `size` tokens and no padding (chunks continue the cache token by
+    token), and the last one, with the question, is whole. The first chunk takes the rest: the remainder and the
+    left padding of every row, so that each row's first real token is in it."""
+    shortest = length
+    if attention_mask is not None and attention_mask.dim() == 2:
+        shortest = int(attention_mask[:, -length:].sum(-1).min())
+    later = max(shortest - 1, 0) // size
+    first = length - later * size
+    return [(0, first)] + [(first + i * size, first + (i + 1) * size) for i in range(later)]
+
+
+def _chunk_argument(key: str, value, start: int, end: int, length: int):
+    """Columns [start, end) of a forward argument that runs along the prompt of `length` columns (counted from
+    its end: a mask may be longer than the prompt); any other argument as it is."""
+    if key not in _SEQUENCE_ARGUMENTS or not isinstance(value, torch.Tensor):
+        return value
+    dim = 1 if key == "inputs_embeds" else value.dim() - 1
+    return value.narrow(dim, value.shape[dim] - length + start, end - start)
+
+
 def _reread(forward, name: str, handle, cache: CompressedCache, prompt_ids: torch.Tensor | None) -> None:
     """A re-reading method's scores (its `repeat_task`, reconstruction.py): after the prompt's prefill, the prompt is
     re-read chunk by chunk through the decoder's own forward over the cache, which keeps none of it; then the
@@ -519,6 +548,8 @@ class Patch:
             fresh = cache.is_fresh
             if fresh:
                 _check_text_only(arguments)
+                if handle.prefill_chunk is not None and inputs.shape[1] > handle.prefill_chunk:
+                    return self._chunked_prefill(forward, {**_flat(arguments), name: cache}, handle, cache)
                 cache.begin_prefill(arguments.get("attention_mask"), inputs.shape[0], inputs.shape[1], inputs.device)
             if name in kwargs or past_index >= len(args):
                 kwargs[name] = cache
@@ -545,14 +576,45 @@ class Patch:
             finally:
                 _CURRENT_STEP.reset(token)
             if fresh and inputs.shape[1] > 0:
-                if cache.is_fresh:
-                    raise unsupported_release(f"{type(self.decoder).__name__}.forward did not hand the cache to "
-                                              "its attention layers")
-                skipped = [layer.layer_idx for layer in cache.layers if not layer.is_initialized or layer.prefilling]
-                if skipped:
-                    raise _skipped_layers_error(skipped)
+                self._check_prefilled(cache)
                 if cache.reread_rows is not None:
                     _reread(forward, name, handle, cache, arguments.get("input_ids"))
             return out
 
         return cakekv_forward
+
+    def _check_prefilled(self, cache: CompressedCache) -> None:
+        """After a prefill forward: every layer stored and cut its part through cakekv's attention."""
+        if cache.is_fresh:
+            raise unsupported_release(f"{type(self.decoder).__name__}.forward did not hand the cache to its attention "
+                                      "layers")
+        skipped = [layer.layer_idx for layer in cache.layers if not layer.is_initialized or layer.prefilling]
+        if skipped:
+            raise _skipped_layers_error(skipped)
+
+    def _chunked_prefill(self, forward, arguments: dict, handle, cache: CompressedCache):
+        """A prompt longer than `handle.prefill_chunk` read chunk by chunk (`prefill_chunks`; docs/cache.md, "Chunked
+        prefill"): the first chunk is prefilled and cut as a prompt is, each later one attends over the cut cache and
+        itself at its true positions, then every layer is scored and cut again. Returns the last chunk's output:
+        its logits, not the earlier chunks' (a prompt too long to read at once has logits too large to return)."""
+        for flag in _WHOLE_PROMPT_OUTPUTS:
+            if arguments.get(flag) or getattr(self.config, flag, False):
+                raise ValueError(f"{flag}: a prompt read in chunks (prefill_chunk={handle.prefill_chunk}) gives the "
+                                 "outputs of its last chunk only; run without it, or without prefill_chunk")
+        inputs = arguments["input_ids"] if arguments.get("input_ids") is not None else arguments["inputs_embeds"]
+        length = inputs.shape[1]
+        chunks = prefill_chunks(length, handle.prefill_chunk, arguments.get("attention_mask"))
+        for i, (start, end) in enumerate(chunks):
+            part = {key: _chunk_argument(key, value, start, end, length) for key, value in arguments.items()}
+            more = i < len(chunks) - 1
+            if i == 0:
+                cache.begin_prefill(part.get("attention_mask"), inputs.shape[0], end - start, inputs.device, more)
+            else:
+                cache.begin_chunk(end - start, more)
+            token = _CURRENT_STEP.set(_Step(handle, cache, continues=i > 0))
+            try:
+                out = forward(**part)
+            finally:
+                _CURRENT_STEP.reset(token)
+            self._check_prefilled(cache)
+        return out

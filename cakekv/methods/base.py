@@ -143,6 +143,16 @@ class Method:
         None: scored at prefill by `score_layer`. A re-reading method keeps every entry while prefilling."""
         return None
 
+    def chunked_prefill_refusal(self) -> str | None:
+        """Why this method cannot cut a prompt read chunk by chunk (`compress(prefill_chunk=...)`), or None. Each
+        later chunk is scored from its own window over the cache cut so far: a method whose scores need the whole
+        prompt, or the official code's one-shot rules, cannot be."""
+        if self.repeat_task is not None:
+            return "it re-reads the whole prompt after its prefill to score it"
+        if getattr(self.options, "official", False):
+            return "official=True follows the official code's one-shot prefill"
+        return None
+
     # A re-reading method that also scores the prompt's window at prefill (`score_layer`, layer preferences
     # included) and combines both scores in `reread_indicator`.
     scores_window: ClassVar[bool] = False

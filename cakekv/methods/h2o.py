@@ -19,6 +19,9 @@ from .. import _ops
 class H2O(Method):
     name = "h2o"
 
+    def chunked_prefill_refusal(self) -> str | None:
+        return "it scores every entry by the attention of every prompt query, which a later chunk no longer has"
+
     def score_layer(self, view: LayerView):
         mean, _, _ = _ops.window_stats(view.queries, view.keys, view.query_positions, view.k_pos, view.scale,
                                        view.softcap)
