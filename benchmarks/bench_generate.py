@@ -6,7 +6,8 @@ JSON (and a PNG when matplotlib is available) to --out.
 
   python benchmarks/bench_generate.py --contexts 32768 --budgets 512 1024 2048 --out results/bench_generate
 
-A method may carry options: `cake:head_budgets=true,decode_evict=false`. Two baselines are measured in
+A method may carry options: `cake:head_budgets=true,decode_evict=false`, and `prefill_chunk=N` (compress's chunked
+prefill: `cake:prefill_chunk=8192`). Two baselines are measured in
 the same run: `hf` (plain transformers, full DynamicCache, the same decode loop) and `hf-static-short`
 (transformers' StaticCache with its compiled decode, `generate(cache_implementation="static")`, on a
 prompt of `budget` tokens: what a short cache costs at best). Decode steps over a cakekv cache run as
@@ -47,9 +48,12 @@ def build_model(shape: str, max_len: int, device: str, dtype):
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
-    """`name[:key=value,...]` -> (name, options)."""
+    """`name[:key=value,...]` -> (name, keyword arguments of compress: the method's options and `prefill_chunk`)."""
     name, _, opts = spec.partition(":")
-    return name, parse_options([o for o in opts.split(",") if o])
+    items = [o for o in opts.split(",") if o]
+    chunk = [o for o in items if o.startswith("prefill_chunk=")]
+    options = parse_options([o for o in items if o not in chunk])
+    return name, options | ({"prefill_chunk": int(chunk[-1].partition("=")[2])} if chunk else {})
 
 
 def run_hf_static_short(model, ids, budget, new_tokens):
@@ -147,6 +151,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--no-static-baseline", action="store_true", help="skip hf-static-short (compiles for minutes)")
+    ap.add_argument("--no-hf-baseline", action="store_true", help="skip hf, the full cache (past the GPU's memory at "
+                                                                   "long prompts)")
     ap.add_argument("--out", default="results/bench_generate")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -156,7 +162,8 @@ def main():
         ids = torch.randint(0, model.config.vocab_size, (1, n), device="cuda")
         ids, mask = left_padded(ids, args.batch) if args.batch > 1 else (ids, None)
         run_one(model, ids[:, -2048:], "hf", 0, args.window, 4)  # warm-up
-        configs = [("hf", None)] + [(m, None) for m in args.methods if m == "full"]
+        configs = [] if args.no_hf_baseline else [("hf", None)]
+        configs += [(m, None) for m in args.methods if m == "full"]
         configs += [(m, b) for m in args.methods if m != "full" for b in args.budgets]
         for method, budget in configs:
             row = run_one(model, ids, method, budget or args.window + 1, args.window, args.new_tokens, mask)
