@@ -21,7 +21,7 @@ timeout "$(left 100)" python3 benchmarks/bench_generate.py --contexts 131072 104
   --no-static-baseline --no-hf-baseline --methods cake:prefill_chunk=8192 --out "$OUT/chunked" 2>&1 \
   | tee "$OUT/chunked.log" | grep "^|" | tail -4
 echo "chunked done at ${SECONDS}s"
-TIMEOUT=$(left 300) bash experiments/run_kvzip_grid.sh /tmp/grid 16 > "$OUT/grid.log" 2>&1
+TIMEOUT=$(( $(left 300) - 15 )) bash experiments/run_kvzip_grid.sh /tmp/grid 16 > "$OUT/grid.log" 2>&1
 tail -3 "$OUT/grid.log"
 tar czf "$OUT/grid.tgz" -C /tmp grid
 echo "all done at ${SECONDS}s"
