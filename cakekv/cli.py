@@ -157,6 +157,7 @@ def _demo_questions(args, model, tok, sample, budget: int) -> list[tuple]:
 # generate
 # ----------------------------------------------------------------------------------------------
 def cmd_generate(args) -> int:
+    from .arguments import check_prefill_chunk
     from .eval.args import split_options
     from .eval.runs import FULL, check_compression
 
@@ -165,6 +166,7 @@ def cmd_generate(args) -> int:
         check_compression(args.method, args.budget, args.window)
     else:
         check_compression(FULL, args.window + 1, args.window)  # full keeps everything: its budget means nothing
+    check_prefill_chunk(args.prefill_chunk, args.window)
     split_options(args.option)
     if args.prompt_file == "-":
         prompt_text = sys.stdin.read()
@@ -176,6 +178,8 @@ def cmd_generate(args) -> int:
             raise FileNotFoundError(f"prompt-file: cannot read {args.prompt_file!r}: {e.strerror or e}") from None
     from .eval.args import parse_options
     options = parse_options(args.option, [args.method])  # the method's declarations (torch, not transformers)
+    if args.prefill_chunk is not None:
+        options["prefill_chunk"] = args.prefill_chunk  # compress's own argument, beside the method's options
     from .eval.generation import generate
     from .eval.models import load_model
     from .eval.prompts import encode_prompt, make_prompt, use_chat
@@ -267,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="method option (repeatable), e.g. --option decode_evict=False; Python or JSON spelling "
                         "(see `cakekv methods NAME`)")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="TOKENS",
+                   help="read a longer prompt this many tokens at a time, the cache cut back to the budget after "
+                        "each chunk (default: one forward)")
     p.set_defaults(func=cmd_generate, parser=p)
 
     p = sub.add_parser("eval", help="run an evaluation: needle, synthetic or longbench")

@@ -8,7 +8,8 @@
     # -> [{"question": "Who ...?", "answer": "..."}, ...]
     qa(context=document, questions="Where ...?", budget=128)  # this call only: snapkv, budget 128
 
-The compression settings (`method`, `budget`, `window`, and `options`: a dict of the method's options) given
+The compression settings (`method`, `budget`, `window`, `prefill_chunk`, and `options`: a dict of the method's
+options) given
 when the pipeline is built hold for every call; one given at a call replaces the pipeline's for that call
 (`options` as a whole); those given nowhere are `compress`'s defaults, except the method: `kvzip`
 (`cakekv.defaults.QUERY_AGNOSTIC_METHOD`), whose scores come from the context itself, since the context is
@@ -41,7 +42,7 @@ from .reconstruction import with_repeat_prompt
 
 TASK = "cakekv-text-generation"
 # compress's defaults, but the method: the context is compressed before its questions exist
-SETTINGS = {"method": QUERY_AGNOSTIC_METHOD, "budget": 1024, "window": 32, "options": None}
+SETTINGS = {"method": QUERY_AGNOSTIC_METHOD, "budget": 1024, "window": 32, "options": None, "prefill_chunk": None}
 
 
 def prefill_context(model, context_ids: torch.Tensor):

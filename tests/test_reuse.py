@@ -127,7 +127,7 @@ def test_pipeline_answers_each_question_from_the_context_compressed_once(monkeyp
 
 
 def settings_of(handle) -> tuple:
-    return handle.method.name, handle.budget, handle.window, handle.method.options.kernel_size
+    return handle.method.name, handle.budget, handle.window, handle.method.options.kernel_size, handle.prefill_chunk
 
 
 def test_pipeline_compresses_with_its_settings_unless_a_call_gives_others(monkeypatch):
@@ -138,13 +138,15 @@ def test_pipeline_compresses_with_its_settings_unless_a_call_gives_others(monkey
     qa(**ask, budget=48)              # this call only
     qa(**ask, options={})             # options replaced as a whole: snapkv's default kernel
     qa(**ask, method="cake", window=4)
+    qa(**ask, prefill_chunk=100)      # the context read 100 tokens at a time
     qa(**ask)
-    assert [settings_of(h) for h in handles] == [("snapkv", 64, 8, 3), ("snapkv", 48, 8, 3), ("snapkv", 64, 8, 7),
-                                                 ("cake", 64, 4, 3), ("snapkv", 64, 8, 3)]
+    assert [settings_of(h) for h in handles] == [
+        ("snapkv", 64, 8, 3, None), ("snapkv", 48, 8, 3, None), ("snapkv", 64, 8, 7, None), ("cake", 64, 4, 3, None),
+        ("snapkv", 64, 8, 3, 100), ("snapkv", 64, 8, 3, None)]
     assert all(evicted(h) for h in handles)
 
 
-BAD_SETTINGS = [dict(budget=0), dict(window=0), dict(budget=8, window=8), dict(budget=64.0),
+BAD_SETTINGS = [dict(budget=0), dict(window=0), dict(budget=8, window=8), dict(budget=64.0), dict(prefill_chunk=4),
                 dict(method="nosuch"), dict(options={"gamma": "high"}), dict(options={"tau3": 1.0}),
                 dict(method="snapkv", options={"gamma": 200.0})]
 

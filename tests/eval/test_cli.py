@@ -61,6 +61,7 @@ ARGUMENT_ERRORS = [  # (argv, message): refused before torch is imported
     (["generate", "--prompt-file", "/no/such/file", "--method", "full", "--budget", "8"],
      "prompt-file: cannot read"),  # full's budget is not checked: it keeps everything
     (["demo", "--budgets", "8"], "budget: must be >= window + 1 = 17, got 8"),
+    (["generate", "--prompt-file", "p", "--prefill-chunk", "8"], "prefill_chunk: must be >= window + 1 = 33, got 8"),
 ]
 
 
@@ -116,6 +117,20 @@ def test_generate(capsys, tmp_path, model_dir):
     captured = capsys.readouterr()
     assert "[cakekv] method cake, budget 64" in captured.err and "5 new tokens" in captured.err
     assert "KV memory" in captured.err
+
+
+def test_generate_reads_a_long_prompt_in_chunks(capsys, tmp_path, model_dir, monkeypatch):
+    """--prefill-chunk reaches compress (beside the method's options) and the run finishes as one-shot does."""
+    calls = []
+    compress = cakekv.compress
+    monkeypatch.setattr(cakekv, "compress", lambda *a, **k: calls.append(k) or compress(*a, **k))
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The secret code of Ada Berg is 12345. " * 20)
+    argv = ["generate", "--model", model_dir, "--method", "cake", "--budget", "64", "--window", "8", "--prefill-chunk",
+            "128", "--option", "gamma=100", "--prompt-file", str(prompt), "--max-new-tokens", "5", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    assert "5 new tokens" in capsys.readouterr().err
+    assert [(k["prefill_chunk"], k["gamma"]) for k in calls] == [(128, 100)]
 
 
 def test_generate_defaults_to_the_shipped_model(capsys, tmp_path):
