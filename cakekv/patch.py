@@ -40,7 +40,7 @@ _PREFIX = "cakekv_"
 # The decoder's cache argument and output field, newest name first (5.24 renamed past_key_values).
 CACHE_NAMES = ("cache", "past_key_values")
 # transformers releases the test-suite runs on (CI: both ends); newer ones get a warning at compress().
-TESTED_TRANSFORMERS = ((5, 17), (5, 24))
+TESTED_TRANSFORMERS = ((5, 17), (5, 25))
 
 # attention module -> the handle compressing its model (weak: a dropped model unregisters itself)
 _HANDLE_OF_MODULE: "weakref.WeakKeyDictionary[torch.nn.Module, object]" = weakref.WeakKeyDictionary()
