@@ -146,9 +146,13 @@ class OfficialModel:
 
     @property
     def pattern(self) -> str:
-        """What a model's path contains when it is this model: the id's last part, lowercased, without "-hf" (how
-        CAKE's tau table names the same models)."""
-        return self.hub_id.rsplit("/", 1)[-1].lower().removesuffix("-hf")
+        return hub_pattern(self.hub_id)
+
+
+def hub_pattern(hub_id: str) -> str:
+    """What a model's path contains when it is the model ``hub_id``: the id's last part, lowercased, without "-hf"
+    (how CAKE's tau table names the same models)."""
+    return hub_id.rsplit("/", 1)[-1].lower().removesuffix("-hf")
 
 
 _LLAMA2_CHAT = "[INST]{prompt}[/INST]"
@@ -179,49 +183,124 @@ OFFICIAL_MODELS = (
 CHAT_FORMATS = ("official", "template", "off")
 OFFICIAL_NAMES = tuple(m.name for m in OFFICIAL_MODELS)
 
-DATASET_GROUPS = {"en": DATASETS_EN, "zh": DATASETS_ZH, "all": DATASETS}
+# LongBench-E: the datasets the official pred.py --e runs, each as {name}_e (its data file {name}_e.jsonl, its
+# examples spread evenly over the 0-4k / 4-8k / 8k+ length intervals); prompts, lengths and metrics are {name}'s.
+DATASETS_E = tuple(f"{name}_e" for name in (
+    "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "gov_report", "multi_news", "trec", "triviaqa", "samsum",
+    "passage_count", "passage_retrieval_en", "lcc", "repobench-p"))
+DATASET_GROUPS = {"en": DATASETS_EN, "zh": DATASETS_ZH, "all": DATASETS, "e": DATASETS_E}
+
+# LongBench v2 (the official v2 pred.py, result.py): 503 multiple-choice questions in one file, answered 0-shot
+# (V2) or with a chain of thought then an answer step (V2_COT); their predictions files are named so.
+V2, V2_COT = "v2", "v2_cot"
+V2_FILE = "data.json"  # the release's data.json: a JSON array of objects with these fields
+V2_FIELDS = ("_id", "domain", "sub_domain", "difficulty", "length", "question", "choice_A", "choice_B", "choice_C",
+             "choice_D", "answer", "context")
+_V2_QUESTION = ("What is the correct answer to this question: $Q$\nChoices:\n(A) $C_A$\n(B) $C_B$\n(C) $C_C$\n"
+                "(D) $C_D$\n\n")
+_V2_FORMAT = "Format your response as follows: \"The correct answer is (insert answer here)\"."
+# The official prompts (prompts/0shot.txt, 0shot_cot.txt, 0shot_cot_ans.txt), retyped; "questions" and the curly
+# apostrophe are theirs.
+V2_PROMPTS = {
+    V2: ("Please read the following text and answer the question below.\n\n<text>\n$DOC$\n</text>\n\n"
+         + _V2_QUESTION + _V2_FORMAT),
+    V2_COT: ("Please read the following text and answer the questions below.\n\n<text>\n$DOC$\n</text>\n\n"
+             + _V2_QUESTION + "Let\u2019s think step by step:"),
+}
+# the answer step of V2_COT: the chain of thought in place of the text
+V2_COT_ANSWER_PROMPT = ("Please read the following text and answer the questions below.\n\nThe text is too long and "
+                        "omitted here.\n\n" + _V2_QUESTION + "Let\u2019s think step by step: $COT$\n\nBased on the "
+                        "above, what is the single, most likely answer choice? " + _V2_FORMAT)
+V2_MAXLEN = {V2: 128, V2_COT: 1024}  # max_new_tokens; the answer step of V2_COT takes V2's
+# The official v2 prompt budget (config/model2maxlen.json) of the open models of its config/model2path.json.
+V2_MODEL2MAXLEN = dict.fromkeys((
+    "THUDM/glm-4-9b-chat", "meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-70B-Instruct",
+    "meta-llama/Llama-3.3-70B-Instruct", "nvidia/Llama-3.1-Nemotron-70B-Instruct-HF", "Qwen/Qwen2.5-7B-Instruct",
+    "Qwen/Qwen2.5-72B-Instruct", "mistralai/Mistral-Large-Instruct-2407", "mistralai/Mistral-Large-Instruct-2411",
+    "CohereForAI/c4ai-command-r-plus-08-2024"), 120000)
+ALL_NAMES = DATASETS + DATASETS_E + (V2, V2_COT)  # every predictions file name, in the report's order
 
 PRED_DIR = "pred"
 SETTINGS = "settings.json"  # what decides the predictions, written before them (--resume checks it)
-REPORT = ("results.json", "results.md", "results.png")
+OFFICIAL_RESULT = "result.json"  # pred/{run}/result.json: the scores in the shape of the official eval.py's
+V2_RESULT = "result.txt"  # the v2 accuracies in the shape of the official result.py's
+REPORT = ("results.json", "results.md", "results.png", V2_RESULT)
 
 
 # ----------------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------------
+def is_v2(name: str) -> bool:
+    return name in (V2, V2_COT)
+
+
+def base_name(name: str) -> str:
+    """The v1 dataset whose prompt, answer length and metric a dataset takes (``hotpotqa`` for ``hotpotqa_e``)."""
+    return name.removesuffix("_e") if name in DATASETS_E else name
+
+
 def data_path(data_dir: str, name: str) -> str:
-    return os.path.join(data_dir, f"{name}.jsonl")
+    return os.path.join(data_dir, V2_FILE if is_v2(name) else f"{name}.jsonl")
 
 
 def check_data_files(data_dir: str, names: Sequence[str]) -> None:
-    """One error naming every missing ``{name}.jsonl``, so that one look at the folder fixes them all."""
-    missing = [data_path(data_dir, n) for n in names if not os.path.isfile(data_path(data_dir, n))]
+    """One error naming every missing data file, so that one look at the folder fixes them all."""
+    missing = list(dict.fromkeys(data_path(data_dir, n) for n in names if not os.path.isfile(data_path(data_dir, n))))
     if missing:
         raise FileNotFoundError(
             f"--data-dir: no LongBench data for {len(missing)} dataset{'s' * (len(missing) > 1)}: "
-            f"{', '.join(missing)}. cakekv never downloads data: put LongBench's {{name}}.jsonl files (from the "
-            "LongBench release's data.zip) in one folder and pass it as --data-dir")
+            f"{', '.join(missing)}. cakekv never downloads data: put LongBench's {{name}}.jsonl and {{name}}_e.jsonl "
+            "files (from the LongBench release's data.zip) or LongBench v2's data.json in one folder and pass it "
+            "as --data-dir")
 
 
 def load_data(data_dir: str, name: str, limit: int | None = None) -> list[dict]:
-    """The examples of ``{data_dir}/{name}.jsonl`` (first ``limit`` ones)."""
-    if name not in DATASET2PROMPT:
-        raise ValueError(f"datasets: unknown LongBench dataset {name!r}; known: {', '.join(DATASETS)}")
+    """The examples of the dataset's file in ``data_dir`` (first ``limit`` ones)."""
+    if name not in ALL_NAMES:
+        raise ValueError(f"datasets: unknown LongBench dataset {name!r}; known: {', '.join(ALL_NAMES)}")
     check_data_files(data_dir, [name])
-    return read_jsonl(data_path(data_dir, name), ("context", "input", "answers"), limit)
+    if is_v2(name):
+        return load_v2(data_path(data_dir, name), limit)
+    fields = ("context", "input", "answers") + ("length",) * (name in DATASETS_E)  # E's scores need the length
+    return read_jsonl(data_path(data_dir, name), fields, limit)
 
 
-def resolve_datasets(names: Sequence[str]) -> list[str]:
-    """Dataset names; 'en', 'zh' and 'all' expand to the groups."""
+def load_v2(path: str, limit: int | None = None) -> list[dict]:
+    """The questions of LongBench v2's ``data.json`` (first ``limit`` ones), each with :data:`V2_FIELDS`."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            items = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: expected LongBench v2's data.json, a JSON array of questions")
+    items = items[:limit]
+    for i, item in enumerate(items):
+        missing = [k for k in V2_FIELDS if k not in item] if isinstance(item, dict) else list(V2_FIELDS)
+        if missing:
+            raise ValueError(f"{path}: question {i}: missing field(s) {missing}")
+    return [{k: item[k] for k in V2_FIELDS} for item in items]
+
+
+def resolve_datasets(names: Sequence[str], version: int = 1, cot: bool = False) -> list[str]:
+    """The predictions files of a run: LongBench v2's one (``--cot``: its chain-of-thought variant), or v1's
+    datasets and LongBench-E's ({name}_e), the groups ('en', 'zh', 'all', 'e') expanded (default: 'en')."""
+    if version == 2:
+        if names:
+            raise ValueError("--datasets: LongBench v2 is one set of questions (data.json); leave --datasets out "
+                             "with --version 2")
+        return [V2_COT if cot else V2]
+    if cot:
+        raise ValueError("--cot: the chain-of-thought prompts are LongBench v2's; pass --version 2 with it")
     out: list[str] = []
-    for n in names:
+    for n in names or ["en"]:
         if n in DATASET_GROUPS:
             out.extend(DATASET_GROUPS[n])
-        elif n in DATASET2PROMPT:
+        elif n in DATASET2PROMPT or n in DATASETS_E:
             out.append(n)
         else:
-            raise ValueError(f"datasets: unknown LongBench dataset {n!r}; known: {', '.join(DATASETS)} "
-                             "(or en, zh, all)")
+            raise ValueError(f"--datasets: unknown LongBench dataset {n!r}; known: {', '.join(DATASETS + DATASETS_E)} "
+                             "(or en, zh, all, e)")
     return list(dict.fromkeys(out))
 
 
@@ -245,12 +324,27 @@ def max_length_rule(max_position_embeddings: int) -> int:
     return 1000 * (max_position_embeddings // 1024) - 500
 
 
-def resolve_max_length(given: int | None, official: OfficialModel | None, config) -> tuple[int, str]:
-    """(max_length, where it comes from): ``--max-length``, else the official model's, else the rule's. One
-    value for every dataset of a run, as in the official scripts."""
+def v2_official_model(official: OfficialModel | None, model_path: str | None) -> str | None:
+    """The id of the model in the official v2 table: the official model's (``--model-name`` or recognised), else
+    the one whose pattern the model's path contains (the longest), else None."""
+    if official is not None and official.hub_id in V2_MODEL2MAXLEN:
+        return official.hub_id
+    path = (model_path or "").lower()
+    found = [hub_id for hub_id in V2_MODEL2MAXLEN if hub_pattern(hub_id) in path]
+    return max(found, key=lambda h: len(hub_pattern(h))) if found else None
+
+
+def resolve_max_length(given: int | None, official: OfficialModel | None, config, *, version: int = 1,
+                       model_path: str | None = None) -> tuple[int, str]:
+    """(max_length, where it comes from): ``--max-length``, else the official value of the model (v1's table, or
+    v2's for ``version`` 2), else the rule's. One value for every dataset of a run, as in the official scripts."""
     if given is not None:
         return given, "--max-length"
-    if official is not None:
+    if version == 2:
+        hub_id = v2_official_model(official, model_path)
+        if hub_id is not None:
+            return V2_MODEL2MAXLEN[hub_id], f"official v2 ({hub_id})"
+    elif official is not None:
         return official.max_length, f"official ({official.name})"
     positions = getattr(config, "max_position_embeddings", None)
     if not positions or positions < 1024:
@@ -318,14 +412,14 @@ def resolved_options(setup: Setup, run: Run, options: dict[str, Any]) -> dict[st
     return dataclasses.asdict(method.options)
 
 
-def prediction_settings(setup: Setup, *, official: OfficialModel | None, max_length: int, chat: str,
+def prediction_settings(setup: Setup, *, version: int, official: OfficialModel | None, max_length: int, chat: str,
                         double_bos: bool, max_new_tokens: int | None,
                         options: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """What decides the predictions (written to settings.json before them; --resume refuses to add to
     predictions made under others), each as resolved: the runs' method options are the methods' own."""
     import torch
     import transformers
-    return {"model": setup.model_name, "official_model": official.name if official else None,
+    return {"version": version, "model": setup.model_name, "official_model": official.name if official else None,
             "dtype": str(next(setup.model.parameters()).dtype).removeprefix("torch."),
             "attn_implementation": getattr(setup.model.config, "_attn_implementation", None),
             "max_length": max_length, "chat": chat, "double_bos": double_bos, "protocol": setup.protocol,
@@ -388,13 +482,17 @@ def resumed_settings(out: str, settings: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # prompts
 # ----------------------------------------------------------------------------------------------
-def truncate_middle(tokenizer, text: str, max_length: int | None) -> tuple[str, bool]:
-    """LongBench's middle truncation of a prompt to ``max_length`` tokens; (text, truncated?)."""
+def truncate_middle(tokenizer, text: str, max_length: int | None, version: int = 1) -> tuple[str, bool]:
+    """LongBench's middle truncation of a prompt to ``max_length`` tokens; (text, truncated?). v1 keeps
+    ``int(max_length / 2)`` tokens at each end and decodes each half apart; v2 keeps the first ``max_length // 2``
+    and the last ``-(-max_length // 2)`` and decodes them together (their pred.py's)."""
     if not max_length:
         return text, False
     ids = tokenizer(text, truncation=False)["input_ids"]
     if len(ids) <= max_length:
         return text, False
+    if version == 2:
+        return tokenizer.decode(ids[:max_length // 2] + ids[-max_length // 2:], skip_special_tokens=True), True
     half = int(max_length / 2)
     head = tokenizer.decode(ids[:half], skip_special_tokens=True)
     tail = tokenizer.decode(ids[-half:], skip_special_tokens=True)
@@ -412,18 +510,40 @@ def _split_after_context(prompt: str, question_tail: str) -> int:
     return len(prompt) - n
 
 
+def fill_v2(template: str, example: dict, cot: str | None = None) -> str:
+    """A LongBench v2 prompt: the placeholders replaced one after the other, in the official order, by the
+    stripped fields (and ``$COT$`` by the chain of thought)."""
+    text = template.replace("$DOC$", example["context"].strip()).replace("$Q$", example["question"].strip())
+    for c in "ABCD":
+        text = text.replace(f"$C_{c}$", example[f"choice_{c}"].strip())
+    return text if cot is None else text.replace("$COT$", cot)
+
+
 def build_prompt(tokenizer, example: dict, dataset: str, *, max_length: int | None,
-                 chat: bool | Callable[[str], str], double_bos: bool = False) -> tuple[Prompt, bool]:
+                 chat: bool | Callable[[str], str], double_bos: bool = False,
+                 cot: str | None = None) -> tuple[Prompt, bool]:
     """The LongBench prompt of one example, split where its context ends; (prompt, truncated?). ``chat``: the
-    tokenizer's chat template (True), a wrapping of the text (:func:`chat_wrapper`) or none (False)."""
-    template = DATASET2PROMPT[dataset]
-    text = template.format(**example)
-    text, truncated = truncate_middle(tokenizer, text, max_length)
-    # The question part: what the template puts after {context}, filled in.
-    tail = template.split("{context}", 1)[1].format(**example)
+    tokenizer's chat template (True), a wrapping of the text (:func:`chat_wrapper`) or none (False). ``cot``: the
+    answer step of LongBench v2's chain of thought, whose prompt holds ``cot`` where the others hold the context."""
+    if is_v2(dataset):
+        template, marker = (V2_COT_ANSWER_PROMPT, "$COT$") if cot is not None else (V2_PROMPTS[dataset], "$DOC$")
+        text = fill_v2(template, example, cot)
+        tail = fill_v2(template.split(marker, 1)[1], example, cot)
+        text, truncated = truncate_middle(tokenizer, text, max_length, version=2)
+        wrap = chat
+    else:
+        name = base_name(dataset)
+        template = DATASET2PROMPT[name]
+        text, truncated = truncate_middle(tokenizer, template.format(**example), max_length)
+        tail = template.split("{context}", 1)[1].format(**example)
+        wrap = chat if name not in NO_CHAT_DATASETS else False
+    # the question part: what the template puts after the context, filled in
     at = _split_after_context(text, tail)
-    wrap = chat if dataset not in NO_CHAT_DATASETS else False
     return make_prompt(tokenizer, "", text[:at], text[at:], chat=wrap, double_bos=double_bos), truncated
+
+
+def official_max_new_tokens(dataset: str) -> int:
+    return V2_MAXLEN[dataset] if is_v2(dataset) else DATASET2MAXLEN[base_name(dataset)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,29 +595,37 @@ def predict(setup: Setup, data_dir: str, datasets: Sequence[str], *, max_length:
                 path = pred_path(setup.out, run, name)
                 paths[(run.label, name)] = path
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                done = len(read_jsonl(path)) if resume and os.path.exists(path) else 0
+                done = len(read_jsonl(path, record_fields(name))) if resume and os.path.exists(path) else 0
                 bar.update(min(done, len(data[name])))
                 mode = "a" if done else "w"
-                samsum = name == "samsum"
+                samsum = base_name(name) == "samsum"
                 examples = data[name][done:]
-                prompts = [build_prompt(tok, ex, name, max_length=max_length,
-                                        chat=setup.chat if chat is None else chat,
-                                        double_bos=double_bos) for ex in examples]
+                prompt_options = dict(max_length=max_length, chat=setup.chat if chat is None else chat,
+                                      double_bos=double_bos)
+                prompts = [build_prompt(tok, ex, name, **prompt_options) for ex in examples]
                 encoded = [setup.encode(p) for p, _ in prompts]
+
+                def generate(rows: list[Encoded], official_new_tokens: int) -> list:
+                    return generation.generate_batch(
+                        setup.model, tok, rows, method=run.method, budget=run.budget, window=setup.window,
+                        protocol=setup.protocol, options=(options or {}).get(run.label, setup.options),
+                        max_new_tokens=max_new_tokens or official_new_tokens,
+                        extra_eos=[newline] if samsum and newline is not None else (),
+                        min_new_tokens=1 if samsum else 0)
+
                 ready: dict[int, dict] = {}
                 written = 0
                 with open(path, mode, encoding="utf-8") as f:
                     for batch in example_batches(encoded, setup):
                         bar.set_postfix_str(f"{run.label} {name}", refresh=False)
-                        gens = generation.generate_batch(
-                            setup.model, tok, [encoded[i] for i in batch],
-                            method=run.method, budget=run.budget, window=setup.window, protocol=setup.protocol,
-                            options=(options or {}).get(run.label, setup.options),
-                            max_new_tokens=max_new_tokens or DATASET2MAXLEN[name],
-                            extra_eos=[newline] if samsum and newline is not None else (),
-                            min_new_tokens=1 if samsum else 0)
-                        for i, gen in zip(batch, gens):
-                            ready[i] = prediction_record(examples[i], prompts[i][1], gen)
+                        gens = generate([encoded[i] for i in batch], official_max_new_tokens(name))
+                        answers: list = [None] * len(batch)
+                        if name == V2_COT:  # the answer step: the chain of thought in a prompt of its own
+                            steps = [build_prompt(tok, examples[i], name, cot=gen.text.strip(), **prompt_options)[0]
+                                     for i, gen in zip(batch, gens)]
+                            answers = generate([setup.encode(p) for p in steps], V2_MAXLEN[V2])
+                        for i, gen, answer in zip(batch, gens, answers):
+                            ready[i] = prediction_record(name, examples[i], prompts[i][1], gen, answer)
                             bar.update(1)
                         # in the data's order, which --resume relies on
                         while written in ready:
@@ -509,13 +637,25 @@ def predict(setup: Setup, data_dir: str, datasets: Sequence[str], *, max_length:
     return paths
 
 
-def prediction_record(example: dict, truncated: bool, gen) -> dict:
-    """One line of a predictions file: the answer, what scores it, and what it cost."""
-    return {"pred": gen.text, "answers": example["answers"], "all_classes": example.get("all_classes"),
-            "length": example.get("length"), "_id": example.get("_id"), "prompt_tokens": gen.prompt_tokens,
-            "truncated": truncated, "new_tokens": len(gen.tokens), "time_s": round(gen.seconds, 4),
+def prediction_record(dataset: str, example: dict, truncated: bool, gen, answer=None) -> dict:
+    """One line of a predictions file: the answer, what scores it, and what it cost (the cache of the first
+    step, the tokens and time of both). LongBench v2's is the official line without the context: the question's
+    fields, ``response`` (stripped; ``response_cot``, the chain of thought, before the ``answer`` step), ``pred``
+    (the letter found in it, or None) and ``judge``."""
+    cost = {"prompt_tokens": gen.prompt_tokens, "truncated": truncated,
+            "new_tokens": len(gen.tokens) + (len(answer.tokens) if answer else 0),
+            "time_s": round(gen.seconds + (answer.seconds if answer else 0), 4),
             "questions_per_prefill": gen.questions_per_prefill, "kv_bytes_before": gen.bytes_before,
             "kv_bytes_after": gen.bytes_after, "kv_bytes_kept": gen.bytes_kept}
+    if not is_v2(dataset):
+        return {"pred": gen.text, "answers": example["answers"], "all_classes": example.get("all_classes"),
+                "length": example.get("length"), "_id": example.get("_id"), **cost}
+    record = {k: v for k, v in example.items() if k != "context"}
+    if answer is not None:
+        record["response_cot"] = gen.text.strip()
+    record["response"] = (answer or gen).text.strip()
+    record["pred"] = metrics.extract_choice(record["response"])
+    return {**record, "judge": record["pred"] == example["answer"], **cost}
 
 
 def example_batches(encoded: Sequence[Encoded], setup: Setup) -> list[list[int]]:
@@ -532,15 +672,33 @@ def example_batches(encoded: Sequence[Encoded], setup: Setup) -> list[list[int]]
 # ----------------------------------------------------------------------------------------------
 # scores
 # ----------------------------------------------------------------------------------------------
+def record_fields(dataset: str) -> tuple[str, ...]:
+    """What scoring reads from each line of the dataset's predictions file."""
+    if is_v2(dataset):
+        return "judge", "difficulty", "length"
+    return ("pred", "answers") + ("length",) * (dataset in DATASETS_E)
+
+
 def score_file(path: str, dataset: str, **options) -> dict[str, Any]:
-    """Score one predictions file: {'score', 'n', 'prefills', 'time_s', 'kv_fraction'}."""
-    records = read_jsonl(path)
-    score = metrics.dataset_score(dataset, [r["pred"] for r in records], [r["answers"] for r in records],
-                                  [r.get("all_classes") for r in records], **options)
+    """Score one predictions file: {'score', 'n', 'prefills', 'time_s', 'kv_fraction'}, plus 'buckets' (the score
+    of each length interval) for LongBench-E and 'accuracy' (overall, by difficulty, by length) for v2, whose
+    score is the overall accuracy."""
+    records = read_jsonl(path, record_fields(dataset))
+    extra: dict[str, Any] = {}
+    if is_v2(dataset):
+        extra["accuracy"] = metrics.v2_accuracy(records)
+        score = extra["accuracy"]["overall"]
+    else:
+        name, preds, answers = base_name(dataset), [r["pred"] for r in records], [r["answers"] for r in records]
+        classes = [r.get("all_classes") for r in records]
+        score = metrics.dataset_score(name, preds, answers, classes, **options)
+        if dataset in DATASETS_E:
+            extra["buckets"] = metrics.length_bucket_scores(name, preds, answers, [r["length"] for r in records],
+                                                            classes, **options)
     before = sum(r.get("kv_bytes_before") or 0 for r in records)
     kept = sum(r.get("kv_bytes_kept") or 0 for r in records)
     times = [r["time_s"] for r in records if r.get("time_s") is not None]
-    return {"score": score, "n": len(records),
+    return {"score": score, **extra, "n": len(records),
             "prefills": report.prefill_count(r.get("questions_per_prefill", 1) for r in records),
             "time_s": round(sum(times) / len(times), 4) if times else None,
             "kv_fraction": round(kept / before, 4) if before else None}
@@ -549,7 +707,8 @@ def score_file(path: str, dataset: str, **options) -> dict[str, Any]:
 def score_predictions(out: str, runs: Sequence[str] | None = None, datasets: Sequence[str] | None = None,
                       **options) -> dict[str, Any]:
     """Scores of the ``{out}/pred/{run}/{dataset}.jsonl`` files (all found, or those of ``runs`` x
-    ``datasets``): {run: {'datasets': {dataset: {...}}, 'avg': x}}."""
+    ``datasets``): {run: {'datasets': {dataset: {...}}, 'avg': x}}, plus 'buckets_avg' (each length interval's
+    mean over the LongBench-E datasets, rounded as 'avg') where the run has LongBench-E scores."""
     root = os.path.join(out, PRED_DIR)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"no predictions under {root}")
@@ -557,19 +716,63 @@ def score_predictions(out: str, runs: Sequence[str] | None = None, datasets: Seq
     for run in runs if runs is not None else sorted(os.listdir(root)):
         folder = os.path.join(root, run)
         per = {}
-        for name in datasets if datasets is not None else DATASETS:
+        for name in datasets if datasets is not None else ALL_NAMES:
             path = os.path.join(folder, f"{name}.jsonl")
             if os.path.isfile(path):
                 per[name] = score_file(path, name, **options)
         if per:
             table[run] = {"datasets": per, "avg": metrics.average_score(v["score"] for v in per.values())}
+            buckets = [v["buckets"] for v in per.values() if "buckets" in v]
+            if buckets:
+                table[run]["buckets_avg"] = {
+                    b: metrics.average_score(x[b] for x in buckets if x[b] is not None) if any(
+                        x[b] is not None for x in buckets) else None for b in metrics.LENGTH_BUCKETS}
     return table
+
+
+def write_official_results(out: str, table: dict[str, Any], runs: Sequence[str]) -> None:
+    """The scores in the official files' shapes: ``pred/{run}/result.json`` as eval.py writes it (v1: {dataset:
+    score}; LongBench-E: {dataset: {interval: score}}), and ``result.txt`` as v2's result.py writes it (a row per
+    run and v2 predictions file: Model, Overall, Easy, Hard, Short, Medium, Long)."""
+    rows = ["Model\tOverall\tEasy\tHard\tShort\tMedium\tLong"]
+    for r in runs:
+        per = table[r]["datasets"]
+        v1 = {d: e.get("buckets", e["score"]) for d, e in per.items() if not is_v2(d)}
+        if v1:
+            report.write_json(os.path.join(out, PRED_DIR, r, OFFICIAL_RESULT), v1)
+        rows += ["\t".join([r + "_cot" * (d == V2_COT), *(str(e["accuracy"][g]) for g in metrics.V2_GROUPS)])
+                 for d, e in per.items() if is_v2(d)]
+    if len(rows) > 1:
+        report.write_text(os.path.join(out, V2_RESULT), "\n".join(rows))
+
+
+def breakdown_tables(table: dict[str, Any], runs: Sequence[str]) -> list[str]:
+    """The markdown of the LongBench-E scores by length interval and of the v2 accuracies by difficulty and
+    length (nothing where the runs have none)."""
+    e_rows, v2_rows = [], []
+    for r in runs:
+        run, per = Run.from_label(r), table[r]["datasets"]
+        e_rows += [[run.method, run.budget, d, *e["buckets"].values()] for d, e in per.items() if "buckets" in e]
+        if "buckets_avg" in table[r]:
+            e_rows.append([run.method, run.budget, "average", *table[r]["buckets_avg"].values()])
+        v2_rows += [[run.method, run.budget, d, e["n"], *e["accuracy"].values()] for d, e in per.items()
+                    if "accuracy" in e]
+    md = []
+    if e_rows:
+        md += ["## LongBench-E by length", "", "each interval's score as the official scorer_e (by the examples' "
+               "`length` field); average: the mean over the datasets", "",
+               report.markdown_table(["method", "budget", "dataset", *metrics.LENGTH_BUCKETS], e_rows), ""]
+    if v2_rows:
+        md += ["## LongBench v2 accuracy", "", "% of the questions answered right, as the official result.py", "",
+               report.markdown_table(["method", "budget", "set", "questions", *metrics.V2_GROUPS], v2_rows), ""]
+    return md
 
 
 def write_report(out: str, table: dict[str, Any], info: dict[str, Any]) -> dict[str, str]:
     """results.json, results.md and results.png (average score against budget) under ``out``."""
-    datasets = [d for d in DATASETS if any(d in v["datasets"] for v in table.values())]
+    datasets = [d for d in ALL_NAMES if any(d in v["datasets"] for v in table.values())]
     runs = sorted(table, key=lambda r: Run.from_label(r).order)
+    write_official_results(out, table, runs)
     rows = []
     for r in runs:
         run = Run.from_label(r)
@@ -580,10 +783,12 @@ def write_report(out: str, table: dict[str, Any], info: dict[str, Any]) -> dict[
              "png": os.path.join(out, "results.png")}
     report.write_json(paths["json"], {"task": "longbench", "info": info, "datasets": datasets,
                                       "results": table})
-    md = [f"# LongBench ({info.get('protocol', '?')} protocol)", "",
+    title = "LongBench v2" if info.get("version") == 2 else "LongBench"
+    md = [f"# {title} ({info.get('protocol', '?')} protocol)", "",
           f"model: `{info.get('model', '?')}`, window {info.get('window', '?')}, "
           f"max_length {info.get('max_length', '?')}; avg = mean of the {len(datasets)} dataset scores shown", "",
           report.markdown_table(["method", "budget", *datasets, "avg"], rows), ""]
+    md += breakdown_tables(table, runs)
     cost = []
     for r in runs:
         for d in datasets:
@@ -612,9 +817,17 @@ def write_report(out: str, table: dict[str, Any], info: dict[str, Any]) -> dict[
 # ----------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None,
-                        help="folder with LongBench's {dataset}.jsonl files (required unless --score-only)")
-    parser.add_argument("--datasets", nargs="+", default="en",
-                        help="dataset names, or en (the 16 English), zh (the 5 Chinese), all (default: en)")
+                        help="folder with LongBench's {dataset}.jsonl (LongBench-E: {dataset}_e.jsonl) files, or "
+                             "LongBench v2's data.json (required unless --score-only)")
+    parser.add_argument("--version", type=int, choices=(1, 2), default=1,
+                        help="1: LongBench and LongBench-E (--datasets); 2: LongBench v2's 503 multiple-choice "
+                             "questions (default: %(default)s)")
+    parser.add_argument("--cot", action="store_true",
+                        help="--version 2: chain of thought (1024 new tokens), then the official answer step")
+    parser.add_argument("--datasets", nargs="+", default=None,
+                        help="dataset names (LongBench-E's: {dataset}_e, e.g. hotpotqa_e), or en (the 16 English), "
+                             "zh (the 5 Chinese), all (the 21), e (the 13 of LongBench-E) (default: en; none with "
+                             "--version 2)")
     parser.add_argument("--model-name", choices=OFFICIAL_NAMES, default=None,
                         help="the official runs' name of the model (their max length, CAKE's tau row); default: "
                              "recognised from --model's path (e.g. .../Llama-3.1-8B-Instruct: llama3.1-8b-128k)")
@@ -640,9 +853,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "thefuzz; computed with rapidfuzz)")
     parser.add_argument("--chat", dest="chat_format", choices=CHAT_FORMATS, default=None,
                         help="chat format of the prompts but the few-shot and code datasets: official (the official "
-                             "runs' string for the model: LongBench's build_chat, CAKE's for the models it adds), "
-                             "template (the tokenizer's chat template) or off; default: official where the model "
-                             "has one, else template where the tokenizer has one, else off")
+                             "runs' string for the model: LongBench's build_chat, CAKE's for the models it adds; v2: "
+                             "the chat template, as its runs through vLLM's chat API), template (the tokenizer's chat "
+                             "template) or off; default: official where the model has one, else template where the "
+                             "tokenizer has one, else off")
     add_common_arguments(parser, default_out="results/longbench", chat=False)
 
 
@@ -663,22 +877,29 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, str]:
         report.print_file(paths["markdown"])
         return paths
     if not args.data_dir:
-        raise ValueError("--data-dir is required (a folder with LongBench's {dataset}.jsonl files)")
-    datasets = resolve_datasets(split_list(args.datasets))
+        raise ValueError("--data-dir is required (a folder with LongBench's {dataset}.jsonl files or v2's data.json)")
+    datasets = resolve_datasets(split_list(args.datasets), args.version, args.cot)
     # the data, the scorers and the output folder are checked before the model loads
     check_data_files(args.data_dir, datasets)
     for name in datasets:
-        metrics.check_scorer(name, **metric_options(args))
+        if not is_v2(name):
+            metrics.check_scorer(base_name(name), **metric_options(args))
     check_out(args.out, resume=args.resume, overwrite=args.overwrite)
     official = official_model(args.model_name, args.model)
     setup = setup_from_args(args, model, tokenizer)
     from ..patch import decoder_config
-    max_length, max_length_source = resolve_max_length(args.max_length, official, decoder_config(setup.model))
-    chat_format, chat = resolve_chat(args.chat_format, official, setup.tokenizer, setup.model_name)
+    max_length, max_length_source = resolve_max_length(args.max_length, official, decoder_config(setup.model),
+                                                       version=args.version, model_path=args.model)
+    if args.version == 2:  # the official v2 runs chat through vLLM: the model's chat template, no system message
+        chat_format, chat = resolve_chat("template" if args.chat_format == "official" else args.chat_format, None,
+                                         setup.tokenizer, setup.model_name)
+    else:
+        chat_format, chat = resolve_chat(args.chat_format, official, setup.tokenizer, setup.model_name)
     setup.chat = chat is not False
     options = {run.label: run_options(setup, run, official) for run in setup.runs}
-    settings = prediction_settings(setup, official=official, max_length=max_length, chat=chat_format,
-                                   double_bos=args.double_bos, max_new_tokens=args.max_new_tokens, options=options)
+    settings = prediction_settings(setup, version=args.version, official=official, max_length=max_length,
+                                   chat=chat_format, double_bos=args.double_bos, max_new_tokens=args.max_new_tokens,
+                                   options=options)
     if args.resume:
         settings = resumed_settings(args.out, settings)
     elif args.overwrite:

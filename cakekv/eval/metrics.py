@@ -27,6 +27,10 @@ tests compare with.
 
 The packages are imported when a metric needs them; a missing one raises an ImportError saying what
 to install (``pip install 'cakekv[eval]'`` brings them all).
+
+LongBench-E (:func:`length_bucket_scores`) scores each length interval of a dataset as the official
+``scorer_e``; LongBench v2 (:func:`extract_choice`, :func:`v2_accuracy`) extracts the chosen letter as the
+official v2 ``pred.py`` and reports accuracy as its ``result.py``.
 """
 from __future__ import annotations
 
@@ -42,7 +46,8 @@ __all__ = [
     "rouge_l", "rouge_score", "rouge_zh_score", "classification_score", "retrieval_score",
     "retrieval_zh_score", "count_score", "FUZZ_BACKENDS", "fuzz_ratio", "code_sim_score", "first_code_line",
     "zh_segment", "METRICS", "DATASET2METRIC", "FIRST_LINE_DATASETS", "check_scorer", "score_example",
-    "dataset_score", "average_score",
+    "dataset_score", "average_score", "LENGTH_BUCKETS", "length_bucket", "length_bucket_scores",
+    "extract_choice", "V2_GROUPS", "v2_accuracy",
 ]
 
 _EN_PUNCT = frozenset(string.punctuation)
@@ -313,13 +318,17 @@ def dataset_score(dataset: str, predictions: Sequence[str], answers: Sequence[Se
         raise ValueError("predictions and answers differ in length")
     if not predictions:
         return 0.0
-    per_example = (all_classes is not None and len(all_classes) == len(predictions)
-                   and all(c is None or not isinstance(c, str) for c in all_classes))
-    if not per_example:  # one class list (or None) for the whole dataset
-        all_classes = [all_classes] * len(predictions)
     total = sum(score_example(dataset, p, a, c, **options)
-                for p, a, c in zip(predictions, answers, all_classes))
+                for p, a, c in zip(predictions, answers, _classes_per_example(all_classes, len(predictions))))
     return round(100 * total / len(predictions), 2)
+
+
+def _classes_per_example(all_classes, n: int) -> list:
+    """``all_classes`` as one entry per example: a list of per-example lists (or Nones) is kept, one class
+    list (or None) for the whole dataset is repeated."""
+    per_example = (all_classes is not None and len(all_classes) == n
+                   and all(c is None or not isinstance(c, str) for c in all_classes))
+    return list(all_classes) if per_example else [all_classes] * n
 
 
 def average_score(scores: Iterable[float]) -> float:
@@ -328,3 +337,58 @@ def average_score(scores: Iterable[float]) -> float:
     if not scores:
         return 0.0
     return round(sum(scores) / len(scores), 2)
+
+
+# --------------------------------------------------------------------------- LongBench-E
+LENGTH_BUCKETS = ("0-4k", "4-8k", "8k+")
+
+
+def length_bucket(length: int) -> str:
+    """The official ``scorer_e`` interval of an example's ``length`` field (words; characters for Chinese)."""
+    return "0-4k" if length < 4000 else "4-8k" if length < 8000 else "8k+"
+
+
+def length_bucket_scores(dataset: str, predictions: Sequence[str], answers: Sequence[Sequence[str]],
+                         lengths: Sequence[int], all_classes=None, **options) -> dict[str, float | None]:
+    """The official ``scorer_e``: :func:`dataset_score` over the examples of each length interval, None for an
+    interval without examples (where the official ``np.mean`` of nothing gives NaN)."""
+    if not len(predictions) == len(answers) == len(lengths):
+        raise ValueError("predictions, answers and lengths differ in length")
+    classes = _classes_per_example(all_classes, len(predictions))
+    out: dict[str, float | None] = {}
+    for bucket in LENGTH_BUCKETS:
+        idx = [i for i, n in enumerate(lengths) if length_bucket(n) == bucket]
+        out[bucket] = dataset_score(dataset, [predictions[i] for i in idx], [answers[i] for i in idx],
+                                    [classes[i] for i in idx], **options) if idx else None
+    return out
+
+
+# --------------------------------------------------------------------------- LongBench v2
+_CHOICE = (re.compile(r"The correct answer is \(([A-D])\)"), re.compile(r"The correct answer is ([A-D])"))
+
+
+def extract_choice(response: str) -> str | None:
+    """The letter of LongBench v2's official ``extract_answer``: ``*`` removed (markdown bold), then the first
+    "The correct answer is (X)", else the first "The correct answer is X", X in A-D; None when neither occurs."""
+    response = response.replace("*", "")
+    for pattern in _CHOICE:
+        match = pattern.search(response)
+        if match:
+            return match.group(1)
+    return None
+
+
+V2_GROUPS = ("overall", "easy", "hard", "short", "medium", "long")
+
+
+def v2_accuracy(records: Iterable[dict]) -> dict[str, float | None]:
+    """LongBench v2's ``result.py``: accuracy in percent, one decimal, overall, by ``difficulty`` (easy; any other
+    value counts as hard) and by ``length`` (short, medium; any other value counts as long), from each record's
+    ``judge``; None for a group without questions (where result.py divides by zero)."""
+    groups: dict[str, list[int]] = {g: [] for g in V2_GROUPS}
+    for r in records:
+        correct = int(r["judge"])
+        groups["overall"].append(correct)
+        groups["easy" if r["difficulty"] == "easy" else "hard"].append(correct)
+        groups[r["length"] if r["length"] in ("short", "medium") else "long"].append(correct)
+    return {g: round(100 * sum(v) / len(v), 1) if v else None for g, v in groups.items()}
