@@ -22,6 +22,18 @@ Scores (:mod:`cakekv.eval.metrics`): the dataset's metric, max over the gold ans
 only for trec/triviaqa/samsum/lsht; dataset score ``round(100 * mean, 2)``; ``avg`` = mean of the
 rounded dataset scores, rounded.
 
+LongBench-E (``--datasets {name}_e``, ``e`` for all 13): ``{data_dir}/{name}_e.jsonl``, predicted and scored as
+``{name}``, plus the official ``scorer_e``'s score of each length interval (0-4k / 4-8k / 8k+ by the ``length``
+field), also written as the official ``pred/{run}/result.json``.
+
+LongBench v2 (``--version 2``; the official v2 ``pred.py`` and ``result.py``): the questions of
+``{data_dir}/data.json`` in the official 0-shot prompt (``--cot``: the chain of thought, then the answer prompt
+holding it), middle-truncated to ``max_length`` (v2's split and single decode; 120000 for the models of v2's
+table), wrapped in the chat template (the official runs go through vLLM's chat API), 128 new tokens (1024 for the
+chain of thought); the official regexes find the letter; accuracy overall, by difficulty and by length, also
+written as the official ``result.txt``. On purpose: greedy decoding (official: temperature 0.1), and an empty
+answer is kept and judged wrong (the official script drops it: its empty answer is a failed API call).
+
 Data: ``{data_dir}/{name}.jsonl`` in LongBench's format (one JSON object per line with ``input``,
 ``context``, ``answers``, ``length``, ``dataset``, ``language``, ``all_classes``, ``_id``), e.g. the
 files of LongBench's ``data.zip`` unpacked into one folder. Nothing is downloaded.

@@ -654,3 +654,264 @@ def test_a_template_that_writes_the_date_is_never_used_silently():
     assert longbench.resolve_chat("off", None, tok, "m") == ("off", False)
     # the official string of a model needs no template
     assert longbench.resolve_chat(None, longbench.official_model("llama3.1-8b-128k", None), tok, "m")[0] == "official"
+
+
+# ------------------------------------------------------------------------------------------------
+# LongBench-E: the official scorer_e's length intervals
+# ------------------------------------------------------------------------------------------------
+def test_longbench_e_datasets():
+    # pred.py --e's list, each named {dataset}_e as the official loader's configs and data files
+    assert [longbench.base_name(n) for n in longbench.DATASETS_E] == [
+        "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "gov_report", "multi_news", "trec", "triviaqa", "samsum",
+        "passage_count", "passage_retrieval_en", "lcc", "repobench-p"]
+    assert longbench.data_path("d", "hotpotqa_e") == os.path.join("d", "hotpotqa_e.jsonl")
+    assert longbench.base_name("multifieldqa_en") == "multifieldqa_en" and longbench.base_name("lcc_e") == "lcc"
+    assert longbench.resolve_datasets(["e"]) == list(longbench.DATASETS_E)
+    assert longbench.resolve_datasets(["hotpotqa_e", "hotpotqa"]) == ["hotpotqa_e", "hotpotqa"]
+    assert longbench.resolve_datasets([]) == list(longbench.DATASETS_EN)
+    with pytest.raises(ValueError, match="^--datasets: unknown LongBench dataset 'narrativeqa_e'"):
+        longbench.resolve_datasets(["narrativeqa_e"])  # not in LongBench-E
+
+
+def test_length_bucket_scores():
+    # intervals by the length field: < 4000, < 8000, the rest
+    assert [metrics.length_bucket(n) for n in (0, 3999, 4000, 7999, 8000, 10 ** 6)] == [
+        "0-4k", "0-4k", "4-8k", "4-8k", "8k+", "8k+"]
+    preds = ["Paris", "London", "the old river", "x", "x y z"]
+    answers = [["Paris"], ["Paris"], ["the river"], ["y", "x"], ["x y z w"]]
+    lengths = [100, 3999, 4000, 7999, 8000]
+    # 0-4k: (1 + 0) / 2; 4-8k: ("old river" vs "river": P 1/2, R 1 -> 2/3, then 1) / 2; 8k+: P 1, R 3/4 -> 6/7
+    assert metrics.length_bucket_scores("hotpotqa", preds, answers, lengths) == {
+        "0-4k": 50.0, "4-8k": 83.33, "8k+": 85.71}
+    # an interval without examples is None (NaN in the official result.json)
+    assert metrics.length_bucket_scores("hotpotqa", preds[:2], answers[:2], lengths[:2]) == {
+        "0-4k": 50.0, "4-8k": None, "8k+": None}
+    # the first-line rule and one class list for the file, as scorer_e
+    assert metrics.length_bucket_scores("trec", ["\nEntity\nLocation", "Location"], [["Entity"], ["Entity"]],
+                                        [5000, 9000], ["Entity", "Location"]) == {
+        "0-4k": None, "4-8k": 100.0, "8k+": 0.0}
+    with pytest.raises(ValueError, match="differ in length"):
+        metrics.length_bucket_scores("hotpotqa", preds, answers, lengths[:2])
+
+
+# ------------------------------------------------------------------------------------------------
+# LongBench v2: prompts, truncation, answer extraction, accuracy
+# ------------------------------------------------------------------------------------------------
+V2_EXAMPLE = {"_id": "q0", "domain": "Single-Document QA", "sub_domain": "Legal", "difficulty": "easy",
+              "length": "short", "question": " Which? ", "choice_A": " a ", "choice_B": "b", "choice_C": "c",
+              "choice_D": "d\n", "answer": "B", "context": "\n  THE DOCUMENT  \n"}
+# prompts/0shot.txt, 0shot_cot.txt and 0shot_cot_ans.txt of THUDM/LongBench, filled by hand
+V2_QUESTION = "What is the correct answer to this question: Which?\nChoices:\n(A) a\n(B) b\n(C) c\n(D) d\n\n"
+V2_FORMAT = 'Format your response as follows: "The correct answer is (insert answer here)".'
+
+
+def test_v2_prompts():
+    tok = byte_tokenizer()
+    prompt, truncated = longbench.build_prompt(tok, V2_EXAMPLE, "v2", max_length=None, chat=False)
+    assert not truncated and prompt.text == (
+        "Please read the following text and answer the question below.\n\n<text>\nTHE DOCUMENT\n</text>\n\n"
+        + V2_QUESTION + V2_FORMAT)
+    assert prompt.context.endswith("<text>\nTHE DOCUMENT") and prompt.question.startswith("\n</text>")
+    cot, _ = longbench.build_prompt(tok, V2_EXAMPLE, "v2_cot", max_length=None, chat=False)
+    assert cot.text == ("Please read the following text and answer the questions below.\n\n<text>\nTHE DOCUMENT\n"
+                        "</text>\n\n" + V2_QUESTION + "Let\u2019s think step by step:")
+    answer, _ = longbench.build_prompt(tok, V2_EXAMPLE, "v2_cot", max_length=None, chat=False, cot="B fits.")
+    assert answer.text == ("Please read the following text and answer the questions below.\n\nThe text is too long "
+                           "and omitted here.\n\n" + V2_QUESTION + "Let\u2019s think step by step: B fits.\n\nBased "
+                           "on the above, what is the single, most likely answer choice? " + V2_FORMAT)
+    assert answer.context.endswith("B fits.")  # the chain of thought stands where the text stood
+    # v2 is always chat-wrapped (vLLM's chat API), with the template's BOS not doubled
+    wrapped, _ = longbench.build_prompt(byte_tokenizer(CHAT_TEMPLATE), V2_EXAMPLE, "v2", max_length=None, chat=True)
+    assert wrapped.text.startswith("<s><|user|>\nPlease read") and not wrapped.add_special_tokens
+
+
+def test_v2_middle_truncation():
+    tok = byte_tokenizer()
+    ex = {**V2_EXAMPLE, "context": "A" * 200 + "B" * 200}
+    full = longbench.fill_v2(longbench.V2_PROMPTS["v2"], ex)
+    # odd budget: the first 201 // 2 = 100 tokens (BOS + 99 bytes) and the last 101, decoded together
+    prompt, truncated = longbench.build_prompt(tok, ex, "v2", max_length=201, chat=False)
+    assert truncated and prompt.text == full[:99] + full[-101:]
+    # v1 keeps int(201 / 2) = 100 tokens at each end
+    assert longbench.truncate_middle(tok, full, 201) == (full[:99] + full[-100:], True)
+    assert longbench.truncate_middle(tok, full, 10_000, version=2) == (full, False)
+
+
+@pytest.mark.parametrize("response, letter", [
+    ("The correct answer is (B)", "B"),
+    ("**The correct answer is (C)**", "C"),             # markdown bold removed first
+    ("The correct answer is **(D)**.", "D"),
+    ("After reading: The correct answer is A.", "A"),   # the second rule: no parentheses
+    ("The correct answer is C. So: The correct answer is (A)", "A"),  # the parenthesised rule comes first
+    ("The correct answer is (B), not The correct answer is (C)", "B"),  # the first match
+    ("The correct answer is Answer B", "A"),            # the official rule reads the A of "Answer"
+    ("The correct answer is (E)", None),
+    ("the correct answer is (A)", None),                # case-sensitive
+    ("The correct answer is: (A)", None),
+    ("B", None),
+    ("", None),
+])
+def test_v2_answer_extraction(response, letter):
+    assert metrics.extract_choice(response) == letter
+
+
+def test_v2_accuracy_breakdown():
+    rows = [("easy", "short", True), ("easy", "medium", False), ("hard", "long", True), ("hard", "short", True),
+            ("hard", "medium", True), ("easy", "long", False)]
+    records = [{"difficulty": d, "length": n, "judge": j} for d, n, j in rows]
+    # overall 4/6; easy 1/3; hard 3/3; short 2/2; medium 1/2; long 1/2 (medium counted: result.py's fixed version)
+    assert metrics.v2_accuracy(records) == {"overall": 66.7, "easy": 33.3, "hard": 100.0, "short": 100.0,
+                                            "medium": 50.0, "long": 50.0}
+    assert metrics.v2_accuracy(records[:2]) == {"overall": 50.0, "easy": 50.0, "hard": None, "short": 100.0,
+                                                "medium": 0.0, "long": None}
+
+
+def test_v2_settings_and_errors(tmp_path):
+    config = type("Config", (), {"max_position_embeddings": 131072})()
+    # the official v2 table: 120000 for its models, recognised from the path or the official model's id
+    assert longbench.resolve_max_length(None, None, config, version=2, model_path="/m/Qwen2.5-7B-Instruct") == (
+        120000, "official v2 (Qwen/Qwen2.5-7B-Instruct)")
+    llama3 = longbench.official_model("llama3.1-8b-128k", None)
+    assert longbench.resolve_max_length(None, llama3, config, version=2)[0] == 120000
+    assert longbench.resolve_max_length(None, None, config, version=2, model_path="/m/other") == (
+        127500, "rule (max_position_embeddings 131072)")
+    assert longbench.resolve_datasets(None, 2) == ["v2"] and longbench.resolve_datasets([], 2, cot=True) == ["v2_cot"]
+    with pytest.raises(ValueError, match="^--datasets: LongBench v2 is one set of questions"):
+        longbench.resolve_datasets(["hotpotqa"], 2)
+    with pytest.raises(ValueError, match="^--cot: .*--version 2"):
+        longbench.resolve_datasets(["hotpotqa"], 1, cot=True)
+    (tmp_path / "data.json").write_text(json.dumps([V2_EXAMPLE, {"_id": "q1", "question": "?"}]))
+    assert longbench.load_data(str(tmp_path), "v2", limit=1) == [V2_EXAMPLE]
+    with pytest.raises(ValueError, match=r"data.json: question 1: missing field\(s\) \['domain'"):
+        longbench.load_data(str(tmp_path), "v2_cot")
+    with pytest.raises(FileNotFoundError, match=r"^--data-dir: .*other.data\.json\. cakekv never downloads"):
+        longbench.load_data(str(tmp_path / "other"), "v2")
+
+
+# ------------------------------------------------------------------------------------------------
+# LongBench-E and v2 end to end: the command line on the tiny model
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-chat-model")
+    tiny_lm().save_pretrained(path)
+    byte_tokenizer(CHAT_TEMPLATE).save_pretrained(path)
+    return str(path)
+
+
+def write_e_fixture(data_dir) -> None:
+    """hotpotqa_e and trec_e in LongBench-E's format, with examples in every length interval."""
+    passages = " ".join(f"Passage {i}: the river {i} flows past the mill near town {i}." for i in range(6))
+    rows = {"hotpotqa_e": [{"input": f"Which town has river {i}?", "context": passages, "answers": [f"town {i}"],
+                            "length": n, "all_classes": None} for i, n in enumerate((120, 4500, 9000))],
+            "trec_e": [{"input": "Where is Paris?", "context": "Question: Who is he?\nType: Human being",
+                        "answers": ["Location"], "length": n, "all_classes": ["Human being", "Location"]}
+                       for n in (3000, 8100)]}
+    os.makedirs(data_dir, exist_ok=True)
+    for name, examples in rows.items():
+        with open(os.path.join(data_dir, f"{name}.jsonl"), "w", encoding="utf-8") as f:
+            for i, ex in enumerate(examples):
+                f.write(json.dumps({**ex, "dataset": name, "language": "en", "_id": f"{name}-{i}"}) + "\n")
+
+
+def write_v2_fixture(data_dir, n: int = 3) -> list[dict]:
+    data = [{**V2_EXAMPLE, "_id": f"q{i}", "difficulty": ("easy", "hard")[i % 2],
+             "length": ("short", "medium", "long")[i % 3], "answer": "ABCD"[i % 4],
+             "context": f"Document {i}. " + "The mill stands by the river. " * 8} for i in range(n)]
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, "data.json"), "w", encoding="utf-8") as f:
+        json.dump(data, f)
+    return data
+
+
+def cli_longbench(model_dir, tmp_path, *argv) -> int:
+    from cakekv import cli
+    return cli.main(["eval", "longbench", "--model", model_dir, "--data-dir", str(tmp_path / "data"), "--methods",
+                     "full", "snapkv", "--budgets", "48", "--window", "8", "--max-new-tokens", "3", "--device", "cpu",
+                     "--out", str(tmp_path / "out"), "--no-progress", *argv])
+
+
+def test_longbench_e_end_to_end(tmp_path, chat_model_dir):
+    needs_eval_extra("matplotlib")
+    write_e_fixture(tmp_path / "data")
+    assert cli_longbench(chat_model_dir, tmp_path, "--datasets", "hotpotqa_e,trec_e") == 0
+    out = tmp_path / "out"
+    results = json.load(open(out / "results.json", encoding="utf-8"))["results"]
+    for run in ("full", "snapkv-48"):
+        per = results[run]["datasets"]
+        for name in ("hotpotqa_e", "trec_e"):
+            records = longbench.read_jsonl(out / "pred" / run / f"{name}.jsonl")
+            preds, answers = [r["pred"] for r in records], [r["answers"] for r in records]
+            base, classes = longbench.base_name(name), [r["all_classes"] for r in records]
+            assert per[name]["buckets"] == metrics.length_bucket_scores(
+                base, preds, answers, [r["length"] for r in records], classes)
+            assert per[name]["score"] == metrics.dataset_score(base, preds, answers, classes)
+        assert set(per["trec_e"]["buckets"]) == {"0-4k", "4-8k", "8k+"} and per["trec_e"]["buckets"]["4-8k"] is None
+        # eval.py --e's result.json: {dataset: {interval: score}}
+        official = json.load(open(out / "pred" / run / "result.json", encoding="utf-8"))
+        assert official == {name: per[name]["buckets"] for name in ("hotpotqa_e", "trec_e")}
+        assert set(results[run]["buckets_avg"]) == {"0-4k", "4-8k", "8k+"}
+    md = (out / "results.md").read_text(encoding="utf-8")
+    assert "## LongBench-E by length" in md and "| method | budget | dataset | 0-4k | 4-8k | 8k+ |" in md
+
+
+def test_longbench_v2_end_to_end(tmp_path, chat_model_dir):
+    needs_eval_extra("matplotlib")
+    data = write_v2_fixture(tmp_path / "data")
+    assert cli_longbench(chat_model_dir, tmp_path, "--version", "2") == 0
+    # the chain-of-thought variant is another predictions file: the same folder, resumed
+    assert cli_longbench(chat_model_dir, tmp_path, "--version", "2", "--cot", "--resume") == 0
+    out = tmp_path / "out"
+    assert "v2_cot" in json.load(open(out / "results.json", encoding="utf-8"))["results"]["full"]["datasets"]
+    from cakekv import cli
+    assert cli.main(["eval", "longbench", "--score-only", "--out", str(out)]) == 0  # every predictions file
+    report = json.load(open(out / "results.json", encoding="utf-8"))
+    settings = json.load(open(out / "settings.json", encoding="utf-8"))
+    assert settings["version"] == 2 and settings["chat"] == "template"
+    for run in ("full", "snapkv-48"):
+        for name in ("v2", "v2_cot"):
+            records = longbench.read_jsonl(out / "pred" / run / f"{name}.jsonl", ("response", "pred", "judge"))
+            assert [r["_id"] for r in records] == [q["_id"] for q in data] and "context" not in records[0]
+            assert all(r["pred"] == metrics.extract_choice(r["response"]) for r in records)
+            assert all(r["judge"] == (r["pred"] == q["answer"]) for r, q in zip(records, data))
+            assert all(("response_cot" in r) == (name == "v2_cot") for r in records)
+            entry = report["results"][run]["datasets"][name]
+            assert entry["accuracy"] == metrics.v2_accuracy(records) and entry["score"] == entry["accuracy"]["overall"]
+    rows = (out / "result.txt").read_text(encoding="utf-8").splitlines()
+    assert rows[0] == "Model\tOverall\tEasy\tHard\tShort\tMedium\tLong"
+    assert sorted(r.split("\t")[0] for r in rows[1:]) == ["full", "full_cot", "snapkv-48", "snapkv-48_cot"]
+    assert "## LongBench v2 accuracy" in (out / "results.md").read_text(encoding="utf-8")
+    assert report["info"]["version"] == 2
+    assert cli.main(["eval", "longbench", "--data-dir", str(tmp_path / "data"), "--version", "2", "--datasets",
+                     "hotpotqa", "--out", str(tmp_path / "other")]) == 2
+
+
+def test_v2_cot_answers_in_two_steps(tmp_path, monkeypatch):
+    """The chain of thought (1024 new tokens), then the answer prompt holding it (128), as the official pred.py;
+    the letter is extracted from the answer step's response."""
+    needs_eval_extra("matplotlib")
+    write_v2_fixture(tmp_path / "data", n=2)
+    tok = byte_tokenizer()
+    texts = iter(["  A long thought.  ", " It is B? ", "The correct answer is (B)", "The correct answer is **C**"])
+    calls = []
+
+    def fake_generate_batch(model, tokenizer, encoded_list, **kw):
+        calls.append((kw["max_new_tokens"], [tok.decode(e.full) for e in encoded_list]))
+        return [generation.Generation(next(texts), [5, 6], 10, 0.5, None, None, None, None) for _ in encoded_list]
+
+    monkeypatch.setattr(generation, "generate_batch", fake_generate_batch)
+    args = eval_args(longbench.add_arguments, ["--data-dir", str(tmp_path / "data"), "--version", "2", "--cot",
+                                               "--methods", "full", "--batch-size", "2", "--out",
+                                               str(tmp_path / "out"), "--no-progress"])
+    paths = longbench.run(args, model=tiny_lm(), tokenizer=tok)
+    assert [c[0] for c in calls] == [1024, 128]
+    assert calls[0][1][0].endswith("Let\u2019s think step by step:")
+    assert "step by step: A long thought.\n\nBased on the above" in calls[1][1][0]  # stripped
+    assert "step by step: It is B?\n\nBased on the above" in calls[1][1][1]
+    records = longbench.read_jsonl(tmp_path / "out" / "pred" / "full" / "v2_cot.jsonl", ("pred", "judge"))
+    assert [(r["response_cot"], r["response"], r["pred"], r["judge"]) for r in records] == [
+        ("A long thought.", "The correct answer is (B)", "B", False),   # q0's answer is A
+        ("It is B?", "The correct answer is **C**", "C", False)]        # q1's is B
+    assert records[0]["new_tokens"] == 4 and records[0]["time_s"] == 1.0  # both steps
+    accuracy = json.load(open(paths["json"], encoding="utf-8"))["results"]["full"]["datasets"]["v2_cot"]["accuracy"]
+    assert accuracy == {"overall": 0.0, "easy": 0.0, "hard": 0.0, "short": 0.0, "medium": 0.0, "long": None}
