@@ -29,7 +29,7 @@ def environment_info(setup: Setup | None = None, **extra: Any) -> dict[str, Any]
             info["gpu"] = torch.cuda.get_device_name(device)
         placed = getattr(setup.model, "hf_device_map", None)
         if placed:
-            info["devices"] = sorted({str(d) for d in placed.values()})
+            info["devices"] = sorted({f"cuda:{d}" if isinstance(d, int) else str(d) for d in placed.values()})
         if setup.group.size > 1:
             info["processes"] = setup.group.size
     info.update(extra)
