@@ -494,6 +494,9 @@ class Patch:
         self.original_impl = self.config._attn_implementation
         self.original_forward = self.decoder.__dict__.get("forward", _MISSING)
         self.modules = attention_modules(model)
+        # A CUDA graph captures the work of one device's stream: a model that accelerate's device_map spreads over
+        # several devices (or offloads to the CPU) decodes eagerly.
+        self.graphs = len({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) <= 1
         try:
             for module in self.modules:
                 _HANDLE_OF_MODULE[module] = handle
@@ -563,7 +566,8 @@ class Patch:
                     q = inputs.shape[1]
                     _check_chunk_unpadded(arguments.get("attention_mask"), q)
                     key = cache.prepare_step(q)
-                    graph_inputs = _graph_inputs(arguments, cache, name) if graphs_enabled() else None
+                    graph_inputs = (_graph_inputs(arguments, cache, name) if graphs_enabled() and self.graphs
+                                    else None)
                     if graph_inputs is None:
                         out = forward(*args, **kwargs)
                     else:

@@ -107,13 +107,20 @@ def parse_options(items: Sequence[str] | None, methods: Sequence[str] = ()) -> d
 # ----------------------------------------------------------------------------------------------
 # arguments
 # ----------------------------------------------------------------------------------------------
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placements by name
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, *, default_out: str,
                          default_budgets: str = "128,256,512", chat: bool = True) -> None:
     """The arguments every evaluation takes (``--chat`` only where ``chat``: LongBench has chat formats of its own)."""
     g = parser.add_argument_group("model and compression")
     g.add_argument("--model", default=None,
                    help="local model folder or cached Hugging Face id (offline); default: the shipped tiny model")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available; under "
+                                                    "torchrun / accelerate launch: cuda:LOCAL_RANK)")
+    g.add_argument("--device-map", choices=DEVICE_MAPS, default=None,
+                   help="spread a model too large for one GPU over the visible GPUs (and CPU), as accelerate's "
+                        "device_map places its layers (needs accelerate; one process)")
     g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (auto: bf16/fp16 as the "
                                                    "model's config says on GPU, float32 on CPU)")
     g.add_argument("--attn-implementation", default=None, help="sdpa (default), eager or flash_attention_2")
@@ -165,16 +172,22 @@ def setup_from_args(args: argparse.Namespace, model=None, tokenizer=None) -> Set
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
     figure_class()  # every report has a plot: a missing matplotlib fails now, not after the run
+    from .parallel import launched_group, process_group
+    device_map = getattr(args, "device_map", None)
+    if device_map and launched_group().size > 1:
+        raise ValueError(f"--device-map: one process spreads the model over the GPUs; {launched_group().size} were "
+                         "launched (launch one, or drop --device-map to run one model per GPU)")
+    group, device = process_group(args.device)
     import torch
 
     from .models import load_model
     if model is None:
-        model, tokenizer = load_model(args.model, args.device, args.dtype, args.attn_implementation)
+        model, tokenizer = load_model(args.model, device, args.dtype, args.attn_implementation, device_map=device_map)
     torch.manual_seed(args.seed)
     name = args.model or "cakekv/tiny-llama"
     chat = use_chat(tokenizer, getattr(args, "chat", "off"))  # without --chat (LongBench) the evaluation sets it
     return Setup(model, tokenizer, name, runs, args.window, options, args.protocol, chat, args.out, args.seed,
-                 not args.no_progress, batch_size)
+                 not args.no_progress and group.main, batch_size, group)
 
 
 def script_main(prog: str, doc: str, add_arguments: Callable[[argparse.ArgumentParser], None],

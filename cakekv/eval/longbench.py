@@ -60,6 +60,7 @@ from typing import Any, Callable, Sequence
 
 from . import metrics, report
 from .args import add_common_arguments, script_main, setup_from_args, split_list
+from .parallel import PredictionFile, merge_predictions
 from .plots import plot_scores_vs_budget
 from .prompts import Encoded, Prompt, chat_wrap, context_groups, has_chat_template, make_prompt
 from .runs import Run, Setup, progress_bar
@@ -599,19 +600,20 @@ def predict(setup: Setup, data_dir: str, datasets: Sequence[str], *, max_length:
     tok = setup.tokenizer
     newline = generation.newline_token_id(tok)
     paths: dict[tuple[str, str], str] = {}
-    total = sum(len(v) for v in data.values()) * len(setup.runs)
-    bar = progress_bar(total=total, desc="longbench", disable=not setup.progress)
+    files: dict[tuple[str, str], PredictionFile] = {}
+    for run in setup.runs:
+        for name in datasets:
+            path = paths[(run.label, name)] = pred_path(setup.out, run, name)
+            done = len(read_jsonl(path, record_fields(name))) if resume and os.path.exists(path) else 0
+            files[(run.label, name)] = PredictionFile(path, len(data[name]), setup.group, min(done, len(data[name])))
+    bar = progress_bar(total=sum(f.share for f in files.values()), desc="longbench", disable=not setup.progress)
     try:
         for run in setup.runs:
             for name in datasets:
-                path = pred_path(setup.out, run, name)
-                paths[(run.label, name)] = path
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                done = len(read_jsonl(path, record_fields(name))) if resume and os.path.exists(path) else 0
-                bar.update(min(done, len(data[name])))
-                mode = "a" if done else "w"
+                out = files[(run.label, name)]
+                bar.update(out.share - len(out.todo))
                 samsum = base_name(name) == "samsum"
-                examples = data[name][done:]
+                examples = [data[name][i] for i in out.todo]
                 prompt_options = dict(max_length=max_length, chat=setup.chat if chat is None else chat,
                                       double_bos=double_bos)
                 prompts = [build_prompt(tok, ex, name, **prompt_options) for ex in examples]
@@ -625,9 +627,7 @@ def predict(setup: Setup, data_dir: str, datasets: Sequence[str], *, max_length:
                         extra_eos=[newline] if samsum and newline is not None else (),
                         min_new_tokens=1 if samsum else 0)
 
-                ready: dict[int, dict] = {}
-                written = 0
-                with open(path, mode, encoding="utf-8") as f:
+                with out:
                     for batch in example_batches(encoded, setup):
                         bar.set_postfix_str(f"{run.label} {name}", refresh=False)
                         gens = generate([encoded[i] for i in batch], official_max_new_tokens(name))
@@ -637,15 +637,11 @@ def predict(setup: Setup, data_dir: str, datasets: Sequence[str], *, max_length:
                                      for i, gen in zip(batch, gens)]
                             answers = generate([setup.encode(p) for p in steps], V2_MAXLEN[V2])
                         for i, gen, answer in zip(batch, gens, answers):
-                            ready[i] = prediction_record(name, examples[i], prompts[i][1], gen, answer)
+                            out.add(i, prediction_record(name, examples[i], prompts[i][1], gen, answer))
                             bar.update(1)
-                        # in the data's order, which --resume relies on
-                        while written in ready:
-                            f.write(json.dumps(ready.pop(written), ensure_ascii=False) + "\n")
-                            written += 1
-                        f.flush()
     finally:
         bar.close()
+    merge_predictions(setup.group, files.values())
     return paths
 
 
@@ -914,12 +910,17 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, str]:
                                    options=options)
     if args.resume:
         settings = resumed_settings(args.out, settings)
-    elif args.overwrite:
-        remove_outputs(args.out)
-    report.write_json(os.path.join(args.out, SETTINGS), settings)
+
+    def start() -> None:
+        if args.overwrite:
+            remove_outputs(args.out)
+        report.write_json(os.path.join(args.out, SETTINGS), settings)
+    setup.group.on_main(start)
     predict(setup, args.data_dir, datasets, max_length=max_length, limit=args.limit,
             max_new_tokens=args.max_new_tokens, double_bos=args.double_bos, resume=args.resume, options=options,
             chat=chat)
+    if not setup.group.main:
+        return {}  # the main process merged every shard's predictions: it scores them
     table = score_predictions(args.out, [r.label for r in setup.runs], datasets, **metric_options(args))
     info = report.environment_info(setup, **settings, max_length_source=max_length_source, limit=args.limit,
                                    datasets=datasets, metric_options=metric_options(args))

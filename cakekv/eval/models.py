@@ -3,6 +3,7 @@ the device and dtype resolved from the command line's spelling ("auto", "bf16", 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 from typing import Any
 
@@ -81,23 +82,30 @@ def _no_progress_bars():
 
 
 def load_model(model: str | None, device: str | None = None, dtype: str | None = None,
-               attn_implementation: str | None = None, trust_remote_code: bool = False):
+               attn_implementation: str | None = None, trust_remote_code: bool = False,
+               device_map: str | dict | None = None):
     """Load a causal LM and its tokenizer from local files only (nothing is ever downloaded).
 
     ``model`` is a local folder or a Hugging Face id already in the local cache; None loads the
-    shipped tiny model. Raises :class:`ModelLoadError` with an explanation when it cannot.
+    shipped tiny model. ``device_map`` (accelerate's: "auto", ... or a dict) spreads the layers over the
+    devices instead of moving the model to ``device``. Raises :class:`ModelLoadError` with an explanation
+    when it cannot.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(model)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    if device_map is not None and importlib.util.find_spec("accelerate") is None:
+        raise ValueError("--device-map: needs the accelerate package, which is not installed (pip install accelerate)")
     kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         model_kwargs = dict(kwargs, dtype=torch_dtype)
         if attn_implementation:
             model_kwargs["attn_implementation"] = attn_implementation
+        if device_map is not None:
+            model_kwargs["device_map"] = device_map
         # the shipped model loads at once: no loading bar on stderr (a user's model keeps it: loads take minutes)
         with contextlib.nullcontext() if model is not None else _no_progress_bars():
             lm = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
@@ -110,6 +118,7 @@ def load_model(model: str | None, device: str | None = None, dtype: str | None =
             f"cannot load {path!r} offline as a causal LM ({where}): {e}\n"
             "cakekv never downloads: pass a folder with config.json, weights and tokenizer files, or an id "
             "already in the Hugging Face cache") from e
-    lm.to(device)
+    if device_map is None:
+        lm.to(device)
     lm.eval()
     return lm, tokenizer

@@ -144,6 +144,8 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, str]:
     style = args.style or ("fact" if tiny else "ruler")
     records = evaluate(setup, lengths, depths, args.samples, haystack=args.haystack,
                        max_new_tokens=args.max_new_tokens, style=style)
+    if not setup.group.main:
+        return {}  # the main process writes the report of every shard
     info = report.environment_info(setup, lengths=lengths, depths=depths, samples=args.samples,
                                    haystack=args.haystack, style=style)
     paths = write_report(setup.out, records, lengths, depths, info)

@@ -27,6 +27,11 @@ def environment_info(setup: Setup | None = None, **extra: Any) -> dict[str, Any]
                     chat=setup.chat, seed=setup.seed, batch_size=setup.batch_size)
         if device.type == "cuda":
             info["gpu"] = torch.cuda.get_device_name(device)
+        placed = getattr(setup.model, "hf_device_map", None)
+        if placed:
+            info["devices"] = sorted({f"cuda:{d}" if isinstance(d, int) else str(d) for d in placed.values()})
+        if setup.group.size > 1:
+            info["processes"] = setup.group.size
     info.update(extra)
     return info
 

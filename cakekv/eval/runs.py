@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 
 from ..arguments import check_arguments
 from ..defaults import QUERY_AGNOSTIC_METHOD
+from .parallel import SINGLE, Group, merge_interleaved
 from .prompts import Encoded, Prompt, encode_prompt, group_indices
 
 # Methods an evaluation compares when none is named, by protocol: a context compressed before its question is
@@ -78,6 +79,7 @@ class Setup:
     seed: int
     progress: bool
     batch_size: int = 1
+    group: Group = SINGLE  # the processes of a launched run (.parallel), each predicting its shard
 
     def encode(self, prompt: Prompt) -> Encoded:
         """``prompt`` tokenized for this setup's protocol."""
@@ -95,26 +97,31 @@ def evaluate_items(setup: Setup, items: Sequence[tuple[Any, int, Any]], *, desc:
     """Every run x item, items being (encoded prompt, max_new_tokens, payload); one
     ``record(run, payload, generation)`` per generation, run by run in the items' order, with a
     progress bar. Items go through :func:`.generation.generate_batch` in the batches of
-    :func:`item_batches`."""
+    :func:`item_batches`. Launched processes (``setup.group``) each take their shard of the items; the
+    main process returns every record, in the same order, the others an empty list."""
     from . import generation
-    records: list[dict] = []
-    bar = progress_bar(total=len(items) * len(setup.runs), desc=desc, disable=not setup.progress)
+    mine = [items[i] for i in setup.group.shard(len(items))]
+    per_run: list[list[dict]] = []
+    bar = progress_bar(total=len(mine) * len(setup.runs), desc=desc, disable=not setup.progress)
     try:
         for run in setup.runs:
             bar.set_postfix_str(run.label)
             by_item: dict[int, dict] = {}
-            for batch in item_batches(items, setup.batch_size, setup.protocol):
+            for batch in item_batches(mine, setup.batch_size, setup.protocol):
                 gens = generation.generate_batch(
-                    setup.model, setup.tokenizer, [items[i][0] for i in batch], method=run.method,
+                    setup.model, setup.tokenizer, [mine[i][0] for i in batch], method=run.method,
                     budget=run.budget, window=setup.window, protocol=setup.protocol, options=setup.options,
-                    max_new_tokens=items[batch[0]][1])
+                    max_new_tokens=mine[batch[0]][1])
                 for i, gen in zip(batch, gens):
-                    by_item[i] = record(run, items[i][2], gen)
+                    by_item[i] = record(run, mine[i][2], gen)
                     bar.update(1)
-            records.extend(by_item[i] for i in range(len(items)))
+            per_run.append([by_item[i] for i in range(len(mine))])
     finally:
         bar.close()
-    return records
+    shards = setup.group.gather(per_run)
+    if shards is None:
+        return []
+    return [rec for r in range(len(setup.runs)) for rec in merge_interleaved([shard[r] for shard in shards])]
 
 
 def item_batches(items: Sequence[tuple[Any, int, Any]], batch_size: int,

@@ -322,6 +322,8 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, str]:
     setup = setup_from_args(args, model, tokenizer)
     records = evaluate(setup, tasks, lengths, args.samples, haystack=args.haystack,
                        max_new_tokens=args.max_new_tokens)
+    if not setup.group.main:
+        return {}  # the main process writes the report of every shard
     info = report.environment_info(setup, tasks=tasks, lengths=lengths, samples=args.samples, haystack=args.haystack)
     paths = write_report(setup.out, records, info)
     report.print_file(paths["markdown"])
