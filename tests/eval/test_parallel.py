@@ -211,7 +211,9 @@ def test_longbench_on_two_processes_resumed_is_the_single_process_run(tmp_path, 
     launch("torchrun", [*argv, "--out", str(tmp_path / "two"), "--limit", "1"], tmp_path)
     launch("torchrun", [*argv, "--out", str(tmp_path / "two"), "--resume"], tmp_path)
     for run in ("full", "cake-48"):
-        assert sorted(os.listdir(tmp_path / "two" / "pred" / run)) == sorted(f"{d}.jsonl" for d in data)  # no part
+        # the predictions and the official result.json, no part file left
+        assert sorted(os.listdir(tmp_path / "two" / "pred" / run)) == sorted([*(f"{d}.jsonl" for d in data),
+                                                                               "result.json"])
         for name in data:
             one, two = (read_lines(tmp_path / d / "pred" / run / f"{name}.jsonl") for d in ("one", "two"))
             assert len(two) == len(data[name]) and without_times(two) == without_times(one)
