@@ -11,7 +11,6 @@ haystack (prose) shuffled with different seeds.
 A method may carry options: `spancake:span_weight=1.0,span_after=8`.
 """
 import argparse
-import json
 import math
 import os
 import sys

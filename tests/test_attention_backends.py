@@ -12,11 +12,9 @@ import importlib.util
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers.modeling_flash_attention_utils as fa_utils
 
 import cakekv
-from cakekv import cache_kwargs, cache_of
 from helpers import is_unpatched, left_padded, prompt, tiny_model
 
 FLASH = ("flash_attention_2", "flash_attention_3")

@@ -158,7 +158,7 @@ def test_two_threads_capture_at_once():
     each thread gets the tokens it gets alone."""
     model = tiny_model("llama").cuda()
     prompts = [prompt(80, seed=30).cuda(), prompt(95, seed=31).cuda()]
-    with cakekv.compress(model, method="cake", budget=BUDGET, window=WINDOW) as handle, torch.no_grad():
+    with cakekv.compress(model, method="cake", budget=BUDGET, window=WINDOW), torch.no_grad():
         want = [model.generate(p, max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
                 for p in prompts]
         got, graphs, errors = [None, None], [None, None], []

@@ -12,17 +12,9 @@ import torch
 import cakekv
 from cakekv import cli
 from cakekv.eval import models
-from helpers import byte_tokenizer, needs_eval_extra, tiny_lm
+from helpers import needs_eval_extra
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    tiny_lm().save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return str(path)
 
 
 def test_methods(capsys):

@@ -13,7 +13,7 @@ import pytest
 
 from cakekv.eval import parallel
 from cakekv.eval.parallel import Group, PredictionFile, merge_interleaved, merge_predictions
-from helpers import byte_tokenizer, needs_eval_extra, tiny_lm
+from helpers import needs_eval_extra
 from test_eval_longbench import write_fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -137,14 +137,6 @@ def test_a_missing_prediction_keeps_the_parts(tmp_path, no_barrier):
 # ------------------------------------------------------------------------------------------------
 # the command line under a launcher, 2 CPU processes
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    tiny_lm().save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return str(path)
-
-
 def launch(launcher, argv, tmp_path):
     """`cakekv` started by `launcher` in 2 CPU processes; its output."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [

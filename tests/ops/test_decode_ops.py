@@ -5,7 +5,6 @@ queries (the variance term), both poolings; attention of the shipped trained mod
 ops keep (exact after every append and eviction of a long run); opcheck; errors."""
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
