@@ -57,14 +57,15 @@ def _demo_table(rows, header=("method", "budget", "answer", "correct", "KV kept"
 
 def cmd_demo(args) -> int:
     from .eval.args import parse_int_list, split_list
-    from .eval.runs import check_compression, expand_runs
+    from .arguments import check_arguments
+    from .eval.runs import expand_runs
     from .methods import available_methods
 
     known = available_methods()
     methods = split_list(args.methods) if args.methods else [m for m in DEMO_METHODS if m in known]
     budgets = parse_int_list(args.budgets, "budgets")
     runs = expand_runs(methods, budgets, args.window)
-    check_compression(args.reuse_method, budgets[0], args.window)  # the last table's, before the model loads
+    check_arguments(args.reuse_method, budgets[0], args.window)  # the last table's, before the model loads
     if args.length < 64:
         raise ValueError("length: the document needs at least 64 tokens")
     import torch  # after the checks: a mistyped flag fails at once
@@ -76,16 +77,17 @@ def cmd_demo(args) -> int:
 
 @contextlib.contextmanager
 def _quiet_transformers():
+    """transformers' notices and progress bars off for the block."""
     from transformers.utils import logging as hf_logging
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+
+    from .eval.models import no_progress_bars
+    verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     try:
-        yield
+        with no_progress_bars():
+            yield
     finally:
         hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _demo(args, runs, reuse_budget: int) -> int:
@@ -157,15 +159,13 @@ def _demo_questions(args, model, tok, sample, budget: int) -> list[tuple]:
 # generate
 # ----------------------------------------------------------------------------------------------
 def cmd_generate(args) -> int:
-    from .arguments import check_prefill_chunk
+    from .arguments import check_arguments, check_prefill_chunk
     from .eval.args import split_options
-    from .eval.runs import FULL, check_compression
+    from .eval.runs import FULL
 
     # the checks that need no torch first: a mistyped flag fails at once
-    if args.method != FULL:
-        check_compression(args.method, args.budget, args.window)
-    else:
-        check_compression(FULL, args.window + 1, args.window)  # full keeps everything: its budget means nothing
+    # full keeps everything: its budget means nothing and is not checked
+    check_arguments(args.method, args.window + 1 if args.method == FULL else args.budget, args.window)
     check_prefill_chunk(args.prefill_chunk, args.window)
     split_options(args.option)
     if args.prompt_file == "-":

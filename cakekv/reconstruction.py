@@ -102,8 +102,7 @@ class Reread:
         stored = layer.storage
         local = self.task.lookback is not None and layer.sliding_window is None
         if local:
-            start = self.span_start
-            first = max(start - self.task.lookback, 0)
+            first = max(self.span_start - self.task.lookback, 0)
             reach = torch.arange(first, self.span_stop, device=self.pad.device)[None].expand(len(self.pad), -1)
             sub_keys, sub_values, sub_pos = self._gather(stored, torch.cat([self._sinks(first), reach], -1),
                                                          values=True)

@@ -70,7 +70,8 @@ def _looks_like_path(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def _no_progress_bars():
+def no_progress_bars():
+    """transformers' progress bars off for the block (as they were after it)."""
     from transformers.utils import logging as hf_logging
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -107,7 +108,7 @@ def load_model(model: str | None, device: str | None = None, dtype: str | None =
         if device_map is not None:
             model_kwargs["device_map"] = device_map
         # the shipped model loads at once: no loading bar on stderr (a user's model keeps it: loads take minutes)
-        with contextlib.nullcontext() if model is not None else _no_progress_bars():
+        with contextlib.nullcontext() if model is not None else no_progress_bars():
             lm = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
         if _looks_like_path(path) and not os.path.isdir(path):

@@ -19,13 +19,6 @@ DEFAULT_METHODS = {"question-aware": ("full", "cake", "snapkv"),
 FULL = "full"
 
 
-def check_compression(method: str, budget: int, window: int) -> None:
-    """What ``cakekv.compress()`` checks before it touches the model -- the method is known, budget
-    and window are integers, window >= 1, budget >= window + 1 -- with compress()'s own messages, so
-    that a command stops in one line before it loads a model."""
-    check_arguments(method, budget, window)
-
-
 @dataclasses.dataclass(frozen=True)
 class Run:
     method: str
@@ -48,9 +41,9 @@ class Run:
 
 def expand_runs(methods: Sequence[str], budgets: Sequence[int], window: int) -> list[Run]:
     """methods x budgets; ``full`` once (budget None, run with the smallest valid budget). Each run
-    is checked up front as ``cakekv.compress()`` will check it (:func:`check_compression`)."""
+    is checked up front as ``cakekv.compress()`` will check it (``cakekv.arguments.check_arguments``, no torch)."""
     for m in methods:
-        check_compression(m, window + 1, window)
+        check_arguments(m, window + 1, window)
     if any(m != FULL for m in methods) and not budgets:
         raise ValueError("budgets: at least one budget is needed for compressing methods")
     runs: list[Run] = []
@@ -61,7 +54,7 @@ def expand_runs(methods: Sequence[str], budgets: Sequence[int], window: int) -> 
             runs.extend(Run(m, int(b)) for b in dict.fromkeys(budgets))
     for run in runs:
         if run.budget is not None:
-            check_compression(run.method, run.budget, window)
+            check_arguments(run.method, run.budget, window)
     return runs
 
 
