@@ -132,6 +132,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_out: str,
     g.add_argument("--window", type=int, default=32, help="observation window (default: %(default)s)")
     g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="method option passed to cakekv.compress (repeatable), e.g. --option gamma=200")
+    g.add_argument("--prefill-chunk", type=int, default=None, metavar="TOKENS",
+                   help="read a longer prompt (context-only: context) this many tokens at a time, the cache cut "
+                        "back to the budget after each chunk (default: one forward)")
     g.add_argument("--protocol", choices=PROTOCOLS, default="question-aware",
                    help="question-aware: compress the whole prompt; context-only: compress the context "
                         "once, then append each of its questions to a copy (default: %(default)s)")
@@ -168,6 +171,10 @@ def setup_from_args(args: argparse.Namespace, model=None, tokenizer=None) -> Set
     budgets = parse_int_list(args.budgets, "budgets")
     runs = expand_runs(methods, budgets, args.window)
     options = parse_options(args.option, methods)
+    prefill_chunk = getattr(args, "prefill_chunk", None)
+    if prefill_chunk is not None:
+        from ..arguments import check_prefill_chunk
+        options["prefill_chunk"] = check_prefill_chunk(prefill_chunk, args.window)  # compress's own argument
     batch_size = getattr(args, "batch_size", 1)
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")

@@ -311,3 +311,31 @@ def test_synthetic_end_to_end(tmp_path):
     assert "| method | budget | niah_multivalue | common_words | avg |" in open(paths["markdown"]).read()
     with pytest.raises(ValueError, match="unknown task"):
         synthetic.run(eval_args(synthetic.add_arguments, ["--tasks", "nope"]))
+
+
+@pytest.mark.parametrize("protocol", ["question-aware", "context-only"])
+def test_prefill_chunk_reads_each_prompt_in_chunks(tok, monkeypatch, protocol):
+    """--prefill-chunk reaches compress (recorded with the options): each prompt (context-only: context) is read in
+    chunks of at most that many tokens, and the answers are those of compress(prefill_chunk=...) itself."""
+    needs_eval_extra("matplotlib")
+    import cakekv.patch as patch
+    spans = []
+    real = patch.prefill_chunks
+    monkeypatch.setattr(patch, "prefill_chunks", lambda *a: spans.append(real(*a)) or spans[-1])
+    items = [(prompts.encode_prompt(tok, prompts.Prompt("a" * n, "?"), protocol), 3, i)
+             for i, n in enumerate([150, 90])]
+    args = eval_args(needle.add_arguments, ["--methods", "cake", "--budgets", "40", "--window", "8",
+                                            "--prefill-chunk", "48", "--protocol", protocol, "--no-progress"])
+    setup = setup_from_args(args, tiny_lm(), tok)
+    assert setup.options == {"prefill_chunk": 48}
+    assert report.environment_info(setup)["options"] == {"prefill_chunk": 48}
+    records = evaluate_items(setup, items, desc="test", record=lambda run, i, gen: gen.tokens)
+    assert len(spans) == 2 and all(len(s) > 1 and max(b - a for a, b in s) <= 48 for s in spans)
+    expected = [generation.generate(tiny_lm(), tok, e, method="cake", budget=40, window=8, protocol=protocol,
+                                    max_new_tokens=3, options={"prefill_chunk": 48}).tokens for e, _, _ in items]
+    assert records == expected
+
+
+def test_prefill_chunk_is_checked_before_the_model_loads():
+    with pytest.raises(ValueError, match="prefill_chunk: must be >= window"):
+        setup_from_args(eval_args(needle.add_arguments, ["--window", "8", "--prefill-chunk", "8"]))
