@@ -21,7 +21,7 @@ PARALLEL=${2:-16}
 BUDGET_GROUPS=${BUDGET_GROUPS:-"64,128,256 512,1024"}  # one process per group
 METHODS=${METHODS:-"h2o spancake streamingllm snapkv pyramidkv adakv cake defensivekv layer_defensivekv lava"}
 CONTEXT_ONLY=${CONTEXT_ONLY:-"spancake streamingllm snapkv adakv cake layer_defensivekv"}  # needle only
-export OUT PY=${PYTHON:-python3} OMP_NUM_THREADS=1
+export OUT PARALLEL
 export NEEDLE_ARGS=${NEEDLE_ARGS:-"--lengths 1024 2048 4096 8192 --depths 0 25 50 75 100 --samples 10 --max-new-tokens 8 --batch-size 32"}
 export SYNTHETIC_ARGS=${SYNTHETIC_ARGS:-"--lengths 2048 4096 8192 --samples 10 --batch-size 32"}
 export CONTEXT_ARGS=${CONTEXT_ARGS:-"--lengths 1024 2048 4096 8192 --depths 0 25 50 75 100 --samples 4 --max-new-tokens 8 --protocol context-only"}
@@ -34,23 +34,7 @@ ABLATIONS=(
   "spancake.head_budgets head_budgets=True"
   "spancake.no_decode_spans decode_spans=False"
 )
-mkdir -p "$OUT/logs" "$OUT/runs"
-
-run_one() {  # task label budgets method [KEY=VALUE ...]; task: needle | synthetic | needle_context_only
-  local task=$1 label=$2 budgets=$3 method=$4 args script=$1 opts=() start=$SECONDS
-  shift 4
-  for o in "$@"; do opts+=(--option "$o"); done
-  case $task in
-    needle) args=$NEEDLE_ARGS ;;
-    synthetic) args=$SYNTHETIC_ARGS ;;
-    needle_context_only) args=$CONTEXT_ARGS script=needle ;;
-  esac
-  # shellcheck disable=SC2086
-  "$PY" "experiments/run_$script.py" --methods "$method" --budgets "$budgets" --no-progress $args "${opts[@]}" \
-    --out "$OUT/runs/$task/$label@$budgets" > "$OUT/logs/$task-$label@$budgets.log" 2>&1
-  echo "$task $label $budgets: exit $? in $((SECONDS - start))s"
-}
-export -f run_one
+source "$(dirname "$0")/grid_jobs.sh"
 
 {  # by priority: the methods' grids, then context-only, then the ablations (TIMEOUT cuts from the end)
   for task in synthetic needle needle_context_only; do echo "$task full 64 full"; done
@@ -63,15 +47,6 @@ export -f run_one
       for a in "${ABLATIONS[@]}"; do read -r label opts <<< "$a"; echo "$task $label $group spancake $opts"; done
     done
   done
-} > "$OUT/logs/jobs.txt"
-timeout "${TIMEOUT:-470}" xargs -P "$PARALLEL" -L 1 bash -c 'run_one "$@"' _ < "$OUT/logs/jobs.txt" \
-  | tee "$OUT/logs/progress.log"
-echo "grid: ${SECONDS}s; $(grep -c 'exit 0' "$OUT/logs/progress.log") of $(wc -l < "$OUT/logs/jobs.txt") jobs finished"
-for task in needle synthetic needle_context_only; do
-  kind=${task%_context_only}
-  dirs=()
-  for d in "$OUT/runs/$task"/*/; do name=$(basename "$d"); dirs+=("$d=${name%@*}"); done
-  "$PY" experiments/merge_results.py "$kind" "$OUT/$task" "${dirs[@]}" > "$OUT/logs/merge-$task.log" 2>&1 \
-    && "$PY" experiments/confidence.py "$kind" "$OUT/$task" >> "$OUT/logs/merge-$task.log" 2>&1
-done
+} | run_jobs 470
+merge_tasks needle synthetic needle_context_only
 echo "total: ${SECONDS}s"

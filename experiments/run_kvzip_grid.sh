@@ -19,7 +19,7 @@ PARALLEL=${2:-16}
 BUDGET_GROUPS=${BUDGET_GROUPS:-"64,128,256 512,1024"}
 CONTEXT_ONLY=${CONTEXT_ONLY:-"spanzip kvzip spancake"}
 QUESTION_AWARE=${QUESTION_AWARE:-"spanzip kvzip"}
-export OUT PY=${PYTHON:-python3} OMP_NUM_THREADS=1
+export OUT PARALLEL
 export NEEDLE_ARGS=${NEEDLE_ARGS:-"--lengths 1024 2048 4096 8192 --depths 0 25 50 75 100 --samples 10 --max-new-tokens 8 --batch-size 32"}
 export CONTEXT_ARGS=${CONTEXT_ARGS:-"--lengths 1024 2048 4096 8192 --depths 0 25 50 75 100 --samples 4 --max-new-tokens 8 --protocol context-only"}
 # variants: label, method and options (one ingredient changed, the rest at the defaults): the cheaper re-read
@@ -31,22 +31,7 @@ ABLATIONS=(
   "spanzip.peak_scale spanzip normalise=max"
   "spanzip.no_window spanzip window_weight=0.0"
 )
-mkdir -p "$OUT/logs" "$OUT/runs"
-
-run_one() {  # task label budgets method [KEY=VALUE ...]; task: needle | needle_context_only
-  local task=$1 label=$2 budgets=$3 method=$4 args opts=() start=$SECONDS
-  shift 4
-  for o in "$@"; do opts+=(--option "$o"); done
-  case $task in
-    needle) args=$NEEDLE_ARGS ;;
-    needle_context_only) args=$CONTEXT_ARGS ;;
-  esac
-  # shellcheck disable=SC2086
-  "$PY" experiments/run_needle.py --methods "$method" --budgets "$budgets" --no-progress $args "${opts[@]}" \
-    --out "$OUT/runs/$task/$label@$budgets" > "$OUT/logs/$task-$label@$budgets.log" 2>&1
-  echo "$task $label $budgets: exit $? in $((SECONDS - start))s"
-}
-export -f run_one
+source "$(dirname "$0")/grid_jobs.sh"
 
 {  # by priority: the methods' grids, then spanzip's ablations (TIMEOUT cuts from the end)
   echo "needle_context_only full 64 full"
@@ -60,15 +45,6 @@ export -f run_one
       for task in needle_context_only needle; do echo "$task $label $group $method $opts"; done
     done
   done
-} > "$OUT/logs/jobs.txt"
-timeout "${TIMEOUT:-520}" xargs -P "$PARALLEL" -L 1 bash -c 'run_one "$@"' _ < "$OUT/logs/jobs.txt" \
-  | tee "$OUT/logs/progress.log"
-echo "grid: ${SECONDS}s; $(grep -c 'exit 0' "$OUT/logs/progress.log") of $(wc -l < "$OUT/logs/jobs.txt") jobs finished"
-for task in needle needle_context_only; do
-  dirs=()
-  for d in "$OUT/runs/$task"/*/; do [ -d "$d" ] && { name=$(basename "$d"); dirs+=("$d=${name%@*}"); }; done
-  [ ${#dirs[@]} -gt 0 ] || continue
-  "$PY" experiments/merge_results.py needle "$OUT/$task" "${dirs[@]}" > "$OUT/logs/merge-$task.log" 2>&1 \
-    && "$PY" experiments/confidence.py needle "$OUT/$task" >> "$OUT/logs/merge-$task.log" 2>&1
-done
+} | run_jobs 520
+merge_tasks needle needle_context_only
 echo "total: ${SECONDS}s"
