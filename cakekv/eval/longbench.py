@@ -161,6 +161,15 @@ class OfficialModel:
     def pattern(self) -> str:
         return hub_pattern(self.hub_id)
 
+    def post_process(self, answer: str) -> str:
+        """The official pred.py's ``post_process`` of this model's answers, before they are saved: XGen's stripped
+        and without "Assistant:", InternLM's cut at its end-of-answer marker "<eoa>", others as generated."""
+        if "xgen" in self.name:
+            return answer.strip().replace("Assistant:", "")
+        if "internlm" in self.name:
+            return answer.split("<eoa>")[0]
+        return answer
+
 
 def hub_pattern(hub_id: str) -> str:
     """What a model's path contains when it is the model ``hub_id``: the id's last part, lowercased, without "-hf"
@@ -592,9 +601,11 @@ def read_jsonl(path: str, fields: Sequence[str] = ("pred", "answers"), limit: in
 def predict(setup: Setup, data_dir: str, datasets: Sequence[str], *, max_length: int | None,
             limit: int | None = None, max_new_tokens: int | None = None, double_bos: bool = False,
             resume: bool = False, options: dict[str, dict] | None = None,
-            chat: bool | Callable[[str], str] | None = None) -> dict[tuple[str, str], str]:
+            chat: bool | Callable[[str], str] | None = None,
+            official: OfficialModel | None = None) -> dict[tuple[str, str], str]:
     """Write ``{out}/pred/{run}/{dataset}.jsonl`` for every run and dataset (method options per run label, default
-    ``setup.options``; ``chat`` as :func:`build_prompt` takes it, default ``setup.chat``); returns their paths."""
+    ``setup.options``; ``chat`` as :func:`build_prompt` takes it, default ``setup.chat``; the answers of an
+    ``official`` model post-processed as the official runs do theirs); returns their paths."""
     from . import generation
     data = {name: load_data(data_dir, name, limit) for name in datasets}  # fail early on missing files
     tok = setup.tokenizer
@@ -637,7 +648,7 @@ def predict(setup: Setup, data_dir: str, datasets: Sequence[str], *, max_length:
                                      for i, gen in zip(batch, gens)]
                             answers = generate([setup.encode(p) for p in steps], V2_MAXLEN[V2])
                         for i, gen, answer in zip(batch, gens, answers):
-                            out.add(i, prediction_record(name, examples[i], prompts[i][1], gen, answer))
+                            out.add(i, prediction_record(name, examples[i], prompts[i][1], gen, answer, official))
                             bar.update(1)
     finally:
         bar.close()
@@ -645,8 +656,10 @@ def predict(setup: Setup, data_dir: str, datasets: Sequence[str], *, max_length:
     return paths
 
 
-def prediction_record(dataset: str, example: dict, truncated: bool, gen, answer=None) -> dict:
-    """One line of a predictions file: the answer, what scores it, and what it cost (the cache of the first
+def prediction_record(dataset: str, example: dict, truncated: bool, gen, answer=None,
+                      official: OfficialModel | None = None) -> dict:
+    """One line of a predictions file: the answer (v1: post-processed as the ``official`` model's are), what scores
+    it, and what it cost (the cache of the first
     step, the tokens and time of both). LongBench v2's is the official line without the context: the question's
     fields, ``response`` (stripped; ``response_cot``, the chain of thought, before the ``answer`` step), ``pred``
     (the letter found in it, or None) and ``judge``."""
@@ -656,7 +669,8 @@ def prediction_record(dataset: str, example: dict, truncated: bool, gen, answer=
             "questions_per_prefill": gen.questions_per_prefill, "kv_bytes_before": gen.bytes_before,
             "kv_bytes_after": gen.bytes_after, "kv_bytes_kept": gen.bytes_kept}
     if not is_v2(dataset):
-        return {"pred": gen.text, "answers": example["answers"], "all_classes": example.get("all_classes"),
+        pred = official.post_process(gen.text) if official is not None else gen.text
+        return {"pred": pred, "answers": example["answers"], "all_classes": example.get("all_classes"),
                 "length": example.get("length"), "_id": example.get("_id"), **cost}
     record = {k: v for k, v in example.items() if k != "context"}
     if answer is not None:
@@ -918,7 +932,7 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, str]:
     setup.group.on_main(start)
     predict(setup, args.data_dir, datasets, max_length=max_length, limit=args.limit,
             max_new_tokens=args.max_new_tokens, double_bos=args.double_bos, resume=args.resume, options=options,
-            chat=chat)
+            chat=chat, official=official)
     if not setup.group.main:
         return {}  # the main process merged every shard's predictions: it scores them
     table = score_predictions(args.out, [r.label for r in setup.runs], datasets, **metric_options(args))

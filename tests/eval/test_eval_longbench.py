@@ -624,6 +624,30 @@ def test_official_chat_strings(name):
     assert code.text == longbench.DATASET2PROMPT["lcc"].format(context="x = 1\n")  # never wrapped
 
 
+def official_post_process(response, model_name):  # THUDM/LongBench pred.py, retyped
+    if "xgen" in model_name:
+        response = response.strip().replace("Assistant:", "")
+    elif "internlm" in model_name:
+        response = response.split("<eoa>")[0]
+    return response
+
+
+@pytest.mark.parametrize("name", longbench.OFFICIAL_NAMES)
+def test_answers_are_post_processed_as_the_official_runs_do(name):
+    """XGen's and InternLM's answers are cleaned as pred.py cleans them before saving (others are kept as they are);
+    a user's model (no official entry) keeps its answer."""
+    official = longbench.official_model(name, None)
+    gen = type("Gen", (), dict(prompt_tokens=9, tokens=[1], seconds=0.1, questions_per_prefill=1, bytes_before=1,
+                               bytes_after=1, bytes_kept=1))()
+    for text in (" Assistant: Paris <eoa> and more\n", "Paris", "  <eoa>Assistant:Assistant: x "):
+        gen.text = text
+        record = longbench.prediction_record("hotpotqa", {"answers": ["Paris"]}, False, gen, official=official)
+        assert record["pred"] == official_post_process(text, name)
+        assert longbench.prediction_record("hotpotqa", {"answers": ["Paris"]}, False, gen)["pred"] == text
+    assert (official.post_process(" Assistant: Paris <eoa>") != " Assistant: Paris <eoa>") == (
+        "xgen" in name or "internlm" in name)
+
+
 def test_chat_format_choice():
     tok, plain = byte_tokenizer(CHAT_TEMPLATE), byte_tokenizer()
     qwen, glm = longbench.official_model("qwen2.5-7b-instruct", None), longbench.official_model("chatglm2-6b", None)
