@@ -385,7 +385,6 @@ class CompressedCache(Cache):
         self.more_chunks = False  # a chunked prefill has chunks after the one in progress
         self.step_graph = None  # the captured decode step (step_graph.StepGraph), on CUDA
         self.step_tokens: int | None = None  # tokens of the step prepared by `prepare_step` (None: no step)
-        self.reread_rows: list[bool] | None = None  # rows to compress once the prompt is re-read (repeat_task)
         self.reread = None  # the re-read in progress (reconstruction.Reread)
 
     @property
@@ -451,23 +450,29 @@ class CompressedCache(Cache):
         no longer reaches. After the last layer the prefill is finished, or the chunk ended if more chunks follow."""
         layer = self.layers[layer_idx]
         layer.prefilling = False
-        method = self.method
-        compress_rows = [method.compresses_prompt(n) for n in self.prompt.host_lengths]
-        compressing = method.compresses and any(compress_rows)
-        rereads = compressing and method.repeat_task is not None  # scored and cut after the re-read
+        compress_rows = self.compress_rows()
+        compressing = self.method.compresses and any(compress_rows)
+        rereads = self.rereads()  # scored and cut by the re-read
         if layer.sliding_window is not None:
             layer.hold_window()
         elif compressing and not rereads:
             self.eviction.score_and_recut(self, layer, query, scale, module, softcap, compress_rows)
-        elif rereads and method.scores_window:
+        elif rereads and self.method.scores_window:
             self.eviction.score_window(self, layer, query, scale, module, softcap)
-        if layer_idx == len(self.layers) - 1:
-            if rereads:
-                self.reread_rows = compress_rows  # `finish_reread` cuts them
-            elif self.more_chunks:
+        if layer_idx == len(self.layers) - 1 and not rereads:  # a re-read finishes after its last layer
+            if self.more_chunks:
                 self._end_chunk()
             else:
                 self._finish_prefill(compress_rows)
+
+    def compress_rows(self) -> list[bool]:
+        """Per row of the prompt in progress: whether the method compresses it (long enough)."""
+        return [self.method.compresses_prompt(n) for n in self.prompt.host_lengths]
+
+    def rereads(self) -> bool:
+        """Whether the prompt in progress is scored by re-reading it (the method's `repeat_task`)."""
+        method = self.method
+        return method.repeat_task is not None and method.compresses and any(self.compress_rows())
 
     def _end_chunk(self) -> None:
         """After a chunk of a chunked prefill that is not the last: the layers stay in the padded storage, as cut,
@@ -477,11 +482,8 @@ class CompressedCache(Cache):
         self.eviction.reset()
 
     def finish_reread(self) -> None:
-        """After the prompt's re-read (reconstruction.py) left its scores in the global layers' indicators: every
-        global layer cut at once, then the prefill finished."""
-        rows, self.reread_rows = self.reread_rows, None
-        self.eviction.recut_reread(self, rows)
-        self._finish_prefill(rows)
+        """After the prompt's re-read (reconstruction.py) scored and cut every global layer: the prefill finished."""
+        self._finish_prefill(self.compress_rows())
 
     def _finish_prefill(self, compress_rows: list[bool]):
         """Decode caps set, layers with per-head counts switched to the ragged storage, and the order decode

@@ -91,22 +91,26 @@ class Eviction:
             else:
                 scored.keep_top(torch.where(rows, per_head.to(caps.device), caps[:, i, None]).tolist())
 
-    def recut_reread(self, cache, compress_rows: list[bool]) -> None:
-        """After a re-reading method's re-read (reconstruction.py) left its scores in every global layer's indicator:
-        each becomes the method's `reread_indicator` (with the layer's window indicator where the method scored
-        it), then all are cut at once, with the window's layer preferences (zero where it scored no window)."""
+    def recut_reread(self, cache, layer, reread: torch.Tensor, compress_rows: list[bool]) -> None:
+        """After every chunk of a re-reading method's re-read (reconstruction.py) went through global `layer`: its
+        indicator becomes the method's `reread_indicator` of its re-read scores `reread` (with its window indicator
+        where the method scored one), and the global layers re-read so far are cut, with the window's layer
+        preferences (zero where it scored no window). Budgets that rank every layer's entries together cut as a
+        cascade, exactly: an entry outside the top of the layers seen so far is outside the top of all of them;
+        budgets per layer cut each layer once; preference budgets wait for the last layer."""
         layers = cache.global_layers
-        windows, self.window_scores = self.window_scores or [None] * len(layers), []
-        for layer, window in zip(layers, windows):
-            layer.indicator = self.method.reread_indicator(layer.indicator, window)
-        window_start = (layers[0].next_pos - self.window).clamp(min=0)
+        i = layers.index(layer)
+        window = self.window_scores[i] if self.window_scores else None
+        layer.indicator = self.method.reread_indicator(reread, window)
+        window_start = (layer.next_pos - self.window).clamp(min=0)
         if self.preferences:
-            preferences = self.stacked_preferences(window_start.device)
+            preferences = self.stacked_preferences(window_start.device)[:, :i + 1]
         else:
-            preferences = torch.zeros(window_start.shape[0], len(layers), dtype=torch.float64,
-                                      device=window_start.device)
+            preferences = torch.zeros(window_start.shape[0], i + 1, dtype=torch.float64, device=window_start.device)
         caps = window_start[:, None].expand_as(preferences).contiguous()
-        self.recut(layers, preferences, caps, True, compress_rows)
+        self.recut(layers[:i + 1], preferences, caps, i == len(layers) - 1, compress_rows)
+        if i == len(layers) - 1:
+            self.window_scores = []
 
     def set_decode_caps(self, layer, compress_rows: list[bool]) -> None:
         """End of prefill: the budgets the layer's rows were given, and the caps decode-time eviction holds

@@ -13,6 +13,7 @@ hands our cache to its attention layers fails after the call instead of running 
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -228,6 +229,13 @@ def _is_attention(module: torch.nn.Module) -> bool:
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if _is_attention(m)]
+
+
+def decoder_layers(model: torch.nn.Module, modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The decoder layer of each attention module (`modules`, in layer order): the module that holds it."""
+    names = {id(module): name for name, module in model.named_modules()}
+    by_index = sorted(modules, key=lambda module: module.layer_idx)
+    return [model.get_submodule(names[id(module)].rpartition(".")[0]) for module in by_index]
 
 
 def sliding_windows(config) -> list[int | None]:
@@ -464,23 +472,102 @@ def _chunk_argument(key: str, value, start: int, end: int, length: int):
     return value.narrow(dim, value.shape[dim] - length + start, end - start)
 
 
-def _reread(forward, name: str, handle, cache: CompressedCache, prompt_ids: torch.Tensor | None) -> None:
-    """A re-reading method's scores (its `repeat_task`, reconstruction.py): after the prompt's prefill, the prompt is
-    re-read chunk by chunk through the decoder's own forward over the cache, which keeps none of it; then the
-    cache is cut and its prefill finished."""
-    if prompt_ids is None:
-        raise ValueError(f"inputs_embeds: method {cache.method.name!r} re-reads the prompt's token ids; pass input_ids")
-    cache.reread = Reread(cache, cache.method.repeat_task, prompt_ids)
-    token = _CURRENT_STEP.set(_Step(handle, cache, continues=True))
-    try:
+class RereadAlongPrefill:
+    """A re-reading method's scores (its `repeat_task`, reconstruction.py), layer by layer along the prompt's
+    prefill: after each decoder layer has read the prompt (storing all of it), every chunk of the re-read goes
+    through that layer over the stored prompt (`Reread.attend`), then a global layer is scored and the global layers
+    so far cut (`Eviction.recut_reread`) before the next layer reads the prompt. So one layer at a time holds the
+    whole prompt, as in a one-shot prefill, and what is kept is what a re-read after the prefill would keep. The
+    chunks' hidden states wait between layers (about the prompt's size: one vector per token). What each layer
+    takes besides them (position embeddings, ...) comes from a forward of the decoder over each chunk whose layers
+    only record their inputs (`_layer_inputs`), so the decoder's own code computes it."""
+
+    def __init__(self, forward, name: str, layers: list[torch.nn.Module], cache: CompressedCache,
+                 prompt_ids: torch.Tensor | None):
+        if prompt_ids is None:
+            raise ValueError(f"inputs_embeds: method {cache.method.name!r} re-reads the prompt's token ids; pass "
+                             "input_ids")
+        self.cache, self.layers = cache, layers
+        self.reread = Reread(cache, cache.method.repeat_task, prompt_ids)
+        self.hidden: list[torch.Tensor] = []
+        self.calls: list[list[tuple[tuple, dict]]] = []  # per chunk, per layer: its arguments but the hidden states
         with torch.no_grad():
-            for ids, positions in cache.reread.chunks():
-                forward(input_ids=ids, position_ids=positions, use_cache=True, **{name: cache})
-        cache.reread.indicators(cache.window)
+            for chunk in self.reread.chunks:
+                hidden, calls = _layer_inputs(forward, name, layers, chunk.ids, chunk.positions)
+                for _, kwargs in calls:
+                    kwargs.update({name: cache, "attention_mask": None})  # the re-read attends by positions
+                    if "use_cache" in kwargs:
+                        kwargs["use_cache"] = True
+                self.hidden.append(hidden)
+                self.calls.append(calls)
+        self.running = False
+        self.hooks: list = []
+
+    def __enter__(self):
+        self.hooks = [layer.register_forward_hook(functools.partial(self._after_layer, i))
+                      for i, layer in enumerate(self.layers)]
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+        return False
+
+    def _after_layer(self, index: int, module, args, output) -> None:
+        if self.running:  # a chunk going through this layer
+            return
+        cache, reread = self.cache, self.reread
+        self.running, cache.reread = True, reread
+        try:
+            with torch.no_grad():
+                for i, chunk in enumerate(reread.chunks):
+                    reread.enter(chunk)
+                    call_args, kwargs = self.calls[i][index]
+                    self.hidden[i] = _hidden_states(module(self.hidden[i], *call_args, **kwargs))
+        finally:
+            self.running, cache.reread = False, None
+        layer = cache.layers[index]
+        if layer.sliding_window is None:
+            cache.eviction.recut_reread(cache, layer, reread.indicator(layer, cache.window), cache.compress_rows())
+        if index == len(self.layers) - 1:
+            self.hidden, self.calls = [], []
+
+
+def _hidden_states(output):
+    """A decoder layer's hidden states: its output, or the first item where it returns a tuple."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _layer_inputs(forward, name: str, layers: list[torch.nn.Module], ids: torch.Tensor, positions: torch.Tensor):
+    """The decoder's first layer's hidden states and every layer's other arguments (args, kwargs) for `ids` at
+    `positions`, from a forward of the decoder (no cache) whose layers record their inputs and pass the hidden
+    states on unchanged."""
+    calls: list = [None] * len(layers)
+    first: list[torch.Tensor] = []
+    saved = [layer.__dict__.get("forward", _MISSING) for layer in layers]
+
+    def recorder(i):
+        def record(hidden_states, *args, **kwargs):
+            if i == 0:
+                first.append(hidden_states)
+            calls[i] = (args, dict(kwargs))
+            return hidden_states
+        return record
+
+    try:
+        for i, layer in enumerate(layers):
+            layer.forward = recorder(i)
+        forward(input_ids=ids, position_ids=positions, use_cache=False, **{name: None})
     finally:
-        cache.reread = None
-        _CURRENT_STEP.reset(token)
-    cache.finish_reread()
+        for layer, original in zip(layers, saved):
+            if original is _MISSING:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = original
+    if not first or any(c is None for c in calls):
+        raise unsupported_release("the decoder's forward did not call each of its layers once with the hidden states")
+    return first[0], calls
 
 
 class Patch:
@@ -494,6 +581,7 @@ class Patch:
         self.original_impl = self.config._attn_implementation
         self.original_forward = self.decoder.__dict__.get("forward", _MISSING)
         self.modules = attention_modules(model)
+        self.layers = decoder_layers(model, self.modules)
         # A CUDA graph captures the work of one device's stream: a model that accelerate's device_map spreads over
         # several devices (or offloads to the CPU) decodes eagerly.
         self.graphs = len({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) <= 1
@@ -549,11 +637,14 @@ class Patch:
             if inputs is None:
                 inputs = arguments["inputs_embeds"]
             fresh = cache.is_fresh
+            reread = contextlib.nullcontext()
             if fresh:
                 _check_text_only(arguments)
                 if handle.prefill_chunk is not None and inputs.shape[1] > handle.prefill_chunk:
                     return self._chunked_prefill(forward, {**_flat(arguments), name: cache}, handle, cache)
                 cache.begin_prefill(arguments.get("attention_mask"), inputs.shape[0], inputs.shape[1], inputs.device)
+                if cache.rereads():
+                    reread = RereadAlongPrefill(forward, name, self.layers, cache, arguments.get("input_ids"))
             if name in kwargs or past_index >= len(args):
                 kwargs[name] = cache
             else:
@@ -561,7 +652,8 @@ class Patch:
             token = _CURRENT_STEP.set(_Step(handle, cache, continues=not fresh))
             try:
                 if fresh:
-                    out = forward(*args, **kwargs)
+                    with reread:
+                        out = forward(*args, **kwargs)
                 else:
                     q = inputs.shape[1]
                     _check_chunk_unpadded(arguments.get("attention_mask"), q)
@@ -581,8 +673,8 @@ class Patch:
                 _CURRENT_STEP.reset(token)
             if fresh and inputs.shape[1] > 0:
                 self._check_prefilled(cache)
-                if cache.reread_rows is not None:
-                    _reread(forward, name, handle, cache, arguments.get("input_ids"))
+                if isinstance(reread, RereadAlongPrefill):
+                    cache.finish_reread()
             return out
 
         return cakekv_forward

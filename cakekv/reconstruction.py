@@ -1,10 +1,11 @@
 """Context reconstruction (KVzip; docs/methods.md#kvzip): scores that do not depend on a question.
 
-After a prompt's prefill, which stores every entry, the model re-reads the prompt chunk by chunk after a repeat
-instruction, against the prompt's cache: one forward per chunk (`Reread.chunks`). In each layer the chunk attends
-over the stored prompt and over itself (`Reread.attend`), as a continuation would, but its own keys and values are
-never stored (the cache hands them back without keeping them), so the cache and its positions are the prompt's
-afterwards. In each global layer, every query of the chunk also scores the stored entries: its softmax over the
+Along a prompt's prefill, the model re-reads the prompt chunk by chunk after a repeat instruction (`Reread.chunks`),
+layer by layer: once a layer has read the prompt and stored every entry of it, every chunk goes through that layer
+(patch.py, `RereadAlongPrefill`), and the layer is scored and cut before the next layer reads the prompt. In each
+layer a chunk attends over the stored prompt and over itself (`Reread.attend`), as a continuation would, but its
+own keys and values are never stored (the cache hands them back without keeping them), so the cache and its
+positions are the prompt's afterwards. In each global layer, every query of the chunk also scores the stored entries: its softmax over the
 first `sinks` positions, the chunk's span of the prompt and the chunk itself, and each entry of the span keeps the
 largest probability it gets (over the chunk's queries and its KV head's query heads, the `attention_max` op).
 Memory is one chunk's, never an n x n or q x n matrix of all heads: an unpadded chunk of a global layer attends
@@ -47,10 +48,25 @@ class RepeatTask:
     lookback: int | None = None  # None: the whole stored prompt; k: the sinks, k positions before the span, the span
 
 
+@dataclasses.dataclass(frozen=True)
+class RereadChunk:
+    """One chunk of a re-read: its forward's `ids` and `positions` [B, q] (left-padded); `span_start`, `span_stop`:
+    the prompt positions it repeats (`span_end` [B]: where each row's span ends); `query_pos` [B, q] its positions,
+    -1 on padding; `unpadded`: no padding in the prompt nor in the chunk (its attention needs no mask)."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    span_start: int
+    span_stop: int
+    span_end: torch.Tensor
+    query_pos: torch.Tensor
+    unpadded: bool
+
+
 class Reread:
-    """One re-read of a prefilled prompt (`prompt_ids` [B, n], left-padded as prefilled): the chunks' inputs
-    (`chunks`), each chunk's attention in each layer (`attend`, which scores the global layers' stored entries),
-    and the scores as the layers' indicators (`indicators`)."""
+    """One re-read of a prompt being prefilled (`prompt_ids` [B, n], left-padded as prefilled): the chunks' inputs
+    (`chunks`), the attention of the chunk `enter`ed in a layer that stored the prompt (`attend`, which scores a
+    global layer's stored entries), and a layer's scores as its indicator (`indicator`)."""
 
     def __init__(self, cache, task: RepeatTask, prompt_ids: torch.Tensor):
         self.cache, self.task = cache, task
@@ -59,19 +75,17 @@ class Reread:
         self.rows = [ids[width - n:].tolist() for ids, n in zip(prompt_ids.cpu(), lengths)]
         self.pad = torch.tensor([width - n for n in lengths], device=prompt_ids.device)
         self.lengths = cache.prompt.lengths.to(prompt_ids.device)
-        # per global layer: the largest probability each slot got so far
-        self.scores = {layer.layer_idx: torch.zeros(layer.storage.pos.shape, dtype=torch.float32,
-                                                    device=layer.storage.pos.device)
-                       for layer in cache.global_layers}
+        self.scores: dict[int, torch.Tensor] = {}  # per global layer: the largest probability each slot got so far
         self.span_start = self.span_stop = 0  # the chunk's span: start, and end over the rows
         self.span_end: torch.Tensor | None = None  # [B] end of each row's span (start: no span)
         self.query_pos: torch.Tensor | None = None  # [B, q] the chunk's positions, -1 on padding
         self.width = width
         self.unpadded = False  # no padding in the prompt nor in the chunk: the attention needs no mask
+        self.chunks = list(self._plan())
 
-    def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(input_ids, position_ids) [B, q] of each chunk's forward, left-padded; each chunk's tokens take the
-        positions right after its row's prompt, as a continuation's would."""
+    def _plan(self) -> Iterator[RereadChunk]:
+        """Each chunk's forward inputs, left-padded; each chunk's tokens take the positions right after its row's
+        prompt, as a continuation's would."""
         task, device = self.task, self.pad.device
         for start in range(0, max(map(len, self.rows)), task.chunk_size):
             inputs, ends = [], []
@@ -89,10 +103,15 @@ class Reread:
             for b, (tokens, n) in enumerate(zip(inputs, self.cache.prompt.host_lengths)):
                 ids[b, q - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
                 query_pos[b, q - len(tokens):] = n + torch.arange(len(tokens))
-            self.span_start, self.span_stop, self.span_end = start, max(ends), torch.tensor(ends, device=device)
-            self.unpadded = all(len(tokens) == q for tokens in inputs) and self.width == min(map(len, self.rows))
-            self.query_pos = query_pos.to(device)
-            yield ids.to(device), self.query_pos.clamp(min=0)
+            unpadded = all(len(tokens) == q for tokens in inputs) and self.width == min(map(len, self.rows))
+            query_pos = query_pos.to(device)
+            yield RereadChunk(ids.to(device), query_pos.clamp(min=0), start, max(ends),
+                              torch.tensor(ends, device=device), query_pos, unpadded)
+
+    def enter(self, chunk: RereadChunk) -> None:
+        """Make `chunk` the one whose queries `attend` and `_score` take."""
+        self.span_start, self.span_stop, self.span_end = chunk.span_start, chunk.span_stop, chunk.span_end
+        self.query_pos, self.unpadded = chunk.query_pos, chunk.unpadded
 
     def attend(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
                softcap: float | None) -> torch.Tensor:
@@ -118,7 +137,7 @@ class Reread:
             tile = max(1, _QUERY_TILE_ELEMENTS // (query.shape[0] * query.shape[1] * keys.shape[2]))
             out = torch.cat([self._attend_tile(layer, query[:, :, start:start + tile], keys, values, sub_pos,
                                                start, scale, softcap) for start in range(0, query.shape[2], tile)], 1)
-        if layer.layer_idx in self.scores:
+        if layer.sliding_window is None:  # a global layer: scored
             self._score(layer, query, key, scale, softcap)
         return out
 
@@ -169,16 +188,17 @@ class Reread:
         span_pos = sub_pos[:, :, s:]  # [B, 1, c]
         span_probs = torch.where(span_pos >= 0, probs[..., s:s + task.chunk_size], 0.0)
         span_slots = (self.pad[:, None, None] + span_pos).clamp(0, stored.keys.shape[2] - 1).expand(b, hkv, -1)
+        if layer.layer_idx not in self.scores:
+            self.scores[layer.layer_idx] = torch.zeros(stored.pos.shape, dtype=torch.float32, device=stored.pos.device)
         self.scores[layer.layer_idx].scatter_reduce_(-1, span_slots, span_probs, "amax")
 
-    def indicators(self, window: int) -> None:
-        """Each global layer's indicator from its scores: -inf on non-candidates (padding and the last `window`
-        positions), SINK_SCORE on the sinks, so the cut keeps them first."""
-        for layer in self.cache.global_layers:
-            pos = layer.storage.pos
-            window_start = (layer.next_pos - window).clamp(min=0)[:, None, None]
-            score = torch.where(pos < self.task.sinks, SINK_SCORE, self.scores.pop(layer.layer_idx))
-            layer.indicator = torch.where((pos >= 0) & (pos < window_start), score, float("-inf"))
+    def indicator(self, layer, window: int) -> torch.Tensor:
+        """Global `layer`'s indicator from its scores, once every chunk has read it: -inf on non-candidates
+        (padding and the last `window` positions), SINK_SCORE on the sinks, so the cut keeps them first."""
+        pos = layer.storage.pos
+        window_start = (layer.next_pos - window).clamp(min=0)[:, None, None]
+        score = torch.where(pos < self.task.sinks, SINK_SCORE, self.scores.pop(layer.layer_idx))
+        return torch.where((pos >= 0) & (pos < window_start), score, float("-inf"))
 
 
 def repeat_prompt(tokenizer) -> dict[str, tuple[int, ...]]:

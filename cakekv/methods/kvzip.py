@@ -2,8 +2,9 @@
 snu-mllab/KVzip, `ModelKVzip.scoring` and `KVScore`; also kvpress's `KVzipPress`): keeps the entries the model needs
 to reconstruct the context, so that whatever is asked later finds them.
 
-After the prompt's prefill (which keeps every entry), the model re-reads the prompt, chunk by chunk, after a repeat
-instruction and against the prompt's cache (cakekv/reconstruction.py). In each global layer every query of a chunk
+The model re-reads the prompt, chunk by chunk, after a repeat instruction and against the prompt's cache
+(cakekv/reconstruction.py), layer by layer along the prefill: each layer holds every entry until the chunks have
+gone through it and it is cut. In each global layer every query of a chunk
 attends, for the score, to the first `sinks` positions, the chunk's span of the prompt and the chunk itself (the
 softmax over that subset, as both official codes compute it); a stored entry's score is the largest probability
 it gets (over the chunk's queries and its KV head's query heads). The sinks are always kept. Budgets: one top-k over
@@ -27,7 +28,10 @@ Deliberate deviations from the official code:
   cannot tell from the context; kvpress: the first 4 tokens, while the chat template's other prefix tokens score
   0 there);
 * scores in fp32 (official: the softmax in the model's dtype);
-* a batch with left padding: each row re-reads its own positions (official: one row).
+* a batch with left padding: each row re-reads its own positions (official: one row);
+* the re-read runs layer by layer along the prefill, the global ranking cutting the layers seen so far as a
+  cascade (the official code prefills, then re-reads chunk by chunk through every layer): the same scores and the
+  same kept entries, with one layer at a time holding the whole prompt instead of all of them.
 There is no official mode: the official code's departures from the paper are those quirks."""
 from __future__ import annotations
 

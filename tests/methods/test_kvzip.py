@@ -112,6 +112,36 @@ def test_continuation_sees_only_the_kept_context_at_its_positions(family):
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("method,options", [("kvzip", {}), ("kvzip", {"ranking": "layer"}),
+                                            ("spanzip", {}), ("spanzip", {"ranking": "cake"})])
+def test_one_layer_at_a_time_holds_the_whole_prompt(model, monkeypatch, method, options):
+    """The re-read goes layer by layer along the prefill: when a layer has read the prompt, the layers before it
+    hold no more than the budget of all layers (kvzip's global ranking cuts them as a cascade, its per-layer
+    budgets cut each once), except where the budgets wait for the last layer (spanzip's CAKE ranking); what is
+    kept is the reference's either way (test_matches_the_reference)."""
+    from cakekv.patch import RereadAlongPrefill
+    n, held = 300, []
+    real = RereadAlongPrefill._after_layer
+
+    def spy(self, index, module, args, output):
+        if not self.running:  # the prompt has just gone through layer `index`
+            layers = self.cache.layers
+            held.append([int((layers[j].storage.pos >= 0).sum()) for j in range(index + 1)])
+        return real(self, index, module, args, output)
+
+    monkeypatch.setattr(RereadAlongPrefill, "_after_layer", spy)
+    out, _ = prefill(model, prompt(n, seed=11), method, **options, **OPTIONS)
+    layers, hkv = cache_of(out).layers, model.config.num_key_value_heads
+    total = BUDGET * len(layers) * hkv
+    assert len(held) == len(layers) and all(counts[-1] == n * hkv for counts in held)  # the layer just read
+    before = [sum(counts[:-1]) for counts in held]
+    if options.get("ranking") == "cake":
+        assert before == [i * n * hkv for i in range(len(layers))]
+    else:
+        assert max(before) <= total < n * hkv * (len(layers) - 1)
+    assert sum(int((layer.storage.pos >= 0).sum()) for layer in layers) <= total
+
+
 def test_the_prefill_output_is_the_uncompressed_models(model):
     ids = prompt(120, seed=2)
     with torch.no_grad():
