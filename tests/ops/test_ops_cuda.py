@@ -299,3 +299,7 @@ def test_attention_max_matches_cpu(monkeypatch, dtype, simt, B, H, Hkv, Q, N, D)
         _assert_close_scaled(got, want, dtype, f"attention_max softcap={softcap}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_attention_max_opcheck(dtype):
+    q, k, q_pos, k_pos = _reread_inputs(2, 8, 2, 40, 100, 64, dtype)
+    torch.library.opcheck(ops.attention_max.default, (q.cuda(), k.cuda(), q_pos.cuda(), k_pos.cuda(), 0.125))
