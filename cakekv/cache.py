@@ -162,13 +162,26 @@ class CompressedLayer(CacheLayerMixin):
         next query can attend to (the method does not compress it)."""
         kept = self.storage
         size = kept.pos.shape[-1]
-        keep = min(size, self.sliding_window - 1)
+        keep = min(size, self.sliding_window - 1 + self.cache.probes * self.cache.more_chunks)  # probes leave
         if keep < size:  # copies, so that the prompt's storage is released
             self.storage = PaddedStorage(kept.keys[:, :, size - keep:].clone(), kept.values[:, :, size - keep:].clone(),
                                          kept.pos[:, :, size - keep:].clone())
         self.query_pos = None
         self.head_counts = [[min(c, keep) for c in row] for row in self.head_counts]
         self.head_prefix = [[max(c - self.cache.window, 0) for c in row] for row in self.head_counts]
+
+    def drop_window_probes(self, probes: int) -> None:
+        """End of a chunk that a chunked prefill's probes scored: the last `probes` slots of every head (the window
+        after `keep_top` or `hold_window`) leave, and the layer continues from the chunk's end."""
+        if probes == 0:
+            return
+        held = self.storage
+        self.storage = PaddedStorage(held.keys[:, :, :-probes], held.values[:, :, :-probes], held.pos[:, :, :-probes])
+        self.next_pos = self.next_pos - probes
+        self.seen -= probes
+        self.head_counts = [[c - probes for c in row] for row in self.head_counts]
+        self.head_prefix = [[min(p, c) for p, c in zip(ps, cs)] for ps, cs in zip(self.head_prefix, self.head_counts)]
+        self.query_pos = None
 
     def keep_top(self, prefix_budgets):
         """Keep, per row, the `prefix_budgets[b]` candidates with the highest indicator plus the window
@@ -383,6 +396,7 @@ class CompressedCache(Cache):
         self.eviction = Eviction(method, window)
         self.prompt: PromptInfo | None = None
         self.more_chunks = False  # a chunked prefill has chunks after the one in progress
+        self.probes = 0  # the chunk in progress ends with that many tokens of the prompt's end (chunked prefill)
         self.step_graph = None  # the captured decode step (step_graph.StepGraph), on CUDA
         self.step_tokens: int | None = None  # tokens of the step prepared by `prepare_step` (None: no step)
         self.reread = None  # the re-read in progress (reconstruction.Reread)
@@ -397,16 +411,19 @@ class CompressedCache(Cache):
     def is_fresh(self) -> bool:
         return not self.layers[0].is_initialized
 
-    def begin_prefill(self, attention_mask, batch: int, length: int, device, more_chunks: bool = False):
+    def begin_prefill(self, attention_mask, batch: int, length: int, device, more_chunks: bool = False,
+                      probes: int = 0):
         """The prompt, or the first chunk of a chunked prefill (`more_chunks`: the cut prefill is continued by
-        `begin_chunk` instead of finished)."""
+        `begin_chunk` instead of finished). `probes`: a chunk followed by more ends with that many tokens of the
+        prompt's end (the window that scores it), dropped once it is cut (`_end_chunk`)."""
         self.prompt = PromptInfo(attention_mask, batch, length, device)
         self.more_chunks = more_chunks
+        self.probes = probes
 
     def begin_chunk(self, q: int, more_chunks: bool) -> None:
-        """A later chunk of a chunked prefill, `q` real tokens in every row: each layer stores it after its cut
-        entries (`CompressedLayer._store_chunk`), the chunk attends over both, and the layers are scored and cut
-        again by `after_prefill`, as for a prompt."""
+        """A later chunk of a chunked prefill, `q` real tokens in every row (its probes included when more chunks
+        follow): each layer stores it after its cut entries (`CompressedLayer._store_chunk`), the chunk attends over
+        both, and the layers are scored and cut again by `after_prefill`, as for a prompt."""
         self.prompt.extend(q)
         self.more_chunks = more_chunks
         for layer in self.layers:
@@ -475,10 +492,13 @@ class CompressedCache(Cache):
         return method.repeat_task is not None and method.compresses and any(self.compress_rows())
 
     def _end_chunk(self) -> None:
-        """After a chunk of a chunked prefill that is not the last: the layers stay in the padded storage, as cut,
-        for the next chunk; their scores and the layer preferences are recomputed by it."""
+        """After a chunk of a chunked prefill that is not the last: the probes are dropped (the window, last in every
+        layer after its cut) and the layers stay in the padded storage, as cut, for the next chunk; their scores and
+        the layer preferences are recomputed by it."""
         for layer in self.layers:
+            layer.drop_window_probes(self.probes)
             layer.indicator = None
+        self.prompt.extend(-self.probes)
         self.eviction.reset()
 
     def finish_reread(self) -> None:

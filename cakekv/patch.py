@@ -472,6 +472,28 @@ def _chunk_argument(key: str, value, start: int, end: int, length: int):
     return value.narrow(dim, value.shape[dim] - length + start, end - start)
 
 
+def _with_probes(part: dict, arguments: dict, start: int, end: int, length: int, probes: int, device) -> dict:
+    """The forward arguments of columns [start, end) of a prompt of `length` columns (`part`), followed by the
+    prompt's last `probes` tokens at their own positions: the question's tokens, whose queries score the chunk
+    (docs/cache.md, "Chunked prefill"). Positions: the given `position_ids`' columns, or the columns themselves
+    (what the decoder would number them in one forward); `cache_position`, the cache's index, runs on."""
+    if "position_ids" not in part or part["position_ids"] is None:
+        columns = torch.cat([torch.arange(start, end), torch.arange(length - probes, length)]).to(device)
+        part = {**part, "position_ids": columns[None]}
+        arguments = {key: value for key, value in arguments.items() if key != "position_ids"}
+    joined = {}
+    for key, value in part.items():
+        if key not in _SEQUENCE_ARGUMENTS or not isinstance(value, torch.Tensor) or key not in arguments \
+                or arguments[key] is None:
+            joined[key] = value
+        elif key == "cache_position":
+            joined[key] = torch.cat([value, value[-1] + 1 + torch.arange(probes, device=value.device)])
+        else:
+            tail = _chunk_argument(key, arguments[key], length - probes, length, length)
+            joined[key] = torch.cat([value, tail], 1 if key == "inputs_embeds" else value.dim() - 1)
+    return joined
+
+
 class RereadAlongPrefill:
     """A re-reading method's scores (its `repeat_task`, reconstruction.py), layer by layer along the prompt's
     prefill: after each decoder layer has read the prompt (storing all of it), every chunk of the re-read goes
@@ -700,13 +722,17 @@ class Patch:
         inputs = arguments["input_ids"] if arguments.get("input_ids") is not None else arguments["inputs_embeds"]
         length = inputs.shape[1]
         chunks = prefill_chunks(length, handle.prefill_chunk, arguments.get("attention_mask"))
+        probes = cache.window if len(chunks) > 1 else 0
         for i, (start, end) in enumerate(chunks):
             part = {key: _chunk_argument(key, value, start, end, length) for key, value in arguments.items()}
             more = i < len(chunks) - 1
+            if more:
+                part = _with_probes(part, arguments, start, end, length, probes, inputs.device)
+            q = end - start + (probes if more else 0)
             if i == 0:
-                cache.begin_prefill(part.get("attention_mask"), inputs.shape[0], end - start, inputs.device, more)
+                cache.begin_prefill(part.get("attention_mask"), inputs.shape[0], q, inputs.device, more, probes)
             else:
-                cache.begin_chunk(end - start, more)
+                cache.begin_chunk(q, more)
             token = _CURRENT_STEP.set(_Step(handle, cache, continues=i > 0))
             try:
                 out = forward(**part)

@@ -171,22 +171,50 @@ def test_a_left_padded_batch_is_each_row_with_its_evicted_entries_hidden(llama, 
 @pytest.mark.parametrize("method", CHUNKED_METHODS)
 @pytest.mark.parametrize("length", [400, 800])
 def test_memory_is_the_budget_plus_one_chunk(llama, record, method, length):
-    """While a chunk is read, each layer holds at most what the previous chunk left it plus the chunk; each chunk
-    ends within the budget (per KV head on average, over the layers); a layer whose heads keep as many holds no more
-    slots than that: the peak does not grow with the prompt."""
+    """While a chunk is read, each layer holds at most what the previous chunk left it plus the chunk and its probes
+    (the prompt's last `window` tokens); each chunk ends within the budget (per KV head on average, over the
+    layers); a layer whose heads keep as many holds no more slots than that: the peak does not grow with the
+    prompt."""
     with cakekv.compress(llama, method, budget=BUDGET, window=WINDOW, prefill_chunk=CHUNK), torch.no_grad():
         llama(input_ids=prompt(length, seed=6), use_cache=True)
     layers = llama.config.num_hidden_layers
     before = [prefill_chunks(length, CHUNK, None)[0][1]] * layers  # the first chunk: at most its own tokens
     for chunk in record:
         for slots in chunk.slots:
-            assert all(s <= b + CHUNK for s, b in zip(slots, before)), (slots, before)
+            assert all(s <= b + CHUNK + WINDOW for s, b in zip(slots, before)), (slots, before)
             if method in UNIFORM_HEADS:
-                assert sum(slots) <= layers * (BUDGET + CHUNK)
+                assert sum(slots) <= layers * (BUDGET + CHUNK + WINDOW)
         kept = sum((pos[0] >= 0).sum().item() / pos.shape[1] for pos in chunk.end)
         if method != "full":
             assert kept <= layers * BUDGET
         before = [pos.shape[-1] for pos in chunk.end]
+
+
+@pytest.mark.parametrize("method", ["cake", "spancake", "snapkv", "adakv"])
+def test_each_chunk_is_scored_by_the_prompts_last_tokens(llama, record, method):
+    """A chunk followed by more is read with the prompt's last `window` tokens after it, at their own positions (the
+    probes): it keeps what a one-shot prefill of the chunk then those tokens keeps, and the probes leave the cache."""
+    n, size = 200, 120
+    ids = prompt(n, seed=12)
+    (start, end), _ = prefill_chunks(n, size, None)
+    assert end - start > BUDGET  # the first chunk is cut
+
+    def kept(pos):  # per KV head: the chunk's positions held
+        return [sorted(p for p in head if 0 <= p < end) for head in pos[0].tolist()]
+
+    with cakekv.compress(llama, method, budget=BUDGET, window=WINDOW, prefill_chunk=size), torch.no_grad():
+        llama(input_ids=ids, use_cache=True)
+    chunked = record[0].end
+    assert all(int(pos.max()) == end + WINDOW - 1 for pos in record[0].attended.values())  # read with the probes
+    assert all(int(pos.max()) < end for pos in chunked)  # which then left
+    record.clear()
+    probed = torch.cat([ids[:, start:end], ids[:, n - WINDOW:]], 1)
+    positions = torch.cat([torch.arange(start, end), torch.arange(n - WINDOW, n)])[None]
+    with cakekv.compress(llama, method, budget=BUDGET, window=WINDOW), torch.no_grad():
+        llama(input_ids=probed, position_ids=positions, use_cache=True)
+    assert [kept(pos) for pos in chunked] == [kept(pos) for pos in record[0].end]
+    heads = sum(len(kept(pos)) for pos in chunked)
+    assert sum(len(head) for pos in chunked for head in kept(pos)) <= heads * (BUDGET - WINDOW)  # no window held
 
 
 def test_inputs_embeds_are_cut_as_input_ids(llama):
