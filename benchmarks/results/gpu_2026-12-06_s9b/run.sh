@@ -2,7 +2,8 @@
 # The session's second GPU call: the fused attention_max CUDA kernel restored (csrc/cuda/attention_max.cu, with
 # window_stats on the shared tiles of attention_tiles.cuh); if its op tests fail, window_stats goes back to the
 # kernel verified before (window_stats_verified.cu here) and the library is rebuilt. Then the whole suite, the
-# re-read's cost at 32K / 128K, and the context-only needle grid for the time left. Results under $OUT.
+# chunked prefill against one-shot at 8K (probes), the re-read's cost at 32K / 128K, and the context-only needle grid
+# for the time left. Results under $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 DEADLINE=${DEADLINE:-540}
@@ -27,6 +28,10 @@ fi
 OMP_NUM_THREADS=2 timeout "$(left 170)" python3 -m pytest -q -n 8 -p no:cacheprovider --durations=10 tests 2>&1 \
   | tee "$OUT/gpu_suite.log" | tail -3
 echo "suite done at ${SECONDS}s"
+TIMEOUT=$(( $(left 75) - 10 )) BUDGET_GROUPS="256 1024" SYNTHETIC_ARGS="--lengths 8192 --samples 4 --batch-size 20" \
+  bash experiments/run_chunked_grid.sh /tmp/chunked_grid 16 > "$OUT/chunked_grid.log" 2>&1
+tail -2 "$OUT/chunked_grid.log"; tar czf "$OUT/chunked_grid.tgz" -C /tmp chunked_grid
+echo "chunked grid done at ${SECONDS}s"
 timeout "$(left 150)" python3 benchmarks/bench_generate.py --contexts 32768 131072 --budgets 1024 --new-tokens 8 \
   --no-static-baseline --no-hf-baseline --methods cake kvzip kvzip:reread=span --out "$OUT/reread_cost" 2>&1 \
   | tee "$OUT/reread_cost.log" | grep "^|" | tail -6
