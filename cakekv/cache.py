@@ -30,7 +30,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from . import _ops
 from .eviction import Eviction
 from .methods.base import Method
-from .storage import PaddedStorage, RaggedStorage, cloned
+from .storage import PaddedStorage, RaggedStorage, cloned, trailing_causal_attention
 
 _GROW_MIN, _GROW_MAX = 16, 256  # spare slots a full layer without a cap gets: 1/8 of its size, clamped
 
@@ -274,6 +274,16 @@ class CompressedLayer(CacheLayerMixin):
             _, self.step_weights = self.storage.attend_with_weights(query[:, :, -ranked:], self.query_pos[:, -ranked:],
                                                                     scale, softcap)
         return self.storage.attend(query, self.query_pos, scale, softcap, self.sliding_window)
+
+    def attend_chunk(self, query: torch.Tensor, scale: float, softcap: float | None = None) -> torch.Tensor:
+        """Attention [B, q, H, D] of a later chunk of a chunked prefill over what the layer kept and the chunk itself
+        (stored last by `_store_chunk`). Every kept entry precedes the chunk, so where every head of every row holds
+        as many entries (no empty slot) and there is neither a sliding window nor soft-capping, that is SDPA's
+        lower-right causal bias, without a mask (flash attention on the GPU); otherwise `attend`'s masked one."""
+        width = self.storage.pos.shape[-1]
+        if self.sliding_window is None and softcap is None and all(c == width for row in self.head_counts for c in row):
+            return trailing_causal_attention(query, self.keys, self.values, scale)
+        return self.attend(query, scale, softcap)
 
     def ranking_queries(self, q: int) -> int:
         """How many of a step's last queries rank its eviction: all of a decode step or a short chunk, the last

@@ -161,7 +161,7 @@ def _make_attention(backend: str):
         if layer.prefilling:
             _check_layers_before(cache, module.layer_idx)
             if step.continues:  # a later chunk of a chunked prefill: over the cut cache and itself, by positions
-                out = layer.attend(query, scale, kwargs.get("softcap")), None
+                out = layer.attend_chunk(query, scale, kwargs.get("softcap")), None
             else:  # the prompt attends over its full K/V with the model's own kernel and mask
                 _check_attention_call(module, query, key, value, layer, kwargs)
                 out = call(original, module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,

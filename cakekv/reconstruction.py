@@ -19,11 +19,8 @@ from typing import Iterator
 
 import torch
 
-import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
-
 from ._ops import attention_max
-from .storage import masked_attention, visible_entries
+from .storage import masked_attention, trailing_causal_attention, visible_entries
 
 SINK_SCORE = 2.0  # above any attention probability: the sinks are kept first
 # elements of one query tile's visibility mask (and soft-capped logits) in a masked re-read: 64M, 256 MiB in fp32
@@ -129,10 +126,7 @@ class Reread:
             sub_keys, sub_values, sub_pos = stored.keys, stored.values, stored.pos[:, :1]
         keys, values = torch.cat([sub_keys, key], 2), torch.cat([sub_values, value], 2)
         if self.unpadded and layer.sliding_window is None and softcap is None:
-            # every query sees every entry given and the chunk up to itself: lower-right causal, no mask
-            out = F.scaled_dot_product_attention(query, keys, values, scale=scale, enable_gqa=True,
-                                                 attn_mask=causal_lower_right(query.shape[2], keys.shape[2]))
-            out = out.transpose(1, 2).contiguous()
+            out = trailing_causal_attention(query, keys, values, scale)  # every entry given, the chunk causally
         else:
             tile = max(1, _QUERY_TILE_ELEMENTS // (query.shape[0] * query.shape[1] * keys.shape[2]))
             out = torch.cat([self._attend_tile(layer, query[:, :, start:start + tile], keys, values, sub_pos,
@@ -142,21 +136,16 @@ class Reread:
         return out
 
     def _attend_tile(self, layer, query, keys, values, stored_pos, start, scale, softcap):
-        """`attend` for the chunk's queries start.. (query [B, H, t, D]) with a visibility mask: the query heads of
-        a KV head are folded into its rows, so that the mask is built once per row ([B, 1, G * t, m + q], no
-        copy per head) and SDPA needs no GQA (which would take its math kernel with a mask). `stored_pos`
-        [B, 1, m]: the positions of the stored entries in `keys` (-1: none)."""
+        """`attend` for the chunk's queries start.. (query [B, H, t, D]) with a visibility mask, one per row
+        ([B, 1, t, m + q]: the same for every KV head). `stored_pos` [B, 1, m]: the positions of the stored entries
+        in `keys` (-1: none)."""
         query_pos = self.query_pos
-        b, h, t, d = query.shape
-        hkv = keys.shape[1]
+        t = query.shape[2]
         tile_pos = query_pos[:, start:start + t]
         own = visible_entries(query_pos[:, None], tile_pos, layer.sliding_window)
         own |= torch.arange(query_pos.shape[1], device=own.device) == start + torch.arange(t, device=own.device)[:, None]
         visible = torch.cat([visible_entries(stored_pos, tile_pos, layer.sliding_window), own], -1)
-        rows = query.reshape(b, hkv, h // hkv * t, d)
-        mask = visible.expand(b, h // hkv, t, -1).reshape(b, 1, h // hkv * t, -1)
-        out = masked_attention(rows, keys, values, mask, scale, softcap)  # [B, G * t, Hkv, D]
-        return out.view(b, h // hkv, t, hkv, d).permute(0, 2, 3, 1, 4).reshape(b, t, h, d)
+        return masked_attention(query, keys, values, visible, scale, softcap)
 
     def _sinks(self, first: int) -> torch.Tensor:
         """[B, min(sinks, first)] the sink positions below `first` (the others are in the part that follows

@@ -23,6 +23,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from . import _ops
 
@@ -59,30 +60,39 @@ def visible_entries(pos: torch.Tensor, query_pos: torch.Tensor, sliding_window: 
 _MASK_ELEMENTS = 1 << 28  # visibility-mask elements one padded attention call holds (256 MiB of bool)
 
 
-def masked_attention(query, keys, values, visible, scale, softcap=None):
-    """Attention [B, q, H, D] of the current queries over padded storage with a per-KV-head visibility mask
-    [B, Hkv, q, M]; with `softcap`, the logits are soft-capped first (Gemma 2)."""
-    b, hkv, q, m = visible.shape
-    groups = query.shape[1] // hkv
-    # expand + reshape, not repeat_interleave (which reads its output size back from the device)
-    mask = visible[:, :, None].expand(b, hkv, groups, q, m).reshape(b, hkv * groups, q, m)
-    if softcap is None:
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
-    else:
-        out = softcapped_attention(query, keys, values, mask, scale, softcap)
+def trailing_causal_attention(query, keys, values, scale) -> torch.Tensor:
+    """Attention [B, q, H, D] of the last q of `keys` (their queries `query` [B, H, q, D]) over every key before them
+    and themselves causally: SDPA's lower-right causal bias, no mask (flash attention on the GPU), GQA by SDPA."""
+    out = F.scaled_dot_product_attention(query, keys, values, scale=scale, enable_gqa=True,
+                                         attn_mask=causal_lower_right(query.shape[2], keys.shape[2]))
     return out.transpose(1, 2).contiguous()
 
 
-def softcapped_attention(query, keys, values, mask, scale, softcap):
+def masked_attention(query, keys, values, visible, scale, softcap=None):
+    """Attention [B, q, H, D] of queries [B, H, q, D] over keys and values [B, Hkv, M, D] with a visibility mask
+    [B, Hkv, q, M] (or [B, 1, q, M]: the same for every KV head); with `softcap`, the logits are soft-capped first
+    (Gemma 2). The query heads of a KV head are folded into its rows ([B, Hkv, G * q, D]), so that SDPA needs no GQA
+    (with a mask and GQA it takes its math kernel, which holds every head's logits)."""
+    b, h, q, d = query.shape
+    hkv, m = keys.shape[1], keys.shape[2]
+    groups = h // hkv
+    rows = query.reshape(b, hkv, groups * q, d)
+    # expand + reshape, not repeat_interleave (which reads its output size back from the device)
+    mask = visible[:, :, None].expand(b, visible.shape[1], groups, q, m).reshape(b, visible.shape[1], groups * q, m)
+    if softcap is None:
+        out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask, scale=scale)
+    else:
+        out = softcapped_attention(rows, keys, values, mask, scale, softcap)
+    return out.view(b, hkv, groups, q, -1).permute(0, 3, 1, 2, 4).reshape(b, q, h, -1)
+
+
+def softcapped_attention(rows, keys, values, mask, scale, softcap):
     """Attention with logit soft-capping in the order of transformers' eager kernel: logits = softcap *
-    tanh(scale * q.k / softcap), masked, softmax in fp32 cast back to the query dtype, times the values."""
-    b, hkv, m, d = keys.shape
-    groups = query.shape[1] // hkv
-    keys = keys[:, :, None].expand(b, hkv, groups, m, d).reshape(b, hkv * groups, m, d)
-    values = values[:, :, None].expand(b, hkv, groups, m, values.shape[-1]).reshape(b, hkv * groups, m, -1)
-    logits = soft_capped(torch.matmul(query, keys.transpose(2, 3)) * scale, softcap)
+    tanh(scale * q.k / softcap), masked, softmax in fp32 cast back to the query dtype, times the values (`rows`
+    [B, Hkv, r, D]: a KV head's queries)."""
+    logits = soft_capped(torch.matmul(rows, keys.transpose(2, 3)) * scale, softcap)
     logits = logits.masked_fill(~mask, float("-inf"))  # every query sees itself: no row is fully masked
-    weights = F.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.softmax(logits, dim=-1, dtype=torch.float32).to(rows.dtype)
     return torch.matmul(weights, values)
 
 
