@@ -100,8 +100,32 @@ def attention_max(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: 
                   softcap: float | None = None) -> torch.Tensor:
     """[B, Hkv, N] fp32: each key's largest softmax probability over the real queries (q_pos >= 0) of its KV
     head's query heads, each query's softmax over the keys it sees (0 <= k_pos <= q_pos); with ``softcap``, of
-    the soft-capped logits. KVzip's scores, streamed: no [Q, N] block."""
+    the soft-capped logits. KVzip's scores, streamed: no [Q, N] block. On CUDA the library runs the same math in
+    PyTorch, a block of queries at a time (`_attention_max_blocks`), until a GPU run has verified the op's fused
+    CUDA kernel (built, and tested by tests/ops on a GPU); the CPU kernel is the op's."""
+    if q.device.type == "cuda":
+        return _attention_max_blocks(q, k, q_pos, k_pos, float(scale), float(softcap or 0.0))
     return _ops.attention_max(q, k, q_pos, k_pos, float(scale), float(softcap or 0.0))
+
+
+def _attention_max_blocks(q, k, q_pos, k_pos, scale: float, softcap: float, block: int = 256) -> torch.Tensor:
+    """attention_max in fp32 PyTorch, `block` queries at a time ([B, H, block, N] logits at most)."""
+    b, h, n_q, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    keys = k.float()[:, :, None].transpose(-1, -2)               # [B, Hkv, 1, D, N]
+    best = torch.zeros(b, hkv, n, dtype=torch.float32, device=q.device)
+    for start in range(0, n_q, block):
+        rows = q[:, :, start:start + block].float().view(b, hkv, h // hkv, -1, d)
+        logits = torch.matmul(rows * scale, keys)                   # [B, Hkv, G, t, N]
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        key_pos = k_pos[:, :, None, None, :]
+        seen = (key_pos >= 0) & (key_pos <= q_pos[:, None, None, start:start + block, None])
+        logits = logits.masked_fill(~seen, float("-inf"))
+        norm = logits.logsumexp(-1, keepdim=True)
+        probs = (logits - norm.masked_fill(norm.isinf(), float("inf"))).exp()  # a query seeing nothing: zeros
+        best = torch.maximum(best, probs.amax((2, 3)))
+    return best
 
 
 def allocate_budgets(scores: torch.Tensor, caps: torch.Tensor, total: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,8 @@
-// Tiled attention logits on the GPU, shared by the CUDA kernels of window_stats and attention_max: the [Q, N]
-// attention block is never stored; a block recomputes the logits of its rows against one 64-key tile at a time
-// in shared memory.
+// Tiled attention logits on the GPU for the CUDA kernel of attention_max: the [Q, N] attention block is never
+// stored; a block recomputes the logits of its rows against one 64-key tile at a time in shared memory. The same
+// tiles as window_stats.cu's, written to be shared by both: window_stats moves onto them (and the library's
+// attention_max onto its kernel) once a GPU run has verified this file; until then window_stats keeps the copy a
+// GPU run verified.
 //
 // Rows: the G*Q queries that read one kv head (G = H / Hkv) form its "rows"; row r is query i = r % Q of
 // head g = r / Q, and since H = Hkv * G the rows of kv head bg = b * Hkv + kvh are contiguous in q viewed
