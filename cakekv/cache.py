@@ -136,7 +136,7 @@ class CompressedLayer(CacheLayerMixin):
         self.query_pos = pos[:, 0, :]
         self.next_pos = prompt.lengths.to(keys.device).clone()
         self.head_counts = [[c] * h for c in prompt.host_lengths]
-        self.head_prefix = [[max(c - self.cache.window, 0)] * h for c in prompt.host_lengths]
+        self.head_prefix = [[max(c - self.cache.held_window, 0)] * h for c in prompt.host_lengths]
         self.head_budgets = [None] * b
         self.seen = n
         self.prefilling = True
@@ -153,7 +153,7 @@ class CompressedLayer(CacheLayerMixin):
         self.storage = PaddedStorage(torch.cat([held.keys, keys], 2), torch.cat([held.values, values], 2), pos)
         self.next_pos = self.next_pos + q
         self.head_counts = [[c + q for c in row] for row in self.head_counts]
-        self.head_prefix = [[c - self.cache.window for c in row] for row in self.head_counts]
+        self.head_prefix = [[c - self.cache.held_window for c in row] for row in self.head_counts]
         self.seen += q
         return self.keys, self.values
 
@@ -184,8 +184,8 @@ class CompressedLayer(CacheLayerMixin):
         self.query_pos = None
 
     def keep_top(self, prefix_budgets):
-        """Keep, per row, the `prefix_budgets[b]` candidates with the highest indicator plus the window
-        (the last `window` slots). A row's budget is an int (every head) or a list of per-head ints.
+        """Keep, per row, the `prefix_budgets[b]` candidates with the highest indicator plus the window (the last
+        `CompressedCache.held_window` slots). A row's budget is an int (every head) or a list of per-head ints.
         Nested: a budget above what a head holds keeps what it holds."""
         pos = self.storage.pos
         heads = pos.shape[1]
@@ -196,7 +196,7 @@ class CompressedLayer(CacheLayerMixin):
         if new == self.head_prefix:
             return
         b, h, size = pos.shape
-        window = min(self.cache.window, size)
+        window = min(self.cache.held_window, size)
         kmax = max(max(row) for row in new)
         device = pos.device
         # Stable sort: ties (common after max pooling) go to the earlier position, so a row's choice
@@ -416,6 +416,13 @@ class CompressedCache(Cache):
         """The layers the method scores, budgets and compresses: those without a sliding window (a sliding
         layer holds its window, see `CompressedLayer.hold_window`)."""
         return [layer for layer in self.layers if layer.sliding_window is None]
+
+    @property
+    def held_window(self) -> int:
+        """The last slots of every layer that a cut keeps and does not rank: the window; in a chunk followed by more,
+        its probes and before them the chunk's own last `window` tokens, ranked by the next chunk, where the tokens
+        after them are (a fact cut in two by a chunk's end keeps both halves)."""
+        return self.window + (self.probes if self.more_chunks else 0)
 
     @property
     def is_fresh(self) -> bool:

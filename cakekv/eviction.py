@@ -40,7 +40,7 @@ class Eviction:
         The method sees the global layers only, numbered in order (its budgets and `LayerView.layer_idx` count
         them)."""
         window = self.window
-        window_start = (layer.next_pos - window).clamp(min=0)
+        window_start = (layer.next_pos - cache.held_window).clamp(min=0)  # the candidates end there
         stored = layer.storage  # padded while prefilling
         view = LayerView(query[:, :, -window:], stored.keys, stored.values, stored.pos, layer.query_pos[:, -window:],
                          window_start, scale, cache.global_layers.index(layer), module, queries=query,

@@ -191,30 +191,41 @@ def test_memory_is_the_budget_plus_one_chunk(llama, record, method, length):
 
 
 @pytest.mark.parametrize("method", ["cake", "spancake", "snapkv", "adakv"])
-def test_each_chunk_is_scored_by_the_prompts_last_tokens(llama, record, method):
+def test_each_chunk_is_scored_by_the_prompts_last_tokens(llama, record, monkeypatch, method):
     """A chunk followed by more is read with the prompt's last `window` tokens after it, at their own positions (the
-    probes): it keeps what a one-shot prefill of the chunk then those tokens keeps, and the probes leave the cache."""
+    probes): their queries are those of the plain model over the chunk then those tokens, they rank the chunk but
+    its last `window` tokens (kept for the next chunk, which ranks them with what follows them), and they leave the
+    cache after the cut."""
+    from cakekv.eviction import Eviction
     n, size = 200, 120
     ids = prompt(n, seed=12)
     (start, end), _ = prefill_chunks(n, size, None)
     assert end - start > BUDGET  # the first chunk is cut
+    seen = []
+    real = Eviction.score
 
-    def kept(pos):  # per KV head: the chunk's positions held
-        return [sorted(p for p in head if 0 <= p < end) for head in pos[0].tolist()]
+    def score(self, cache, layer, query, *args):
+        seen.append((query[:, :, -WINDOW:].clone(), layer.query_pos[:, -WINDOW:].clone(),
+                     (layer.next_pos - cache.held_window).tolist()))
+        return real(self, cache, layer, query, *args)
 
+    monkeypatch.setattr(Eviction, "score", score)
     with cakekv.compress(llama, method, budget=BUDGET, window=WINDOW, prefill_chunk=size), torch.no_grad():
         llama(input_ids=ids, use_cache=True)
-    chunked = record[0].end
+    layers = llama.config.num_hidden_layers
+    chunked, first = record[0].end, seen[:layers]
     assert all(int(pos.max()) == end + WINDOW - 1 for pos in record[0].attended.values())  # read with the probes
-    assert all(int(pos.max()) < end for pos in chunked)  # which then left
-    record.clear()
+    assert all(int(pos.max()) == end - 1 for pos in chunked)  # which then left
+    assert all(held(pos, 0, end)[:, end - WINDOW:].all() for pos in chunked)  # the chunk's last tokens stay
+    assert all(starts == [end - WINDOW] for _, _, starts in first)  # and are not ranked
+    assert all(q_pos.tolist() == [list(range(end, end + WINDOW))] for _, q_pos, _ in first)
+    seen.clear()
     probed = torch.cat([ids[:, start:end], ids[:, n - WINDOW:]], 1)
     positions = torch.cat([torch.arange(start, end), torch.arange(n - WINDOW, n)])[None]
     with cakekv.compress(llama, method, budget=BUDGET, window=WINDOW), torch.no_grad():
         llama(input_ids=probed, position_ids=positions, use_cache=True)
-    assert [kept(pos) for pos in chunked] == [kept(pos) for pos in record[0].end]
-    heads = sum(len(kept(pos)) for pos in chunked)
-    assert sum(len(head) for pos in chunked for head in kept(pos)) <= heads * (BUDGET - WINDOW)  # no window held
+    for (got, _, _), (want, _, _) in zip(first, seen):
+        torch.testing.assert_close(got, want)  # the question's queries at their own positions
 
 
 def test_inputs_embeds_are_cut_as_input_ids(llama):
