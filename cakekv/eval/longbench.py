@@ -213,34 +213,36 @@ DATASETS_E = tuple(f"{name}_e" for name in (
 DATASET_GROUPS = {"en": DATASETS_EN, "zh": DATASETS_ZH, "all": DATASETS, "e": DATASETS_E}
 
 # LongBench v2 (the official v2 pred.py, result.py): 503 multiple-choice questions in one file, answered 0-shot
-# (V2) or with a chain of thought then an answer step (V2_COT); their predictions files are named so.
-V2, V2_COT = "v2", "v2_cot"
+# (V2), with a chain of thought then an answer step (V2_COT), or without the text (V2_NO_CONTEXT: what the model
+# knows by heart); their predictions files are named so.
+V2, V2_COT, V2_NO_CONTEXT = "v2", "v2_cot", "v2_no_context"
 V2_FILE = "data.json"  # the release's data.json: a JSON array of objects with these fields
 V2_FIELDS = ("_id", "domain", "sub_domain", "difficulty", "length", "question", "choice_A", "choice_B", "choice_C",
              "choice_D", "answer", "context")
 _V2_QUESTION = ("What is the correct answer to this question: $Q$\nChoices:\n(A) $C_A$\n(B) $C_B$\n(C) $C_C$\n"
                 "(D) $C_D$\n\n")
 _V2_FORMAT = "Format your response as follows: \"The correct answer is (insert answer here)\"."
-# The official prompts (prompts/0shot.txt, 0shot_cot.txt, 0shot_cot_ans.txt), retyped; "questions" and the curly
-# apostrophe are theirs.
+# The official prompts (prompts/0shot.txt, 0shot_cot.txt, 0shot_no_context.txt; 0shot_cot_ans.txt below), retyped;
+# "questions" and the curly apostrophe are theirs.
 V2_PROMPTS = {
     V2: ("Please read the following text and answer the question below.\n\n<text>\n$DOC$\n</text>\n\n"
          + _V2_QUESTION + _V2_FORMAT),
     V2_COT: ("Please read the following text and answer the questions below.\n\n<text>\n$DOC$\n</text>\n\n"
              + _V2_QUESTION + "Let\u2019s think step by step:"),
+    V2_NO_CONTEXT: _V2_QUESTION + "What is the single, most likely answer choice? " + _V2_FORMAT,
 }
 # the answer step of V2_COT: the chain of thought in place of the text
 V2_COT_ANSWER_PROMPT = ("Please read the following text and answer the questions below.\n\nThe text is too long and "
                         "omitted here.\n\n" + _V2_QUESTION + "Let\u2019s think step by step: $COT$\n\nBased on the "
                         "above, what is the single, most likely answer choice? " + _V2_FORMAT)
-V2_MAXLEN = {V2: 128, V2_COT: 1024}  # max_new_tokens; the answer step of V2_COT takes V2's
+V2_MAXLEN = {V2: 128, V2_COT: 1024, V2_NO_CONTEXT: 128}  # max_new_tokens; the answer step of V2_COT takes V2's
 # The official v2 prompt budget (config/model2maxlen.json) of the open models of its config/model2path.json.
 V2_MODEL2MAXLEN = dict.fromkeys((
     "THUDM/glm-4-9b-chat", "meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-70B-Instruct",
     "meta-llama/Llama-3.3-70B-Instruct", "nvidia/Llama-3.1-Nemotron-70B-Instruct-HF", "Qwen/Qwen2.5-7B-Instruct",
     "Qwen/Qwen2.5-72B-Instruct", "mistralai/Mistral-Large-Instruct-2407", "mistralai/Mistral-Large-Instruct-2411",
     "CohereForAI/c4ai-command-r-plus-08-2024"), 120000)
-ALL_NAMES = DATASETS + DATASETS_E + (V2, V2_COT)  # every predictions file name, in the report's order
+ALL_NAMES = DATASETS + DATASETS_E + (V2, V2_COT, V2_NO_CONTEXT)  # every predictions file name, in the report's order
 
 PRED_DIR = "pred"
 SETTINGS = "settings.json"  # what decides the predictions, written before them (--resume checks it)
@@ -253,7 +255,7 @@ REPORT = ("results.json", "results.md", "results.png", V2_RESULT)
 # data
 # ----------------------------------------------------------------------------------------------
 def is_v2(name: str) -> bool:
-    return name in (V2, V2_COT)
+    return name in (V2, V2_COT, V2_NO_CONTEXT)
 
 
 def base_name(name: str) -> str:
@@ -304,16 +306,20 @@ def load_v2(path: str, limit: int | None = None) -> list[dict]:
     return [{k: item[k] for k in V2_FIELDS} for item in items]
 
 
-def resolve_datasets(names: Sequence[str], version: int = 1, cot: bool = False) -> list[str]:
-    """The predictions files of a run: LongBench v2's one (``--cot``: its chain-of-thought variant), or v1's
-    datasets and LongBench-E's ({name}_e), the groups ('en', 'zh', 'all', 'e') expanded (default: 'en')."""
+def resolve_datasets(names: Sequence[str], version: int = 1, cot: bool = False, no_context: bool = False) -> list[str]:
+    """The predictions files of a run: LongBench v2's one (``--cot``: its chain-of-thought variant; ``--no-context``:
+    the questions without the text), or v1's datasets and LongBench-E's ({name}_e), the groups ('en', 'zh', 'all',
+    'e') expanded (default: 'en')."""
+    for flag, given in (("--cot", cot), ("--no-context", no_context)):
+        if given and version != 2:
+            raise ValueError(f"{flag}: a mode of LongBench v2's prompts; pass --version 2 with it")
     if version == 2:
         if names:
             raise ValueError("--datasets: LongBench v2 is one set of questions (data.json); leave --datasets out "
                              "with --version 2")
-        return [V2_COT if cot else V2]
-    if cot:
-        raise ValueError("--cot: the chain-of-thought prompts are LongBench v2's; pass --version 2 with it")
+        if cot and no_context:
+            raise ValueError("--no-context: the official runs take --cot or --no-context, not both")
+        return [V2_COT if cot else V2_NO_CONTEXT if no_context else V2]
     out: list[str] = []
     for n in names or ["en"]:
         if n in DATASET_GROUPS:
@@ -550,7 +556,7 @@ def build_prompt(tokenizer, example: dict, dataset: str, *, max_length: int | No
     if is_v2(dataset):
         template, marker = (V2_COT_ANSWER_PROMPT, "$COT$") if cot is not None else (V2_PROMPTS[dataset], "$DOC$")
         text = fill_v2(template, example, cot)
-        tail = fill_v2(template.split(marker, 1)[1], example, cot)
+        tail = fill_v2(template.split(marker, 1)[-1], example, cot)  # no text (V2_NO_CONTEXT): all of it
         text, truncated = truncate_middle(tokenizer, text, max_length, version=2)
         wrap = chat
     else:
@@ -762,7 +768,7 @@ def write_official_results(out: str, table: dict[str, Any], runs: Sequence[str])
         v1 = {d: e.get("buckets", e["score"]) for d, e in per.items() if not is_v2(d)}
         if v1:
             report.write_json(os.path.join(out, PRED_DIR, r, OFFICIAL_RESULT), v1)
-        rows += ["\t".join([r + "_cot" * (d == V2_COT), *(str(e["accuracy"][g]) for g in metrics.V2_GROUPS)])
+        rows += ["\t".join([r + d.removeprefix(V2), *(str(e["accuracy"][g]) for g in metrics.V2_GROUPS)])
                  for d, e in per.items() if is_v2(d)]
     if len(rows) > 1:
         report.write_text(os.path.join(out, V2_RESULT), "\n".join(rows))
@@ -846,6 +852,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "questions (default: %(default)s)")
     parser.add_argument("--cot", action="store_true",
                         help="--version 2: chain of thought (1024 new tokens), then the official answer step")
+    parser.add_argument("--no-context", action="store_true",
+                        help="--version 2: the questions without the text (the official --no_context: what the "
+                             "model knows by heart, a baseline)")
     parser.add_argument("--datasets", nargs="+", default=None,
                         help="dataset names (LongBench-E's: {dataset}_e, e.g. hotpotqa_e), or en (the 16 English), "
                              "zh (the 5 Chinese), all (the 21), e (the 13 of LongBench-E) (default: en; none with "
@@ -900,7 +909,7 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, str]:
         return paths
     if not args.data_dir:
         raise ValueError("--data-dir is required (a folder with LongBench's {dataset}.jsonl files or v2's data.json)")
-    datasets = resolve_datasets(split_list(args.datasets), args.version, args.cot)
+    datasets = resolve_datasets(split_list(args.datasets), args.version, args.cot, args.no_context)
     # the data, the scorers and the output folder are checked before the model loads
     check_data_files(args.data_dir, datasets)
     for name in datasets:

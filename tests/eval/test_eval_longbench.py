@@ -744,6 +744,9 @@ def test_v2_prompts():
                            "and omitted here.\n\n" + V2_QUESTION + "Let\u2019s think step by step: B fits.\n\nBased "
                            "on the above, what is the single, most likely answer choice? " + V2_FORMAT)
     assert answer.context.endswith("B fits.")  # the chain of thought stands where the text stood
+    bare, _ = longbench.build_prompt(tok, V2_EXAMPLE, "v2_no_context", max_length=None, chat=False)
+    assert bare.text == V2_QUESTION + "What is the single, most likely answer choice? " + V2_FORMAT
+    assert bare.context == "" and bare.question == bare.text  # prompts/0shot_no_context.txt: no text
     # v2 is always chat-wrapped (vLLM's chat API), with the template's BOS not doubled
     wrapped, _ = longbench.build_prompt(byte_tokenizer(CHAT_TEMPLATE), V2_EXAMPLE, "v2", max_length=None, chat=True)
     assert wrapped.text.startswith("<s><|user|>\nPlease read") and not wrapped.add_special_tokens
@@ -804,6 +807,11 @@ def test_v2_settings_and_errors(tmp_path):
         longbench.resolve_datasets(["hotpotqa"], 2)
     with pytest.raises(ValueError, match="^--cot: .*--version 2"):
         longbench.resolve_datasets(["hotpotqa"], 1, cot=True)
+    assert longbench.resolve_datasets(None, 2, no_context=True) == ["v2_no_context"]
+    with pytest.raises(ValueError, match="^--no-context: .*--version 2"):
+        longbench.resolve_datasets(None, 1, no_context=True)
+    with pytest.raises(ValueError, match="^--no-context: .*not both"):
+        longbench.resolve_datasets(None, 2, cot=True, no_context=True)
     (tmp_path / "data.json").write_text(json.dumps([V2_EXAMPLE, {"_id": "q1", "question": "?"}]))
     assert longbench.load_data(str(tmp_path), "v2", limit=1) == [V2_EXAMPLE]
     with pytest.raises(ValueError, match=r"data.json: question 1: missing field\(s\) \['domain'"):
@@ -887,13 +895,14 @@ def test_longbench_v2_end_to_end(tmp_path, chat_model_dir):
     assert cli_longbench(chat_model_dir, tmp_path, "--version", "2", "--cot", "--resume") == 0
     out = tmp_path / "out"
     assert "v2_cot" in json.load(open(out / "results.json", encoding="utf-8"))["results"]["full"]["datasets"]
+    assert cli_longbench(chat_model_dir, tmp_path, "--version", "2", "--no-context", "--resume") == 0  # and another
     from cakekv import cli
     assert cli.main(["eval", "longbench", "--score-only", "--out", str(out)]) == 0  # every predictions file
     report = json.load(open(out / "results.json", encoding="utf-8"))
     settings = json.load(open(out / "settings.json", encoding="utf-8"))
     assert settings["version"] == 2 and settings["chat"] == "template"
     for run in ("full", "snapkv-48"):
-        for name in ("v2", "v2_cot"):
+        for name in ("v2", "v2_cot", "v2_no_context"):
             records = longbench.read_jsonl(out / "pred" / run / f"{name}.jsonl", ("response", "pred", "judge"))
             assert [r["_id"] for r in records] == [q["_id"] for q in data] and "context" not in records[0]
             assert all(r["pred"] == metrics.extract_choice(r["response"]) for r in records)
@@ -903,7 +912,8 @@ def test_longbench_v2_end_to_end(tmp_path, chat_model_dir):
             assert entry["accuracy"] == metrics.v2_accuracy(records) and entry["score"] == entry["accuracy"]["overall"]
     rows = (out / "result.txt").read_text(encoding="utf-8").splitlines()
     assert rows[0] == "Model\tOverall\tEasy\tHard\tShort\tMedium\tLong"
-    assert sorted(r.split("\t")[0] for r in rows[1:]) == ["full", "full_cot", "snapkv-48", "snapkv-48_cot"]
+    assert sorted(r.split("\t")[0] for r in rows[1:]) == ["full", "full_cot", "full_no_context", "snapkv-48",
+                                                         "snapkv-48_cot", "snapkv-48_no_context"]
     assert "## LongBench v2 accuracy" in (out / "results.md").read_text(encoding="utf-8")
     assert report["info"]["version"] == 2
     assert cli.main(["eval", "longbench", "--data-dir", str(tmp_path / "data"), "--version", "2", "--datasets",
