@@ -162,7 +162,7 @@ class CompressedLayer(CacheLayerMixin):
         next query can attend to (the method does not compress it)."""
         kept = self.storage
         size = kept.pos.shape[-1]
-        keep = min(size, self.sliding_window - 1 + self.cache.probes * self.cache.more_chunks)  # probes leave
+        keep = min(size, self.sliding_window - 1 + self.cache.probes)  # the probes leave after the chunk
         if keep < size:  # copies, so that the prompt's storage is released
             self.storage = PaddedStorage(kept.keys[:, :, size - keep:].clone(), kept.values[:, :, size - keep:].clone(),
                                          kept.pos[:, :, size - keep:].clone())
@@ -422,7 +422,7 @@ class CompressedCache(Cache):
         """The last slots of every layer that a cut keeps and does not rank: the window; in a chunk followed by more,
         its probes and before them the chunk's own last `window` tokens, ranked by the next chunk, where the tokens
         after them are (a fact cut in two by a chunk's end keeps both halves)."""
-        return self.window + (self.probes if self.more_chunks else 0)
+        return self.window + self.probes
 
     @property
     def is_fresh(self) -> bool:
@@ -437,12 +437,13 @@ class CompressedCache(Cache):
         self.more_chunks = more_chunks
         self.probes = probes
 
-    def begin_chunk(self, q: int, more_chunks: bool) -> None:
-        """A later chunk of a chunked prefill, `q` real tokens in every row (its probes included when more chunks
-        follow): each layer stores it after its cut entries (`CompressedLayer._store_chunk`), the chunk attends over
-        both, and the layers are scored and cut again by `after_prefill`, as for a prompt."""
+    def begin_chunk(self, q: int, more_chunks: bool, probes: int = 0) -> None:
+        """A later chunk of a chunked prefill, `q` real tokens in every row (its `probes` included, as for
+        `begin_prefill`): each layer stores it after its cut entries (`CompressedLayer._store_chunk`), the chunk
+        attends over both, and the layers are scored and cut again by `after_prefill`, as for a prompt."""
         self.prompt.extend(q)
         self.more_chunks = more_chunks
+        self.probes = probes
         for layer in self.layers:
             layer.prefilling = True
 
@@ -519,7 +520,8 @@ class CompressedCache(Cache):
         self.eviction.reset()
 
     def finish_reread(self) -> None:
-        """After the prompt's re-read (reconstruction.py) scored and cut every global layer: the prefill finished."""
+        """After the prompt's re-read (patch.RereadAlongPrefill) scored and cut every global layer: the prefill
+        finished."""
         self._finish_prefill(self.compress_rows())
 
     def _finish_prefill(self, compress_rows: list[bool]):

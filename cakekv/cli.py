@@ -176,10 +176,9 @@ def cmd_generate(args) -> int:
                 prompt_text = f.read()
         except OSError as e:
             raise FileNotFoundError(f"prompt-file: cannot read {args.prompt_file!r}: {e.strerror or e}") from None
-    from .eval.args import parse_options
-    options = parse_options(args.option, [args.method])  # the method's declarations (torch, not transformers)
-    if args.prefill_chunk is not None:
-        options["prefill_chunk"] = args.prefill_chunk  # compress's own argument, beside the method's options
+    from .eval.args import compress_options
+    # the method's declarations (torch, not transformers)
+    options = compress_options(args.option, [args.method], args.prefill_chunk, args.window)
     from .eval.generation import generate
     from .eval.models import load_model
     from .eval.prompts import encode_prompt, make_prompt, use_chat

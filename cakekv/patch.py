@@ -477,14 +477,12 @@ def _with_probes(part: dict, arguments: dict, start: int, end: int, length: int,
     prompt's last `probes` tokens at their own positions: the question's tokens, whose queries score the chunk
     (docs/cache.md, "Chunked prefill"). Positions: the given `position_ids`' columns, or the columns themselves
     (what the decoder would number them in one forward); `cache_position`, the cache's index, runs on."""
-    if "position_ids" not in part or part["position_ids"] is None:
-        columns = torch.cat([torch.arange(start, end), torch.arange(length - probes, length)]).to(device)
-        part = {**part, "position_ids": columns[None]}
-        arguments = {key: value for key, value in arguments.items() if key != "position_ids"}
+    if part.get("position_ids") is None:  # the columns, as the decoder numbers the tokens of one forward
+        columns = torch.arange(length, device=device)[None]
+        part, arguments = {**part, "position_ids": columns[:, start:end]}, {**arguments, "position_ids": columns}
     joined = {}
     for key, value in part.items():
-        if key not in _SEQUENCE_ARGUMENTS or not isinstance(value, torch.Tensor) or key not in arguments \
-                or arguments[key] is None:
+        if key not in _SEQUENCE_ARGUMENTS or not isinstance(value, torch.Tensor):
             joined[key] = value
         elif key == "cache_position":
             joined[key] = torch.cat([value, value[-1] + 1 + torch.arange(probes, device=value.device)])
@@ -544,7 +542,7 @@ class RereadAlongPrefill:
         try:
             with torch.no_grad():
                 for i, chunk in enumerate(reread.chunks):
-                    reread.enter(chunk)
+                    reread.chunk = chunk
                     call_args, kwargs = self.calls[i][index]
                     self.hidden[i] = _hidden_states(module(self.hidden[i], *call_args, **kwargs))
         finally:
@@ -552,8 +550,9 @@ class RereadAlongPrefill:
         layer = cache.layers[index]
         if layer.sliding_window is None:
             cache.eviction.recut_reread(cache, layer, reread.indicator(layer, cache.window), cache.compress_rows())
-        if index == len(self.layers) - 1:
+        if index == len(self.layers) - 1:  # every layer re-read and cut: the prefill is finished
             self.hidden, self.calls = [], []
+            cache.finish_reread()
 
 
 def _hidden_states(output):
@@ -659,7 +658,7 @@ class Patch:
             if inputs is None:
                 inputs = arguments["inputs_embeds"]
             fresh = cache.is_fresh
-            reread = contextlib.nullcontext()
+            reread = contextlib.nullcontext()  # or the re-read of a re-reading method's prompt
             if fresh:
                 _check_text_only(arguments)
                 if handle.prefill_chunk is not None and inputs.shape[1] > handle.prefill_chunk:
@@ -695,8 +694,6 @@ class Patch:
                 _CURRENT_STEP.reset(token)
             if fresh and inputs.shape[1] > 0:
                 self._check_prefilled(cache)
-                if isinstance(reread, RereadAlongPrefill):
-                    cache.finish_reread()
             return out
 
         return cakekv_forward
@@ -722,17 +719,17 @@ class Patch:
         inputs = arguments["input_ids"] if arguments.get("input_ids") is not None else arguments["inputs_embeds"]
         length = inputs.shape[1]
         chunks = prefill_chunks(length, handle.prefill_chunk, arguments.get("attention_mask"))
-        probes = cache.window if len(chunks) > 1 else 0
         for i, (start, end) in enumerate(chunks):
             part = {key: _chunk_argument(key, value, start, end, length) for key, value in arguments.items()}
             more = i < len(chunks) - 1
-            if more:
+            probes = cache.window if more else 0  # the question's tokens score every chunk but the last
+            if probes:
                 part = _with_probes(part, arguments, start, end, length, probes, inputs.device)
-            q = end - start + (probes if more else 0)
+            q = end - start + probes
             if i == 0:
                 cache.begin_prefill(part.get("attention_mask"), inputs.shape[0], q, inputs.device, more, probes)
             else:
-                cache.begin_chunk(q, more)
+                cache.begin_chunk(q, more, probes)
             token = _CURRENT_STEP.set(_Step(handle, cache, continues=i > 0))
             try:
                 out = forward(**part)

@@ -5,9 +5,9 @@ layer by layer: once a layer has read the prompt and stored every entry of it, e
 (patch.py, `RereadAlongPrefill`), and the layer is scored and cut before the next layer reads the prompt. In each
 layer a chunk attends over the stored prompt and over itself (`Reread.attend`), as a continuation would, but its
 own keys and values are never stored (the cache hands them back without keeping them), so the cache and its
-positions are the prompt's afterwards. In each global layer, every query of the chunk also scores the stored entries: its softmax over the
-first `sinks` positions, the chunk's span of the prompt and the chunk itself, and each entry of the span keeps the
-largest probability it gets (over the chunk's queries and its KV head's query heads, the `attention_max` op).
+positions are the prompt's afterwards. In each global layer, every query of the chunk also scores the stored
+entries: its softmax over the first `sinks` positions, the chunk's span of the prompt and the chunk itself, and each
+entry of the span keeps the largest probability it gets (over the chunk's queries and its KV head's query heads, the `attention_max` op).
 Memory is one chunk's, never an n x n or q x n matrix of all heads: an unpadded chunk of a global layer attends
 with SDPA's lower-right causal bias (no mask: flash attention on the GPU); a padded batch, a sliding window or
 soft-capping take masks of a few query rows at a time (`_QUERY_TILE_ELEMENTS`); the scores stream in the op.
@@ -62,8 +62,8 @@ class RereadChunk:
 
 class Reread:
     """One re-read of a prompt being prefilled (`prompt_ids` [B, n], left-padded as prefilled): the chunks' inputs
-    (`chunks`), the attention of the chunk `enter`ed in a layer that stored the prompt (`attend`, which scores a
-    global layer's stored entries), and a layer's scores as its indicator (`indicator`)."""
+    (`chunks`), the attention of the chunk being read (`chunk`) in a layer that stored the prompt (`attend`, which
+    scores a global layer's stored entries), and a layer's scores as its indicator (`indicator`)."""
 
     def __init__(self, cache, task: RepeatTask, prompt_ids: torch.Tensor):
         self.cache, self.task = cache, task
@@ -73,12 +73,9 @@ class Reread:
         self.pad = torch.tensor([width - n for n in lengths], device=prompt_ids.device)
         self.lengths = cache.prompt.lengths.to(prompt_ids.device)
         self.scores: dict[int, torch.Tensor] = {}  # per global layer: the largest probability each slot got so far
-        self.span_start = self.span_stop = 0  # the chunk's span: start, and end over the rows
-        self.span_end: torch.Tensor | None = None  # [B] end of each row's span (start: no span)
-        self.query_pos: torch.Tensor | None = None  # [B, q] the chunk's positions, -1 on padding
         self.width = width
-        self.unpadded = False  # no padding in the prompt nor in the chunk: the attention needs no mask
         self.chunks = list(self._plan())
+        self.chunk: RereadChunk | None = None  # the chunk whose queries `attend` and `_score` take
 
     def _plan(self) -> Iterator[RereadChunk]:
         """Each chunk's forward inputs, left-padded; each chunk's tokens take the positions right after its row's
@@ -105,11 +102,6 @@ class Reread:
             yield RereadChunk(ids.to(device), query_pos.clamp(min=0), start, max(ends),
                               torch.tensor(ends, device=device), query_pos, unpadded)
 
-    def enter(self, chunk: RereadChunk) -> None:
-        """Make `chunk` the one whose queries `attend` and `_score` take."""
-        self.span_start, self.span_stop, self.span_end = chunk.span_start, chunk.span_stop, chunk.span_end
-        self.query_pos, self.unpadded = chunk.query_pos, chunk.unpadded
-
     def attend(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
                softcap: float | None) -> torch.Tensor:
         """Attention [B, q, H, D] of the chunk (query, key, value: its own, not stored) over the layer's stored
@@ -118,14 +110,14 @@ class Reread:
         stored = layer.storage
         local = self.task.lookback is not None and layer.sliding_window is None
         if local:
-            first = max(self.span_start - self.task.lookback, 0)
-            reach = torch.arange(first, self.span_stop, device=self.pad.device)[None].expand(len(self.pad), -1)
+            first = max(self.chunk.span_start - self.task.lookback, 0)
+            reach = torch.arange(first, self.chunk.span_stop, device=self.pad.device)[None].expand(len(self.pad), -1)
             sub_keys, sub_values, sub_pos = self._gather(stored, torch.cat([self._sinks(first), reach], -1),
                                                          values=True)
         else:
             sub_keys, sub_values, sub_pos = stored.keys, stored.values, stored.pos[:, :1]
         keys, values = torch.cat([sub_keys, key], 2), torch.cat([sub_values, value], 2)
-        if self.unpadded and layer.sliding_window is None and softcap is None:
+        if self.chunk.unpadded and layer.sliding_window is None and softcap is None:
             out = trailing_causal_attention(query, keys, values, scale)  # every entry given, the chunk causally
         else:
             tile = max(1, _QUERY_TILE_ELEMENTS // (query.shape[0] * query.shape[1] * keys.shape[2]))
@@ -139,7 +131,7 @@ class Reread:
         """`attend` for the chunk's queries start.. (query [B, H, t, D]) with a visibility mask, one per row
         ([B, 1, t, m + q]: the same for every KV head). `stored_pos` [B, 1, m]: the positions of the stored entries
         in `keys` (-1: none)."""
-        query_pos = self.query_pos
+        query_pos = self.chunk.query_pos
         t = query.shape[2]
         tile_pos = query_pos[:, start:start + t]
         own = visible_entries(query_pos[:, None], tile_pos, layer.sliding_window)
@@ -157,7 +149,7 @@ class Reread:
         """The stored keys (and values) [B, Hkv, m, D] at prompt `positions` [B, m] (those at or past a row's span
         end become -1), with their positions [B, 1, m]."""
         b, hkv, n, d = stored.keys.shape
-        positions = torch.where(positions < self.span_end[:, None], positions, -1)
+        positions = torch.where(positions < self.chunk.span_end[:, None], positions, -1)
         slots = (self.pad[:, None] + positions).clamp(0, n - 1)[:, None, :, None].expand(b, hkv, -1, d)
         return (stored.keys.gather(2, slots), stored.values.gather(2, slots) if values else None,
                 positions[:, None])
@@ -166,13 +158,14 @@ class Reread:
         """The chunk's largest attention to each entry of its span, the softmax over the sinks, the span and the
         chunk itself; written to the span's slots (each slot is in one span)."""
         stored, task = layer.storage, self.task
-        start = self.span_start
+        start = self.chunk.span_start
         span = start + torch.arange(task.chunk_size, device=self.pad.device)
         sinks = self._sinks(start)
         sub_keys, _, sub_pos = self._gather(stored, torch.cat([sinks, span[None].expand(len(self.pad), -1)], -1))
         b, hkv = sub_keys.shape[:2]
-        key_pos = torch.cat([sub_pos[:, 0], self.query_pos], -1)[:, None].expand(b, hkv, -1)
-        probs = attention_max(query, torch.cat([sub_keys, key], 2), self.query_pos, key_pos, scale, softcap)
+        query_pos = self.chunk.query_pos
+        key_pos = torch.cat([sub_pos[:, 0], query_pos], -1)[:, None].expand(b, hkv, -1)
+        probs = attention_max(query, torch.cat([sub_keys, key], 2), query_pos, key_pos, scale, softcap)
         s = sinks.shape[1]
         span_pos = sub_pos[:, :, s:]  # [B, 1, c]
         span_probs = torch.where(span_pos >= 0, probs[..., s:s + task.chunk_size], 0.0)

@@ -104,6 +104,17 @@ def parse_options(items: Sequence[str] | None, methods: Sequence[str] = ()) -> d
     return options
 
 
+def compress_options(items: Sequence[str] | None, methods: Sequence[str], prefill_chunk: int | None,
+                     window: int) -> dict[str, Any]:
+    """The keyword arguments for `cakekv.compress` beside method, budget and window: ``--option``'s method options
+    (`parse_options`) and ``--prefill-chunk`` (checked; None: none)."""
+    from ..arguments import check_prefill_chunk
+    options = parse_options(items, methods)
+    if prefill_chunk is not None:
+        options["prefill_chunk"] = check_prefill_chunk(prefill_chunk, window)
+    return options
+
+
 # ----------------------------------------------------------------------------------------------
 # arguments
 # ----------------------------------------------------------------------------------------------
@@ -170,11 +181,7 @@ def setup_from_args(args: argparse.Namespace, model=None, tokenizer=None) -> Set
     methods = split_list(args.methods) if args.methods else list(DEFAULT_METHODS[args.protocol])
     budgets = parse_int_list(args.budgets, "budgets")
     runs = expand_runs(methods, budgets, args.window)
-    options = parse_options(args.option, methods)
-    prefill_chunk = getattr(args, "prefill_chunk", None)
-    if prefill_chunk is not None:
-        from ..arguments import check_prefill_chunk
-        options["prefill_chunk"] = check_prefill_chunk(prefill_chunk, args.window)  # compress's own argument
+    options = compress_options(args.option, methods, getattr(args, "prefill_chunk", None), args.window)
     batch_size = getattr(args, "batch_size", 1)
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
